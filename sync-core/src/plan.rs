@@ -1,0 +1,651 @@
+//! Planning: from what exists and what is wanted, the exact list of operations to perform.
+//!
+//! Two planners live here. [`plan_release`] builds a new release directory next to earlier ones: every
+//! file whose (content, mode) already exists in a kept release becomes a hard link (renames and moves
+//! cost nothing), the rest is written in full or from a delta, and the tail of the plan makes the
+//! release durable, verified, complete and (optionally) current. [`plan_mirror`] updates a plain
+//! directory in place, rsync-style. The planners only decide; `edge::exec` applies the operations, so
+//! a crash test can apply any prefix of a plan.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::layout;
+use crate::manifest::{Entry, EntryKind, Hash, Manifest};
+use crate::path::RelPath;
+use crate::release::ReleaseId;
+
+/// A kept release the new one may take content from.
+#[derive(Debug, Clone, Copy)]
+pub struct Basis<'a> {
+    pub id: &'a ReleaseId,
+    pub manifest: &'a Manifest,
+}
+
+/// One step of building a release. Paths are relative to the release directory being staged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Create a directory (owner-only at first; its final mode is set by `SetDirMode`).
+    CreateDir { path: RelPath },
+    /// Hard-link a file of an earlier release that has the same content and mode.
+    Link {
+        path: RelPath,
+        from: ReleaseId,
+        from_path: RelPath,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+    },
+    /// Write a file reconstructed from a delta against a file of an earlier release.
+    WriteDelta {
+        path: RelPath,
+        basis: ReleaseId,
+        basis_path: RelPath,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+    },
+    /// Write a file's whole content.
+    WriteFull {
+        path: RelPath,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+    },
+    Symlink { path: RelPath, target: String },
+    SetDirMode { path: RelPath, mode: u32 },
+    /// Make every byte and directory entry of the staging tree durable.
+    SyncTree,
+    /// Check every file of the staging tree against the manifest.
+    Verify,
+    /// Persist the release record (manifest + file stamps).
+    WriteRecord,
+    /// Rename the staging directory to its final name: from here on the release is complete.
+    MarkComplete,
+    /// Point `current` at the release (symlink `current.tmp`, rename, fsync the root).
+    Activate,
+    /// Remove an old release.
+    Prune { release: ReleaseId },
+}
+
+impl Op {
+    /// Short name for itemized output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::CreateDir { .. } => "mkdir",
+            Op::Link { .. } => "link",
+            Op::WriteDelta { .. } => "delta",
+            Op::WriteFull { .. } => "full",
+            Op::Symlink { .. } => "symlink",
+            Op::SetDirMode { .. } => "chmod-dir",
+            Op::SyncTree => "sync",
+            Op::Verify => "verify",
+            Op::WriteRecord => "record",
+            Op::MarkComplete => "complete",
+            Op::Activate => "activate",
+            Op::Prune { .. } => "prune",
+        }
+    }
+}
+
+/// Counts and bytes of a plan, for people and for `--json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub files: u64,
+    pub bytes: u64,
+    pub linked_files: u64,
+    pub linked_bytes: u64,
+    /// Linked from a different path than their own (renames and moves).
+    pub moved_files: u64,
+    pub delta_files: u64,
+    pub delta_bytes: u64,
+    pub full_files: u64,
+    pub full_bytes: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Files of the previous release that the new one no longer has.
+    pub deleted_files: u64,
+    pub deleted_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub release: ReleaseId,
+    pub ops: Vec<Op>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Use deltas for changed files whose previous version exists (network pushes); local builds
+    /// copy instead, since reading the source costs the same as reading a delta.
+    pub deltas: bool,
+    pub activate: bool,
+    /// Old releases to remove after activation (from `retention`).
+    pub prune: Vec<ReleaseId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    #[error("shared path {shared} collides with {path} of the release; remove it from the source or exclude it")]
+    SharedCollision { shared: RelPath, path: RelPath },
+    #[error("shared path {shared}: its parent {parent} is not a directory of the release")]
+    SharedParent { shared: RelPath, parent: RelPath },
+    #[error("shared path {0} is listed twice or inside another shared path")]
+    SharedNested(RelPath),
+}
+
+/// Plans the release `release` with content `target`, linking from `bases` (previous release first)
+/// and linking each of `shared` to `ROOT/shared/`.
+pub fn plan_release(
+    release: &ReleaseId,
+    target: &Manifest,
+    bases: &[Basis<'_>],
+    shared: &[RelPath],
+    opts: &PlanOptions,
+) -> Result<Plan, PlanError> {
+    check_shared(target, shared)?;
+    let mut ops = Vec::with_capacity(target.len() * 2 + shared.len() + 8);
+    let mut s = Summary::default();
+
+    // Content index over all bases, earlier bases win so the previous release is preferred.
+    let mut index: HashMap<(Hash, u32), (&ReleaseId, &RelPath)> = HashMap::new();
+    for b in bases {
+        for (p, _, mode, h) in b.manifest.files() {
+            index.entry((*h, mode)).or_insert((b.id, p));
+        }
+    }
+    let previous = bases.first();
+
+    for e in target.entries() {
+        match &e.kind {
+            EntryKind::Dir { .. } => {
+                s.dirs += 1;
+                ops.push(Op::CreateDir {
+                    path: e.path.clone(),
+                });
+            }
+            EntryKind::Symlink { target } => {
+                s.symlinks += 1;
+                ops.push(Op::Symlink {
+                    path: e.path.clone(),
+                    target: target.clone(),
+                });
+            }
+            &EntryKind::File { size, mode, hash } => {
+                s.files += 1;
+                s.bytes += size;
+                let path = e.path.clone();
+                if let Some((from, from_path)) = index.get(&(hash, mode)) {
+                    s.linked_files += 1;
+                    s.linked_bytes += size;
+                    if *from_path != &e.path {
+                        s.moved_files += 1;
+                    }
+                    ops.push(Op::Link {
+                        path,
+                        from: (*from).clone(),
+                        from_path: (*from_path).clone(),
+                        size,
+                        mode,
+                        hash,
+                    });
+                    continue;
+                }
+                let delta_basis = previous.filter(|_| opts.deltas).and_then(|b| {
+                    match b.manifest.get(&e.path).map(|x| &x.kind) {
+                        // An empty or tiny basis cannot save anything.
+                        Some(EntryKind::File { size: bs, .. }) if *bs >= 64 && size >= 64 => Some(b),
+                        _ => None,
+                    }
+                });
+                if let Some(b) = delta_basis {
+                    s.delta_files += 1;
+                    s.delta_bytes += size;
+                    ops.push(Op::WriteDelta {
+                        path: path.clone(),
+                        basis: b.id.clone(),
+                        basis_path: path,
+                        size,
+                        mode,
+                        hash,
+                    });
+                } else {
+                    s.full_files += 1;
+                    s.full_bytes += size;
+                    ops.push(Op::WriteFull {
+                        path,
+                        size,
+                        mode,
+                        hash,
+                    });
+                }
+            }
+        }
+    }
+    for p in shared {
+        s.symlinks += 1;
+        ops.push(Op::Symlink {
+            path: p.clone(),
+            target: layout::shared_link_target(p),
+        });
+    }
+    // Children before parents, so a read-only directory is locked only after it is filled.
+    for e in target.entries().iter().rev() {
+        if let EntryKind::Dir { mode } = e.kind {
+            ops.push(Op::SetDirMode {
+                path: e.path.clone(),
+                mode,
+            });
+        }
+    }
+    if let Some(prev) = previous {
+        for (p, size, _, _) in prev.manifest.files() {
+            if !matches!(target.get(p).map(|e| &e.kind), Some(EntryKind::File { .. })) {
+                s.deleted_files += 1;
+                s.deleted_bytes += size;
+            }
+        }
+    }
+    ops.extend([Op::SyncTree, Op::Verify, Op::WriteRecord, Op::MarkComplete]);
+    if opts.activate {
+        ops.push(Op::Activate);
+        ops.extend(opts.prune.iter().map(|r| Op::Prune { release: r.clone() }));
+    }
+    Ok(Plan {
+        release: release.clone(),
+        ops,
+        summary: s,
+    })
+}
+
+fn check_shared(target: &Manifest, shared: &[RelPath]) -> Result<(), PlanError> {
+    let mut seen: HashSet<&RelPath> = HashSet::new();
+    for p in shared {
+        if !seen.insert(p) || shared.iter().any(|q| q != p && p.starts_with(q)) {
+            return Err(PlanError::SharedNested(p.clone()));
+        }
+        if let Some(e) = target.entries().iter().find(|e| e.path.starts_with(p)) {
+            return Err(PlanError::SharedCollision {
+                shared: p.clone(),
+                path: e.path.clone(),
+            });
+        }
+        if let Some(parent) = p.parent() {
+            if !target.get(&parent).is_some_and(Entry::is_dir) {
+                return Err(PlanError::SharedParent {
+                    shared: p.clone(),
+                    parent,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step of updating a mirror directory in place. Paths are relative to the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MirrorOp {
+    /// Remove whatever is at `path` (recursively for a directory), never following symlinks.
+    Remove { path: RelPath, dir: bool },
+    CreateDir { path: RelPath, mode: u32 },
+    SetDirMode { path: RelPath, mode: u32 },
+    /// Replace `path` atomically with new content; `basis` is the destination's current version of
+    /// the file, usable as a delta basis.
+    Write {
+        path: RelPath,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+        basis: Option<RelPath>,
+    },
+    /// Replace `path` atomically with a symlink.
+    Symlink { path: RelPath, target: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MirrorSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub unchanged_files: u64,
+    pub written_files: u64,
+    pub written_bytes: u64,
+    pub delta_files: u64,
+    pub removed: u64,
+    pub dirs_created: u64,
+    pub symlinks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MirrorPlan {
+    pub ops: Vec<MirrorOp>,
+    pub summary: MirrorSummary,
+}
+
+/// Plans making `dst` equal to `src` (plus, without `delete`, whatever else `dst` has).
+pub fn plan_mirror(src: &Manifest, dst: &Manifest, delete: bool) -> MirrorPlan {
+    let mut removes = Vec::new();
+    let mut dirs = Vec::new();
+    let mut writes = Vec::new();
+    let mut s = MirrorSummary::default();
+    // A removed directory takes its subtree with it: skip entries below it.
+    let mut removed_dir: Option<&RelPath> = None;
+    let below_removed = |p: &RelPath, r: Option<&RelPath>| r.is_some_and(|r| p.starts_with(r));
+
+    for d in dst.entries() {
+        if below_removed(&d.path, removed_dir) {
+            continue;
+        }
+        let conflict = match src.get(&d.path) {
+            None => delete,
+            // A file or symlink replaces a file or symlink atomically by rename; only a change to or
+            // from a directory needs the old entry gone first.
+            Some(e) => e.is_dir() != d.is_dir(),
+        };
+        if conflict {
+            let dir = d.is_dir();
+            s.removed += 1;
+            removes.push(MirrorOp::Remove {
+                path: d.path.clone(),
+                dir,
+            });
+            if dir {
+                removed_dir = Some(&d.path);
+            }
+        }
+    }
+    let removed: HashSet<&RelPath> = removes
+        .iter()
+        .map(|op| match op {
+            MirrorOp::Remove { path, .. } => path,
+            _ => unreachable!("only removals collected"),
+        })
+        .collect();
+    let gone = |p: &RelPath| {
+        removed.contains(p) || p.parent().is_some_and(|_| removed.iter().any(|r| p.starts_with(r)))
+    };
+
+    for e in src.entries() {
+        let existing = if gone(&e.path) {
+            None
+        } else {
+            dst.get(&e.path).map(|x| &x.kind)
+        };
+        match &e.kind {
+            EntryKind::Dir { mode } => match existing {
+                Some(EntryKind::Dir { mode: m }) => {
+                    if m != mode {
+                        dirs.push(MirrorOp::SetDirMode {
+                            path: e.path.clone(),
+                            mode: *mode,
+                        });
+                    }
+                }
+                _ => {
+                    s.dirs_created += 1;
+                    dirs.push(MirrorOp::CreateDir {
+                        path: e.path.clone(),
+                        mode: *mode,
+                    });
+                }
+            },
+            EntryKind::Symlink { target } => {
+                s.symlinks += 1;
+                if !matches!(existing, Some(EntryKind::Symlink { target: t }) if t == target) {
+                    writes.push(MirrorOp::Symlink {
+                        path: e.path.clone(),
+                        target: target.clone(),
+                    });
+                }
+            }
+            &EntryKind::File { size, mode, hash } => {
+                s.files += 1;
+                s.bytes += size;
+                let basis = match existing {
+                    Some(EntryKind::File {
+                        hash: h, mode: m, ..
+                    }) if *h == hash && *m == mode => {
+                        s.unchanged_files += 1;
+                        continue;
+                    }
+                    Some(EntryKind::File { .. }) => Some(e.path.clone()),
+                    _ => None,
+                };
+                s.written_files += 1;
+                s.written_bytes += size;
+                if basis.is_some() {
+                    s.delta_files += 1;
+                }
+                writes.push(MirrorOp::Write {
+                    path: e.path.clone(),
+                    size,
+                    mode,
+                    hash,
+                    basis,
+                });
+            }
+        }
+    }
+    let mut ops = removes;
+    ops.extend(dirs);
+    ops.extend(writes);
+    MirrorPlan { ops, summary: s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Policy;
+
+    fn h(s: &str) -> Hash {
+        Hash::of(s.as_bytes())
+    }
+
+    fn m(entries: Vec<Entry>) -> Manifest {
+        Manifest::from_unsorted(entries, &Policy::default()).unwrap()
+    }
+
+    fn id(s: &str) -> ReleaseId {
+        ReleaseId::new(s).unwrap()
+    }
+
+    fn f(p: &str, content: &str, mode: u32) -> Entry {
+        Entry::file(p, content.len() as u64, mode, h(content)).unwrap()
+    }
+
+    fn d(p: &str) -> Entry {
+        Entry::dir(p, 0o755).unwrap()
+    }
+
+    /// Renders a plan as one line per op, so tests read like the itemized output.
+    fn render(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                Op::CreateDir { path } => format!("mkdir {path}"),
+                Op::Link {
+                    path,
+                    from,
+                    from_path,
+                    ..
+                } => format!("link {path} <- {from}:{from_path}"),
+                Op::WriteDelta {
+                    path,
+                    basis,
+                    basis_path,
+                    ..
+                } => format!("delta {path} ~ {basis}:{basis_path}"),
+                Op::WriteFull { path, .. } => format!("full {path}"),
+                Op::Symlink { path, target } => format!("symlink {path} -> {target}"),
+                Op::SetDirMode { path, mode } => format!("chmod {path} {mode:o}"),
+                Op::Prune { release } => format!("prune {release}"),
+                other => other.name().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_release_writes_everything() {
+        let target = m(vec![d("app"), f("app/a.php", "a", 0o644), f("b", "b", 0o755)]);
+        let plan = plan_release(&id("r1"), &target, &[], &[], &PlanOptions::default()).unwrap();
+        assert_eq!(
+            render(&plan.ops),
+            [
+                "mkdir app",
+                "full app/a.php",
+                "full b",
+                "chmod app 755",
+                "sync",
+                "verify",
+                "record",
+                "complete"
+            ]
+        );
+        assert_eq!(plan.summary.full_files, 2);
+        assert_eq!(plan.summary.linked_files, 0);
+    }
+
+    #[test]
+    fn links_renames_deltas_mode_changes_and_shared() {
+        let prev = m(vec![
+            d("app"),
+            f("app/same.php", "same", 0o644),
+            f("app/old-name.php", "moved", 0o644),
+            f("app/edit.php", "version one of a longer file, long enough to be worth a delta....", 0o644),
+            f("app/chmod.sh", "script", 0o644),
+            f("app/gone.php", "gone", 0o644),
+        ]);
+        let older = m(vec![f("ancient.php", "from r0", 0o644)]);
+        let target = m(vec![
+            d("app"),
+            f("app/same.php", "same", 0o644),
+            f("app/new-name.php", "moved", 0o644),
+            f("app/edit.php", "version two of a longer file, long enough to be worth a delta....", 0o644),
+            f("app/chmod.sh", "script", 0o755),
+            f("back.php", "from r0", 0o644),
+        ]);
+        let (r0, r1) = (id("r0"), id("r1"));
+        let bases = [
+            Basis {
+                id: &r1,
+                manifest: &prev,
+            },
+            Basis {
+                id: &r0,
+                manifest: &older,
+            },
+        ];
+        let shared = [RelPath::new("storage").unwrap(), RelPath::new("app/.env").unwrap()];
+        let opts = PlanOptions {
+            deltas: true,
+            activate: true,
+            prune: vec![r0.clone()],
+        };
+        let plan = plan_release(&id("r2"), &target, &bases, &shared, &opts).unwrap();
+        assert_eq!(
+            render(&plan.ops),
+            [
+                "mkdir app",
+                "full app/chmod.sh",
+                "delta app/edit.php ~ r1:app/edit.php",
+                "link app/new-name.php <- r1:app/old-name.php",
+                "link app/same.php <- r1:app/same.php",
+                "link back.php <- r0:ancient.php",
+                "symlink storage -> ../../shared/storage",
+                "symlink app/.env -> ../../../shared/app/.env",
+                "chmod app 755",
+                "sync",
+                "verify",
+                "record",
+                "complete",
+                "activate",
+                "prune r0",
+            ]
+        );
+        let s = &plan.summary;
+        assert_eq!((s.linked_files, s.moved_files), (3, 2));
+        assert_eq!((s.delta_files, s.full_files), (1, 1));
+        assert_eq!((s.deleted_files, s.deleted_bytes), (2, 9));
+        // Without deltas the edit is written in full.
+        let no_delta = PlanOptions::default();
+        let plan = plan_release(&id("r2"), &target, &bases, &[], &no_delta).unwrap();
+        assert!(render(&plan.ops).contains(&"full app/edit.php".to_string()));
+        assert!(!render(&plan.ops).contains(&"activate".to_string()));
+    }
+
+    #[test]
+    fn shared_paths_are_checked() {
+        let target = m(vec![d("storage"), f("storage/x", "x", 0o644), f(".env", "e", 0o644)]);
+        let plan = |shared: &[&str]| {
+            let shared: Vec<RelPath> = shared.iter().map(|s| RelPath::new(*s).unwrap()).collect();
+            plan_release(&id("r"), &target, &[], &shared, &PlanOptions::default())
+        };
+        assert!(matches!(plan(&["storage"]), Err(PlanError::SharedCollision { .. })));
+        assert!(matches!(plan(&[".env"]), Err(PlanError::SharedCollision { .. })));
+        assert!(matches!(plan(&["nodir/x"]), Err(PlanError::SharedParent { .. })));
+        assert!(matches!(plan(&["a", "a"]), Err(PlanError::SharedNested(_))));
+        assert!(matches!(plan(&["x", "x/y"]), Err(PlanError::SharedNested(_))));
+        assert!(plan(&["storage/logs"]).is_ok());
+    }
+
+    fn render_mirror(ops: &[MirrorOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                MirrorOp::Remove { path, dir } => format!("rm{} {path}", if *dir { " -r" } else { "" }),
+                MirrorOp::CreateDir { path, .. } => format!("mkdir {path}"),
+                MirrorOp::SetDirMode { path, mode } => format!("chmod {path} {mode:o}"),
+                MirrorOp::Write { path, basis, .. } => {
+                    format!("write {path}{}", if basis.is_some() { " (delta)" } else { "" })
+                }
+                MirrorOp::Symlink { path, target } => format!("symlink {path} -> {target}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mirror_plans() {
+        let src = m(vec![
+            d("a"),
+            f("a/same", "s", 0o644),
+            f("a/edit", "new", 0o644),
+            f("a/new", "n", 0o644),
+            d("was-file"),
+            f("was-dir", "now a file", 0o644),
+            Entry::symlink("l", "a/same").unwrap(),
+        ]);
+        let dst = m(vec![
+            d("a"),
+            f("a/same", "s", 0o644),
+            f("a/edit", "old", 0o644),
+            f("a/extra", "x", 0o644),
+            f("was-file", "f", 0o644),
+            d("was-dir"),
+            f("was-dir/inner", "i", 0o644),
+            d("old-dir"),
+            f("old-dir/y", "y", 0o644),
+        ]);
+        let keep = plan_mirror(&src, &dst, false);
+        assert_eq!(
+            render_mirror(&keep.ops),
+            [
+                "rm -r was-dir",
+                "rm was-file",
+                "mkdir was-file",
+                "write a/edit (delta)",
+                "write a/new",
+                "symlink l -> a/same",
+                "write was-dir",
+            ]
+        );
+        let del = plan_mirror(&src, &dst, true);
+        assert_eq!(
+            render_mirror(&del.ops)[..4],
+            ["rm a/extra", "rm -r old-dir", "rm -r was-dir", "rm was-file"]
+        );
+        assert_eq!(del.summary.unchanged_files, 1);
+        assert!(plan_mirror(&src, &src, true).ops.is_empty());
+    }
+}
