@@ -1,0 +1,395 @@
+//! `relsync`: build and activate releases of a web application, and mirror directories.
+//!
+//! A thin binary: argument parsing, progress display and output formatting. All decisions are made
+//! by `sync_core`'s planner and all file-system work by its edge.
+
+mod output;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sync_core::edge::deploy::{self, DeployOptions};
+use sync_core::edge::exec::{ExecOptions, LocalSource};
+use sync_core::edge::mirror::{apply_mirror, mirror_destination};
+use sync_core::edge::root::AppRoot;
+use sync_core::edge::scan::{scan, ScanOptions};
+use sync_core::edge::EdgeError;
+use sync_core::manifest::{Manifest, Policy};
+use sync_core::plan::plan_mirror;
+use sync_core::{RelPath, ReleaseId};
+
+#[derive(Parser)]
+#[command(
+    name = "relsync",
+    version,
+    about = "Ship releases fast and switch them live atomically"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a new release of SRC under ROOT from the previous one, verify it, and activate it.
+    Deploy {
+        src: PathBuf,
+        root: PathBuf,
+        /// Release id (default: the UTC time, e.g. 20261127T031840Z).
+        #[arg(long)]
+        release_id: Option<String>,
+        /// Releases to keep (default: ROOT/.relsync/config.toml's `keep`, else 5).
+        #[arg(long)]
+        keep: Option<usize>,
+        /// Stage and verify, but leave `current` where it is.
+        #[arg(long)]
+        no_activate: bool,
+        /// Print the itemized plan and change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Machine-readable output on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Leave out paths matching this gitignore-style pattern (repeatable).
+        #[arg(long, value_name = "PAT")]
+        exclude: Vec<String>,
+        /// Link this path from ROOT/shared/ into the release (repeatable; adds to config.toml's).
+        #[arg(long, value_name = "PATH")]
+        shared: Vec<String>,
+        /// List every changed path.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// List the kept releases of ROOT.
+    Releases {
+        root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point ROOT/current at release ID.
+    Activate { root: PathBuf, id: String },
+    /// Go back to the previous good release (or to --to ID).
+    Rollback {
+        root: PathBuf,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Remove old releases beyond --keep (never current or the rollback target).
+    Prune {
+        root: PathBuf,
+        #[arg(long)]
+        keep: Option<usize>,
+    },
+    /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself.
+    Sync {
+        src: String,
+        dst: PathBuf,
+        /// Remove files in DST that SRC does not have.
+        #[arg(long)]
+        delete: bool,
+        #[arg(long, value_name = "PAT")]
+        exclude: Vec<String>,
+        /// Show what would change and change nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// List every change.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Show a progress bar.
+        #[arg(long)]
+        progress: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RELSYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if output::is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("relsync: error: {e:#}");
+            let usage = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<EdgeError>(),
+                    Some(EdgeError::Config { .. })
+                ) || c.downcast_ref::<UsageError>().is_some()
+            });
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// A bad argument value that clap could not catch (exit code 2).
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn release_id(s: &str) -> Result<ReleaseId> {
+    ReleaseId::new(s).map_err(|e| UsageError(e.to_string()).into())
+}
+
+fn rel_paths(v: &[String], what: &str) -> Result<Vec<RelPath>> {
+    v.iter()
+        .map(|s| {
+            RelPath::new(s.trim_end_matches('/'))
+                .map_err(|e| UsageError(format!("{what} {s:?}: {e}")).into())
+        })
+        .collect()
+}
+
+/// Where the hash cache of source tree `src` lives.
+fn cache_file(src: &Path) -> Option<PathBuf> {
+    let dir = std::env::var_os("RELSYNC_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("relsync")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/relsync")))?;
+    let canon = std::fs::canonicalize(src).ok()?;
+    let key = blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex();
+    if std::fs::create_dir_all(&dir).is_err() {
+        return None;
+    }
+    Some(dir.join(format!("{}.scan", &key[..24])))
+}
+
+fn bar(show: bool, total: Option<u64>, msg: &'static str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = match total {
+        Some(t) => ProgressBar::with_draw_target(Some(t), ProgressDrawTarget::stderr()),
+        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
+    };
+    let style = match total {
+        Some(_) => ProgressStyle::with_template(
+            "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ),
+        None => ProgressStyle::with_template("{msg:>9} {spinner} {bytes} {bytes_per_sec}"),
+    }
+    .expect("static template")
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(msg);
+    pb
+}
+
+fn scan_tree(
+    src: &Path,
+    excludes: &[String],
+    skip: Vec<RelPath>,
+    show: bool,
+    policy: Policy,
+    use_ignore_file: bool,
+) -> Result<sync_core::edge::scan::Scan> {
+    let pb = bar(show, None, "scanning");
+    let opts = ScanOptions {
+        excludes: excludes.to_vec(),
+        ignore_file: use_ignore_file,
+        skip,
+        cache_file: cache_file(src),
+        policy,
+    };
+    let s =
+        scan(src, &opts, &|n| pb.inc(n)).with_context(|| format!("scanning {}", src.display()))?;
+    pb.finish_and_clear();
+    Ok(s)
+}
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Deploy {
+            src,
+            root,
+            release_id: id,
+            keep,
+            no_activate,
+            dry_run,
+            json,
+            exclude,
+            shared,
+            verbose,
+        } => {
+            if keep == Some(0) {
+                return Err(UsageError("--keep must be at least 1".into()).into());
+            }
+            let started = Instant::now();
+            let show = !json && std::io::stderr().is_terminal();
+            let opts = DeployOptions {
+                release_id: id.as_deref().map(release_id).transpose()?,
+                keep,
+                activate: !no_activate,
+                shared: rel_paths(&shared, "--shared")?,
+                now_unix: now_unix(),
+                exec: ExecOptions::default(),
+            };
+            let app = if dry_run {
+                match AppRoot::open(&root) {
+                    Ok(a) => Some(a),
+                    Err(_) if !root.join(".relsync").exists() => None,
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                Some(
+                    AppRoot::open_or_create(&root)
+                        .with_context(|| format!("opening app root {}", root.display()))?,
+                )
+            };
+            let skip = match &app {
+                Some(a) => deploy::shared_paths(a, &opts.shared)?,
+                None => opts.shared.clone(),
+            };
+            let scanned = scan_tree(&src, &exclude, skip, show, Policy::default(), true)?;
+            if dry_run {
+                let prep = match &app {
+                    Some(a) => deploy::prepare(a, &scanned.manifest, &opts)?,
+                    None => {
+                        let release = opts
+                            .release_id
+                            .clone()
+                            .unwrap_or_else(|| ReleaseId::from_unix_time(opts.now_unix));
+                        let plan = sync_core::plan::plan_release(
+                            &release,
+                            &scanned.manifest,
+                            &[],
+                            &opts.shared,
+                            &sync_core::plan::PlanOptions {
+                                deltas: false,
+                                activate: opts.activate,
+                                prune: vec![],
+                            },
+                        )?;
+                        deploy::Prepared {
+                            plan,
+                            previous: None,
+                            bases: vec![],
+                            seq: 1,
+                        }
+                    }
+                };
+                let previous = prep
+                    .previous
+                    .as_ref()
+                    .and_then(|p| prep.bases.iter().find(|b| &b.id == p))
+                    .map(|r| &r.manifest);
+                return output::print_plan(&prep.plan, previous, json, verbose);
+            }
+            let app = app.expect("created unless dry run");
+            let lock = app
+                .lock(|stale| tracing::warn!("taking over a stale lock left by {stale}"))
+                .with_context(|| format!("locking {}", root.display()))?;
+            let source = LocalSource::open(&src)?;
+            let pb = bar(show, Some(scanned.manifest.total_file_bytes()), "staging");
+            let report = deploy::deploy(&app, &lock, &scanned.manifest, &source, &opts, &|n| {
+                pb.inc(n)
+            })
+            .with_context(|| format!("deploying {} to {}", src.display(), root.display()))?;
+            pb.finish_and_clear();
+            output::print_deploy(&report, &scanned.stats, &root, started.elapsed(), json)
+        }
+        Command::Releases { root, json } => {
+            let app = AppRoot::open(&root)?;
+            output::print_releases(&app, json)
+        }
+        Command::Activate { root, id } => {
+            let id = release_id(&id)?;
+            let app = AppRoot::open(&root)?;
+            let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
+            deploy::activate(&app, &lock, &id, now_unix())
+                .with_context(|| format!("activating {id} in {}", root.display()))?;
+            output::line(&format!("activated {id} in {}", root.display()))
+        }
+        Command::Rollback { root, to } => {
+            let to = to.as_deref().map(release_id).transpose()?;
+            let app = AppRoot::open(&root)?;
+            let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
+            let id = deploy::rollback(&app, &lock, to.as_ref(), now_unix())
+                .with_context(|| format!("rolling back {}", root.display()))?;
+            output::line(&format!("rolled back {} to {id}", root.display()))
+        }
+        Command::Prune { root, keep } => {
+            if keep == Some(0) {
+                return Err(UsageError("--keep must be at least 1".into()).into());
+            }
+            let app = AppRoot::open(&root)?;
+            let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
+            let gone = deploy::prune(&app, &lock, keep, now_unix())?;
+            let names: Vec<&str> = gone.iter().map(ReleaseId::as_str).collect();
+            output::line(&if names.is_empty() {
+                "nothing to prune".to_string()
+            } else {
+                format!("pruned {}", names.join(", "))
+            })
+        }
+        Command::Sync {
+            src,
+            dst,
+            delete,
+            exclude,
+            dry_run,
+            verbose,
+            progress,
+            json,
+        } => {
+            let started = Instant::now();
+            let dest = mirror_destination(&src, &dst);
+            let src_path = PathBuf::from(&src);
+            let show = progress && !json;
+            let s = scan_tree(&src_path, &exclude, vec![], show, Policy::default(), false)?;
+            let lenient = Policy {
+                allow_world_writable: true,
+                ..Policy::default()
+            };
+            let d = if dest.exists() {
+                let mut ex = exclude.clone();
+                ex.push(sync_core::edge::mirror::TEMP_PATTERN.to_string());
+                scan_tree(&dest, &ex, vec![], show, lenient, false)?.manifest
+            } else {
+                Manifest::empty()
+            };
+            let plan = plan_mirror(&s.manifest, &d, delete);
+            if dry_run {
+                return output::print_mirror_plan(&plan, json, verbose);
+            }
+            let source = LocalSource::open(&src_path)?;
+            let pb = bar(show, Some(plan.summary.written_bytes), "copying");
+            let stats = apply_mirror(&dest, &plan.ops, &source, &|n| pb.inc(n))
+                .with_context(|| format!("syncing {src} to {}", dest.display()))?;
+            pb.finish_and_clear();
+            if verbose && !json {
+                output::print_mirror_plan(&plan, false, true)?;
+            }
+            output::print_mirror(&plan, &stats, &dest, started.elapsed(), json)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The file-system edge: the only part of sync-core that touches disks.
+//!
+//! Everything here works relative to directory handles (cap-std), never writes through a path whose
+//! inode another release shares (new content always goes to a fresh inode that is renamed into place),
+//! and reports failures as [`EdgeError`]s that name the file or release involved.
+
+pub mod deploy;
+pub mod exec;
+pub mod mirror;
+pub mod root;
+pub mod scan;
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::manifest::ManifestError;
+use crate::path::RelPath;
+use crate::plan::PlanError;
+use crate::release::{RecordError, ReleaseId};
+
+/// A failure at the file-system edge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("app root {root} is busy (held by {holder}); wait for that deploy to finish")]
+    Busy { root: PathBuf, holder: String },
+    #[error("release {0} does not exist; `relsync releases` lists the kept ones")]
+    NoSuchRelease(ReleaseId),
+    #[error("release {0} already exists; pick another --release-id")]
+    ReleaseExists(ReleaseId),
+    #[error("there is no release to roll back to")]
+    NoRollbackTarget,
+    #[error("refusing to prune {0}: it is current or the rollback target")]
+    Protected(ReleaseId),
+    #[error("release record of {id} is unreadable; remove {path} if the release is gone")]
+    Record {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: RecordError,
+    },
+    #[error("verification failed for {path}: {reason}; the release was not activated")]
+    Verify { path: RelPath, reason: String },
+    #[error("not enough space under {root}: {need} bytes to write, {free} free")]
+    NoSpace { root: PathBuf, need: u64, free: u64 },
+    #[error("source file {path} changed or could not be read: {reason}")]
+    Source { path: RelPath, reason: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Scan(#[from] scan::ScanError),
+    #[error("app root config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+}
+
+/// Attaches what was being done and to which path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: &'static str, path: impl Into<PathBuf>) -> Result<T, EdgeError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: &'static str, path: impl Into<PathBuf>) -> Result<T, EdgeError> {
+        self.map_err(|source| EdgeError::Io {
+            what,
+            path: path.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,292 @@
+//! Deploy, activate, roll back and prune an app root: the pure planner and retention wired to the
+//! executor, under the deploy lock, with a journal entry per event.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::exec::{ContentSource, ExecOptions, ExecStats, Stager};
+use super::root::{operator, AppRoot, JournalEntry, LockGuard, Recovery};
+use super::EdgeError;
+use crate::manifest::Manifest;
+use crate::path::RelPath;
+use crate::plan::{plan_release, Basis, Op, Plan, PlanOptions};
+use crate::release::{ReleaseId, ReleaseRecord};
+use crate::retention;
+
+/// Releases kept when neither the flag nor the config says otherwise.
+pub const DEFAULT_KEEP: usize = 5;
+
+#[derive(Debug, Clone, Default)]
+pub struct DeployOptions {
+    pub release_id: Option<ReleaseId>,
+    pub keep: Option<usize>,
+    pub activate: bool,
+    /// Shared paths in addition to the app config's.
+    pub shared: Vec<RelPath>,
+    /// The time of the deploy (for the default id and the record); the edge caller reads the clock.
+    pub now_unix: i64,
+    pub exec: ExecOptions,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    pub release: ReleaseId,
+    pub previous: Option<ReleaseId>,
+    pub summary: crate::plan::Summary,
+    pub activated: bool,
+    pub pruned: Vec<ReleaseId>,
+    pub recovered: Recovery,
+    pub exec: ExecStats,
+    pub manifest_digest: String,
+}
+
+/// Everything a deploy decided before touching anything: the plan and the records it links from.
+#[derive(Debug)]
+pub struct Prepared {
+    pub plan: Plan,
+    pub previous: Option<ReleaseId>,
+    pub bases: Vec<ReleaseRecord>,
+    pub seq: u64,
+}
+
+/// Shared paths from the app config plus `extra`.
+pub fn shared_paths(root: &AppRoot, extra: &[RelPath]) -> Result<Vec<RelPath>, EdgeError> {
+    let cfg = root.config()?;
+    let mut v = cfg.shared_paths().map_err(|reason| EdgeError::Config {
+        path: root.path().join(".relsync/config.toml"),
+        reason,
+    })?;
+    for p in extra {
+        if !v.contains(p) {
+            v.push(p.clone());
+        }
+    }
+    Ok(v)
+}
+
+/// Plans a deploy of `target` (no changes on disk).
+pub fn prepare(
+    root: &AppRoot,
+    target: &Manifest,
+    opts: &DeployOptions,
+) -> Result<Prepared, EdgeError> {
+    let records = root.records()?;
+    let current = root.current()?;
+    let id = match &opts.release_id {
+        Some(id) => {
+            if records.iter().any(|r| &r.id == id) {
+                return Err(EdgeError::ReleaseExists(id.clone()));
+            }
+            id.clone()
+        }
+        None => {
+            ReleaseId::from_unix_time(opts.now_unix).unique(|c| records.iter().any(|r| &r.id == c))
+        }
+    };
+    let seq = records.iter().map(|r| r.seq).max().map_or(1, |s| s + 1);
+    // Previous release first (it is what the new one most resembles), then the others newest first.
+    let mut bases: Vec<ReleaseRecord> = records.clone();
+    bases.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
+    let keep = opts
+        .keep
+        .or(root.config()?.keep)
+        .unwrap_or(DEFAULT_KEEP)
+        .max(1);
+    let prune = if opts.activate {
+        let mut states = root.states(&records)?;
+        states.push(retention::ReleaseState {
+            id: id.clone(),
+            seq,
+            bad: false,
+        });
+        retention::prune_candidates(&states, Some(&id), keep)
+    } else {
+        Vec::new()
+    };
+    let shared = shared_paths(root, &opts.shared)?;
+    let basis_refs: Vec<Basis<'_>> = bases
+        .iter()
+        .map(|r| Basis {
+            id: &r.id,
+            manifest: &r.manifest,
+        })
+        .collect();
+    let plan = plan_release(
+        &id,
+        target,
+        &basis_refs,
+        &shared,
+        &PlanOptions {
+            deltas: false,
+            activate: opts.activate,
+            prune,
+        },
+    )?;
+    Ok(Prepared {
+        plan,
+        previous: current,
+        bases,
+        seq,
+    })
+}
+
+/// Builds, verifies and (optionally) activates a new release of `target`.
+pub fn deploy(
+    root: &AppRoot,
+    lock: &LockGuard,
+    target: &Manifest,
+    source: &dyn ContentSource,
+    opts: &DeployOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<DeployReport, EdgeError> {
+    let started = Instant::now();
+    let recovered = root.recover(lock)?;
+    let prep = prepare(root, target, opts)?;
+    let need = prep.plan.summary.full_bytes + prep.plan.summary.delta_bytes;
+    let free = root.free_bytes()?;
+    if need > free {
+        return Err(EdgeError::NoSpace {
+            root: root.path().to_owned(),
+            need,
+            free,
+        });
+    }
+    let mut stager = Stager::begin(
+        root,
+        lock,
+        &prep.plan.release,
+        target,
+        &prep.bases,
+        prep.seq,
+        opts.now_unix,
+        source,
+        opts.exec.clone(),
+        progress,
+    )?;
+    // Everything up to MarkComplete happens in staging; an error there removes staging. After it the
+    // release is complete and stays, whatever activation does.
+    let split = prep
+        .plan
+        .ops
+        .iter()
+        .position(|o| matches!(o, Op::MarkComplete))
+        .map_or(prep.plan.ops.len(), |i| i + 1);
+    let (build, finish) = prep.plan.ops.split_at(split);
+    let result = stager.apply(build);
+    let journal = |result: &str| JournalEntry {
+        time_unix: opts.now_unix,
+        event: "deploy".into(),
+        release: prep.plan.release.to_string(),
+        operator: operator(),
+        manifest: Some(target.digest().to_hex()),
+        files: Some(prep.plan.summary.files),
+        bytes: Some(prep.plan.summary.bytes),
+        result: result.into(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    if let Err(e) = result {
+        stager.abort()?;
+        root.append_journal(&journal(&format!("failed: {e}")))?;
+        return Err(e);
+    }
+    stager.apply(finish)?;
+    let exec = stager.stats();
+    root.append_journal(&journal("ok"))?;
+    let pruned = finish
+        .iter()
+        .filter_map(|o| match o {
+            Op::Prune { release } => Some(release.clone()),
+            _ => None,
+        })
+        .collect();
+    Ok(DeployReport {
+        release: prep.plan.release.clone(),
+        previous: prep.previous,
+        summary: prep.plan.summary.clone(),
+        activated: opts.activate,
+        pruned,
+        recovered,
+        exec,
+        manifest_digest: target.digest().to_hex(),
+    })
+}
+
+fn journal_event(
+    root: &AppRoot,
+    now_unix: i64,
+    event: &str,
+    id: &ReleaseId,
+    started: Instant,
+) -> Result<(), EdgeError> {
+    root.append_journal(&JournalEntry {
+        time_unix: now_unix,
+        event: event.into(),
+        release: id.to_string(),
+        operator: operator(),
+        manifest: None,
+        files: None,
+        bytes: None,
+        result: "ok".into(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Points `current` at an existing complete release.
+pub fn activate(
+    root: &AppRoot,
+    lock: &LockGuard,
+    id: &ReleaseId,
+    now_unix: i64,
+) -> Result<(), EdgeError> {
+    let started = Instant::now();
+    root.recover(lock)?;
+    root.load_record(id)?;
+    root.swap_current(id)?;
+    journal_event(root, now_unix, "activate", id, started)
+}
+
+/// Activates `to`, or the newest good release older than `current`. Returns the release activated.
+pub fn rollback(
+    root: &AppRoot,
+    lock: &LockGuard,
+    to: Option<&ReleaseId>,
+    now_unix: i64,
+) -> Result<ReleaseId, EdgeError> {
+    let started = Instant::now();
+    root.recover(lock)?;
+    let target = match to {
+        Some(id) => id.clone(),
+        None => {
+            let records = root.records()?;
+            let states = root.states(&records)?;
+            retention::rollback_target(&states, root.current()?.as_ref())
+                .ok_or(EdgeError::NoRollbackTarget)?
+        }
+    };
+    root.load_record(&target)?;
+    root.swap_current(&target)?;
+    journal_event(root, now_unix, "rollback", &target, started)?;
+    Ok(target)
+}
+
+/// Removes releases beyond `keep`; never `current` or the rollback target.
+pub fn prune(
+    root: &AppRoot,
+    lock: &LockGuard,
+    keep: Option<usize>,
+    now_unix: i64,
+) -> Result<Vec<ReleaseId>, EdgeError> {
+    let started = Instant::now();
+    root.recover(lock)?;
+    let keep = keep.or(root.config()?.keep).unwrap_or(DEFAULT_KEEP).max(1);
+    let records = root.records()?;
+    let states = root.states(&records)?;
+    let current = root.current()?;
+    let doomed = retention::prune_candidates(&states, current.as_ref(), keep);
+    for id in &doomed {
+        root.remove_release(id)?;
+        journal_event(root, now_unix, "prune", id, started)?;
+    }
+    Ok(doomed)
+}

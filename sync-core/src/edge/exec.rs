@@ -1,0 +1,594 @@
+//! The executor: applies a release plan's operations inside `ROOT/releases/<id>.staging/`.
+//!
+//! Guarantees: every path is resolved beneath a directory handle (cap-std); new content is written to
+//! a fresh inode under a temporary name and renamed into place, so no file of another release is ever
+//! written, truncated or chmod-ed; a link source is used only while it is still the inode recorded
+//! when its release was verified (fault case 10); a sync error aborts (no retry-and-continue).
+//! A [`Stager`] applies any prefix of a plan, which is what the crash tests rely on.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, Permissions};
+use rayon::prelude::*;
+
+use super::root::{sync_dir, sync_fs, AppRoot, LockGuard};
+use super::{EdgeError, IoContext};
+use crate::manifest::{EntryKind, Hash, Manifest};
+use crate::path::RelPath;
+use crate::plan::Op;
+use crate::release::{FileStamp, ReleaseId, ReleaseRecord};
+
+/// Where new file content comes from.
+pub trait ContentSource: Sync {
+    /// Writes the whole content of `path` (declared `size` bytes) to `out`.
+    fn write_full(&self, path: &RelPath, size: u64, out: &mut File) -> Result<(), EdgeError>;
+
+    /// Writes the content of `path` given the current version `basis`; sources that cannot use a
+    /// basis send the full content.
+    fn write_with_basis(
+        &self,
+        path: &RelPath,
+        size: u64,
+        _basis: &File,
+        out: &mut File,
+    ) -> Result<(), EdgeError> {
+        self.write_full(path, size, out)
+    }
+}
+
+/// Content read from a local source tree.
+#[derive(Debug)]
+pub struct LocalSource {
+    dir: Dir,
+    path: PathBuf,
+}
+
+impl LocalSource {
+    pub fn open(path: &Path) -> Result<LocalSource, EdgeError> {
+        let dir =
+            Dir::open_ambient_dir(path, cap_std::ambient_authority()).ctx("open source", path)?;
+        Ok(LocalSource {
+            dir,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl ContentSource for LocalSource {
+    fn write_full(&self, path: &RelPath, size: u64, out: &mut File) -> Result<(), EdgeError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
+        let src = self
+            .dir
+            .open_with(path.as_str(), &opts)
+            .ctx("open source file", self.path.join(path.as_str()))?;
+        // std::io::copy uses copy_file_range between files, so the data need not pass through us.
+        let n = io::copy(&mut src.into_std().take(size + 1), out)
+            .ctx("copy", self.path.join(path.as_str()))?;
+        if n != size {
+            return Err(EdgeError::Source {
+                path: path.clone(),
+                reason: format!("expected {size} bytes, read {n}; re-run the deploy"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Test hooks that inject faults at exact points (fault cases 4 and 6).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// `SyncTree` fails with EIO.
+    pub fail_sync: bool,
+    /// Writing this file fails with EIO.
+    pub fail_write: Option<RelPath>,
+    /// This file is replaced by a copy with one byte flipped just before verification.
+    pub corrupt: Option<RelPath>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Re-hash linked files too, not only check their identity (catches in-place edits of an earlier
+    /// release that preserved size and mtime).
+    pub verify_links: bool,
+    #[doc(hidden)]
+    pub faults: Faults,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            verify_links: true,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// What the executor did beyond the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExecStats {
+    /// Link sources that failed their identity or content check and were written in full instead.
+    pub link_fallbacks: u64,
+    pub bytes_written: u64,
+    pub files_verified: u64,
+}
+
+struct BasisFiles<'a> {
+    dir: Dir,
+    stamps: HashMap<&'a RelPath, FileStamp>,
+}
+
+/// Builds one release. Dropping it without [`Stager::abort`] leaves the staging directory for recovery,
+/// exactly like a crash.
+pub struct Stager<'a> {
+    root: &'a AppRoot,
+    release: ReleaseId,
+    target: &'a Manifest,
+    seq: u64,
+    created_unix: i64,
+    bases: HashMap<ReleaseId, BasisFiles<'a>>,
+    source: &'a dyn ContentSource,
+    opts: ExecOptions,
+    staging: Dir,
+    staging_path: PathBuf,
+    device: u64,
+    linked: Mutex<HashMap<RelPath, u64>>,
+    stamps: Vec<FileStamp>,
+    fallbacks: AtomicU64,
+    written: AtomicU64,
+    tmp_counter: AtomicU64,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+fn eio(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Other, format!("injected I/O error ({what})"))
+}
+
+fn mtime_ns(m: &cap_std::fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+impl<'a> Stager<'a> {
+    /// Creates `releases/<id>.staging/`. `bases` are the records of releases that link operations
+    /// may name.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        root: &'a AppRoot,
+        _lock: &LockGuard,
+        release: &ReleaseId,
+        target: &'a Manifest,
+        bases: &'a [ReleaseRecord],
+        seq: u64,
+        created_unix: i64,
+        source: &'a dyn ContentSource,
+        opts: ExecOptions,
+        progress: &'a (dyn Fn(u64) + Sync),
+    ) -> Result<Stager<'a>, EdgeError> {
+        let releases = root.releases_dir()?;
+        if releases.exists(release.as_str()) {
+            return Err(EdgeError::ReleaseExists(release.clone()));
+        }
+        let staging_name = release.staging_name();
+        let staging_path = root
+            .path()
+            .join(crate::layout::RELEASES)
+            .join(&staging_name);
+        releases
+            .create_dir(&staging_name)
+            .ctx("create staging directory", &staging_path)?;
+        let staging = releases
+            .open_dir(&staging_name)
+            .ctx("open staging directory", &staging_path)?;
+        let mut base_map = HashMap::new();
+        for rec in bases {
+            let Ok(dir) = releases.open_dir(rec.id.as_str()) else {
+                continue;
+            };
+            let stamps = rec
+                .manifest
+                .files()
+                .map(|(p, ..)| p)
+                .zip(rec.stamps.iter().copied())
+                .collect();
+            base_map.insert(rec.id.clone(), BasisFiles { dir, stamps });
+        }
+        Ok(Stager {
+            root,
+            release: release.clone(),
+            target,
+            seq,
+            created_unix,
+            bases: base_map,
+            source,
+            opts,
+            staging,
+            staging_path,
+            device: root.device()?,
+            linked: Mutex::new(HashMap::new()),
+            stamps: Vec::new(),
+            fallbacks: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            tmp_counter: AtomicU64::new(0),
+            progress,
+        })
+    }
+
+    pub fn stats(&self) -> ExecStats {
+        ExecStats {
+            link_fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            bytes_written: self.written.load(Ordering::Relaxed),
+            files_verified: self.stamps.len() as u64,
+        }
+    }
+
+    fn staged(&self, p: &RelPath) -> PathBuf {
+        self.staging_path.join(p.as_str())
+    }
+
+    /// Applies `ops` in order; runs of independent file operations go in parallel.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<(), EdgeError> {
+        let mut i = 0;
+        while i < ops.len() {
+            let parallel = |op: &Op| {
+                matches!(
+                    op,
+                    Op::Link { .. }
+                        | Op::WriteFull { .. }
+                        | Op::WriteDelta { .. }
+                        | Op::Symlink { .. }
+                )
+            };
+            if parallel(&ops[i]) {
+                let end = ops[i..]
+                    .iter()
+                    .position(|o| !parallel(o))
+                    .map_or(ops.len(), |n| i + n);
+                let this = &*self;
+                ops[i..end]
+                    .par_iter()
+                    .try_for_each(|op| this.apply_file_op(op))?;
+                i = end;
+            } else {
+                self.apply_one(&ops[i])?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &Op) -> Result<(), EdgeError> {
+        match op {
+            Op::CreateDir { path } => self
+                .staging
+                .create_dir(path.as_str())
+                .ctx("create directory", self.staged(path)),
+            Op::SetDirMode { path, mode } => self
+                .staging
+                .set_permissions(
+                    path.as_str(),
+                    Permissions::from_std(std::fs::Permissions::from_mode(*mode)),
+                )
+                .ctx("chmod directory", self.staged(path)),
+            Op::SyncTree => {
+                if self.opts.faults.fail_sync {
+                    return Err(eio("syncfs")).ctx("sync", &self.staging_path);
+                }
+                sync_fs(&self.staging, &self.staging_path)
+            }
+            Op::Verify => self.verify(),
+            Op::WriteRecord => {
+                if self.stamps.len() != self.target.file_count() {
+                    self.verify()?;
+                }
+                self.root.write_record(&ReleaseRecord {
+                    id: self.release.clone(),
+                    seq: self.seq,
+                    created_unix: self.created_unix,
+                    manifest: self.target.clone(),
+                    stamps: self.stamps.clone(),
+                })
+            }
+            Op::MarkComplete => {
+                let releases = self.root.releases_dir()?;
+                let rel_path = self.root.path().join(crate::layout::RELEASES);
+                releases
+                    .rename(
+                        self.release.staging_name(),
+                        &releases,
+                        self.release.as_str(),
+                    )
+                    .ctx("rename", rel_path.join(self.release.as_str()))?;
+                sync_dir(&releases, &rel_path)
+            }
+            Op::Activate => self.root.swap_current(&self.release),
+            Op::Prune { release } => {
+                if self.root.current()?.as_ref() == Some(release) {
+                    return Err(EdgeError::Protected(release.clone()));
+                }
+                self.root.remove_release(release)
+            }
+            file_op => self.apply_file_op(file_op),
+        }
+    }
+
+    fn apply_file_op(&self, op: &Op) -> Result<(), EdgeError> {
+        match op {
+            Op::Link {
+                path,
+                from,
+                from_path,
+                size,
+                mode,
+                ..
+            } => {
+                if let Some(ino) = self.link_source_ok(from, from_path, *size, *mode) {
+                    let b = &self.bases[from];
+                    b.dir
+                        .hard_link(from_path.as_str(), &self.staging, path.as_str())
+                        .ctx("link", self.staged(path))?;
+                    self.linked
+                        .lock()
+                        .expect("lock poisoned")
+                        .insert(path.clone(), ino);
+                    (self.progress)(*size);
+                    Ok(())
+                } else {
+                    tracing::warn!(release = %from, path = %from_path, "link source changed since it was verified; writing {path} in full");
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    self.write_file(path, *size, *mode, None)
+                }
+            }
+            Op::WriteFull {
+                path, size, mode, ..
+            } => self.write_file(path, *size, *mode, None),
+            Op::WriteDelta {
+                path,
+                basis,
+                basis_path,
+                size,
+                mode,
+                ..
+            } => self.write_file(path, *size, *mode, Some((basis, basis_path))),
+            Op::Symlink { path, target } => self
+                .staging
+                .symlink_contents(target, path.as_str())
+                .ctx("create symlink", self.staged(path)),
+            other => unreachable!("{} is not a file operation", other.name()),
+        }
+    }
+
+    /// The basis file's inode if it is still exactly what its release recorded: a regular file (not
+    /// followed through a symlink) on our device with the recorded inode, size and mtime, and the
+    /// mode the new file needs.
+    fn link_source_ok(&self, from: &ReleaseId, p: &RelPath, size: u64, mode: u32) -> Option<u64> {
+        let b = self.bases.get(from)?;
+        let stamp = b.stamps.get(p)?;
+        let m = b.dir.symlink_metadata(p.as_str()).ok()?;
+        let ok = m.is_file()
+            && m.dev() == self.device
+            && m.ino() == stamp.ino
+            && m.len() == stamp.size
+            && m.len() == size
+            && mtime_ns(&m) == stamp.mtime_ns
+            && m.mode() & 0o7777 == mode;
+        ok.then_some(stamp.ino)
+    }
+
+    fn write_file(
+        &self,
+        path: &RelPath,
+        size: u64,
+        mode: u32,
+        basis: Option<(&ReleaseId, &RelPath)>,
+    ) -> Result<(), EdgeError> {
+        let dest = self.staged(path);
+        if self.opts.faults.fail_write.as_ref() == Some(path) {
+            return Err(eio("write")).ctx("write", dest);
+        }
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = match path.parent() {
+            Some(dir) => format!("{dir}/.relsync-tmp-{n}"),
+            None => format!(".relsync-tmp-{n}"),
+        };
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        let mut out = self
+            .staging
+            .open_with(&tmp, &opts)
+            .ctx("create", &dest)?
+            .into_std();
+        let basis_file = basis.and_then(|(id, bp)| {
+            let b = self.bases.get(id)?;
+            let mut o = OpenOptions::new();
+            o.read(true);
+            cap_fs_ext::OpenOptionsFollowExt::follow(&mut o, cap_fs_ext::FollowSymlinks::No);
+            b.dir.open_with(bp.as_str(), &o).ok().map(|f| f.into_std())
+        });
+        match basis_file {
+            Some(bf) => self.source.write_with_basis(path, size, &bf, &mut out)?,
+            None => self.source.write_full(path, size, &mut out)?,
+        }
+        out.set_permissions(std::fs::Permissions::from_mode(mode))
+            .ctx("chmod", &dest)?;
+        drop(out);
+        self.staging
+            .rename(&tmp, &self.staging, path.as_str())
+            .ctx("rename", &dest)?;
+        self.written.fetch_add(size, Ordering::Relaxed);
+        (self.progress)(size);
+        Ok(())
+    }
+
+    fn corrupt_for_test(&self, path: &RelPath) -> Result<(), EdgeError> {
+        // Replace with a flipped copy (a new inode), so even a linked file's other names stay intact.
+        let mut data = self
+            .staging
+            .read(path.as_str())
+            .ctx("read", self.staged(path))?;
+        if let Some(b) = data.first_mut() {
+            *b ^= 0xff;
+        } else {
+            data.push(0);
+        }
+        let tmp = ".relsync-corrupt";
+        self.staging
+            .write(tmp, &data)
+            .ctx("write", self.staged(path))?;
+        self.staging
+            .rename(tmp, &self.staging, path.as_str())
+            .ctx("rename", self.staged(path))
+    }
+
+    /// Checks every entry of the staging tree against the manifest and records file stamps.
+    fn verify(&mut self) -> Result<(), EdgeError> {
+        if let Some(p) = self.opts.faults.corrupt.clone() {
+            self.corrupt_for_test(&p)?;
+        }
+        let linked = std::mem::take(&mut *self.linked.lock().expect("lock poisoned"));
+        let this = &*self;
+        let stamps: Vec<FileStamp> = this
+            .target
+            .entries()
+            .par_iter()
+            .map(|e| this.verify_entry(&e.path, &e.kind, linked.get(&e.path).copied()))
+            .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        self.stamps = stamps;
+        Ok(())
+    }
+
+    fn verify_entry(
+        &self,
+        path: &RelPath,
+        kind: &EntryKind,
+        linked_ino: Option<u64>,
+    ) -> Result<Option<FileStamp>, EdgeError> {
+        let fail = |reason: String| EdgeError::Verify {
+            path: path.clone(),
+            reason,
+        };
+        let m = self
+            .staging
+            .symlink_metadata(path.as_str())
+            .map_err(|e| fail(format!("missing from the staged release ({e})")))?;
+        match kind {
+            EntryKind::Dir { mode } => {
+                if !m.is_dir() || m.mode() & 0o7777 != *mode {
+                    return Err(fail(format!("expected a directory with mode {mode:o}")));
+                }
+                Ok(None)
+            }
+            EntryKind::Symlink { target } => {
+                let t = self
+                    .staging
+                    .read_link_contents(path.as_str())
+                    .map_err(|e| fail(format!("expected a symlink ({e})")))?;
+                if t.as_os_str() != target.as_str() {
+                    return Err(fail(format!(
+                        "symlink points to {t:?}, expected {target:?}"
+                    )));
+                }
+                Ok(None)
+            }
+            &EntryKind::File { size, mode, hash } => {
+                if !m.is_file() || m.len() != size || m.mode() & 0o7777 != mode {
+                    return Err(fail(format!(
+                        "expected a regular file of {size} bytes with mode {mode:o}"
+                    )));
+                }
+                if let Some(ino) = linked_ino {
+                    if m.ino() != ino {
+                        return Err(fail("linked file changed identity while staging".into()));
+                    }
+                    if !self.opts.verify_links {
+                        return Ok(Some(stamp(&m)));
+                    }
+                }
+                let actual = self.hash_staged(path)?;
+                if actual == hash {
+                    return Ok(Some(stamp(&m)));
+                }
+                if linked_ino.is_none() {
+                    return Err(fail(format!(
+                        "content hash {} does not match the manifest's {}",
+                        &actual.to_hex()[..16],
+                        &hash.to_hex()[..16]
+                    )));
+                }
+                // An earlier release was edited in place: unlink our name for that inode and write
+                // the content in full (fault case 10).
+                tracing::warn!(%path, "linked file differs from its manifest; the earlier release was modified in place; writing it in full");
+                self.staging
+                    .remove_file(path.as_str())
+                    .ctx("remove", self.staged(path))?;
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.write_file(path, size, mode, None)?;
+                if self.hash_staged(path)? != hash {
+                    return Err(fail(
+                        "content does not match the manifest after a full rewrite".into(),
+                    ));
+                }
+                let m = self
+                    .staging
+                    .symlink_metadata(path.as_str())
+                    .ctx("stat", self.staged(path))?;
+                Ok(Some(stamp(&m)))
+            }
+        }
+    }
+
+    fn hash_staged(&self, path: &RelPath) -> Result<Hash, EdgeError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
+        let f = self
+            .staging
+            .open_with(path.as_str(), &opts)
+            .ctx("open", self.staged(path))?
+            .into_std();
+        hash_file(f).ctx("read", self.staged(path))
+    }
+
+    /// Removes the staging directory (a failed deploy leaves nothing behind).
+    pub fn abort(self) -> Result<(), EdgeError> {
+        let path = self.staging_path.clone();
+        drop(self);
+        super::root::remove_tree(&path)
+    }
+
+    pub fn staging_path(&self) -> &Path {
+        &self.staging_path
+    }
+}
+
+fn stamp(m: &cap_std::fs::Metadata) -> FileStamp {
+    FileStamp {
+        ino: m.ino(),
+        size: m.len(),
+        mtime_ns: mtime_ns(m),
+    }
+}
+
+/// blake3 of an open file with a fixed-size buffer, so memory does not grow with the file.
+pub fn hash_file(mut f: File) -> io::Result<Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}

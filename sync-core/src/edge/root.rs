@@ -1,0 +1,546 @@
+//! An app root on disk: layout, the deploy lock, recovery, release records, the journal and the
+//! atomic swap of `current`.
+
+use cap_std::fs::MetadataExt as _;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use serde::{Deserialize, Serialize};
+
+use super::{EdgeError, IoContext};
+use crate::layout;
+use crate::manifest::Policy;
+use crate::path::RelPath;
+use crate::release::{ReleaseId, ReleaseRecord, STAGING_SUFFIX, TRASH_SUFFIX};
+use crate::retention::ReleaseState;
+
+/// Settings kept in `ROOT/.relsync/config.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// Releases to keep (default 5).
+    pub keep: Option<usize>,
+    /// Paths linked from `ROOT/shared/` into every release.
+    #[serde(default)]
+    pub shared: Vec<String>,
+}
+
+impl AppConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<AppConfig, EdgeError> {
+        let cfg: AppConfig = toml::from_str(text).map_err(|e| EdgeError::Config {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if cfg.keep == Some(0) {
+            return Err(EdgeError::Config {
+                path: path.to_owned(),
+                reason: "keep must be at least 1".into(),
+            });
+        }
+        cfg.shared_paths().map_err(|reason| EdgeError::Config {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn shared_paths(&self) -> Result<Vec<RelPath>, String> {
+        self.shared
+            .iter()
+            .map(|s| RelPath::new(s.trim_end_matches('/')).map_err(|e| format!("shared: {e}")))
+            .collect()
+    }
+}
+
+/// A record of one event, appended to `journal.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub time_unix: i64,
+    pub event: String,
+    pub release: String,
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    pub result: String,
+    pub duration_ms: u64,
+}
+
+/// `user@host`, for locks and the journal.
+pub fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    format!("{user}@{host}")
+}
+
+/// An opened app root. Paths handed to it are relative to the root.
+#[derive(Debug)]
+pub struct AppRoot {
+    path: PathBuf,
+    dir: Dir,
+}
+
+/// Held while a deploy, activation or prune runs; released (and cleared) on drop, and by the kernel
+/// if the process dies.
+#[derive(Debug)]
+pub struct LockGuard {
+    file: File,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// What recovery removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Recovery {
+    pub staging_removed: Vec<String>,
+    pub trash_removed: Vec<String>,
+    pub orphan_records_removed: Vec<String>,
+    pub current_tmp_removed: bool,
+}
+
+impl Recovery {
+    pub fn is_empty(&self) -> bool {
+        *self == Recovery::default()
+    }
+}
+
+impl AppRoot {
+    /// Opens `path`, creating the layout if it does not exist yet.
+    pub fn open_or_create(path: &Path) -> Result<AppRoot, EdgeError> {
+        std::fs::create_dir_all(path).ctx("create app root", path)?;
+        let dir = Dir::open_ambient_dir(path, ambient_authority()).ctx("open app root", path)?;
+        for d in [
+            layout::RELEASES.to_string(),
+            layout::SHARED.to_string(),
+            layout::META.to_string(),
+            format!("{}/{}", layout::META, layout::RECORDS),
+        ] {
+            match dir.create_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).ctx("create", path.join(&d)),
+            }
+        }
+        Ok(AppRoot {
+            path: path.to_owned(),
+            dir,
+        })
+    }
+
+    /// Opens an existing app root without creating anything.
+    pub fn open(path: &Path) -> Result<AppRoot, EdgeError> {
+        let dir = Dir::open_ambient_dir(path, ambient_authority()).ctx("open app root", path)?;
+        if !dir.is_dir(layout::META) {
+            return Err(EdgeError::Config {
+                path: path.to_owned(),
+                reason: "not a relsync app root (no .relsync directory); deploy to it first".into(),
+            });
+        }
+        Ok(AppRoot {
+            path: path.to_owned(),
+            dir,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    pub(crate) fn releases_dir(&self) -> Result<Dir, EdgeError> {
+        self.dir
+            .open_dir(layout::RELEASES)
+            .ctx("open", self.path.join(layout::RELEASES))
+    }
+
+    fn records_dir(&self) -> Result<Dir, EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::RECORDS);
+        self.dir.open_dir(&rel).ctx("open", self.path.join(rel))
+    }
+
+    /// Reads `.relsync/config.toml` (defaults when absent).
+    pub fn config(&self) -> Result<AppConfig, EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::CONFIG);
+        match self.dir.read_to_string(&rel) {
+            Ok(text) => AppConfig::parse(&text, &self.path.join(rel)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AppConfig::default()),
+            Err(e) => Err(e).ctx("read", self.path.join(rel)),
+        }
+    }
+
+    /// Takes the deploy lock without waiting. A lock left by a dead process is free again (flock dies
+    /// with its holder); its stale owner line is reported through `on_stale`.
+    pub fn lock(&self, on_stale: impl FnOnce(&str)) -> Result<LockGuard, EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::LOCK);
+        let path = self.path.join(&rel);
+        let mut opts = cap_std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true);
+        let mut file = self
+            .dir
+            .open_with(&rel, &opts)
+            .ctx("open lock", &path)?
+            .into_std();
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(EdgeError::Busy {
+                    root: self.path.clone(),
+                    holder: if holder.is_empty() {
+                        "another process".into()
+                    } else {
+                        holder.to_owned()
+                    },
+                });
+            }
+            Err(e) => return Err(std::io::Error::from(e)).ctx("lock", &path),
+        }
+        let mut stale = String::new();
+        let _ = file.read_to_string(&mut stale);
+        if !stale.trim().is_empty() {
+            on_stale(stale.trim());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let owner = format!(
+            "{} pid {} since {}",
+            operator(),
+            std::process::id(),
+            crate::release::format_utc(now as i64)
+        );
+        file.set_len(0).ctx("write lock", &path)?;
+        file.rewind().ctx("write lock", &path)?;
+        file.write_all(owner.as_bytes()).ctx("write lock", &path)?;
+        Ok(LockGuard { file })
+    }
+
+    /// Removes what an interrupted deploy or prune left behind. Needs the lock.
+    pub fn recover(&self, _lock: &LockGuard) -> Result<Recovery, EdgeError> {
+        let mut r = Recovery::default();
+        match self.dir.remove_file(layout::CURRENT_TMP) {
+            Ok(()) => r.current_tmp_removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx("remove", self.path.join(layout::CURRENT_TMP)),
+        }
+        let releases = self.releases_dir()?;
+        let rel_path = self.path.join(layout::RELEASES);
+        for entry in releases.entries().ctx("list", &rel_path)? {
+            let entry = entry.ctx("list", &rel_path)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let bucket = if name.ends_with(STAGING_SUFFIX) {
+                &mut r.staging_removed
+            } else if name.ends_with(TRASH_SUFFIX) {
+                &mut r.trash_removed
+            } else {
+                continue;
+            };
+            remove_tree(&self.path.join(layout::RELEASES).join(&name))?;
+            bucket.push(name);
+        }
+        // A record whose release directory is gone belongs to a release that never completed.
+        let records = self.records_dir()?;
+        let rec_path = self.path.join(layout::META).join(layout::RECORDS);
+        for entry in records.entries().ctx("list", &rec_path)? {
+            let entry = entry.ctx("list", &rec_path)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(layout::RECORD_SUFFIX) else {
+                // A temp file of an interrupted record write.
+                if name.starts_with(".tmp") {
+                    records
+                        .remove_file(&name)
+                        .ctx("remove", rec_path.join(&name))?;
+                }
+                continue;
+            };
+            if !releases.is_dir(id) {
+                records
+                    .remove_file(&name)
+                    .ctx("remove", rec_path.join(&name))?;
+                r.orphan_records_removed.push(id.to_owned());
+            }
+        }
+        if !r.is_empty() {
+            sync_dir(&self.dir, &self.path)?;
+            sync_dir(&releases, &rel_path)?;
+            sync_dir(&records, &rec_path)?;
+        }
+        Ok(r)
+    }
+
+    /// The release `current` points to, if any.
+    pub fn current(&self) -> Result<Option<ReleaseId>, EdgeError> {
+        match self.dir.read_link_contents(layout::CURRENT) {
+            Ok(t) => Ok(t.to_str().and_then(layout::parse_current_target)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("read link", self.path.join(layout::CURRENT)),
+        }
+    }
+
+    /// Ids of complete releases (a directory and a record), unordered.
+    pub fn release_ids(&self) -> Result<Vec<ReleaseId>, EdgeError> {
+        let records = self.records_dir()?;
+        let releases = self.releases_dir()?;
+        let rec_path = self.path.join(layout::META).join(layout::RECORDS);
+        let mut ids = Vec::new();
+        for entry in records.entries().ctx("list", &rec_path)? {
+            let entry = entry.ctx("list", &rec_path)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_suffix(layout::RECORD_SUFFIX)
+                .and_then(|s| ReleaseId::new(s).ok())
+            {
+                if releases.is_dir(id.as_str()) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn load_record(&self, id: &ReleaseId) -> Result<ReleaseRecord, EdgeError> {
+        let rel = format!(
+            "{}/{}/{}",
+            layout::META,
+            layout::RECORDS,
+            layout::record_name(id)
+        );
+        let path = self.path.join(&rel);
+        let bytes = match self.dir.read(&rel) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EdgeError::NoSuchRelease(id.clone()))
+            }
+            Err(e) => return Err(e).ctx("read", path),
+        };
+        let policy = Policy {
+            allow_world_writable: true,
+            ..Policy::default()
+        };
+        ReleaseRecord::decode(&bytes, &policy).map_err(|source| EdgeError::Record {
+            id: id.to_string(),
+            path,
+            source,
+        })
+    }
+
+    /// All complete releases' records, oldest first.
+    pub fn records(&self) -> Result<Vec<ReleaseRecord>, EdgeError> {
+        let mut v = self
+            .release_ids()?
+            .iter()
+            .map(|id| self.load_record(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        v.sort_by_key(|r| r.seq);
+        Ok(v)
+    }
+
+    /// Release ids marked bad by a failed activation (from the journal).
+    pub fn bad_releases(&self) -> Result<Vec<String>, EdgeError> {
+        Ok(self
+            .journal()?
+            .into_iter()
+            .filter(|e| e.event == "mark-bad")
+            .map(|e| e.release)
+            .collect())
+    }
+
+    /// Retention view of the kept releases.
+    pub fn states(&self, records: &[ReleaseRecord]) -> Result<Vec<ReleaseState>, EdgeError> {
+        let bad = self.bad_releases()?;
+        Ok(records
+            .iter()
+            .map(|r| ReleaseState {
+                id: r.id.clone(),
+                seq: r.seq,
+                bad: bad.iter().any(|b| b == r.id.as_str()),
+            })
+            .collect())
+    }
+
+    /// Writes a release record durably (temp + fsync + rename + directory fsync).
+    pub fn write_record(&self, rec: &ReleaseRecord) -> Result<(), EdgeError> {
+        let records = self.records_dir()?;
+        let name = layout::record_name(&rec.id);
+        let tmp = format!(".tmp-{name}");
+        let path = self
+            .path
+            .join(layout::META)
+            .join(layout::RECORDS)
+            .join(&name);
+        let mut f = records.create(&tmp).ctx("create", &path)?;
+        f.write_all(&rec.encode()).ctx("write", &path)?;
+        f.sync_all().ctx("sync", &path)?;
+        drop(f);
+        records.rename(&tmp, &records, &name).ctx("rename", &path)?;
+        sync_dir(&records, path.parent().unwrap_or(&self.path))
+    }
+
+    pub(crate) fn remove_record(&self, id: &ReleaseId) -> Result<(), EdgeError> {
+        let records = self.records_dir()?;
+        let name = layout::record_name(id);
+        match records.remove_file(&name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).ctx(
+                "remove",
+                self.path
+                    .join(layout::META)
+                    .join(layout::RECORDS)
+                    .join(name),
+            ),
+        }
+    }
+
+    /// Points `current` at release `id` atomically and durably: `current.tmp` is created as a symlink,
+    /// renamed over `current`, and the root directory is fsynced before returning.
+    pub fn swap_current(&self, id: &ReleaseId) -> Result<(), EdgeError> {
+        let releases = self.releases_dir()?;
+        if !releases.is_dir(id.as_str()) {
+            return Err(EdgeError::NoSuchRelease(id.clone()));
+        }
+        let tmp_path = self.path.join(layout::CURRENT_TMP);
+        match self.dir.remove_file(layout::CURRENT_TMP) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx("remove", &tmp_path),
+        }
+        self.dir
+            .symlink_contents(layout::current_target(id), layout::CURRENT_TMP)
+            .ctx("create symlink", &tmp_path)?;
+        self.dir
+            .rename(layout::CURRENT_TMP, &self.dir, layout::CURRENT)
+            .ctx("rename", self.path.join(layout::CURRENT))?;
+        sync_dir(&self.dir, &self.path)
+    }
+
+    /// Removes release `id`: rename to `<id>.trash` (so a crash leaves something recovery removes),
+    /// drop its record, then delete the tree without following symlinks.
+    pub fn remove_release(&self, id: &ReleaseId) -> Result<(), EdgeError> {
+        let releases = self.releases_dir()?;
+        let rel_path = self.path.join(layout::RELEASES);
+        let trash = id.trash_name();
+        releases
+            .rename(id.as_str(), &releases, &trash)
+            .ctx("rename", rel_path.join(id.as_str()))?;
+        sync_dir(&releases, &rel_path)?;
+        self.remove_record(id)?;
+        remove_tree(&rel_path.join(&trash))
+    }
+
+    /// Appends an entry to the journal and syncs it.
+    pub fn append_journal(&self, entry: &JournalEntry) -> Result<(), EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::JOURNAL);
+        let path = self.path.join(&rel);
+        let mut opts = cap_std::fs::OpenOptions::new();
+        opts.append(true).create(true);
+        let mut f = self.dir.open_with(&rel, &opts).ctx("open", &path)?;
+        let mut line = serde_json::to_string(entry).expect("journal entries serialize");
+        line.push('\n');
+        f.write_all(line.as_bytes()).ctx("append", &path)?;
+        f.sync_data().ctx("sync", &path)
+    }
+
+    /// Reads the journal; lines that do not parse (a torn last write) are skipped.
+    pub fn journal(&self) -> Result<Vec<JournalEntry>, EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::JOURNAL);
+        match self.dir.read_to_string(&rel) {
+            Ok(text) => Ok(text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).ctx("read", self.path.join(rel)),
+        }
+    }
+
+    /// Bytes available to unprivileged writers on the root's file system.
+    pub fn free_bytes(&self) -> Result<u64, EdgeError> {
+        let st = rustix::fs::fstatvfs(&readable(&self.dir, &self.path)?)
+            .map_err(std::io::Error::from)
+            .ctx("statvfs", &self.path)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Device of the root, to check that link sources live on the same file system.
+    pub fn device(&self) -> Result<u64, EdgeError> {
+        Ok(self.dir.dir_metadata().ctx("stat", &self.path)?.dev())
+    }
+}
+
+/// A readable descriptor for `dir`: cap-std may hold directories as `O_PATH` handles, on which
+/// fsync, syncfs and fstatvfs fail with EBADF.
+fn readable(dir: &Dir, path: &Path) -> Result<cap_std::fs::File, EdgeError> {
+    dir.open(".").ctx("open directory", path)
+}
+
+/// fsync of a directory (makes its entries durable).
+pub(crate) fn sync_dir(dir: &Dir, path: &Path) -> Result<(), EdgeError> {
+    readable(dir, path)?.sync_all().ctx("sync directory", path)
+}
+
+/// syncfs of the file system holding `dir`: every dirty page and inode, in one call.
+pub(crate) fn sync_fs(dir: &Dir, path: &Path) -> Result<(), EdgeError> {
+    rustix::fs::syncfs(&readable(dir, path)?)
+        .map_err(std::io::Error::from)
+        .ctx("sync", path)
+}
+
+/// Removes a tree without following symlinks (std's implementation opens each level with
+/// O_NOFOLLOW and unlinks relative to it, so a symlink swapped in mid-way is removed, not followed).
+pub(crate) fn remove_tree(path: &Path) -> Result<(), EdgeError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).ctx("remove", path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parsing() {
+        let p = Path::new("config.toml");
+        let cfg = AppConfig::parse("keep = 3\nshared = [\"storage/\", \".env\"]\n", p).unwrap();
+        assert_eq!(cfg.keep, Some(3));
+        let shared: Vec<String> = cfg
+            .shared_paths()
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(shared, ["storage", ".env"]);
+        for bad in [
+            "keep = 0",
+            "shared = [\"../etc\"]",
+            "kepe = 3",
+            "keep = \"x\"",
+        ] {
+            let err = AppConfig::parse(bad, p).unwrap_err().to_string();
+            assert!(err.contains("config.toml"), "{bad}: {err}");
+        }
+    }
+}
