@@ -3,6 +3,7 @@
 //! A thin binary: argument parsing, progress display and output formatting. All decisions are made
 //! by `sync_core`'s planner and all file-system work by its edge.
 
+mod demo;
 mod output;
 
 use std::io::IsTerminal;
@@ -84,6 +85,21 @@ enum Command {
         root: PathBuf,
         #[arg(long)]
         keep: Option<usize>,
+    },
+    /// Generate a sample PHP app and walk through deploy, dry run, rollback and sync.
+    Demo {
+        /// Work in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the generated files in place.
+        #[arg(long)]
+        keep: bool,
+        /// Files in the sample app.
+        #[arg(long, default_value_t = 15_000)]
+        files: usize,
+        /// Approximate size of the sample app in bytes.
+        #[arg(long, default_value_t = 110_000_000)]
+        bytes: u64,
     },
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself.
     Sync {
@@ -351,6 +367,12 @@ fn run(cmd: Command) -> Result<()> {
                 format!("pruned {}", names.join(", "))
             })
         }
+        Command::Demo {
+            dir,
+            keep,
+            files,
+            bytes,
+        } => demo::run(dir, keep, files, bytes),
         Command::Sync {
             src,
             dst,
