@@ -52,6 +52,12 @@ pub enum EdgeError {
     NoSpace { root: PathBuf, need: u64, free: u64 },
     #[error("source file {path} changed or could not be read: {reason}")]
     Source { path: RelPath, reason: String },
+    #[error("writing {path}")]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: Box<EdgeError>,
+    },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -75,4 +81,16 @@ impl<T> IoContext<T> for io::Result<T> {
             source,
         })
     }
+}
+
+/// `error: cause: cause…` in one line, for logs and the journal.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

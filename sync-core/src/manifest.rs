@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::path::{resolve_symlink, PathError, RelPath, Resolved, SymlinkPolicy};
+use crate::path::{resolve_symlink, PathError, RelPath, SymlinkPolicy};
 
 /// A blake3 digest of file content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,7 +133,11 @@ impl TryFrom<JsonEntry> for Entry {
                 .map_err(|_| ManifestError::Decode(format!("{}: mode {s:?} is not octal", j.path)))
         };
         let kind = match &j.kind {
-            JsonKind::File { size, mode: m, hash } => EntryKind::File {
+            JsonKind::File {
+                size,
+                mode: m,
+                hash,
+            } => EntryKind::File {
                 size: *size,
                 mode: mode(m)?,
                 hash: *hash,
@@ -208,11 +212,17 @@ pub enum ManifestError {
     NotCanonical(RelPath),
     #[error("{path}: its parent {parent} is not a directory of the manifest")]
     ParentNotDir { path: RelPath, parent: RelPath },
-    #[error("{path}: mode {mode:o} has bits beyond rwxrwxrwx (setuid, setgid, sticky or a file type)")]
+    #[error(
+        "{path}: mode {mode:o} has bits beyond rwxrwxrwx (setuid, setgid, sticky or a file type)"
+    )]
     ModeBits { path: RelPath, mode: u32 },
-    #[error("{path}: mode {mode:o} is world-writable; fix it with `chmod o-w` or allow it explicitly")]
+    #[error(
+        "{path}: mode {mode:o} is world-writable; fix it with `chmod o-w` or allow it explicitly"
+    )]
     WorldWritable { path: RelPath, mode: u32 },
-    #[error("symlink {path} points through another symlink ({via}); link to the final target instead")]
+    #[error(
+        "symlink {path} points through another symlink ({via}); link to the final target instead"
+    )]
     SymlinkChain { path: RelPath, via: String },
     #[error("total size of the manifest's files overflows")]
     SizeOverflow,
@@ -246,7 +256,10 @@ impl Manifest {
     }
 
     /// Sorts `entries` into canonical order, then validates.
-    pub fn from_unsorted(mut entries: Vec<Entry>, policy: &Policy) -> Result<Manifest, ManifestError> {
+    pub fn from_unsorted(
+        mut entries: Vec<Entry>,
+        policy: &Policy,
+    ) -> Result<Manifest, ManifestError> {
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         Manifest::from_canonical(entries, policy)
     }
@@ -264,7 +277,9 @@ impl Manifest {
             if i > 0 {
                 match entries[i - 1].path.cmp(&e.path) {
                     std::cmp::Ordering::Less => {}
-                    std::cmp::Ordering::Equal => return Err(ManifestError::Duplicate(e.path.clone())),
+                    std::cmp::Ordering::Equal => {
+                        return Err(ManifestError::Duplicate(e.path.clone()))
+                    }
                     std::cmp::Ordering::Greater => {
                         return Err(ManifestError::NotCanonical(e.path.clone()))
                     }
@@ -272,7 +287,9 @@ impl Manifest {
             }
             let mode = match &e.kind {
                 EntryKind::File { size, mode, .. } => {
-                    total = total.checked_add(*size).ok_or(ManifestError::SizeOverflow)?;
+                    total = total
+                        .checked_add(*size)
+                        .ok_or(ManifestError::SizeOverflow)?;
                     Some(*mode)
                 }
                 EntryKind::Dir { mode } => Some(*mode),
@@ -316,30 +333,41 @@ impl Manifest {
         target: &str,
         policy: SymlinkPolicy,
     ) -> Result<(), ManifestError> {
-        let Resolved::Inside(comps) = resolve_symlink(path, target, policy)? else {
-            return Ok(());
+        resolve_symlink(path, target, policy)?;
+        // Walk the target from the link's directory and refuse every prefix that is another
+        // symlink: passing through (or ending at) one makes the physical destination differ from
+        // the lexical one just checked, also when a later `..` leaves it again (`s/../x`).
+        let mut stack: Vec<&str> = match path.as_str().rsplit_once('/') {
+            Some((parent, _)) => parent.split('/').collect(),
+            None => Vec::new(),
         };
-        // Walk every prefix of the resolved path: passing through (or ending at) another symlink
-        // would make the physical destination differ from the lexical one we just checked.
-        let mut prefix = String::new();
-        for c in comps {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(&c);
-            let Ok(p) = RelPath::new(prefix.as_str()) else {
-                // Not a valid manifest path (e.g. reserved), so it cannot be a symlink entry either.
-                continue;
-            };
-            if let Some(Entry {
-                kind: EntryKind::Symlink { .. },
-                ..
-            }) = self.get(&p)
-            {
-                return Err(ManifestError::SymlinkChain {
-                    path: path.clone(),
-                    via: prefix,
-                });
+        for c in target.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    if stack.pop().is_none() {
+                        // Above the release root: resolve_symlink allowed only `shared/`.
+                        break;
+                    }
+                }
+                c => {
+                    stack.push(c);
+                    let prefix = stack.join("/");
+                    let Ok(p) = RelPath::new(prefix.as_str()) else {
+                        // Not a valid manifest path (e.g. reserved), so not a symlink entry either.
+                        continue;
+                    };
+                    if let Some(Entry {
+                        kind: EntryKind::Symlink { .. },
+                        ..
+                    }) = self.get(&p)
+                    {
+                        return Err(ManifestError::SymlinkChain {
+                            path: path.clone(),
+                            via: prefix,
+                        });
+                    }
+                }
             }
         }
         Ok(())
@@ -405,7 +433,10 @@ impl Manifest {
         let (enc, rest): (Encoded<Vec<Entry>>, _) =
             postcard::take_from_bytes(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(ManifestError::Decode(format!("{} trailing bytes", rest.len())));
+            return Err(ManifestError::Decode(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
         }
         if enc.magic != MAGIC || enc.version != VERSION {
             return Err(ManifestError::BadHeader(enc.version));
@@ -427,7 +458,10 @@ impl Manifest {
     pub fn from_json(s: &str, policy: &Policy) -> Result<Manifest, ManifestError> {
         let v: Vec<JsonEntry> =
             serde_json::from_str(s).map_err(|e| ManifestError::Decode(e.to_string()))?;
-        let entries = v.into_iter().map(Entry::try_from).collect::<Result<_, _>>()?;
+        let entries = v
+            .into_iter()
+            .map(Entry::try_from)
+            .collect::<Result<_, _>>()?;
         Manifest::from_canonical(entries, policy)
     }
 }
@@ -522,7 +556,10 @@ mod tests {
         let json = m.to_json();
         assert!(json.contains("\"type\": \"symlink\""), "{json}");
         assert_eq!(Manifest::from_json(&json, &Policy::default()).unwrap(), m);
-        assert_eq!(m.digest(), Manifest::decode(&bin, &Policy::default()).unwrap().digest());
+        assert_eq!(
+            m.digest(),
+            Manifest::decode(&bin, &Policy::default()).unwrap().digest()
+        );
     }
 
     #[test]
@@ -533,11 +570,21 @@ mod tests {
         let s = |path: &str, t: &str| Entry::symlink(path, t).unwrap();
         type Check = fn(&ManifestError) -> bool;
         let table: Vec<(Vec<Entry>, Check)> = vec![
-            (vec![f("a"), f("a")], |e| matches!(e, ManifestError::Duplicate(_))),
-            (vec![d("a"), f("a")], |e| matches!(e, ManifestError::Duplicate(_))),
-            (vec![f("b"), f("a")], |e| matches!(e, ManifestError::NotCanonical(_))),
-            (vec![f("a/b")], |e| matches!(e, ManifestError::ParentNotDir { .. })),
-            (vec![f("a"), f("a/b")], |e| matches!(e, ManifestError::ParentNotDir { .. })),
+            (vec![f("a"), f("a")], |e| {
+                matches!(e, ManifestError::Duplicate(_))
+            }),
+            (vec![d("a"), f("a")], |e| {
+                matches!(e, ManifestError::Duplicate(_))
+            }),
+            (vec![f("b"), f("a")], |e| {
+                matches!(e, ManifestError::NotCanonical(_))
+            }),
+            (vec![f("a/b")], |e| {
+                matches!(e, ManifestError::ParentNotDir { .. })
+            }),
+            (vec![f("a"), f("a/b")], |e| {
+                matches!(e, ManifestError::ParentNotDir { .. })
+            }),
             (vec![s("a", "x"), f("a/b")], |e| {
                 matches!(e, ManifestError::ParentNotDir { .. })
             }),
@@ -588,7 +635,9 @@ mod tests {
             allow_world_writable: true,
             ..Policy::default()
         };
-        assert!(Manifest::from_canonical(vec![Entry::file("a", 1, 0o666, h(0)).unwrap()], &ww).is_ok());
+        assert!(
+            Manifest::from_canonical(vec![Entry::file("a", 1, 0o666, h(0)).unwrap()], &ww).is_ok()
+        );
     }
 
     #[test]

@@ -187,7 +187,7 @@ pub fn deploy(
     };
     if let Err(e) = result {
         stager.abort()?;
-        root.append_journal(&journal(&format!("failed: {e}")))?;
+        root.append_journal(&journal(&format!("failed: {}", super::error_chain(&e))))?;
         return Err(e);
     }
     stager.apply(finish)?;

@@ -141,6 +141,8 @@ pub struct Stager<'a> {
     staging_path: PathBuf,
     device: u64,
     linked: Mutex<HashMap<RelPath, u64>>,
+    /// Serializes rewrites during verification, which may open up a read-only parent directory.
+    rewrite: Mutex<()>,
     stamps: Vec<FileStamp>,
     fallbacks: AtomicU64,
     written: AtomicU64,
@@ -213,6 +215,7 @@ impl<'a> Stager<'a> {
             staging_path,
             device: root.device()?,
             linked: Mutex::new(HashMap::new()),
+            rewrite: Mutex::new(()),
             stamps: Vec::new(),
             fallbacks: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -413,9 +416,13 @@ impl<'a> Stager<'a> {
             b.dir.open_with(bp.as_str(), &o).ok().map(|f| f.into_std())
         });
         match basis_file {
-            Some(bf) => self.source.write_with_basis(path, size, &bf, &mut out)?,
-            None => self.source.write_full(path, size, &mut out)?,
+            Some(bf) => self.source.write_with_basis(path, size, &bf, &mut out),
+            None => self.source.write_full(path, size, &mut out),
         }
+        .map_err(|e| EdgeError::Staging {
+            path: dest.clone(),
+            source: Box::new(e),
+        })?;
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .ctx("chmod", &dest)?;
         drop(out);
@@ -528,11 +535,39 @@ impl<'a> Stager<'a> {
                 // An earlier release was edited in place: unlink our name for that inode and write
                 // the content in full (fault case 10).
                 tracing::warn!(%path, "linked file differs from its manifest; the earlier release was modified in place; writing it in full");
+                // Directory modes are final by now: a read-only parent (never shared with another
+                // release) is opened up for the rewrite and restored after it.
+                let _one_at_a_time = self.rewrite.lock().expect("lock poisoned");
+                let parent = match path.parent() {
+                    Some(p) => {
+                        let m = self
+                            .staging
+                            .symlink_metadata(p.as_str())
+                            .ctx("stat", self.staged(&p))?;
+                        Some((p, m.mode() & 0o7777))
+                    }
+                    None => None,
+                };
+                let set_mode = |p: &RelPath, mode: u32| {
+                    self.staging
+                        .set_permissions(
+                            p.as_str(),
+                            Permissions::from_std(std::fs::Permissions::from_mode(mode)),
+                        )
+                        .ctx("chmod directory", self.staged(p))
+                };
+                let opened = parent.as_ref().filter(|(_, m)| m & 0o300 != 0o300);
+                if let Some((p, m)) = opened {
+                    set_mode(p, m | 0o700)?;
+                }
                 self.staging
                     .remove_file(path.as_str())
                     .ctx("remove", self.staged(path))?;
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 self.write_file(path, size, mode, None)?;
+                if let Some((p, m)) = opened {
+                    set_mode(p, *m)?;
+                }
                 if self.hash_staged(path)? != hash {
                     return Err(fail(
                         "content does not match the manifest after a full rewrite".into(),

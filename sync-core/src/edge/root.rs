@@ -265,13 +265,14 @@ impl AppRoot {
         for entry in records.entries().ctx("list", &rec_path)? {
             let entry = entry.ctx("list", &rec_path)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(layout::RECORD_SUFFIX) else {
+            if name.starts_with(".tmp") {
                 // A temp file of an interrupted record write.
-                if name.starts_with(".tmp") {
-                    records
-                        .remove_file(&name)
-                        .ctx("remove", rec_path.join(&name))?;
-                }
+                records
+                    .remove_file(&name)
+                    .ctx("remove", rec_path.join(&name))?;
+                continue;
+            }
+            let Some(id) = name.strip_suffix(layout::RECORD_SUFFIX) else {
                 continue;
             };
             if !releases.is_dir(id) {
@@ -509,12 +510,57 @@ pub(crate) fn sync_fs(dir: &Dir, path: &Path) -> Result<(), EdgeError> {
 
 /// Removes a tree without following symlinks (std's implementation opens each level with
 /// O_NOFOLLOW and unlinks relative to it, so a symlink swapped in mid-way is removed, not followed).
+///
+/// A release may hold read-only directories, whose entries an unprivileged owner cannot unlink: on
+/// EACCES the directories are made owner-writable and the removal is retried.
 pub(crate) fn remove_tree(path: &Path) -> Result<(), EdgeError> {
-    match std::fs::remove_dir_all(path) {
+    let mut result = std::fs::remove_dir_all(path);
+    if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied) {
+        result = make_owner_writable(path).and_then(|()| std::fs::remove_dir_all(path));
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).ctx("remove", path),
     }
+}
+
+/// Adds u+rwx to every directory of the tree at `path`. Each level is opened relative to its parent
+/// with O_NOFOLLOW and changed through that descriptor, so a symlink swapped in is never followed.
+fn make_owner_writable(path: &Path) -> std::io::Result<()> {
+    use rustix::fs::{fchmod, fstat, openat, FileType, Mode, OFlags, CWD};
+    use rustix::io::Errno;
+    fn open_dir<Fd: std::os::fd::AsFd>(
+        parent: Fd,
+        name: impl rustix::path::Arg,
+    ) -> rustix::io::Result<std::os::fd::OwnedFd> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        openat(parent, name, flags, Mode::empty())
+    }
+    fn walk(fd: std::os::fd::OwnedFd) -> std::io::Result<()> {
+        let mode = fstat(&fd)?.st_mode & 0o7777;
+        if mode & 0o700 != 0o700 {
+            fchmod(&fd, Mode::from_raw_mode(mode | 0o700))?;
+        }
+        for entry in rustix::fs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            if !matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
+                continue;
+            }
+            match open_dir(&fd, name) {
+                Ok(sub) => walk(sub)?,
+                // Not a directory (any more), or already gone: nothing to open up.
+                Err(Errno::NOTDIR | Errno::LOOP | Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    walk(open_dir(CWD, path)?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,176 @@
+//! Fault cases 4 and 6: injected sync and write errors and a corrupted staged file abort the deploy
+//! with an error naming the file, leave no staging and no record, keep `current`, and a later deploy
+//! without the fault rebuilds the release from scratch.
+
+use std::path::Path;
+
+use sync_core::edge::exec::{ExecOptions, Faults};
+use sync_core::edge::EdgeError;
+
+use crate::harness::*;
+
+/// An app root with A deployed and current, plus the source of B.
+struct Setup {
+    _t: Scratch,
+    path: std::path::PathBuf,
+    src_b: std::path::PathBuf,
+    app: sync_core::edge::root::AppRoot,
+}
+
+fn setup() -> Setup {
+    let t = scratch();
+    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
+    source_a(&src_a);
+    source_b(&src_b);
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
+    Setup {
+        _t: t,
+        path,
+        src_b,
+        app,
+    }
+}
+
+fn with_faults(faults: Faults) -> sync_core::edge::deploy::DeployOptions {
+    sync_core::edge::deploy::DeployOptions {
+        exec: ExecOptions {
+            faults,
+            ..ExecOptions::default()
+        },
+        ..opts("r2", true)
+    }
+}
+
+/// What must hold after any aborted deploy of r2, and that a clean retry of r2 rebuilds it.
+fn assert_aborted_then_retry(s: &Setup, err: &EdgeError) {
+    let msg = err.to_string();
+    assert!(leftovers(&s.path).is_empty(), "{:?}", leftovers(&s.path));
+    let state = assert_i0(&s.path);
+    assert_eq!(state.current.as_deref(), Some("r1"));
+    assert_eq!(state.releases(), ["r1"]);
+    let events = journal_events(&s.path);
+    let last = events.last().unwrap();
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("deploy", "r2"));
+    assert!(
+        last.2.starts_with("failed: ") && last.2.contains(&msg),
+        "{last:?}"
+    );
+
+    let a_before = unlinked(&snapshot(&in_release(&s.path, "r1", "")));
+    let report = deploy_tree(&s.app, &s.src_b, &opts("r2", true)).unwrap();
+    assert!(report.recovered.is_empty(), "{:?}", report.recovered);
+    // Everything not linkable is written again, nothing reused from the failed attempt.
+    assert_eq!(report.exec.bytes_written, report.summary.full_bytes);
+    assert!(report.summary.full_files >= 2 && report.summary.linked_files >= 5);
+    let state = assert_i0(&s.path);
+    assert_eq!(state.current.as_deref(), Some("r2"));
+    assert_eq!(state.releases(), ["r1", "r2"]);
+    assert_eq!(
+        unlinked(&snapshot(&in_release(&s.path, "r1", ""))),
+        a_before
+    );
+}
+
+fn staging(s: &Setup) -> String {
+    s.path.join("releases/r2.staging").display().to_string()
+}
+
+#[test]
+fn injected_sync_error_aborts_and_a_retry_rebuilds() {
+    let s = setup();
+    let err = deploy_tree(
+        &s.app,
+        &s.src_b,
+        &with_faults(Faults {
+            fail_sync: true,
+            ..Faults::default()
+        }),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, EdgeError::Io { what: "sync", .. }), "{err:?}");
+    assert!(msg.contains(&staging(&s)), "{msg}");
+    assert!(
+        chain(&err).contains("injected I/O error"),
+        "{}",
+        chain(&err)
+    );
+    assert_aborted_then_retry(&s, &err);
+}
+
+#[test]
+fn injected_write_error_names_the_file() {
+    let s = setup();
+    for victim in ["app/added.php", "app/edit.php"] {
+        let err = deploy_tree(
+            &s.app,
+            &s.src_b,
+            &with_faults(Faults {
+                fail_write: Some(rel(victim)),
+                ..Faults::default()
+            }),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, EdgeError::Io { .. }), "{err:?}");
+        let want = Path::new(&staging(&s)).join(victim);
+        assert!(msg.contains(&want.display().to_string()), "{msg}");
+        assert!(leftovers(&s.path).is_empty());
+        assert_eq!(assert_i0(&s.path).current.as_deref(), Some("r1"));
+    }
+    let err = deploy_tree(
+        &s.app,
+        &s.src_b,
+        &with_faults(Faults {
+            fail_write: Some(rel("app/added.php")),
+            ..Faults::default()
+        }),
+    )
+    .unwrap_err();
+    assert_aborted_then_retry(&s, &err);
+}
+
+#[test]
+fn corrupted_staged_file_is_never_activated() {
+    let s = setup();
+    let a_same = node(&in_release(&s.path, "r1", "app/same.php"));
+    // A written file, then a file hard-linked from A (the flip must not reach A's inode).
+    for victim in ["app/added.php", "app/same.php"] {
+        let err = deploy_tree(
+            &s.app,
+            &s.src_b,
+            &with_faults(Faults {
+                corrupt: Some(rel(victim)),
+                ..Faults::default()
+            }),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        match &err {
+            EdgeError::Verify { path, .. } => assert_eq!(path.as_str(), victim),
+            other => panic!("{victim}: expected a verification error, got {other:?}"),
+        }
+        assert!(
+            msg.contains(victim) && msg.contains("not activated"),
+            "{msg}"
+        );
+        assert!(leftovers(&s.path).is_empty());
+        assert_eq!(assert_i0(&s.path).current.as_deref(), Some("r1"));
+        assert_eq!(
+            node(&in_release(&s.path, "r1", "app/same.php")).unlinked(),
+            a_same.unlinked()
+        );
+    }
+    let err = deploy_tree(
+        &s.app,
+        &s.src_b,
+        &with_faults(Faults {
+            corrupt: Some(rel("app/edit.php")),
+            ..Faults::default()
+        }),
+    )
+    .unwrap_err();
+    assert_aborted_then_retry(&s, &err);
+}
