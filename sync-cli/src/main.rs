@@ -236,8 +236,14 @@ fn scan_tree(
         cache_file: cache_file(src),
         policy,
     };
+    let t = Instant::now();
     let s =
         scan(src, &opts, &|n| pb.inc(n)).with_context(|| format!("scanning {}", src.display()))?;
+    tracing::debug!(
+        ms = t.elapsed().as_millis() as u64,
+        "scan {}",
+        src.display()
+    );
     pb.finish_and_clear();
     Ok(s)
 }

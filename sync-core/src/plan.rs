@@ -28,7 +28,9 @@ pub struct Basis<'a> {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Create a directory (owner-only at first; its final mode is set by `SetDirMode`).
-    CreateDir { path: RelPath },
+    CreateDir {
+        path: RelPath,
+    },
     /// Hard-link a file of an earlier release that has the same content and mode.
     Link {
         path: RelPath,
@@ -54,8 +56,14 @@ pub enum Op {
         mode: u32,
         hash: Hash,
     },
-    Symlink { path: RelPath, target: String },
-    SetDirMode { path: RelPath, mode: u32 },
+    Symlink {
+        path: RelPath,
+        target: String,
+    },
+    SetDirMode {
+        path: RelPath,
+        mode: u32,
+    },
     /// Make every byte and directory entry of the staging tree durable.
     SyncTree,
     /// Check every file of the staging tree against the manifest.
@@ -67,7 +75,9 @@ pub enum Op {
     /// Point `current` at the release (symlink `current.tmp`, rename, fsync the root).
     Activate,
     /// Remove an old release.
-    Prune { release: ReleaseId },
+    Prune {
+        release: ReleaseId,
+    },
 }
 
 impl Op {
@@ -160,14 +170,19 @@ pub fn plan_release(
     }
     let previous = bases.first();
 
+    // Every directory first (parents before children), so the file operations after them form one
+    // run that the executor can apply in parallel.
+    for e in target.entries() {
+        if e.is_dir() {
+            s.dirs += 1;
+            ops.push(Op::CreateDir {
+                path: e.path.clone(),
+            });
+        }
+    }
     for e in target.entries() {
         match &e.kind {
-            EntryKind::Dir { .. } => {
-                s.dirs += 1;
-                ops.push(Op::CreateDir {
-                    path: e.path.clone(),
-                });
-            }
+            EntryKind::Dir { .. } => {}
             EntryKind::Symlink { target } => {
                 s.symlinks += 1;
                 ops.push(Op::Symlink {
@@ -198,7 +213,9 @@ pub fn plan_release(
                 let delta_basis = previous.filter(|_| opts.deltas).and_then(|b| {
                     match b.manifest.get(&e.path).map(|x| &x.kind) {
                         // An empty or tiny basis cannot save anything.
-                        Some(EntryKind::File { size: bs, .. }) if *bs >= 64 && size >= 64 => Some(b),
+                        Some(EntryKind::File { size: bs, .. }) if *bs >= 64 && size >= 64 => {
+                            Some(b)
+                        }
                         _ => None,
                     }
                 });
@@ -291,9 +308,18 @@ fn check_shared(target: &Manifest, shared: &[RelPath]) -> Result<(), PlanError> 
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MirrorOp {
     /// Remove whatever is at `path` (recursively for a directory), never following symlinks.
-    Remove { path: RelPath, dir: bool },
-    CreateDir { path: RelPath, mode: u32 },
-    SetDirMode { path: RelPath, mode: u32 },
+    Remove {
+        path: RelPath,
+        dir: bool,
+    },
+    CreateDir {
+        path: RelPath,
+        mode: u32,
+    },
+    SetDirMode {
+        path: RelPath,
+        mode: u32,
+    },
     /// Replace `path` atomically with new content; `basis` is the destination's current version of
     /// the file, usable as a delta basis.
     Write {
@@ -304,7 +330,10 @@ pub enum MirrorOp {
         basis: Option<RelPath>,
     },
     /// Replace `path` atomically with a symlink.
-    Symlink { path: RelPath, target: String },
+    Symlink {
+        path: RelPath,
+        target: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -366,7 +395,9 @@ pub fn plan_mirror(src: &Manifest, dst: &Manifest, delete: bool) -> MirrorPlan {
         })
         .collect();
     let gone = |p: &RelPath| {
-        removed.contains(p) || p.parent().is_some_and(|_| removed.iter().any(|r| p.starts_with(r)))
+        removed.contains(p)
+            || p.parent()
+                .is_some_and(|_| removed.iter().any(|r| p.starts_with(r)))
     };
 
     for e in src.entries() {
@@ -489,7 +520,11 @@ mod tests {
 
     #[test]
     fn first_release_writes_everything() {
-        let target = m(vec![d("app"), f("app/a.php", "a", 0o644), f("b", "b", 0o755)]);
+        let target = m(vec![
+            d("app"),
+            f("app/a.php", "a", 0o644),
+            f("b", "b", 0o755),
+        ]);
         let plan = plan_release(&id("r1"), &target, &[], &[], &PlanOptions::default()).unwrap();
         assert_eq!(
             render(&plan.ops),
@@ -514,7 +549,11 @@ mod tests {
             d("app"),
             f("app/same.php", "same", 0o644),
             f("app/old-name.php", "moved", 0o644),
-            f("app/edit.php", "version one of a longer file, long enough to be worth a delta....", 0o644),
+            f(
+                "app/edit.php",
+                "version one of a longer file, long enough to be worth a delta....",
+                0o644,
+            ),
             f("app/chmod.sh", "script", 0o644),
             f("app/gone.php", "gone", 0o644),
         ]);
@@ -523,7 +562,11 @@ mod tests {
             d("app"),
             f("app/same.php", "same", 0o644),
             f("app/new-name.php", "moved", 0o644),
-            f("app/edit.php", "version two of a longer file, long enough to be worth a delta....", 0o644),
+            f(
+                "app/edit.php",
+                "version two of a longer file, long enough to be worth a delta....",
+                0o644,
+            ),
             f("app/chmod.sh", "script", 0o755),
             f("back.php", "from r0", 0o644),
         ]);
@@ -538,7 +581,10 @@ mod tests {
                 manifest: &older,
             },
         ];
-        let shared = [RelPath::new("storage").unwrap(), RelPath::new("app/.env").unwrap()];
+        let shared = [
+            RelPath::new("storage").unwrap(),
+            RelPath::new("app/.env").unwrap(),
+        ];
         let opts = PlanOptions {
             deltas: true,
             activate: true,
@@ -578,27 +624,48 @@ mod tests {
 
     #[test]
     fn shared_paths_are_checked() {
-        let target = m(vec![d("storage"), f("storage/x", "x", 0o644), f(".env", "e", 0o644)]);
+        let target = m(vec![
+            d("storage"),
+            f("storage/x", "x", 0o644),
+            f(".env", "e", 0o644),
+        ]);
         let plan = |shared: &[&str]| {
             let shared: Vec<RelPath> = shared.iter().map(|s| RelPath::new(*s).unwrap()).collect();
             plan_release(&id("r"), &target, &[], &shared, &PlanOptions::default())
         };
-        assert!(matches!(plan(&["storage"]), Err(PlanError::SharedCollision { .. })));
-        assert!(matches!(plan(&[".env"]), Err(PlanError::SharedCollision { .. })));
-        assert!(matches!(plan(&["nodir/x"]), Err(PlanError::SharedParent { .. })));
+        assert!(matches!(
+            plan(&["storage"]),
+            Err(PlanError::SharedCollision { .. })
+        ));
+        assert!(matches!(
+            plan(&[".env"]),
+            Err(PlanError::SharedCollision { .. })
+        ));
+        assert!(matches!(
+            plan(&["nodir/x"]),
+            Err(PlanError::SharedParent { .. })
+        ));
         assert!(matches!(plan(&["a", "a"]), Err(PlanError::SharedNested(_))));
-        assert!(matches!(plan(&["x", "x/y"]), Err(PlanError::SharedNested(_))));
+        assert!(matches!(
+            plan(&["x", "x/y"]),
+            Err(PlanError::SharedNested(_))
+        ));
         assert!(plan(&["storage/logs"]).is_ok());
     }
 
     fn render_mirror(ops: &[MirrorOp]) -> Vec<String> {
         ops.iter()
             .map(|op| match op {
-                MirrorOp::Remove { path, dir } => format!("rm{} {path}", if *dir { " -r" } else { "" }),
+                MirrorOp::Remove { path, dir } => {
+                    format!("rm{} {path}", if *dir { " -r" } else { "" })
+                }
                 MirrorOp::CreateDir { path, .. } => format!("mkdir {path}"),
                 MirrorOp::SetDirMode { path, mode } => format!("chmod {path} {mode:o}"),
                 MirrorOp::Write { path, basis, .. } => {
-                    format!("write {path}{}", if basis.is_some() { " (delta)" } else { "" })
+                    format!(
+                        "write {path}{}",
+                        if basis.is_some() { " (delta)" } else { "" }
+                    )
                 }
                 MirrorOp::Symlink { path, target } => format!("symlink {path} -> {target}"),
             })
@@ -643,7 +710,12 @@ mod tests {
         let del = plan_mirror(&src, &dst, true);
         assert_eq!(
             render_mirror(&del.ops)[..4],
-            ["rm a/extra", "rm -r old-dir", "rm -r was-dir", "rm was-file"]
+            [
+                "rm a/extra",
+                "rm -r old-dir",
+                "rm -r was-dir",
+                "rm was-file"
+            ]
         );
         assert_eq!(del.summary.unchanged_files, 1);
         assert!(plan_mirror(&src, &src, true).ops.is_empty());

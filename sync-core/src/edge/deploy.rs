@@ -142,7 +142,13 @@ pub fn deploy(
 ) -> Result<DeployReport, EdgeError> {
     let started = Instant::now();
     let recovered = root.recover(lock)?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "recovered");
     let prep = prepare(root, target, opts)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        ops = prep.plan.ops.len(),
+        "planned"
+    );
     let need = prep.plan.summary.full_bytes + prep.plan.summary.delta_bytes;
     let free = root.free_bytes()?;
     if need > free {
@@ -190,6 +196,7 @@ pub fn deploy(
         root.append_journal(&journal(&format!("failed: {}", super::error_chain(&e))))?;
         return Err(e);
     }
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "built");
     stager.apply(finish)?;
     let exec = stager.stats();
     root.append_journal(&journal("ok"))?;

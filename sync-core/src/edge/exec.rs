@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use cap_fs_ext::DirExt as _;
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, Permissions};
 use rayon::prelude::*;
 
@@ -255,12 +256,35 @@ impl<'a> Stager<'a> {
                     .position(|o| !parallel(o))
                     .map_or(ops.len(), |n| i + n);
                 let this = &*self;
-                ops[i..end]
-                    .par_iter()
-                    .try_for_each(|op| this.apply_file_op(op))?;
+                let t = std::time::Instant::now();
+                // Ops of one directory share its handle (and their link sources' directories), so
+                // each file costs a couple of `*at` calls on a single name instead of a full path
+                // resolution per call.
+                let chunks: Vec<&[Op]> = ops[i..end]
+                    .chunk_by(|a, b| op_path(a).parent() == op_path(b).parent())
+                    .collect();
+                chunks.par_iter().try_for_each(|chunk| {
+                    let mut dirs = DirCache::new(this);
+                    chunk
+                        .iter()
+                        .try_for_each(|op| this.apply_file_op(op, &mut dirs))
+                })?;
+                tracing::debug!(
+                    ops = end - i,
+                    ms = t.elapsed().as_millis() as u64,
+                    "file operations"
+                );
                 i = end;
             } else {
+                let t = std::time::Instant::now();
                 self.apply_one(&ops[i])?;
+                if !matches!(ops[i], Op::CreateDir { .. } | Op::SetDirMode { .. }) {
+                    tracing::debug!(
+                        op = ops[i].name(),
+                        ms = t.elapsed().as_millis() as u64,
+                        "operation"
+                    );
+                }
                 i += 1;
             }
         }
@@ -318,11 +342,11 @@ impl<'a> Stager<'a> {
                 }
                 self.root.remove_release(release)
             }
-            file_op => self.apply_file_op(file_op),
+            file_op => self.apply_file_op(file_op, &mut DirCache::new(self)),
         }
     }
 
-    fn apply_file_op(&self, op: &Op) -> Result<(), EdgeError> {
+    fn apply_file_op(&self, op: &Op, dirs: &mut DirCache<'_>) -> Result<(), EdgeError> {
         match op {
             Op::Link {
                 path,
@@ -332,11 +356,18 @@ impl<'a> Stager<'a> {
                 mode,
                 ..
             } => {
-                if let Some(ino) = self.link_source_ok(from, from_path, *size, *mode) {
-                    let b = &self.bases[from];
-                    b.dir
-                        .hard_link(from_path.as_str(), &self.staging, path.as_str())
-                        .ctx("link", self.staged(path))?;
+                if let Some(ino) = self.link_source_ok(dirs, from, from_path, *size, *mode) {
+                    let (bdir, sdir) = dirs.link_pair(from, from_path.parent(), path.parent())?;
+                    let bdir = bdir.expect("checked by link_source_ok");
+                    rustix::fs::linkat(
+                        bdir,
+                        from_path.file_name(),
+                        sdir,
+                        path.file_name(),
+                        rustix::fs::AtFlags::empty(),
+                    )
+                    .map_err(io::Error::from)
+                    .ctx("link", self.staged(path))?;
                     self.linked
                         .lock()
                         .expect("lock poisoned")
@@ -346,12 +377,12 @@ impl<'a> Stager<'a> {
                 } else {
                     tracing::warn!(release = %from, path = %from_path, "link source changed since it was verified; writing {path} in full");
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                    self.write_file(path, *size, *mode, None)
+                    self.write_file_in(dirs, path, *size, *mode, None)
                 }
             }
             Op::WriteFull {
                 path, size, mode, ..
-            } => self.write_file(path, *size, *mode, None),
+            } => self.write_file_in(dirs, path, *size, *mode, None),
             Op::WriteDelta {
                 path,
                 basis,
@@ -359,11 +390,13 @@ impl<'a> Stager<'a> {
                 size,
                 mode,
                 ..
-            } => self.write_file(path, *size, *mode, Some((basis, basis_path))),
-            Op::Symlink { path, target } => self
-                .staging
-                .symlink_contents(target, path.as_str())
-                .ctx("create symlink", self.staged(path)),
+            } => self.write_file_in(dirs, path, *size, *mode, Some((basis, basis_path))),
+            Op::Symlink { path, target } => {
+                let sdir = dirs.staging(path.parent())?;
+                rustix::fs::symlinkat(target.as_str(), sdir, path.file_name())
+                    .map_err(io::Error::from)
+                    .ctx("create symlink", self.staged(path))
+            }
             other => unreachable!("{} is not a file operation", other.name()),
         }
     }
@@ -371,17 +404,26 @@ impl<'a> Stager<'a> {
     /// The basis file's inode if it is still exactly what its release recorded: a regular file (not
     /// followed through a symlink) on our device with the recorded inode, size and mtime, and the
     /// mode the new file needs.
-    fn link_source_ok(&self, from: &ReleaseId, p: &RelPath, size: u64, mode: u32) -> Option<u64> {
-        let b = self.bases.get(from)?;
-        let stamp = b.stamps.get(p)?;
-        let m = b.dir.symlink_metadata(p.as_str()).ok()?;
-        let ok = m.is_file()
-            && m.dev() == self.device
-            && m.ino() == stamp.ino
-            && m.len() == stamp.size
-            && m.len() == size
-            && mtime_ns(&m) == stamp.mtime_ns
-            && m.mode() & 0o7777 == mode;
+    fn link_source_ok(
+        &self,
+        dirs: &mut DirCache<'_>,
+        from: &ReleaseId,
+        p: &RelPath,
+        size: u64,
+        mode: u32,
+    ) -> Option<u64> {
+        let stamp = *self.bases.get(from)?.stamps.get(p)?;
+        let bdir = dirs.basis(from, p.parent()).ok()??;
+        let st =
+            rustix::fs::statat(bdir, p.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let ok = rustix::fs::FileType::from_raw_mode(st.st_mode)
+            == rustix::fs::FileType::RegularFile
+            && st.st_dev == self.device
+            && st.st_ino == stamp.ino
+            && st.st_size as u64 == stamp.size
+            && st.st_size as u64 == size
+            && stat_mtime_ns(&st) == stamp.mtime_ns
+            && st.st_mode & 0o7777 == mode;
         ok.then_some(stamp.ino)
     }
 
@@ -392,22 +434,39 @@ impl<'a> Stager<'a> {
         mode: u32,
         basis: Option<(&ReleaseId, &RelPath)>,
     ) -> Result<(), EdgeError> {
+        self.write_file_in(&mut DirCache::new(self), path, size, mode, basis)
+    }
+
+    fn write_file_in(
+        &self,
+        dirs: &mut DirCache<'_>,
+        path: &RelPath,
+        size: u64,
+        mode: u32,
+        basis: Option<(&ReleaseId, &RelPath)>,
+    ) -> Result<(), EdgeError> {
         let dest = self.staged(path);
         if self.opts.faults.fail_write.as_ref() == Some(path) {
             return Err(eio("write")).ctx("write", dest);
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = match path.parent() {
-            Some(dir) => format!("{dir}/.relsync-tmp-{n}"),
-            None => format!(".relsync-tmp-{n}"),
-        };
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        let mut out = self
-            .staging
-            .open_with(&tmp, &opts)
-            .ctx("create", &dest)?
-            .into_std();
+        let tmp = format!(".relsync-tmp-{n}");
+        let sdir = dirs.staging(path.parent())?;
+        // O_EXCL + O_NOFOLLOW: always a fresh inode of our own, never an existing file or a link.
+        let mut out = File::from(
+            rustix::fs::openat(
+                sdir,
+                tmp.as_str(),
+                rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::CREATE
+                    | rustix::fs::OFlags::EXCL
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o600),
+            )
+            .map_err(io::Error::from)
+            .ctx("create", &dest)?,
+        );
         let basis_file = basis.and_then(|(id, bp)| {
             let b = self.bases.get(id)?;
             let mut o = OpenOptions::new();
@@ -426,8 +485,9 @@ impl<'a> Stager<'a> {
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .ctx("chmod", &dest)?;
         drop(out);
-        self.staging
-            .rename(&tmp, &self.staging, path.as_str())
+        let sdir = dirs.staging(path.parent())?;
+        rustix::fs::renameat(sdir, tmp.as_str(), sdir, path.file_name())
+            .map_err(io::Error::from)
             .ctx("rename", &dest)?;
         self.written.fetch_add(size, Ordering::Relaxed);
         (self.progress)(size);
@@ -461,13 +521,25 @@ impl<'a> Stager<'a> {
         }
         let linked = std::mem::take(&mut *self.linked.lock().expect("lock poisoned"));
         let this = &*self;
-        let stamps: Vec<FileStamp> = this
+        let chunks: Vec<&[crate::manifest::Entry]> = this
             .target
             .entries()
+            .chunk_by(|a, b| a.path.parent() == b.path.parent())
+            .collect();
+        let stamps: Vec<FileStamp> = chunks
             .par_iter()
-            .map(|e| this.verify_entry(&e.path, &e.kind, linked.get(&e.path).copied()))
-            .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()?
+            .map(|chunk| {
+                let mut dirs = DirCache::new(this);
+                chunk
+                    .iter()
+                    .map(|e| {
+                        this.verify_entry(&mut dirs, &e.path, &e.kind, linked.get(&e.path).copied())
+                    })
+                    .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()
+            })
+            .collect::<Result<Vec<Vec<Option<FileStamp>>>, EdgeError>>()?
             .into_iter()
+            .flatten()
             .flatten()
             .collect();
         self.stamps = stamps;
@@ -476,6 +548,7 @@ impl<'a> Stager<'a> {
 
     fn verify_entry(
         &self,
+        dirs: &mut DirCache<'_>,
         path: &RelPath,
         kind: &EntryKind,
         linked_ino: Option<u64>,
@@ -484,23 +557,27 @@ impl<'a> Stager<'a> {
             path: path.clone(),
             reason,
         };
-        let m = self
-            .staging
-            .symlink_metadata(path.as_str())
-            .map_err(|e| fail(format!("missing from the staged release ({e})")))?;
+        let sdir = dirs.staging(path.parent())?;
+        let st = rustix::fs::statat(
+            sdir,
+            path.file_name(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| fail(format!("missing from the staged release ({e})")))?;
+        let ftype = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        let perm = st.st_mode & 0o7777;
         match kind {
             EntryKind::Dir { mode } => {
-                if !m.is_dir() || m.mode() & 0o7777 != *mode {
+                if ftype != rustix::fs::FileType::Directory || perm != *mode {
                     return Err(fail(format!("expected a directory with mode {mode:o}")));
                 }
                 Ok(None)
             }
             EntryKind::Symlink { target } => {
-                let t = self
-                    .staging
-                    .read_link_contents(path.as_str())
+                let t = rustix::fs::readlinkat(sdir, path.file_name(), Vec::new())
                     .map_err(|e| fail(format!("expected a symlink ({e})")))?;
-                if t.as_os_str() != target.as_str() {
+                let t = t.to_string_lossy();
+                if t != target.as_str() {
                     return Err(fail(format!(
                         "symlink points to {t:?}, expected {target:?}"
                     )));
@@ -508,22 +585,42 @@ impl<'a> Stager<'a> {
                 Ok(None)
             }
             &EntryKind::File { size, mode, hash } => {
-                if !m.is_file() || m.len() != size || m.mode() & 0o7777 != mode {
+                if ftype != rustix::fs::FileType::RegularFile
+                    || st.st_size as u64 != size
+                    || perm != mode
+                {
                     return Err(fail(format!(
                         "expected a regular file of {size} bytes with mode {mode:o}"
                     )));
                 }
+                let here = FileStamp {
+                    ino: st.st_ino,
+                    size: st.st_size as u64,
+                    mtime_ns: stat_mtime_ns(&st),
+                };
                 if let Some(ino) = linked_ino {
-                    if m.ino() != ino {
+                    if st.st_ino != ino {
                         return Err(fail("linked file changed identity while staging".into()));
                     }
                     if !self.opts.verify_links {
-                        return Ok(Some(stamp(&m)));
+                        return Ok(Some(here));
                     }
                 }
-                let actual = self.hash_staged(path)?;
+                let f = File::from(
+                    rustix::fs::openat(
+                        sdir,
+                        path.file_name(),
+                        rustix::fs::OFlags::RDONLY
+                            | rustix::fs::OFlags::NOFOLLOW
+                            | rustix::fs::OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )
+                    .map_err(io::Error::from)
+                    .ctx("open", self.staged(path))?,
+                );
+                let actual = hash_file(f).ctx("read", self.staged(path))?;
                 if actual == hash {
-                    return Ok(Some(stamp(&m)));
+                    return Ok(Some(here));
                 }
                 if linked_ino.is_none() {
                     return Err(fail(format!(
@@ -606,6 +703,93 @@ impl<'a> Stager<'a> {
     }
 }
 
+fn stat_mtime_ns(st: &rustix::fs::Stat) -> i128 {
+    st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128
+}
+
+/// The path a file operation creates.
+fn op_path(op: &Op) -> &RelPath {
+    match op {
+        Op::Link { path, .. }
+        | Op::WriteFull { path, .. }
+        | Op::WriteDelta { path, .. }
+        | Op::Symlink { path, .. }
+        | Op::CreateDir { path }
+        | Op::SetDirMode { path, .. } => path,
+        other => unreachable!("{} has no path", other.name()),
+    }
+}
+
+/// Directory handles opened (beneath the staging tree or a basis release, via cap-std) for one run
+/// of operations; `*at` calls on single names are then made relative to them.
+struct DirCache<'s> {
+    stager: &'s Stager<'s>,
+    staging: HashMap<Option<RelPath>, Dir>,
+    basis: HashMap<(ReleaseId, Option<RelPath>), Option<Dir>>,
+}
+
+impl<'s> DirCache<'s> {
+    fn new(stager: &'s Stager<'s>) -> DirCache<'s> {
+        DirCache {
+            stager,
+            staging: HashMap::new(),
+            basis: HashMap::new(),
+        }
+    }
+
+    fn staging(&mut self, parent: Option<RelPath>) -> Result<&Dir, EdgeError> {
+        if !self.staging.contains_key(&parent) {
+            let d = match &parent {
+                Some(p) => self
+                    .stager
+                    .staging
+                    .open_dir_nofollow(p.as_str())
+                    .ctx("open", self.stager.staged(p))?,
+                None => self
+                    .stager
+                    .staging
+                    .try_clone()
+                    .ctx("open", &self.stager.staging_path)?,
+            };
+            self.staging.insert(parent.clone(), d);
+        }
+        Ok(&self.staging[&parent])
+    }
+
+    /// The basis and staging directories for one hard link.
+    fn link_pair(
+        &mut self,
+        id: &ReleaseId,
+        from_parent: Option<RelPath>,
+        parent: Option<RelPath>,
+    ) -> Result<(Option<&Dir>, &Dir), EdgeError> {
+        self.basis(id, from_parent.clone())?;
+        self.staging(parent.clone())?;
+        Ok((
+            self.basis[&(id.clone(), from_parent)].as_ref(),
+            &self.staging[&parent],
+        ))
+    }
+
+    /// `None` when the basis release or directory is gone or is not a real directory.
+    fn basis(
+        &mut self,
+        id: &ReleaseId,
+        parent: Option<RelPath>,
+    ) -> Result<Option<&Dir>, EdgeError> {
+        let key = (id.clone(), parent);
+        if !self.basis.contains_key(&key) {
+            let d = self.stager.bases.get(id).and_then(|b| match &key.1 {
+                Some(p) => b.dir.open_dir_nofollow(p.as_str()).ok(),
+                None => b.dir.try_clone().ok(),
+            });
+            self.basis.insert(key.clone(), d);
+        }
+        Ok(self.basis[&key].as_ref())
+    }
+}
+
+#[allow(dead_code)]
 fn stamp(m: &cap_std::fs::Metadata) -> FileStamp {
     FileStamp {
         ino: m.ino(),
@@ -614,16 +798,25 @@ fn stamp(m: &cap_std::fs::Metadata) -> FileStamp {
     }
 }
 
-/// blake3 of an open file with a fixed-size buffer, so memory does not grow with the file.
+/// blake3 of an open file, reading through one reused buffer per thread so memory does not grow
+/// with the file and small files cost no allocation.
 pub fn hash_file(mut f: File) -> io::Result<Hash> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(h.finalize().into())
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.is_empty() {
+            buf.resize(256 * 1024, 0);
+        }
+        let mut h = blake3::Hasher::new();
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(h.finalize().into())
+    })
 }

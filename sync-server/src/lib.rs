@@ -1,0 +1,4 @@
+//! relsyncd's library: the daemon's building blocks, kept apart from the thin binary.
+
+pub mod net;
+pub mod tls;
