@@ -273,6 +273,7 @@ fn run(cmd: Command) -> Result<()> {
                 activate: !no_activate,
                 shared: rel_paths(&shared, "--shared")?,
                 now_unix: now_unix(),
+                use_objects: false,
                 exec: ExecOptions::default(),
             };
             let app = if dry_run {
@@ -306,9 +307,8 @@ fn run(cmd: Command) -> Result<()> {
                             &[],
                             &opts.shared,
                             &sync_core::plan::PlanOptions {
-                                deltas: false,
                                 activate: opts.activate,
-                                prune: vec![],
+                                ..Default::default()
                             },
                         )?;
                         deploy::Prepared {

@@ -7,6 +7,7 @@
 pub mod deploy;
 pub mod exec;
 pub mod mirror;
+pub mod object;
 pub mod root;
 pub mod scan;
 

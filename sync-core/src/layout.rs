@@ -6,7 +6,8 @@
 //! ROOT/releases/<id>.trash/    a release being pruned (removed by recovery)
 //! ROOT/current -> releases/<id>
 //! ROOT/shared/                 files and directories linked into every release
-//! ROOT/.relsync/               lock, journal.jsonl, config.toml, releases/<id>.rec
+//! ROOT/.relsync/               lock, journal.jsonl, config.toml, releases/<id>.rec,
+//!                              objects/<blake3>.<mode> (verified content received by a push)
 //! ```
 
 use crate::path::RelPath;
@@ -22,6 +23,21 @@ pub const JOURNAL: &str = "journal.jsonl";
 pub const CONFIG: &str = "config.toml";
 pub const RECORDS: &str = "releases";
 pub const RECORD_SUFFIX: &str = ".rec";
+pub const OBJECTS: &str = "objects";
+
+/// File name of the received object holding `hash` with permission bits `mode`.
+pub fn object_name(hash: &crate::manifest::Hash, mode: u32) -> String {
+    format!("{}.{mode:o}", hash.to_hex())
+}
+
+/// The (content, mode) an object file name stands for.
+pub fn parse_object_name(name: &str) -> Option<(crate::manifest::Hash, u32)> {
+    let (hex, mode) = name.split_once('.')?;
+    let mode = u32::from_str_radix(mode, 8)
+        .ok()
+        .filter(|m| m & !0o777 == 0)?;
+    Some((crate::manifest::Hash::from_hex(hex)?, mode))
+}
 
 /// What `current` points to for release `id`.
 pub fn current_target(id: &ReleaseId) -> String {
@@ -62,6 +78,21 @@ mod tests {
                 Resolved::Shared(want),
                 "{p} -> {t}"
             );
+        }
+    }
+
+    #[test]
+    fn object_names_round_trip() {
+        let h = crate::manifest::Hash::of(b"x");
+        assert_eq!(parse_object_name(&object_name(&h, 0o755)), Some((h, 0o755)));
+        for bad in [
+            "",
+            "abc",
+            "x.644",
+            &format!("{}.4755", h.to_hex()),
+            &format!("{}.9", h.to_hex()),
+        ] {
+            assert_eq!(parse_object_name(bad), None, "{bad}");
         }
     }
 

@@ -11,8 +11,10 @@ pub mod layout;
 pub mod manifest;
 pub mod path;
 pub mod plan;
+pub mod proto;
 pub mod release;
 pub mod retention;
+pub mod wire;
 
 pub use manifest::{Entry, EntryKind, Hash, Manifest};
 pub use path::RelPath;

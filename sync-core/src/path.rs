@@ -140,10 +140,7 @@ impl Ord for RelPath {
     /// always precedes its contents.
     fn cmp(&self, other: &Self) -> Ordering {
         let map = |b: u8| if b == b'/' { 0 } else { b };
-        self.0
-            .bytes()
-            .map(map)
-            .cmp(other.0.bytes().map(map))
+        self.0.bytes().map(map).cmp(other.0.bytes().map(map))
     }
 }
 

@@ -40,6 +40,13 @@ pub enum Op {
         mode: u32,
         hash: Hash,
     },
+    /// Hard-link a verified object that a push delivered (`ROOT/.relsync/objects/`).
+    LinkObject {
+        path: RelPath,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+    },
     /// Write a file reconstructed from a delta against a file of an earlier release.
     WriteDelta {
         path: RelPath,
@@ -86,6 +93,7 @@ impl Op {
         match self {
             Op::CreateDir { .. } => "mkdir",
             Op::Link { .. } => "link",
+            Op::LinkObject { .. } => "object",
             Op::WriteDelta { .. } => "delta",
             Op::WriteFull { .. } => "full",
             Op::Symlink { .. } => "symlink",
@@ -111,6 +119,9 @@ pub struct Summary {
     pub moved_files: u64,
     pub delta_files: u64,
     pub delta_bytes: u64,
+    /// Linked from objects a push delivered.
+    pub object_files: u64,
+    pub object_bytes: u64,
     pub full_files: u64,
     pub full_bytes: u64,
     pub dirs: u64,
@@ -135,6 +146,8 @@ pub struct PlanOptions {
     pub activate: bool,
     /// Old releases to remove after activation (from `retention`).
     pub prune: Vec<ReleaseId>,
+    /// (content, mode) pairs available as received objects; used when no kept release has them.
+    pub objects: HashSet<(Hash, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +217,17 @@ pub fn plan_release(
                         path,
                         from: (*from).clone(),
                         from_path: (*from_path).clone(),
+                        size,
+                        mode,
+                        hash,
+                    });
+                    continue;
+                }
+                if opts.objects.contains(&(hash, mode)) {
+                    s.object_files += 1;
+                    s.object_bytes += size;
+                    ops.push(Op::LinkObject {
+                        path,
                         size,
                         mode,
                         hash,
@@ -510,6 +534,7 @@ mod tests {
                     ..
                 } => format!("delta {path} ~ {basis}:{basis_path}"),
                 Op::WriteFull { path, .. } => format!("full {path}"),
+                Op::LinkObject { path, .. } => format!("object {path}"),
                 Op::Symlink { path, target } => format!("symlink {path} -> {target}"),
                 Op::SetDirMode { path, mode } => format!("chmod {path} {mode:o}"),
                 Op::Prune { release } => format!("prune {release}"),
@@ -589,6 +614,7 @@ mod tests {
             deltas: true,
             activate: true,
             prune: vec![r0.clone()],
+            ..PlanOptions::default()
         };
         let plan = plan_release(&id("r2"), &target, &bases, &shared, &opts).unwrap();
         assert_eq!(
@@ -620,6 +646,39 @@ mod tests {
         let plan = plan_release(&id("r2"), &target, &bases, &[], &no_delta).unwrap();
         assert!(render(&plan.ops).contains(&"full app/edit.php".to_string()));
         assert!(!render(&plan.ops).contains(&"activate".to_string()));
+    }
+
+    #[test]
+    fn received_objects_are_linked_when_no_release_has_the_content() {
+        let prev = m(vec![f("same", "same", 0o644)]);
+        let target = m(vec![
+            f("same", "same", 0o644),
+            f("pushed", "pushed", 0o644),
+            f("pushed-exec", "pushed", 0o755),
+            f("missing", "missing", 0o644),
+        ]);
+        let r1 = id("r1");
+        let bases = [Basis {
+            id: &r1,
+            manifest: &prev,
+        }];
+        let opts = PlanOptions {
+            objects: [(h("pushed"), 0o644), (h("same"), 0o644)]
+                .into_iter()
+                .collect(),
+            ..PlanOptions::default()
+        };
+        let plan = plan_release(&id("r2"), &target, &bases, &[], &opts).unwrap();
+        let ops = render(&plan.ops);
+        assert!(ops.contains(&"object pushed".to_string()), "{ops:?}");
+        // A release beats an object; a different mode is different content for linking.
+        assert!(ops.contains(&"link same <- r1:same".to_string()), "{ops:?}");
+        assert!(ops.contains(&"full pushed-exec".to_string()), "{ops:?}");
+        assert!(ops.contains(&"full missing".to_string()), "{ops:?}");
+        assert_eq!(
+            (plan.summary.object_files, plan.summary.object_bytes),
+            (1, 6)
+        );
     }
 
     #[test]

@@ -204,7 +204,10 @@ impl ReleaseRecord {
         let (w, rest): (RecordWire, _) =
             postcard::take_from_bytes(bytes).map_err(|e| RecordError::Decode(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(RecordError::Decode(format!("{} trailing bytes", rest.len())));
+            return Err(RecordError::Decode(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
         }
         if w.magic != REC_MAGIC || w.version != REC_VERSION {
             return Err(RecordError::BadHeader(w.version));
@@ -243,9 +246,19 @@ mod tests {
             assert!(ReleaseId::new(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", ".hidden", "a/b", "..", "a b", "é", "a\n", &"x".repeat(65),
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            "a\n",
+            &"x".repeat(65),
         ] {
-            assert!(matches!(ReleaseId::new(bad), Err(ReleaseIdError::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(ReleaseId::new(bad), Err(ReleaseIdError::Invalid(_))),
+                "{bad:?}"
+            );
         }
         for bad in ["x.staging", "x.trash"] {
             assert!(matches!(

@@ -16,7 +16,10 @@ pub struct ReleaseState {
 }
 
 /// The release `rollback` goes to: the newest good release created before `current`.
-pub fn rollback_target(releases: &[ReleaseState], current: Option<&ReleaseId>) -> Option<ReleaseId> {
+pub fn rollback_target(
+    releases: &[ReleaseState],
+    current: Option<&ReleaseId>,
+) -> Option<ReleaseId> {
     let cur = releases.iter().find(|r| Some(&r.id) == current)?;
     releases
         .iter()
@@ -124,7 +127,12 @@ mod tests {
         for c in cases {
             let cur = c.current.map(|s| ReleaseId::new(s).unwrap());
             let rb = rollback_target(&c.releases, cur.as_ref());
-            assert_eq!(rb.as_ref().map(ReleaseId::as_str), c.want_rollback, "{}", c.name);
+            assert_eq!(
+                rb.as_ref().map(ReleaseId::as_str),
+                c.want_rollback,
+                "{}",
+                c.name
+            );
             let pruned = prune_candidates(&c.releases, cur.as_ref(), c.keep);
             assert_eq!(ids(&pruned), c.want_pruned, "{}", c.name);
             if let Some(cur) = &cur {

@@ -21,6 +21,8 @@ mod link;
 mod lock;
 #[path = "release/mirror.rs"]
 mod mirror;
+#[path = "release/object.rs"]
+mod object;
 #[path = "release/privilege.rs"]
 mod privilege;
 #[path = "release/prune.rs"]

@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::exec::{ContentSource, ExecOptions, ExecStats, Stager};
+use super::object::ObjectStore;
 use super::root::{operator, AppRoot, JournalEntry, LockGuard, Recovery};
 use super::EdgeError;
 use crate::manifest::Manifest;
@@ -26,6 +27,8 @@ pub struct DeployOptions {
     pub shared: Vec<RelPath>,
     /// The time of the deploy (for the default id and the record); the edge caller reads the clock.
     pub now_unix: i64,
+    /// Link content from the object store (what a push delivered) when no kept release has it.
+    pub use_objects: bool,
     pub exec: ExecOptions,
 }
 
@@ -112,6 +115,17 @@ pub fn prepare(
             manifest: &r.manifest,
         })
         .collect();
+    let objects = if opts.use_objects {
+        let wanted: std::collections::HashSet<_> =
+            target.files().map(|(_, _, mode, h)| (*h, mode)).collect();
+        ObjectStore::open(root)?
+            .list()?
+            .intersection(&wanted)
+            .copied()
+            .collect()
+    } else {
+        Default::default()
+    };
     let plan = plan_release(
         &id,
         target,
@@ -121,6 +135,7 @@ pub fn prepare(
             deltas: false,
             activate: opts.activate,
             prune,
+            objects,
         },
     )?;
     Ok(Prepared {
@@ -197,6 +212,15 @@ pub fn deploy(
         return Err(e);
     }
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "built");
+    // The complete release now holds the received objects; the store need not keep them.
+    if opts.use_objects {
+        let store = ObjectStore::open(root)?;
+        for op in build {
+            if let Op::LinkObject { hash, mode, .. } = op {
+                store.remove(hash, *mode)?;
+            }
+        }
+    }
     stager.apply(finish)?;
     let exec = stager.stats();
     root.append_journal(&journal("ok"))?;

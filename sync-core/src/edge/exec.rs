@@ -245,6 +245,7 @@ impl<'a> Stager<'a> {
                 matches!(
                     op,
                     Op::Link { .. }
+                        | Op::LinkObject { .. }
                         | Op::WriteFull { .. }
                         | Op::WriteDelta { .. }
                         | Op::Symlink { .. }
@@ -379,6 +380,25 @@ impl<'a> Stager<'a> {
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     self.write_file_in(dirs, path, *size, *mode, None)
                 }
+            }
+            Op::LinkObject {
+                path,
+                size,
+                mode,
+                hash,
+            } => {
+                let (odir, sdir) = dirs.object_pair(path.parent())?;
+                rustix::fs::linkat(
+                    odir,
+                    crate::layout::object_name(hash, *mode).as_str(),
+                    sdir,
+                    path.file_name(),
+                    rustix::fs::AtFlags::empty(),
+                )
+                .map_err(io::Error::from)
+                .ctx("link received object to", self.staged(path))?;
+                (self.progress)(*size);
+                Ok(())
             }
             Op::WriteFull {
                 path, size, mode, ..
@@ -711,6 +731,7 @@ fn stat_mtime_ns(st: &rustix::fs::Stat) -> i128 {
 fn op_path(op: &Op) -> &RelPath {
     match op {
         Op::Link { path, .. }
+        | Op::LinkObject { path, .. }
         | Op::WriteFull { path, .. }
         | Op::WriteDelta { path, .. }
         | Op::Symlink { path, .. }
@@ -724,6 +745,7 @@ fn op_path(op: &Op) -> &RelPath {
 /// of operations; `*at` calls on single names are then made relative to them.
 struct DirCache<'s> {
     stager: &'s Stager<'s>,
+    objects: Option<Dir>,
     staging: HashMap<Option<RelPath>, Dir>,
     basis: HashMap<(ReleaseId, Option<RelPath>), Option<Dir>>,
 }
@@ -732,6 +754,7 @@ impl<'s> DirCache<'s> {
     fn new(stager: &'s Stager<'s>) -> DirCache<'s> {
         DirCache {
             stager,
+            objects: None,
             staging: HashMap::new(),
             basis: HashMap::new(),
         }
@@ -754,6 +777,25 @@ impl<'s> DirCache<'s> {
             self.staging.insert(parent.clone(), d);
         }
         Ok(&self.staging[&parent])
+    }
+
+    /// The object store and staging directories for linking a received object.
+    fn object_pair(&mut self, parent: Option<RelPath>) -> Result<(&Dir, &Dir), EdgeError> {
+        if self.objects.is_none() {
+            let rel = format!("{}/{}", crate::layout::META, crate::layout::OBJECTS);
+            let d = self
+                .stager
+                .root
+                .dir()
+                .open_dir(&rel)
+                .ctx("open", self.stager.root.path().join(&rel))?;
+            self.objects = Some(d);
+        }
+        self.staging(parent.clone())?;
+        Ok((
+            self.objects.as_ref().expect("opened above"),
+            &self.staging[&parent],
+        ))
     }
 
     /// The basis and staging directories for one hard link.

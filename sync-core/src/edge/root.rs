@@ -111,6 +111,7 @@ pub struct Recovery {
     pub trash_removed: Vec<String>,
     pub orphan_records_removed: Vec<String>,
     pub current_tmp_removed: bool,
+    pub objects_removed: usize,
 }
 
 impl Recovery {
@@ -281,6 +282,12 @@ impl AppRoot {
                     .ctx("remove", rec_path.join(&name))?;
                 r.orphan_records_removed.push(id.to_owned());
             }
+        }
+        // Temporaries of interrupted receives, and objects of pushes never re-run within a day.
+        let objects = format!("{}/{}", layout::META, layout::OBJECTS);
+        if self.dir.is_dir(&objects) {
+            r.objects_removed = super::object::ObjectStore::open(self)?
+                .clean(std::time::Duration::from_secs(24 * 3600))?;
         }
         if !r.is_empty() {
             sync_dir(&self.dir, &self.path)?;

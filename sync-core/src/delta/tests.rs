@@ -1,0 +1,815 @@
+//! Tests of the public interface: engine choice, round trips, and hostile payloads.
+
+use std::io::{self, Write};
+
+use super::*;
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// PHP-looking text: compressible, like the files relsync ships.
+fn php(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "public",
+        "function",
+        "return",
+        "$this->",
+        "array(",
+        "null",
+        "static",
+        "class",
+        "new",
+        "if (",
+        "foreach (",
+        "as $key => $value",
+        "throw",
+        "Exception",
+        "namespace",
+        "use",
+        "App\\Http\\",
+        "Controller",
+        "Request",
+        "Response",
+        "$request",
+        "->get(",
+        "'id'",
+        ");",
+        "{",
+        "}",
+        "=>",
+        "isset(",
+        "count(",
+        "strlen(",
+        "private",
+        "protected",
+        "$container",
+    ];
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    let mut out = Vec::with_capacity(len + 64);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+        out.push(if x.is_multiple_of(7) { b'\n' } else { b' ' });
+    }
+    out.truncate(len);
+    out
+}
+
+/// `data` with a few small edits: an insertion near the start, overwrites, a deletion.
+fn edited(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    out.splice(10..10, b"// changed in release B\n".iter().copied());
+    let step = out.len() / 8;
+    for i in 1..8 {
+        let at = i * step;
+        out[at..at + 5].copy_from_slice(b"EDIT!");
+    }
+    let mid = out.len() / 2;
+    out.drain(mid..mid + 300);
+    out
+}
+
+fn full_len(target: &[u8]) -> u64 {
+    encode_full(target, &mut io::sink()).unwrap().payload_len
+}
+
+fn round_trip(format: DeltaFormat, basis: Option<&[u8]>, payload: &[u8], target: &[u8]) {
+    let mut out = Vec::new();
+    apply(
+        format,
+        basis,
+        payload,
+        target.len() as u64,
+        &blake3::hash(target),
+        &mut out,
+    )
+    .unwrap_or_else(|e| panic!("{format}: {e}"));
+    assert!(out == target, "{format}: output differs");
+}
+
+#[test]
+fn format_codes_round_trip() {
+    for format in DeltaFormat::ALL {
+        assert_eq!(DeltaFormat::from_code(format.code()), Some(format));
+    }
+    let codes: Vec<u8> = DeltaFormat::ALL.iter().map(|f| f.code()).collect();
+    assert_eq!(codes, [0, 1, 2]);
+    for code in 3..=u8::MAX {
+        assert_eq!(DeltaFormat::from_code(code), None);
+    }
+    assert!(!DeltaFormat::Full.needs_basis());
+    assert!(DeltaFormat::ZstdRef.needs_basis() && DeltaFormat::Rsync.needs_basis());
+}
+
+#[test]
+fn forced_engines_round_trip() {
+    let basis = php(200_000, 1);
+    let target = edited(&basis);
+    let sig = BasisSignature::calculate(&basis);
+    let full = full_len(&target);
+
+    let mut payload = Vec::new();
+    let enc = encode_full(&target, &mut payload).unwrap();
+    assert_eq!(
+        (enc.format, enc.payload_len),
+        (DeltaFormat::Full, payload.len() as u64)
+    );
+    round_trip(DeltaFormat::Full, None, &payload, &target);
+
+    let mut payload = Vec::new();
+    let enc = encode_with_basis(&basis, &target, &mut payload).unwrap();
+    assert_eq!(
+        (enc.format, enc.payload_len),
+        (DeltaFormat::ZstdRef, payload.len() as u64)
+    );
+    assert!(
+        enc.payload_len * 10 < full,
+        "zstd-ref {} vs full {full}",
+        enc.payload_len
+    );
+    round_trip(DeltaFormat::ZstdRef, Some(&basis), &payload, &target);
+
+    let mut payload = Vec::new();
+    let enc = encode_with_signature(&sig, &target, &mut payload).unwrap();
+    assert_eq!(
+        (enc.format, enc.payload_len),
+        (DeltaFormat::Rsync, payload.len() as u64)
+    );
+    assert!(
+        enc.payload_len * 3 < full,
+        "rsync {} vs full {full}",
+        enc.payload_len
+    );
+    round_trip(DeltaFormat::Rsync, Some(&basis), &payload, &target);
+}
+
+#[test]
+fn encode_picks_the_engine() {
+    let basis = php(300_000, 2);
+    let sig = BasisSignature::calculate(&basis);
+    let related = edited(&basis);
+    let unrelated = noise(300_000, 3);
+    let cases: Vec<(&str, Basis<'_>, &[u8], DeltaFormat)> = vec![
+        ("new file", Basis::None, &related, DeltaFormat::Full),
+        (
+            "empty basis",
+            Basis::Bytes(&[]),
+            &related,
+            DeltaFormat::Full,
+        ),
+        ("empty target", Basis::Bytes(&basis), &[], DeltaFormat::Full),
+        (
+            "small edits, basis known",
+            Basis::Bytes(&basis),
+            &related,
+            DeltaFormat::ZstdRef,
+        ),
+        (
+            "unchanged, basis known",
+            Basis::Bytes(&basis),
+            &basis,
+            DeltaFormat::ZstdRef,
+        ),
+        (
+            "rewritten, basis known",
+            Basis::Bytes(&basis),
+            &unrelated,
+            DeltaFormat::Full,
+        ),
+        (
+            "small edits, signature",
+            Basis::Signature(&sig),
+            &related,
+            DeltaFormat::Rsync,
+        ),
+        (
+            "rewritten, signature",
+            Basis::Signature(&sig),
+            &unrelated,
+            DeltaFormat::Full,
+        ),
+        (
+            "shorter than a block",
+            Basis::Signature(&sig),
+            &related[..1000],
+            DeltaFormat::Full,
+        ),
+    ];
+    for (name, source, target, want) in cases {
+        let mut payload = Vec::new();
+        let enc = encode(source, target, &mut payload).unwrap();
+        assert_eq!(enc.format, want, "{name}");
+        assert_eq!(enc.payload_len, payload.len() as u64, "{name}");
+        assert!(
+            enc.payload_len <= full_len(target),
+            "{name}: larger than plain zstd"
+        );
+        round_trip(enc.format, Some(&basis), &payload, target);
+    }
+}
+
+#[test]
+fn delta_that_does_not_pay_falls_back_to_full() {
+    // Every 2 KiB block of the target differs from the basis by one byte: the probe sees no
+    // confirmed block, and even a forced rsync delta would be all literals.
+    let basis = php(100_000, 4);
+    let mut target = basis.clone();
+    for at in (1000..target.len()).step_by(1024) {
+        target[at] = b'#';
+    }
+    let sig = BasisSignature::calculate(&basis);
+    let mut payload = Vec::new();
+    let enc = encode(Basis::Signature(&sig), &target, &mut payload).unwrap();
+    assert_eq!(enc.format, DeltaFormat::Full);
+    let forced = encode_with_signature(&sig, &target, &mut io::sink()).unwrap();
+    assert!(forced.payload_len >= enc.payload_len);
+}
+
+#[test]
+fn large_target_streams_zstd_ref_beyond_the_default_window() {
+    // Above EXACT_CHOICE_LIMIT the delta streams straight out, and basis plus target exceed the
+    // 2 MiB window zstd picks for level 3, so this covers the window sizing on both sides.
+    let basis = php(EXACT_CHOICE_LIMIT + 300_000, 5);
+    let target = edited(&basis);
+    let mut payload = Vec::new();
+    let enc = encode(Basis::Bytes(&basis), &target, &mut payload).unwrap();
+    assert_eq!(enc.format, DeltaFormat::ZstdRef);
+    assert!(
+        enc.payload_len * 20 < full_len(&target),
+        "payload {}",
+        enc.payload_len
+    );
+    round_trip(DeltaFormat::ZstdRef, Some(&basis), &payload, &target);
+}
+
+/// Which error a refusal test expects.
+type Check = fn(&DeltaError) -> bool;
+
+/// Name, format, basis, payload, declared hash, expected error.
+type RefusalRow<'a> = (
+    &'a str,
+    DeltaFormat,
+    Option<&'a [u8]>,
+    &'a [u8],
+    &'a blake3::Hash,
+    Check,
+);
+
+/// Name, payload, content, declared size, expected error.
+type FrameRow<'a> = (&'a str, Vec<u8>, &'a [u8], u64, Check);
+
+#[test]
+fn full_payload_larger_than_the_plain_window_round_trips() {
+    // 3 MiB of content through a 2 MiB window: the decoder's window limit must match the encoder's.
+    let target = php(3 << 20, 12);
+    let mut payload = Vec::new();
+    encode_full(&target, &mut payload).unwrap();
+    round_trip(DeltaFormat::Full, None, &payload, &target);
+    let mut delta = Vec::new();
+    let sig = BasisSignature::calculate(&[]);
+    encode_with_signature(&sig, &target, &mut delta).unwrap();
+    round_trip(DeltaFormat::Rsync, Some(&[]), &delta, &target);
+}
+
+#[test]
+fn wrong_basis_or_hash_is_refused() {
+    let basis = php(50_000, 6);
+    let target = edited(&basis);
+    let hash = blake3::hash(&target);
+    let other_basis = php(50_000, 7);
+    let sig = BasisSignature::calculate(&basis);
+    let mut zref = Vec::new();
+    encode_with_basis(&basis, &target, &mut zref).unwrap();
+    let mut rsync = Vec::new();
+    encode_with_signature(&sig, &target, &mut rsync).unwrap();
+    let mut full = Vec::new();
+    encode_full(&target, &mut full).unwrap();
+    let wrong_hash = blake3::hash(b"something else");
+    let size = target.len() as u64;
+
+    let cases: Vec<RefusalRow<'_>> = vec![
+        (
+            "full, wrong hash",
+            DeltaFormat::Full,
+            None,
+            &full,
+            &wrong_hash,
+            |e| matches!(e, DeltaError::HashMismatch { .. }),
+        ),
+        (
+            "zstd-ref, wrong hash",
+            DeltaFormat::ZstdRef,
+            Some(&basis),
+            &zref,
+            &wrong_hash,
+            |e| matches!(e, DeltaError::HashMismatch { .. }),
+        ),
+        (
+            "rsync, wrong hash",
+            DeltaFormat::Rsync,
+            Some(&basis),
+            &rsync,
+            &wrong_hash,
+            |e| matches!(e, DeltaError::HashMismatch { .. }),
+        ),
+        (
+            "zstd-ref, other basis",
+            DeltaFormat::ZstdRef,
+            Some(&other_basis),
+            &zref,
+            &hash,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::HashMismatch { .. } | DeltaError::Corrupt { .. }
+                )
+            },
+        ),
+        (
+            "rsync, other basis",
+            DeltaFormat::Rsync,
+            Some(&other_basis),
+            &rsync,
+            &hash,
+            |e| matches!(e, DeltaError::HashMismatch { .. }),
+        ),
+        (
+            "rsync, short basis",
+            DeltaFormat::Rsync,
+            Some(&basis[..1000]),
+            &rsync,
+            &hash,
+            |e| matches!(e, DeltaError::RsyncDelta(_)),
+        ),
+        (
+            "zstd-ref, no basis",
+            DeltaFormat::ZstdRef,
+            None,
+            &zref,
+            &hash,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::MissingBasis {
+                        format: DeltaFormat::ZstdRef
+                    }
+                )
+            },
+        ),
+        (
+            "rsync, no basis",
+            DeltaFormat::Rsync,
+            None,
+            &rsync,
+            &hash,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::MissingBasis {
+                        format: DeltaFormat::Rsync
+                    }
+                )
+            },
+        ),
+        (
+            "full payload as rsync",
+            DeltaFormat::Rsync,
+            Some(&basis),
+            &full,
+            &hash,
+            |e| matches!(e, DeltaError::RsyncDelta(_)),
+        ),
+        (
+            "rsync payload as full",
+            DeltaFormat::Full,
+            None,
+            &rsync,
+            &hash,
+            |e| matches!(e, DeltaError::DeclaredSize { .. }),
+        ),
+    ];
+    for (name, format, basis, payload, hash, check) in cases {
+        let mut out = Vec::new();
+        let err = apply(format, basis, payload, size, hash, &mut out)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        assert!(check(&err), "{name}: wrong error {err:?}");
+        assert!(err.wants_full_resend(), "{name}");
+        assert!(
+            out.len() as u64 <= size,
+            "{name}: wrote {} bytes",
+            out.len()
+        );
+    }
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let basis = php(20_000, 8);
+    let target = edited(&basis);
+    let hash = blake3::hash(&target);
+    let sig = BasisSignature::calculate(&basis);
+    let mut payloads = Vec::new();
+    for format in DeltaFormat::ALL {
+        let mut payload = Vec::new();
+        match format {
+            DeltaFormat::Full => encode_full(&target, &mut payload),
+            DeltaFormat::ZstdRef => encode_with_basis(&basis, &target, &mut payload),
+            DeltaFormat::Rsync => encode_with_signature(&sig, &target, &mut payload),
+        }
+        .unwrap();
+        payloads.push((format, payload));
+    }
+    for (format, payload) in &payloads {
+        round_trip(*format, Some(&basis), payload, &target);
+        for cut in 0..payload.len() {
+            let mut out = Vec::new();
+            let got = apply(
+                *format,
+                Some(&basis),
+                &payload[..cut],
+                target.len() as u64,
+                &hash,
+                &mut out,
+            );
+            assert!(got.is_err(), "{format} cut at {cut} accepted");
+            assert!(out.len() <= target.len());
+        }
+    }
+}
+
+/// Raw rsync delta commands in fast_rsync's wire format (see its patch.rs).
+mod op {
+    pub const MAGIC: [u8; 4] = 0x7273_0236u32.to_be_bytes();
+    pub const END: u8 = 0;
+
+    pub fn literal(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x43];
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// Copy with one-byte offset and length (RS_OP_COPY_N1_N1).
+    pub fn copy1(offset: u8, len: u8) -> Vec<u8> {
+        vec![0x45, offset, len]
+    }
+
+    /// Copy with eight-byte offset and length (RS_OP_COPY_N8_N8).
+    pub fn copy8(offset: u64, len: u64) -> Vec<u8> {
+        let mut out = vec![0x54];
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out
+    }
+
+    pub fn delta(parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+}
+
+fn zstd_frame(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::compress(raw, None, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn hostile_rsync_deltas_are_refused_before_writing_past_the_declared_size() {
+    use op::*;
+    let basis: Vec<u8> = (0..100u8).collect();
+    let abc = b"abcdefghij".to_vec();
+    let oob: Check = |e| {
+        matches!(
+            e,
+            DeltaError::RsyncDelta(fast_rsync::ApplyError::CopyOutOfBounds { .. })
+        )
+    };
+    let too_large: Check = |e| matches!(e, DeltaError::OutputTooLarge { .. });
+    let cases: Vec<(&str, Vec<u8>, u64, Check)> = vec![
+        (
+            "copy past the end of the basis",
+            delta(&[copy1(90, 20), vec![END]]),
+            20,
+            oob,
+        ),
+        (
+            "offset u64::MAX",
+            delta(&[copy8(u64::MAX, 2), vec![END]]),
+            2,
+            oob,
+        ),
+        (
+            "offset plus length overflows",
+            delta(&[copy8(u64::MAX - 1, 5), vec![END]]),
+            5,
+            oob,
+        ),
+        (
+            "length 2^40",
+            delta(&[copy8(0, 1 << 40), vec![END]]),
+            100,
+            oob,
+        ),
+        (
+            "zero-length copy",
+            delta(&[copy1(0, 0), vec![END]]),
+            0,
+            |e| matches!(e, DeltaError::RsyncDelta(fast_rsync::ApplyError::CopyZero)),
+        ),
+        (
+            "copy beyond the declared size",
+            delta(&[literal(&abc), copy1(0, 100), vec![END]]),
+            50,
+            too_large,
+        ),
+        (
+            "literal beyond the declared size",
+            delta(&[literal(&[7; 200]), vec![END]]),
+            150,
+            too_large,
+        ),
+        (
+            "literal longer than the delta",
+            delta(&[vec![0x44], u64::MAX.to_be_bytes().to_vec(), vec![END]]),
+            100,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::RsyncDelta(_) | DeltaError::OutputTooLarge { .. }
+                )
+            },
+        ),
+        (
+            "copies far beyond the declared size",
+            delta(&vec![copy1(0, 100); 100]),
+            150,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::OutputTooLarge { .. } | DeltaError::DeclaredSize { .. }
+                )
+            },
+        ),
+        ("unknown command", delta(&[vec![0x55], vec![END]]), 0, |e| {
+            matches!(
+                e,
+                DeltaError::RsyncDelta(fast_rsync::ApplyError::UnknownCommand { command: 0x55 })
+            )
+        }),
+        ("missing end", delta(&[literal(&abc)]), 10, |e| {
+            matches!(
+                e,
+                DeltaError::RsyncDelta(fast_rsync::ApplyError::UnexpectedEof { .. })
+            )
+        }),
+        (
+            "data after end",
+            delta(&[literal(&abc), vec![END, 1, 2]]),
+            10,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::RsyncDelta(fast_rsync::ApplyError::TrailingData { length: 2 })
+                )
+            },
+        ),
+        ("wrong magic", vec![0x72, 0x73, 0x01, 0x36, END], 0, |e| {
+            matches!(
+                e,
+                DeltaError::RsyncDelta(fast_rsync::ApplyError::WrongMagic { .. })
+            )
+        }),
+        (
+            "output shorter than declared",
+            delta(&[literal(&abc), vec![END]]),
+            20,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::OutputTooShort {
+                        actual: 10,
+                        expected: 20
+                    }
+                )
+            },
+        ),
+    ];
+    for (name, raw, expected_size, check) in cases {
+        let payload = zstd_frame(&raw);
+        let mut out = Vec::new();
+        let hash = blake3::hash(b"");
+        let err = apply(
+            DeltaFormat::Rsync,
+            Some(&basis),
+            &payload,
+            expected_size,
+            &hash,
+            &mut out,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{name}: accepted"));
+        assert!(check(&err), "{name}: wrong error {err:?}");
+        assert!(
+            out.len() as u64 <= expected_size,
+            "{name}: wrote {} bytes",
+            out.len()
+        );
+    }
+
+    // The same builders make a valid delta, so the refusals above are not an artefact of them.
+    let raw = delta(&[copy1(10, 5), literal(&abc), copy8(95, 5), vec![END]]);
+    let mut want = basis[10..15].to_vec();
+    want.extend_from_slice(&abc);
+    want.extend_from_slice(&basis[95..]);
+    round_trip(DeltaFormat::Rsync, Some(&basis), &zstd_frame(&raw), &want);
+}
+
+#[test]
+fn zstd_bombs_are_refused_before_decoding() {
+    let zeros = vec![0u8; 8 << 20];
+    let bomb = zstd_frame(&zeros);
+    assert!(bomb.len() < 4096, "bomb is {} bytes", bomb.len());
+    let hash = blake3::hash(&zeros[..1024]);
+    for (format, basis) in [
+        (DeltaFormat::Full, None),
+        (DeltaFormat::ZstdRef, Some(&zeros[..10])),
+        (DeltaFormat::Rsync, Some(&zeros[..10])),
+    ] {
+        let mut out = Vec::new();
+        let err = apply(format, basis, &bomb, 1024, &hash, &mut out).unwrap_err();
+        assert!(
+            matches!(err, DeltaError::DeclaredSize { declared: Some(n), .. } if n == 8 << 20),
+            "{format}: {err:?}"
+        );
+        assert!(out.is_empty(), "{format}");
+    }
+}
+
+/// A hand-made zstd frame: a window descriptor, a 4-byte declared content size, and `content`
+/// as raw blocks.
+fn handmade_frame(window_descriptor: u8, declared: u32, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x80, window_descriptor];
+    out.extend_from_slice(&declared.to_le_bytes());
+    let blocks: Vec<&[u8]> = content.chunks(100 * 1024).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        let last = u32::from(i + 1 == blocks.len());
+        let header = ((block.len() as u32) << 3) | last;
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+    out
+}
+
+#[test]
+fn handmade_frames() {
+    let small = b"sixteen bytes!!!".to_vec();
+    let big = php(200 * 1024, 10);
+    // Window descriptor 0x00 is a 1 KiB window, 0x50 1 MiB, 0x60 4 MiB, 0xa8 2 GiB.
+    let accepted = [
+        ("1 KiB window", handmade_frame(0x00, 16, &small), &small),
+        (
+            "1 MiB window",
+            handmade_frame(0x50, big.len() as u32, &big),
+            &big,
+        ),
+        // Content that fits the output buffer is decoded in one pass with no window buffer,
+        // so the oversized window costs nothing and zstd does not object.
+        (
+            "2 GiB window, tiny content",
+            handmade_frame(0xa8, 16, &small),
+            &small,
+        ),
+    ];
+    for (name, payload, content) in accepted {
+        let mut out = Vec::new();
+        let size = content.len() as u64;
+        apply(
+            DeltaFormat::Full,
+            None,
+            &payload,
+            size,
+            &blake3::hash(content),
+            &mut out,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(&out == content, "{name}");
+    }
+
+    let refused: Vec<FrameRow<'_>> = vec![
+        (
+            "4 MiB window, streamed content",
+            handmade_frame(0x60, big.len() as u32, &big),
+            &big,
+            big.len() as u64,
+            |e| matches!(e, DeltaError::Corrupt { .. }),
+        ),
+        (
+            "2 GiB window, streamed content",
+            handmade_frame(0xa8, big.len() as u32, &big),
+            &big,
+            big.len() as u64,
+            |e| matches!(e, DeltaError::Corrupt { .. }),
+        ),
+        (
+            "declares more than it holds",
+            handmade_frame(0x00, 100, &small),
+            &small,
+            100,
+            |e| {
+                matches!(
+                    e,
+                    DeltaError::Corrupt { .. } | DeltaError::OutputTooShort { .. }
+                )
+            },
+        ),
+    ];
+    for (name, payload, content, declared, check) in refused {
+        let mut out = Vec::new();
+        let hash = blake3::hash(content);
+        let err = apply(DeltaFormat::Full, None, &payload, declared, &hash, &mut out).unwrap_err();
+        assert!(check(&err), "{name}: {err:?}");
+        assert!(out.len() as u64 <= declared);
+    }
+}
+
+struct FailingWriter;
+
+impl Write for FailingWriter {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::other("disk on fire"))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn local_write_failures_are_not_blamed_on_the_payload() {
+    let basis = php(10_000, 9);
+    let target = edited(&basis);
+    let hash = blake3::hash(&target);
+    let sig = BasisSignature::calculate(&basis);
+    let mut full = Vec::new();
+    encode_full(&target, &mut full).unwrap();
+    let mut rsync = Vec::new();
+    encode_with_signature(&sig, &target, &mut rsync).unwrap();
+    for (format, payload) in [(DeltaFormat::Full, &full), (DeltaFormat::Rsync, &rsync)] {
+        let err = apply(
+            format,
+            Some(&basis),
+            payload,
+            target.len() as u64,
+            &hash,
+            &mut FailingWriter,
+        )
+        .unwrap_err();
+        assert!(matches!(err, DeltaError::Sink(_)), "{format}: {err:?}");
+        assert!(!err.wants_full_resend());
+    }
+    let err = encode_full(&target, &mut FailingWriter).unwrap_err();
+    assert!(matches!(err, DeltaError::Encode(_)));
+    assert!(!err.wants_full_resend());
+}
+
+#[test]
+fn error_messages_are_lower_case_and_say_what_to_do() {
+    let errors = [
+        DeltaError::MissingBasis {
+            format: DeltaFormat::Rsync,
+        },
+        DeltaError::DeclaredSize {
+            format: DeltaFormat::Full,
+            declared: None,
+            allowed: 3,
+        },
+        DeltaError::OutputTooLarge { limit: 3 },
+        DeltaError::HashMismatch {
+            expected: blake3::hash(b"a"),
+            actual: blake3::hash(b"b"),
+        },
+        DeltaError::Signature(SignatureError::BlockLen { len: 0 }),
+    ];
+    for err in errors {
+        let msg = err.to_string();
+        assert!(msg.starts_with(|c: char| c.is_lowercase()), "{msg}");
+        assert!(!msg.ends_with('.'), "{msg}");
+        assert!(msg.contains("send the file in full"), "{msg}");
+    }
+}

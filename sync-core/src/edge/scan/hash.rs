@@ -1,0 +1,208 @@
+//! Hashing one source file, checking that it is the file the walk saw and that it did not change.
+//!
+//! Small files are read through a per-thread buffer. Large files are memory-mapped one window at a time:
+//! mapped file pages count towards the process's resident memory until they are unmapped, so mapping
+//! a whole 1 GiB file would make peak memory grow with file size. A window is big enough for
+//! `update_rayon` to spread it over all cores.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use memmap2::{Advice, MmapOptions};
+
+use super::cache::Stamp;
+use super::{io_err, ScanError};
+use crate::manifest::Hash;
+
+/// Files at least this large are hashed through memory-mapped windows.
+pub(super) const LARGE_FILE: u64 = 16 << 20;
+/// Bytes mapped at a time; also the most a large file adds to resident memory.
+pub(super) const WINDOW: u64 = 32 << 20;
+const READ_BUF: usize = 64 << 10;
+
+/// Hashes the regular file at `path`, which the walk saw with `seen`.
+pub(super) fn hash_file(
+    path: &Path,
+    seen: &Stamp,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Hash, ScanError> {
+    let changed = || ScanError::Changed {
+        path: path.to_owned(),
+    };
+    // O_NOFOLLOW: a file swapped for a symlink is not followed out of the tree. O_NONBLOCK: one
+    // swapped for a FIFO does not hang the open. The identity check below catches every other swap.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                changed()
+            } else {
+                io_err("open", path)(e)
+            }
+        })?;
+    let unchanged = |file: &File| -> Result<(), ScanError> {
+        let meta = file.metadata().map_err(io_err("read metadata of", path))?;
+        if meta.is_file() && Stamp::of(&meta) == *seen {
+            Ok(())
+        } else {
+            Err(changed())
+        }
+    };
+    unchanged(&file)?;
+    let hash = if seen.size < LARGE_FILE {
+        read_hash(&file, seen.size, path, progress)?
+    } else {
+        mapped_hash(&file, seen.size, path, progress)?
+    };
+    unchanged(&file)?;
+    Ok(hash)
+}
+
+fn read_hash(
+    mut file: &File,
+    size: u64,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Hash, ScanError> {
+    thread_local! {
+        // Reused across files: zeroing a fresh buffer per file cost more than reading a small one.
+        static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
+    }
+    BUF.with_borrow_mut(|buf| {
+        let mut hasher = blake3::Hasher::new();
+        let mut left = size;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = match file.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(ScanError::Changed {
+                        path: path.to_owned(),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("read", path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        progress(size);
+        Ok(hasher.finalize().into())
+    })
+}
+
+fn mapped_hash(
+    file: &File,
+    size: u64,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Hash, ScanError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let len = WINDOW.min(size - offset);
+        // SAFETY: the map is read-only, private to this function and dropped before the next
+        // window. Another process truncating the file while it is mapped would raise SIGBUS; that
+        // is the accepted cost of mapping (as in b3sum and ripgrep), and any other concurrent
+        // change is caught by the metadata check after hashing.
+        let map = unsafe {
+            MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .populate()
+                .map(file)
+        }
+        .map_err(io_err("map", path))?;
+        // Only a hint; hashing is correct without it.
+        let _ = map.advise(Advice::Sequential);
+        hasher.update_rayon(&map);
+        drop(map);
+        progress(len);
+        offset += len;
+    }
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn stamp(path: &Path) -> Stamp {
+        Stamp::of(&fs::symlink_metadata(path).unwrap())
+    }
+
+    #[test]
+    fn both_paths_give_the_blake3_hash() {
+        let td = tempfile::tempdir().unwrap();
+        for len in [1usize, 4095, 4096, 65_536, 65_537, 200_001] {
+            let p = td.path().join(format!("f{len}"));
+            let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            fs::write(&p, &content).unwrap();
+            let want = Hash::of(&content);
+            let f = File::open(&p).unwrap();
+            let size = len as u64;
+            assert_eq!(
+                read_hash(&f, size, &p, &|_| {}).unwrap(),
+                want,
+                "read, {len}"
+            );
+            assert_eq!(
+                mapped_hash(&f, size, &p, &|_| {}).unwrap(),
+                want,
+                "mapped, {len}"
+            );
+            assert_eq!(
+                hash_file(&p, &stamp(&p), &|_| {}).unwrap(),
+                want,
+                "file, {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn changes_since_the_walk_are_detected() {
+        let td = tempfile::tempdir().unwrap();
+        let p = td.path().join("f");
+        let q = td.path().join("g");
+        type Change = fn(&Path, &Path);
+        let table: &[(&str, Change)] = &[
+            ("rewritten, same size", |p, _| {
+                fs::write(p, b"HELLO").unwrap()
+            }),
+            ("grown", |p, _| fs::write(p, b"hello world").unwrap()),
+            ("truncated", |p, _| fs::write(p, b"").unwrap()),
+            ("replaced", |p, q| {
+                fs::write(q, b"hello").unwrap();
+                fs::rename(q, p).unwrap();
+            }),
+            ("symlink", |p, q| {
+                fs::write(q, b"hello").unwrap();
+                fs::remove_file(p).unwrap();
+                std::os::unix::fs::symlink(q, p).unwrap();
+            }),
+            ("removed", |p, _| fs::remove_file(p).unwrap()),
+        ];
+        for (what, change) in table {
+            let _ = fs::remove_file(&p);
+            fs::write(&p, b"hello").unwrap();
+            // Dated back so that a rewrite changes the mtime even on a coarse clock.
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            let seen = stamp(&p);
+            change(&p, &q);
+            let err = hash_file(&p, &seen, &|_| {}).expect_err(what);
+            assert!(matches!(err, ScanError::Changed { .. }), "{what}: {err:?}");
+        }
+    }
+}

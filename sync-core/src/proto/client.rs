@@ -1,0 +1,957 @@
+//! The client's side of a connection: push a release (or run a command) and report what the
+//! daemon did, trusting nothing it says.
+//!
+//! The session sends `Hello` and the manifest, reads the daemon's `Need`, and picks a payload
+//! format per needed file: a reference-prefix zstd delta when the client's cache holds the
+//! daemon's basis, an rsync delta (after asking for the basis signature) when the basis is large
+//! enough to be worth a round trip, plain zstd otherwise. It hands [`Request::SendFile`]s to the
+//! driver, at most `max_streams` at a time, and the driver encodes each file with `delta` and
+//! writes it on a file stream. Every message from the daemon is checked against what the client
+//! asked for; anything else (an unknown file, a file needed twice, a malformed signature, a reply
+//! that is not due, absurd limits) ends the session with an error, never with success.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::delta::{block_size_for, BasisSignature, DeltaFormat, STRONG_LEN};
+use crate::manifest::{EntryKind, Hash, Manifest};
+use crate::path::RelPath;
+use crate::release::ReleaseId;
+use crate::wire::{
+    decode, encode_frame, peek_version, AppName, BasisRef, ClientMsg, Command, DaemonMsg,
+    FileHeader, FrameDecoder, Limits, NeedFile, ReleaseInfo, Staged, MAX_MAX_FRAME, MIN_MAX_FRAME,
+    VERSION,
+};
+
+use super::{Deadlines, ProtoError};
+
+/// Manifest chunks stay at most this large even when the daemon accepts more, so the last one
+/// leaves soon after it is handed to the driver and the wait for `Need` starts on time.
+pub const MAX_MANIFEST_CHUNK: usize = 1 << 20;
+/// Room in a frame for everything besides its payload list or bytes.
+const FRAME_OVERHEAD: usize = 64;
+/// Bound on the encoded size of one file index.
+const FILE_INDEX_MAX: usize = 5;
+
+/// The client's own maxima and choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Largest frame the client reads (announced in `Hello`), and the cap on what it sends.
+    pub max_frame: u32,
+    /// Cap on concurrent file streams, whatever the daemon allows.
+    pub max_streams: u32,
+    pub message_timeout_ms: u64,
+    pub push_timeout_ms: u64,
+    /// Smallest basis worth a signature round trip; smaller changed files go in full.
+    pub rsync_min_basis: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        let limits = Limits::default();
+        ClientConfig {
+            max_frame: limits.max_frame,
+            max_streams: limits.max_streams,
+            message_timeout_ms: limits.message_timeout_ms,
+            push_timeout_ms: limits.push_timeout_ms,
+            rsync_min_basis: 64 * 1024,
+        }
+    }
+}
+
+/// A release to push.
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    pub release: ReleaseId,
+    pub manifest: Arc<Manifest>,
+    /// Send `Activate` once the release is staged.
+    pub activate: bool,
+    /// Contents the client can reproduce locally (what it last pushed to this daemon): a
+    /// daemon basis found here is used as a zstd reference prefix.
+    pub cached: HashSet<Hash>,
+}
+
+/// How the driver may encode a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// Plain zstd (`delta::encode_full`).
+    Full,
+    /// The cache holds the daemon's basis: `delta::encode(Basis::Bytes(..))`.
+    ZstdRef { basis: BasisRef },
+    /// The daemon sent the basis signature: `delta::encode(Basis::Signature(..))`.
+    Rsync {
+        basis: BasisRef,
+        signature: BasisSignature,
+    },
+}
+
+/// One file for the driver to encode and write on a file stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFile {
+    pub file: u32,
+    /// The file's path in the client's own manifest: the only thing the driver may read.
+    pub path: RelPath,
+    pub size: u64,
+    pub hash: Hash,
+    pub method: Method,
+}
+
+impl SendFile {
+    /// The header for a payload of `payload_len` bytes the driver encoded in `format` (which
+    /// `delta::encode` may have lowered to `Full`, or to `Rsync` for a basis beyond zstd's
+    /// window).
+    pub fn header(&self, format: DeltaFormat, payload_len: u64) -> Result<FileHeader, ProtoError> {
+        let basis = match (&self.method, format) {
+            (_, DeltaFormat::Full) => None,
+            (Method::ZstdRef { basis } | Method::Rsync { basis, .. }, _) => Some(basis.hash),
+            (Method::Full, _) => {
+                return Err(ProtoError::Misuse(format!(
+                    "{}: a {format} payload for a file to be sent in full",
+                    self.path
+                )))
+            }
+        };
+        Ok(FileHeader {
+            file: self.file,
+            format,
+            basis,
+            payload_len,
+        })
+    }
+}
+
+/// Work for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Encode the file, write `FileHeader` + payload on a file stream (see
+    /// [`SendFile::header`]), finish the stream, then call [`ClientSession::file_sent`].
+    SendFile(SendFile),
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    pub release: ReleaseId,
+    /// Files and bytes in the manifest.
+    pub files: u64,
+    pub bytes: u64,
+    /// Files the daemon needed, and what it already had.
+    pub needed: u64,
+    pub have_files: u64,
+    pub have_bytes: u64,
+    /// Signatures requested.
+    pub signatures: u64,
+    /// Files sent per payload format.
+    pub sent_full: u64,
+    pub sent_zstd_ref: u64,
+    pub sent_rsync: u64,
+    pub payload_bytes: u64,
+    /// What the daemon reported after building the release.
+    pub staged: Staged,
+    pub activated: bool,
+}
+
+/// How a session ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Pushed(PushReport),
+    Releases(Vec<ReleaseInfo>),
+    /// `activate` or `rollback` made `release` current.
+    Activated {
+        release: ReleaseId,
+    },
+    Pruned {
+        removed: Vec<ReleaseId>,
+    },
+}
+
+/// Where a session stands, for progress output and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Handshake,
+    /// Sending the manifest and waiting for `Need`.
+    Manifest,
+    Transfer,
+    /// `Done` sent; the daemon builds the release.
+    Staging,
+    Activation,
+    /// Waiting for the reply to a command.
+    Command,
+    Finished,
+}
+
+/// The push in progress.
+#[derive(Debug)]
+struct PushCtx {
+    job: PushJob,
+    /// Entry index of each file, by file index.
+    files: Vec<u32>,
+    encoded: Vec<u8>,
+    /// Manifest bytes handed to `poll_transmit` so far.
+    emitted: usize,
+    /// Bytes per manifest chunk; zero until `Welcome` tells the daemon's frame size.
+    chunk: usize,
+    manifest_done: bool,
+    needed: u64,
+    have_files: u64,
+    have_bytes: u64,
+    signatures: u64,
+    sent: [u64; 3],
+    payload_bytes: u64,
+}
+
+impl PushCtx {
+    fn file(&self, file: u32) -> Option<(&RelPath, u64, Hash)> {
+        let e = self
+            .job
+            .manifest
+            .entries()
+            .get(*self.files.get(file as usize)? as usize)?;
+        match &e.kind {
+            EntryKind::File { size, hash, .. } => Some((&e.path, *size, *hash)),
+            _ => None,
+        }
+    }
+
+    fn manifest_emitted(&self) -> bool {
+        self.manifest_done
+    }
+
+    fn report(&self, staged: Staged, activated: bool) -> PushReport {
+        PushReport {
+            release: self.job.release.clone(),
+            files: self.files.len() as u64,
+            bytes: self.job.manifest.total_file_bytes(),
+            needed: self.needed,
+            have_files: self.have_files,
+            have_bytes: self.have_bytes,
+            signatures: self.signatures,
+            sent_full: self.sent[0],
+            sent_zstd_ref: self.sent[1],
+            sent_rsync: self.sent[2],
+            payload_bytes: self.payload_bytes,
+            staged,
+            activated,
+        }
+    }
+}
+
+/// Files of the transfer and where each stands.
+#[derive(Debug, Default)]
+struct Sending {
+    /// Signature requested, not yet received: file → basis.
+    pending_sig: HashMap<u32, BasisRef>,
+    ready: VecDeque<SendFile>,
+    outstanding: HashSet<u32>,
+    sent: u64,
+    total: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Welcome,
+    Need {
+        files: Vec<NeedFile>,
+        seen: Vec<bool>,
+    },
+    Sending(Sending),
+    AwaitStaged,
+    AwaitActivated(Staged),
+    Reply,
+    Finished,
+}
+
+/// The client's protocol state for one connection.
+#[derive(Debug)]
+pub struct ClientSession {
+    config: ClientConfig,
+    command: Command,
+    push: Option<PushCtx>,
+    decoder: FrameDecoder,
+    state: State,
+    clock: Deadlines,
+    streams: u32,
+    send_frame: usize,
+    transmit: VecDeque<Vec<u8>>,
+    requests: VecDeque<Request>,
+    outcome: Option<Result<Outcome, ProtoError>>,
+}
+
+impl ClientSession {
+    /// A session pushing `job` to `app`, started at `now` (ms).
+    pub fn push(config: ClientConfig, app: AppName, job: PushJob, now: u64) -> ClientSession {
+        let encoded = job.manifest.encode();
+        let command = Command::Push {
+            release: job.release.clone(),
+            manifest_len: encoded.len() as u64,
+            manifest_digest: Hash::of(&encoded),
+        };
+        let files = job
+            .manifest
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
+            .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect();
+        let too_many = job.manifest.len() > u32::MAX as usize;
+        let mut s = ClientSession::start(config, app, command, now);
+        s.push = Some(PushCtx {
+            job,
+            files,
+            encoded,
+            emitted: 0,
+            chunk: 0,
+            manifest_done: false,
+            needed: 0,
+            have_files: 0,
+            have_bytes: 0,
+            signatures: 0,
+            sent: [0; 3],
+            payload_bytes: 0,
+        });
+        if too_many {
+            s.fail(ProtoError::Limit(
+                "manifest has more entries than the protocol can number; split the app".into(),
+            ));
+        }
+        s
+    }
+
+    /// A session running a command other than a push (`Releases`, `Activate`, `Rollback`,
+    /// `Prune`).
+    pub fn command(
+        config: ClientConfig,
+        app: AppName,
+        command: Command,
+        now: u64,
+    ) -> ClientSession {
+        let mut s = ClientSession::start(config, app, command.clone(), now);
+        if matches!(command, Command::Push { .. } | Command::Sync { .. }) {
+            s.fail(ProtoError::Misuse(format!(
+                "{} needs its own session constructor",
+                command.name()
+            )));
+        }
+        s
+    }
+
+    fn start(config: ClientConfig, app: AppName, command: Command, now: u64) -> ClientSession {
+        let max_frame = config.max_frame.clamp(MIN_MAX_FRAME, MAX_MAX_FRAME);
+        let config = ClientConfig {
+            max_frame,
+            ..config
+        };
+        let hello = encode_frame(&ClientMsg::Hello {
+            version: VERSION,
+            app,
+            command: command.clone(),
+            max_frame,
+        });
+        ClientSession {
+            decoder: FrameDecoder::new(max_frame),
+            clock: Deadlines::new(now, config.message_timeout_ms, config.push_timeout_ms),
+            config,
+            command,
+            push: None,
+            state: State::Welcome,
+            streams: 0,
+            send_frame: 0,
+            transmit: VecDeque::from([hello]),
+            requests: VecDeque::new(),
+            outcome: None,
+        }
+    }
+
+    /// Bytes as they arrive on the control stream, in any chunking.
+    pub fn handle_control(&mut self, mut bytes: &[u8], now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        if !bytes.is_empty() {
+            self.clock.progress(now);
+        }
+        while !self.is_finished() {
+            match self.decoder.decode(&mut bytes) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_frame(&frame) {
+                        self.fail(e);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => self.fail(e.into()),
+            }
+        }
+    }
+
+    /// The daemon finished its side of the control stream (or the connection dropped).
+    pub fn handle_control_end(&mut self, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        let err = match self.decoder.finish() {
+            Err(e) => e.into(),
+            Ok(()) => ProtoError::Protocol(format!(
+                "daemon closed the control stream while the client was waiting for {}",
+                self.waiting_label()
+            )),
+        };
+        self.fail(err);
+    }
+
+    /// The driver wrote a file's header and payload and finished its stream; `header` is what
+    /// it sent.
+    pub fn file_sent(&mut self, header: &FileHeader, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        let _ = now;
+        if let Err(e) = self.on_file_sent(header) {
+            self.fail(e);
+        }
+    }
+
+    /// Call when the deadline from [`ClientSession::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        if let Some(e) = self.clock.expired(now, self.waiting_for_daemon()) {
+            self.fail(e);
+        }
+    }
+
+    /// The next frame to write on the control stream.
+    pub fn poll_transmit(&mut self, now: u64) -> Option<Vec<u8>> {
+        if let Some(f) = self.transmit.pop_front() {
+            return Some(f);
+        }
+        let p = self.push.as_mut()?;
+        if !matches!(self.state, State::Need { .. }) || p.chunk == 0 || p.manifest_emitted() {
+            return None;
+        }
+        let end = (p.emitted + p.chunk).min(p.encoded.len());
+        let last = end == p.encoded.len();
+        let frame = encode_frame(&ClientMsg::ManifestChunk {
+            data: p.encoded[p.emitted..end].to_vec(),
+            last,
+        });
+        p.emitted = end;
+        if last {
+            // The wait for `Need` starts when the manifest leaves, not when Welcome came.
+            self.clock.progress(now);
+            p.manifest_done = true;
+            p.encoded = Vec::new();
+        }
+        Some(frame)
+    }
+
+    /// The next piece of work for the driver; at most the allowed number of files are out at
+    /// once, so the driver may open one stream per request.
+    pub fn poll_request(&mut self) -> Option<Request> {
+        if let Some(r) = self.requests.pop_front() {
+            return Some(r);
+        }
+        let State::Sending(s) = &mut self.state else {
+            return None;
+        };
+        if s.outstanding.len() >= self.streams as usize {
+            return None;
+        }
+        let f = s.ready.pop_front()?;
+        s.outstanding.insert(f.file);
+        Some(Request::SendFile(f))
+    }
+
+    /// When to call [`ClientSession::handle_timeout`]; `None` once finished.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        (!self.is_finished()).then(|| self.clock.next(self.waiting_for_daemon()))
+    }
+
+    pub fn state(&self) -> ClientState {
+        match &self.state {
+            State::Welcome => ClientState::Handshake,
+            State::Need { .. } => ClientState::Manifest,
+            State::Sending(_) => ClientState::Transfer,
+            State::AwaitStaged => ClientState::Staging,
+            State::AwaitActivated(_) => ClientState::Activation,
+            State::Reply => ClientState::Command,
+            State::Finished => ClientState::Finished,
+        }
+    }
+
+    /// Whether the session ended; drain [`ClientSession::poll_transmit`], then close.
+    pub fn is_finished(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// How the session ended, once it has.
+    pub fn outcome(&self) -> Option<&Result<Outcome, ProtoError>> {
+        self.outcome.as_ref()
+    }
+
+    /// The limits in force after clamping the daemon's to the client's: (frame size the client
+    /// sends, concurrent file streams). Zero before `Welcome`.
+    pub fn negotiated(&self) -> (usize, u32) {
+        (self.send_frame, self.streams)
+    }
+
+    fn fail(&mut self, err: ProtoError) {
+        if self.is_finished() {
+            return;
+        }
+        self.transmit.clear();
+        self.requests.clear();
+        self.state = State::Finished;
+        self.outcome = Some(Err(err));
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.state = State::Finished;
+        self.outcome = Some(Ok(outcome));
+    }
+
+    fn waiting_label(&self) -> &'static str {
+        match &self.state {
+            State::Welcome => "Welcome",
+            State::Need { .. } => "Need",
+            State::Sending(_) => "signatures",
+            State::AwaitStaged => "Staged",
+            State::AwaitActivated(_) => "Activated",
+            State::Reply => "the command's reply",
+            State::Finished => "nothing",
+        }
+    }
+
+    /// What the daemon owes within the message timeout, if anything. Building and activating a
+    /// release, and commands, may take long on the daemon: those waits are bounded by the push
+    /// timeout only.
+    fn waiting_for_daemon(&self) -> Option<&'static str> {
+        match &self.state {
+            State::Welcome => Some("Welcome"),
+            State::Need { .. } if self.push.as_ref().is_some_and(|p| p.manifest_emitted()) => {
+                Some("Need")
+            }
+            State::Sending(s) if !s.pending_sig.is_empty() => Some("Signature"),
+            _ => None,
+        }
+    }
+
+    fn unexpected(&self, msg: &DaemonMsg) -> ProtoError {
+        ProtoError::Protocol(format!(
+            "unexpected {} from the daemon while the client was waiting for {}",
+            msg.name(),
+            self.waiting_label()
+        ))
+    }
+
+    fn on_frame(&mut self, frame: &[u8]) -> Result<(), ProtoError> {
+        if matches!(self.state, State::Welcome) {
+            if let Some(theirs) = peek_version(frame).filter(|v| *v != VERSION) {
+                return Err(ProtoError::Version {
+                    ours: VERSION,
+                    theirs,
+                });
+            }
+        }
+        let msg = decode::<DaemonMsg>(frame)?;
+        match (&self.state, msg) {
+            (_, DaemonMsg::Error { kind, message }) => Err(ProtoError::Remote { kind, message }),
+            (State::Welcome, DaemonMsg::Welcome { version, limits }) => {
+                self.on_welcome(version, limits)
+            }
+            (
+                State::Need { .. },
+                DaemonMsg::Need {
+                    files,
+                    last,
+                    have_files,
+                    have_bytes,
+                },
+            ) => self.on_need(files, last, have_files, have_bytes),
+            (State::Sending(_), DaemonMsg::Signature { file, data }) => {
+                self.on_signature(file, &data)
+            }
+            (State::AwaitStaged, DaemonMsg::Staged(staged)) => self.on_staged(staged),
+            (State::AwaitActivated(_), DaemonMsg::Activated { release }) => {
+                let State::AwaitActivated(staged) =
+                    std::mem::replace(&mut self.state, State::Finished)
+                else {
+                    unreachable!("matched above")
+                };
+                let p = self.push.as_ref().expect("pushes have a context");
+                if release != p.job.release {
+                    return Err(ProtoError::Protocol(format!(
+                        "daemon activated release {release} but the client pushed {}",
+                        p.job.release
+                    )));
+                }
+                let report = p.report(staged, true);
+                self.finish(Outcome::Pushed(report));
+                Ok(())
+            }
+            (State::Reply, msg) => self.on_reply(msg),
+            (_, msg) => Err(self.unexpected(&msg)),
+        }
+    }
+
+    fn on_welcome(&mut self, version: u16, limits: Limits) -> Result<(), ProtoError> {
+        if version != VERSION {
+            return Err(ProtoError::Version {
+                ours: VERSION,
+                theirs: version,
+            });
+        }
+        if limits.max_frame < MIN_MAX_FRAME {
+            return Err(ProtoError::Limit(format!(
+                "daemon announces max_frame of {} bytes, below the protocol minimum of {MIN_MAX_FRAME}; fix the daemon's configuration",
+                limits.max_frame
+            )));
+        }
+        if limits.max_streams == 0 {
+            return Err(ProtoError::Limit(
+                "daemon announces max_streams of 0, so no file could be sent; fix the daemon's configuration".into(),
+            ));
+        }
+        self.send_frame = limits.max_frame.min(self.config.max_frame) as usize;
+        self.streams = limits.max_streams.min(self.config.max_streams).max(1);
+        match &mut self.push {
+            Some(p) => {
+                let entries = p.job.manifest.len() as u64;
+                if entries > limits.max_manifest_entries {
+                    return Err(ProtoError::Limit(format!(
+                        "the manifest has {entries} entries but the daemon accepts at most {}; raise max_manifest_entries on the daemon or exclude files",
+                        limits.max_manifest_entries
+                    )));
+                }
+                if p.encoded.len() as u64 > limits.max_manifest_bytes {
+                    return Err(ProtoError::Limit(format!(
+                        "the manifest encodes to {} bytes but the daemon accepts at most {}; raise max_manifest_bytes on the daemon",
+                        p.encoded.len(),
+                        limits.max_manifest_bytes
+                    )));
+                }
+                p.chunk = (self.send_frame - FRAME_OVERHEAD).min(MAX_MANIFEST_CHUNK);
+                let count = p.files.len();
+                self.state = State::Need {
+                    files: Vec::new(),
+                    seen: vec![false; count],
+                };
+            }
+            None => self.state = State::Reply,
+        }
+        Ok(())
+    }
+
+    fn on_need(
+        &mut self,
+        files: Vec<NeedFile>,
+        last: bool,
+        have_files: u64,
+        have_bytes: u64,
+    ) -> Result<(), ProtoError> {
+        let p = self.push.as_mut().expect("pushes have a context");
+        if !p.manifest_emitted() {
+            return Err(ProtoError::Protocol(
+                "daemon sent Need before the client sent the whole manifest".into(),
+            ));
+        }
+        let State::Need { files: acc, seen } = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        for n in files {
+            let Some(slot) = seen.get_mut(n.file as usize) else {
+                return Err(ProtoError::Protocol(format!(
+                    "daemon asked for file {} but the manifest has {} files",
+                    n.file,
+                    p.files.len()
+                )));
+            };
+            if std::mem::replace(slot, true) {
+                let path = p.file(n.file).map(|(path, ..)| path.to_string());
+                return Err(ProtoError::Protocol(format!(
+                    "daemon asked for file {} ({}) twice",
+                    n.file,
+                    path.unwrap_or_default()
+                )));
+            }
+            acc.push(n);
+        }
+        if have_files > p.files.len() as u64 {
+            return Err(ProtoError::Protocol(format!(
+                "daemon claims to have {have_files} of the {} files",
+                p.files.len()
+            )));
+        }
+        if !last {
+            return Ok(());
+        }
+        let State::Need { files, .. } = std::mem::replace(&mut self.state, State::Finished) else {
+            unreachable!("matched above")
+        };
+        p.needed = files.len() as u64;
+        p.have_files = have_files;
+        p.have_bytes = have_bytes;
+        self.plan(files)
+    }
+
+    /// Chooses a method per needed file and asks for the signatures it needs.
+    fn plan(&mut self, files: Vec<NeedFile>) -> Result<(), ProtoError> {
+        let p = self.push.as_mut().expect("pushes have a context");
+        let mut s = Sending {
+            total: files.len() as u64,
+            ..Sending::default()
+        };
+        let mut want_sig = Vec::new();
+        for n in files {
+            let (path, size, hash) = p.file(n.file).expect("checked against the file count");
+            let method = match n.basis {
+                None => Method::Full,
+                Some(basis) if p.job.cached.contains(&basis.hash) => Method::ZstdRef { basis },
+                Some(basis)
+                    if basis.size >= self.config.rsync_min_basis
+                        && signature_len(basis.size) + FRAME_OVERHEAD as u64
+                            <= u64::from(self.config.max_frame) =>
+                {
+                    s.pending_sig.insert(n.file, basis);
+                    want_sig.push(n.file);
+                    continue;
+                }
+                Some(_) => Method::Full,
+            };
+            s.ready.push_back(SendFile {
+                file: n.file,
+                path: path.clone(),
+                size,
+                hash,
+                method,
+            });
+        }
+        p.signatures = want_sig.len() as u64;
+        let per_frame = (self.send_frame - FRAME_OVERHEAD) / FILE_INDEX_MAX;
+        for chunk in want_sig.chunks(per_frame) {
+            self.transmit
+                .push_back(encode_frame(&ClientMsg::SignatureRequest {
+                    files: chunk.to_vec(),
+                }));
+        }
+        if s.total == 0 {
+            self.transmit
+                .push_back(encode_frame(&ClientMsg::Done { files_sent: 0 }));
+            self.state = State::AwaitStaged;
+        } else {
+            self.state = State::Sending(s);
+        }
+        Ok(())
+    }
+
+    fn on_signature(&mut self, file: u32, data: &[u8]) -> Result<(), ProtoError> {
+        let p = self.push.as_ref().expect("pushes have a context");
+        let State::Sending(s) = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        let Some(basis) = s.pending_sig.remove(&file) else {
+            return Err(ProtoError::Protocol(format!(
+                "daemon sent a signature for file {file}, which the client did not request or already has"
+            )));
+        };
+        let (path, size, hash) = p.file(file).expect("requested files are in the manifest");
+        let method = if data.is_empty() {
+            Method::Full
+        } else {
+            let signature = BasisSignature::decode(data, basis.size).map_err(|e| {
+                ProtoError::Protocol(format!("daemon sent a malformed signature for {path}: {e}"))
+            })?;
+            Method::Rsync { basis, signature }
+        };
+        s.ready.push_back(SendFile {
+            file,
+            path: path.clone(),
+            size,
+            hash,
+            method,
+        });
+        Ok(())
+    }
+
+    fn on_file_sent(&mut self, header: &FileHeader) -> Result<(), ProtoError> {
+        let State::Sending(s) = &mut self.state else {
+            return Err(ProtoError::Misuse(format!(
+                "file_sent({}) while no transfer runs",
+                header.file
+            )));
+        };
+        if !s.outstanding.remove(&header.file) {
+            return Err(ProtoError::Misuse(format!(
+                "file_sent({}) for a file that was not handed out",
+                header.file
+            )));
+        }
+        let p = self.push.as_mut().expect("pushes have a context");
+        p.sent[header.format.code() as usize] += 1;
+        p.payload_bytes += header.payload_len;
+        s.sent += 1;
+        if s.sent == s.total {
+            self.transmit.push_back(encode_frame(&ClientMsg::Done {
+                files_sent: s.total,
+            }));
+            self.state = State::AwaitStaged;
+        }
+        Ok(())
+    }
+
+    fn on_staged(&mut self, staged: Staged) -> Result<(), ProtoError> {
+        let p = self.push.as_ref().expect("pushes have a context");
+        if staged.release != p.job.release {
+            return Err(ProtoError::Protocol(format!(
+                "daemon staged release {} but the client pushed {}",
+                staged.release, p.job.release
+            )));
+        }
+        if staged.files != p.files.len() as u64 {
+            return Err(ProtoError::Protocol(format!(
+                "daemon staged {} files but the manifest has {}",
+                staged.files,
+                p.files.len()
+            )));
+        }
+        if p.job.activate {
+            self.transmit.push_back(encode_frame(&ClientMsg::Activate {
+                release: p.job.release.clone(),
+            }));
+            self.state = State::AwaitActivated(staged);
+        } else {
+            let report = p.report(staged, false);
+            self.finish(Outcome::Pushed(report));
+        }
+        Ok(())
+    }
+
+    fn on_reply(&mut self, msg: DaemonMsg) -> Result<(), ProtoError> {
+        let outcome = match (&self.command, msg) {
+            (Command::Releases, DaemonMsg::Releases { list }) => Outcome::Releases(list),
+            (Command::Activate { release: want }, DaemonMsg::Activated { release })
+                if *want == release =>
+            {
+                Outcome::Activated { release }
+            }
+            (Command::Rollback { to }, DaemonMsg::Activated { release })
+                if to.as_ref().is_none_or(|t| *t == release) =>
+            {
+                Outcome::Activated { release }
+            }
+            (Command::Prune { .. }, DaemonMsg::Pruned { removed }) => Outcome::Pruned { removed },
+            (_, msg) => {
+                return Err(ProtoError::Protocol(format!(
+                    "daemon answered {} with an unexpected {}",
+                    self.command.name(),
+                    msg.name()
+                )))
+            }
+        };
+        self.finish(outcome);
+        Ok(())
+    }
+}
+
+/// Encoded size of the signature the daemon computes for a basis of `len` bytes.
+fn signature_len(len: u64) -> u64 {
+    let block = u64::from(block_size_for(len));
+    12 + len.div_ceil(block) * (4 + u64::from(STRONG_LEN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Entry, Policy};
+
+    #[test]
+    fn signature_len_matches_what_the_daemon_computes() {
+        for len in [1usize, 2048, 70_000, 1 << 20] {
+            let basis = vec![7u8; len];
+            let sig = BasisSignature::calculate(&basis);
+            assert_eq!(
+                signature_len(len as u64),
+                sig.as_bytes().len() as u64,
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_follow_the_method() {
+        let basis = BasisRef {
+            hash: Hash::of(b"old"),
+            size: 3,
+        };
+        let mk = |method| SendFile {
+            file: 4,
+            path: RelPath::new("a").unwrap(),
+            size: 10,
+            hash: Hash::of(b"new"),
+            method,
+        };
+        let full = mk(Method::Full);
+        let zref = mk(Method::ZstdRef { basis });
+        assert_eq!(full.header(DeltaFormat::Full, 9).unwrap().basis, None);
+        assert!(full.header(DeltaFormat::ZstdRef, 9).is_err());
+        assert_eq!(
+            zref.header(DeltaFormat::ZstdRef, 9).unwrap(),
+            FileHeader {
+                file: 4,
+                format: DeltaFormat::ZstdRef,
+                basis: Some(basis.hash),
+                payload_len: 9
+            }
+        );
+        assert_eq!(zref.header(DeltaFormat::Full, 9).unwrap().basis, None);
+        assert_eq!(
+            zref.header(DeltaFormat::Rsync, 9).unwrap().basis,
+            Some(basis.hash)
+        );
+    }
+
+    #[test]
+    fn push_and_command_constructors_refuse_the_wrong_kind() {
+        let s = ClientSession::command(
+            ClientConfig::default(),
+            AppName::new("shop").unwrap(),
+            Command::Sync {
+                export: AppName::new("x").unwrap(),
+                subpath: None,
+                delete: false,
+                manifest_len: 1,
+                manifest_digest: Hash::of(b""),
+            },
+            0,
+        );
+        assert!(matches!(s.outcome(), Some(Err(ProtoError::Misuse(_)))));
+        let m = Manifest::from_unsorted(
+            vec![Entry::file("a", 1, 0o644, Hash::of(b"a")).unwrap()],
+            &Policy::default(),
+        )
+        .unwrap();
+        let mut s = ClientSession::push(
+            ClientConfig {
+                max_frame: 1,
+                ..ClientConfig::default()
+            },
+            AppName::new("shop").unwrap(),
+            PushJob {
+                release: ReleaseId::new("r").unwrap(),
+                manifest: Arc::new(m),
+                activate: true,
+                cached: HashSet::new(),
+            },
+            0,
+        );
+        let hello = s.poll_transmit(0).unwrap();
+        // A too-small configured max_frame is raised to the protocol minimum.
+        match decode::<ClientMsg>(&hello[4..]).unwrap() {
+            ClientMsg::Hello { max_frame, .. } => assert_eq!(max_frame, MIN_MAX_FRAME),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.poll_timeout(), Some(30_000));
+    }
+}

@@ -1,0 +1,1432 @@
+//! The daemon's side of a connection: authorize, receive a manifest and the files it lacks, and
+//! ask its driver to build and activate the release.
+//!
+//! The session decides and the driver acts. The driver authorizes the peer ([`Request::Open`]),
+//! computes what is missing ([`Request::ComputeNeed`], usually with [`compute_need`]), computes
+//! signatures, stores each received file as a verified object ([`Request::Receive`]), and builds
+//! and activates the release ([`Request::Stage`], [`Request::Activate`]); it reports back through
+//! [`DaemonSession::handle_event`] and [`DaemonSession::file_finished`]. The session never asks
+//! for a release to be staged unless every needed file arrived and verified, and it admits file
+//! payloads only within the bytes-in-flight budget: a header beyond it waits in a queue until
+//! earlier files finish.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::delta::DeltaFormat;
+use crate::manifest::{EntryKind, Hash, Manifest, Policy};
+use crate::path::RelPath;
+use crate::release::ReleaseId;
+use crate::wire::{
+    decode, encode_frame, max_payload_len, peek_version, AppName, BasisRef, ClientMsg, Command,
+    DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, NeedFile, ReleaseInfo, Staged,
+    WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_FILE_HEADER, MAX_MAX_FRAME, MIN_MAX_FRAME,
+    VERSION,
+};
+
+use super::{Deadlines, ProtoError};
+
+/// Bound on the encoded size of one [`NeedFile`] (index, option tag, hash, size varint).
+const NEED_FILE_MAX: usize = 5 + 1 + 32 + 10;
+/// Room for everything in a frame besides its list (variant, length varints, flags, counters).
+const FRAME_OVERHEAD: usize = 64;
+
+/// Work the session asks its driver to do. Each is answered with the [`Event`] named in its doc,
+/// or with [`Event::Failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Check that the peer's key may use `app`, take the app's lock when `command` changes
+    /// anything, and recover the app root. Answer [`Event::Opened`]; refuse with
+    /// [`Event::Failed`] (`Unauthorized`, `Busy`, ...).
+    Open { app: AppName, command: Command },
+    /// Find which files of `manifest` the daemon lacks. Answer [`Event::Need`] (see
+    /// [`compute_need`]).
+    ComputeNeed {
+        release: ReleaseId,
+        manifest: Arc<Manifest>,
+    },
+    /// Compute rsync signatures of these bases. Answer one [`Event::Signature`] per file.
+    Signatures { files: Vec<SignatureJob> },
+    /// Read `job.payload_len` bytes that follow the header on its file stream, rebuild the file
+    /// with `delta::apply` into the object store, verify and fsync it. Answer with
+    /// [`DaemonSession::file_finished`].
+    Receive(FileJob),
+    /// Build `release` from kept releases and the object store, sync, verify and mark it
+    /// complete. Answer [`Event::Staged`].
+    Stage {
+        release: ReleaseId,
+        manifest: Arc<Manifest>,
+    },
+    /// Point `current` at `release` (already current is fine) and fsync. Answer
+    /// [`Event::Activated`].
+    Activate { release: ReleaseId },
+    /// Answer [`Event::Releases`].
+    ListReleases,
+    /// Answer [`Event::Activated`] with the release now current.
+    Rollback { to: Option<ReleaseId> },
+    /// Answer [`Event::Pruned`].
+    Prune { keep: Option<u32> },
+}
+
+/// The result of a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer may go on; `policy` is the app's manifest policy (its `max_entries` is further
+    /// capped by the session's limits).
+    Opened {
+        policy: Policy,
+    },
+    Need(NeedList),
+    /// The signature of a requested basis; `None` when the basis is missing or fails its
+    /// check, so the client sends the file in full.
+    Signature {
+        file: u32,
+        data: Option<Vec<u8>>,
+    },
+    /// The release is complete; `linked` files came from kept releases by hard link.
+    Staged {
+        linked: u64,
+    },
+    Activated {
+        release: ReleaseId,
+    },
+    Releases(Vec<ReleaseInfo>),
+    Pruned {
+        removed: Vec<ReleaseId>,
+    },
+    /// The request failed; the session ends and tells the client `kind` and `message`.
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// What the daemon lacks for a manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NeedList {
+    /// Needed files, by strictly increasing file index.
+    pub files: Vec<NeedFile>,
+    /// Files that will not be received (content already present, or a duplicate of a needed
+    /// file's content) and their bytes.
+    pub have_files: u64,
+    pub have_bytes: u64,
+}
+
+/// A basis to compute a signature of: the current release's file at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureJob {
+    pub file: u32,
+    pub path: RelPath,
+    pub basis: BasisRef,
+}
+
+/// An admitted file payload and everything needed to store it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileJob {
+    pub file: u32,
+    pub path: RelPath,
+    pub size: u64,
+    pub mode: u32,
+    pub hash: Hash,
+    pub format: DeltaFormat,
+    /// For `ZstdRef` and `Rsync`: the content the payload applies to, the current release's file
+    /// at `path` when the need was computed by [`compute_need`].
+    pub basis: Option<BasisRef>,
+    pub payload_len: u64,
+}
+
+/// Why a file could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFailure {
+    /// The payload rebuilt to content with another hash: the sender lied or its file changed.
+    HashMismatch { actual: Hash },
+    /// The payload is not a valid encoding of the file (bad frame, wrong size, bad delta).
+    Corrupt(String),
+    /// The file stream ended before `payload_len` bytes.
+    Truncated { received: u64 },
+    /// Storing failed on this side (disk full, I/O error, basis unreadable).
+    Local { kind: ErrorKind, message: String },
+}
+
+/// How a session ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The release was built; `activated` tells whether the client also activated it.
+    Pushed {
+        staged: Staged,
+        activated: bool,
+    },
+    Listed,
+    Activated {
+        release: ReleaseId,
+    },
+    RolledBack {
+        release: ReleaseId,
+    },
+    Pruned {
+        removed: Vec<ReleaseId>,
+    },
+}
+
+/// Where a session stands, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Waiting for `Hello`, or for the driver to authorize it.
+    Handshake,
+    /// Receiving the manifest.
+    Manifest,
+    /// Waiting for the driver's need computation.
+    ComputingNeed,
+    /// Receiving files.
+    Transfer,
+    /// Waiting for the driver to build the release.
+    Staging,
+    /// Release staged; waiting for `Activate`, or activating.
+    Activation,
+    /// Waiting for the driver to carry out a command.
+    Command,
+    Finished,
+}
+
+/// What the daemon lacks of `manifest`, given which contents it `have`s (kept releases and the
+/// object store).
+///
+/// Lists every file of `manifest` whose content `have` does not know, once per distinct content;
+/// the basis of a needed file is the file at the same path in `current` when its content differs
+/// and is not empty.
+pub fn compute_need(
+    manifest: &Manifest,
+    current: Option<&Manifest>,
+    have: impl Fn(&Hash) -> bool,
+) -> NeedList {
+    let mut out = NeedList::default();
+    let mut wanted = HashSet::new();
+    for (i, (path, size, _, hash)) in manifest.files().enumerate() {
+        if have(hash) || !wanted.insert(*hash) {
+            out.have_files += 1;
+            out.have_bytes = out.have_bytes.saturating_add(size);
+            continue;
+        }
+        let basis = current
+            .and_then(|c| c.get(path))
+            .and_then(|e| match e.kind {
+                EntryKind::File { size, hash: h, .. } if h != *hash && size > 0 => {
+                    Some(BasisRef { hash: h, size })
+                }
+                _ => None,
+            });
+        out.files.push(NeedFile {
+            file: u32::try_from(i).unwrap_or(u32::MAX),
+            basis,
+        });
+    }
+    out
+}
+
+/// The manifest being received.
+#[derive(Debug)]
+struct ManifestIn {
+    release: ReleaseId,
+    len: u64,
+    digest: Hash,
+    buf: Vec<u8>,
+    policy: Policy,
+}
+
+/// A validated push: the release, its manifest and where each file sits among the entries.
+#[derive(Debug, Clone)]
+struct Push {
+    release: ReleaseId,
+    manifest: Arc<Manifest>,
+    /// Entry index of each file, by file index.
+    files: Vec<u32>,
+}
+
+impl Push {
+    fn file(&self, file: u32) -> Option<(&RelPath, u64, u32, Hash)> {
+        let e = self
+            .manifest
+            .entries()
+            .get(*self.files.get(file as usize)? as usize)?;
+        match &e.kind {
+            EntryKind::File { size, mode, hash } => Some((&e.path, *size, *mode, *hash)),
+            _ => None,
+        }
+    }
+
+    fn describe(&self, file: u32) -> String {
+        match self.file(file) {
+            Some((path, ..)) => format!("file {file} ({path})"),
+            None => format!("file {file}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sig {
+    NotRequested,
+    Requested,
+    Answered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Not announced yet.
+    Pending,
+    /// Header accepted, waiting for room in the budget.
+    Queued {
+        format: DeltaFormat,
+        payload_len: u64,
+    },
+    /// Handed to the driver.
+    Receiving {
+        payload_len: u64,
+    },
+    Received,
+}
+
+#[derive(Debug)]
+struct Slot {
+    basis: Option<BasisRef>,
+    sig: Sig,
+    progress: Progress,
+}
+
+/// The file transfer of a push.
+#[derive(Debug)]
+struct Transfer {
+    push: Push,
+    slots: HashMap<u32, Slot>,
+    /// Needed files not yet announced by a header.
+    unannounced: usize,
+    /// Needed files not yet received.
+    remaining: usize,
+    in_flight: u64,
+    queue: VecDeque<u32>,
+    done: bool,
+    received: u64,
+    received_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Awaiting {
+    Releases,
+    Activate(ReleaseId),
+    Rollback(Option<ReleaseId>),
+    Prune,
+}
+
+#[derive(Debug)]
+enum State {
+    Hello,
+    Opening { command: Command },
+    Manifest(ManifestIn),
+    ComputingNeed(Push),
+    Receiving(Transfer),
+    Staging(Transfer),
+    Staged { staged: Staged },
+    Activating { staged: Staged },
+    Command(Awaiting),
+    Finished,
+}
+
+/// The daemon's protocol state for one connection.
+#[derive(Debug)]
+pub struct DaemonSession {
+    limits: Limits,
+    decoder: FrameDecoder,
+    state: State,
+    clock: Deadlines,
+    client_max_frame: u32,
+    transmit: VecDeque<Vec<u8>>,
+    requests: VecDeque<Request>,
+    outcome: Option<Result<Outcome, ProtoError>>,
+}
+
+impl DaemonSession {
+    /// A session for a connection accepted at `now` (ms).
+    pub fn new(limits: Limits, now: u64) -> DaemonSession {
+        DaemonSession {
+            decoder: FrameDecoder::new(limits.max_frame),
+            clock: Deadlines::new(now, limits.message_timeout_ms, limits.push_timeout_ms),
+            limits,
+            state: State::Hello,
+            client_max_frame: MIN_MAX_FRAME,
+            transmit: VecDeque::new(),
+            requests: VecDeque::new(),
+            outcome: None,
+        }
+    }
+
+    /// A decoder for the [`FileHeader`] frame at the start of every file payload.
+    pub fn file_header_decoder() -> FrameDecoder {
+        FrameDecoder::new(MAX_FILE_HEADER)
+    }
+
+    /// Bytes as they arrive on the control stream, in any chunking.
+    pub fn handle_control(&mut self, mut bytes: &[u8], now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        if !bytes.is_empty() {
+            self.clock.progress(now);
+        }
+        while !self.is_finished() {
+            match self.decoder.decode(&mut bytes) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_frame(&frame) {
+                        self.fail(e);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => self.fail(e.into()),
+            }
+        }
+    }
+
+    /// The client finished its side of the control stream.
+    pub fn handle_control_end(&mut self, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        if let Err(e) = self.decoder.finish() {
+            return self.fail(e.into());
+        }
+        match std::mem::replace(&mut self.state, State::Finished) {
+            // Without --activate the client leaves once the release is staged.
+            State::Staged { staged } => self.finish(Outcome::Pushed {
+                staged,
+                activated: false,
+            }),
+            other => {
+                self.state = other;
+                let what = self.waiting_label();
+                self.fail(ProtoError::Protocol(format!(
+                    "client closed the control stream while the daemon was waiting for {what}"
+                )));
+            }
+        }
+    }
+
+    /// Payload bytes arrived on a file stream: the client is alive.
+    pub fn handle_progress(&mut self, now: u64) {
+        self.clock.progress(now);
+    }
+
+    /// A file stream failed before its header was complete (`WireError::FrameTooLarge`,
+    /// `WireError::Truncated`, ...).
+    pub fn handle_stream_error(&mut self, err: WireError, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        self.fail(err.into());
+    }
+
+    /// The body of a file stream's header frame (see [`DaemonSession::file_header_decoder`]).
+    /// If the file may be received, a [`Request::Receive`] for it comes out of
+    /// [`DaemonSession::poll_request`], at once or when the bytes-in-flight budget has room;
+    /// the driver holds the stream until then.
+    pub fn accept_file(&mut self, frame: &[u8], now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        let result = decode::<FileHeader>(frame)
+            .map_err(ProtoError::from)
+            .and_then(|h| self.on_header(h));
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+
+    /// The driver finished (or failed) a [`Request::Receive`].
+    pub fn file_finished(&mut self, file: u32, result: Result<(), FileFailure>, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        if let Err(e) = self.on_file_finished(file, result) {
+            self.fail(e);
+        }
+    }
+
+    /// The result of a [`Request`].
+    pub fn handle_event(&mut self, event: Event, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        // Whatever the session waits for next, its clock starts now rather than when the
+        // driver was asked.
+        self.clock.progress(now);
+        if let Err(e) = self.on_event(event) {
+            self.fail(e);
+        }
+    }
+
+    /// Call when the deadline from [`DaemonSession::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        if let Some(e) = self.clock.expired(now, self.waiting_for_client()) {
+            self.fail(e);
+        }
+    }
+
+    /// The next frame to write on the control stream.
+    ///
+    /// `now` is unused here; it keeps the two sessions' driver loops alike (the client starts a
+    /// deadline when its last manifest chunk leaves).
+    pub fn poll_transmit(&mut self, now: u64) -> Option<Vec<u8>> {
+        let _ = now;
+        self.transmit.pop_front()
+    }
+
+    /// The next piece of work for the driver.
+    pub fn poll_request(&mut self) -> Option<Request> {
+        self.requests.pop_front()
+    }
+
+    /// When to call [`DaemonSession::handle_timeout`]; `None` once finished.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        (!self.is_finished()).then(|| self.clock.next(self.waiting_for_client()))
+    }
+
+    pub fn state(&self) -> DaemonState {
+        match &self.state {
+            State::Hello | State::Opening { .. } => DaemonState::Handshake,
+            State::Manifest(_) => DaemonState::Manifest,
+            State::ComputingNeed(_) => DaemonState::ComputingNeed,
+            State::Receiving(_) => DaemonState::Transfer,
+            State::Staging(_) => DaemonState::Staging,
+            State::Staged { .. } | State::Activating { .. } => DaemonState::Activation,
+            State::Command(_) => DaemonState::Command,
+            State::Finished => DaemonState::Finished,
+        }
+    }
+
+    /// Whether the session ended; drain [`DaemonSession::poll_transmit`], then close.
+    pub fn is_finished(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// How the session ended, once it has.
+    pub fn outcome(&self) -> Option<&Result<Outcome, ProtoError>> {
+        self.outcome.as_ref()
+    }
+
+    /// Payload bytes admitted and not yet finished.
+    pub fn bytes_in_flight(&self) -> u64 {
+        match &self.state {
+            State::Receiving(t) => t.in_flight,
+            _ => 0,
+        }
+    }
+
+    fn send(&mut self, msg: &DaemonMsg) {
+        self.transmit.push_back(encode_frame(msg));
+    }
+
+    fn fail(&mut self, err: ProtoError) {
+        if self.is_finished() {
+            return;
+        }
+        let mut message = err.to_string();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        self.send(&DaemonMsg::Error {
+            kind: err.kind(),
+            message,
+        });
+        self.requests.clear();
+        self.state = State::Finished;
+        self.outcome = Some(Err(err));
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.state = State::Finished;
+        self.outcome = Some(Ok(outcome));
+    }
+
+    /// What the session waits for, in words.
+    fn waiting_label(&self) -> &'static str {
+        match &self.state {
+            State::Hello => "Hello",
+            State::Opening { .. } => "authorization",
+            State::Manifest(_) => "the rest of the manifest",
+            State::ComputingNeed(_) => "the need computation",
+            State::Receiving(t) if !t.done => "files and Done",
+            State::Receiving(_) => "files to be stored",
+            State::Staging(_) => "the release to be built",
+            State::Staged { .. } => "Activate or the end of the control stream",
+            State::Activating { .. } => "activation",
+            State::Command(_) => "the command to complete",
+            State::Finished => "nothing",
+        }
+    }
+
+    /// What the client owes, if anything: the message deadline runs only then.
+    fn waiting_for_client(&self) -> Option<&'static str> {
+        match &self.state {
+            State::Hello => Some("Hello"),
+            State::Manifest(_) => Some("manifest chunk"),
+            State::Receiving(t) if !t.done || t.unannounced > 0 => Some("file data or Done"),
+            State::Staged { .. } => Some("Activate"),
+            _ => None,
+        }
+    }
+
+    fn unexpected(&self, msg: &ClientMsg) -> ProtoError {
+        ProtoError::Protocol(format!(
+            "unexpected {} while the daemon was waiting for {}",
+            msg.name(),
+            self.waiting_label()
+        ))
+    }
+
+    fn on_frame(&mut self, frame: &[u8]) -> Result<(), ProtoError> {
+        if matches!(self.state, State::Hello) {
+            if let Some(theirs) = peek_version(frame).filter(|v| *v != VERSION) {
+                return Err(ProtoError::Version {
+                    ours: VERSION,
+                    theirs,
+                });
+            }
+        }
+        let msg = decode::<ClientMsg>(frame)?;
+        match msg {
+            ClientMsg::Hello {
+                version: _,
+                app,
+                command,
+                max_frame,
+            } if matches!(self.state, State::Hello) => self.on_hello(app, command, max_frame),
+            ClientMsg::ManifestChunk { data, last } if matches!(self.state, State::Manifest(_)) => {
+                self.on_chunk(&data, last)
+            }
+            ClientMsg::SignatureRequest { files } if matches!(self.state, State::Receiving(_)) => {
+                self.on_signature_request(&files)
+            }
+            ClientMsg::Done { files_sent } if matches!(self.state, State::Receiving(_)) => {
+                self.on_done(files_sent)
+            }
+            ClientMsg::Activate { release } if matches!(self.state, State::Staged { .. }) => {
+                self.on_activate(release)
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        app: AppName,
+        command: Command,
+        max_frame: u32,
+    ) -> Result<(), ProtoError> {
+        if max_frame < MIN_MAX_FRAME {
+            return Err(ProtoError::Protocol(format!(
+                "client announces max_frame of {max_frame} bytes, below the minimum of {MIN_MAX_FRAME}"
+            )));
+        }
+        self.client_max_frame = max_frame.min(MAX_MAX_FRAME);
+        match &command {
+            Command::Sync { .. } => {
+                return Err(ProtoError::Protocol(
+                    "sync is not supported by this daemon yet; upgrade relsyncd".into(),
+                ))
+            }
+            Command::Push { manifest_len, .. } => {
+                if *manifest_len > self.limits.max_manifest_bytes {
+                    return Err(ProtoError::Limit(format!(
+                        "manifest of {manifest_len} bytes is over the daemon's max_manifest_bytes of {}; raise it in the daemon configuration or split the app",
+                        self.limits.max_manifest_bytes
+                    )));
+                }
+                if *manifest_len == 0 {
+                    return Err(ProtoError::Protocol(
+                        "push announces an empty manifest encoding".into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        self.requests.push_back(Request::Open {
+            app,
+            command: command.clone(),
+        });
+        self.state = State::Opening { command };
+        Ok(())
+    }
+
+    fn on_chunk(&mut self, data: &[u8], last: bool) -> Result<(), ProtoError> {
+        let State::Manifest(m) = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        if data.len() as u64 > m.len - m.buf.len() as u64 {
+            return Err(ProtoError::Protocol(format!(
+                "manifest chunks exceed the {} bytes announced in Hello",
+                m.len
+            )));
+        }
+        m.buf.extend_from_slice(data);
+        if !last {
+            return Ok(());
+        }
+        if m.buf.len() as u64 != m.len {
+            return Err(ProtoError::Protocol(format!(
+                "manifest ended after {} of the {} bytes announced in Hello",
+                m.buf.len(),
+                m.len
+            )));
+        }
+        let actual = Hash::of(&m.buf);
+        if actual != m.digest {
+            return Err(ProtoError::Protocol(format!(
+                "manifest digest is {actual} but Hello announced {}",
+                m.digest
+            )));
+        }
+        let cap = usize::try_from(self.limits.max_manifest_entries).unwrap_or(usize::MAX);
+        let policy = Policy {
+            max_entries: m.policy.max_entries.min(cap),
+            ..m.policy
+        };
+        let manifest = Manifest::decode(&m.buf, &policy)?;
+        if manifest.len() > u32::MAX as usize {
+            return Err(ProtoError::Limit(format!(
+                "manifest has {} entries, more than the protocol can number",
+                manifest.len()
+            )));
+        }
+        let files = manifest
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let push = Push {
+            release: m.release.clone(),
+            manifest: Arc::new(manifest),
+            files,
+        };
+        self.requests.push_back(Request::ComputeNeed {
+            release: push.release.clone(),
+            manifest: Arc::clone(&push.manifest),
+        });
+        self.state = State::ComputingNeed(push);
+        Ok(())
+    }
+
+    fn on_signature_request(&mut self, files: &[u32]) -> Result<(), ProtoError> {
+        let State::Receiving(t) = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        let mut jobs = Vec::with_capacity(files.len().min(t.slots.len()));
+        for &file in files {
+            let Some(slot) = t.slots.get_mut(&file) else {
+                return Err(ProtoError::Protocol(format!(
+                    "signature requested for {}, which the daemon did not ask for",
+                    t.push.describe(file)
+                )));
+            };
+            let Some(basis) = slot.basis else {
+                return Err(ProtoError::Protocol(format!(
+                    "signature requested for {}, which has no basis",
+                    t.push.describe(file)
+                )));
+            };
+            if slot.sig != Sig::NotRequested {
+                return Err(ProtoError::Protocol(format!(
+                    "signature for {} requested twice",
+                    t.push.describe(file)
+                )));
+            }
+            slot.sig = Sig::Requested;
+            let path = t
+                .push
+                .file(file)
+                .map(|(p, ..)| p.clone())
+                .ok_or_else(|| ProtoError::Misuse(format!("need lists unknown file {file}")))?;
+            jobs.push(SignatureJob { file, path, basis });
+        }
+        if !jobs.is_empty() {
+            self.requests.push_back(Request::Signatures { files: jobs });
+        }
+        Ok(())
+    }
+
+    fn on_done(&mut self, files_sent: u64) -> Result<(), ProtoError> {
+        let State::Receiving(t) = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        if t.done {
+            return Err(ProtoError::Protocol("Done sent twice".into()));
+        }
+        if files_sent != t.slots.len() as u64 {
+            return Err(ProtoError::Protocol(format!(
+                "client says it sent {files_sent} files but the daemon needs {}",
+                t.slots.len()
+            )));
+        }
+        t.done = true;
+        self.maybe_stage();
+        Ok(())
+    }
+
+    fn on_activate(&mut self, release: ReleaseId) -> Result<(), ProtoError> {
+        let State::Staged { staged } = std::mem::replace(&mut self.state, State::Finished) else {
+            unreachable!("checked by the caller")
+        };
+        if release != staged.release {
+            let err = ProtoError::Protocol(format!(
+                "Activate names release {release} but this push staged {}",
+                staged.release
+            ));
+            self.state = State::Staged { staged };
+            return Err(err);
+        }
+        self.requests.push_back(Request::Activate { release });
+        self.state = State::Activating { staged };
+        Ok(())
+    }
+
+    fn on_header(&mut self, h: FileHeader) -> Result<(), ProtoError> {
+        let State::Receiving(t) = &mut self.state else {
+            return Err(ProtoError::Protocol(format!(
+                "file stream for file {} while the daemon was waiting for {}",
+                h.file,
+                self.waiting_label()
+            )));
+        };
+        let what = t.push.describe(h.file);
+        let Some(slot) = t.slots.get_mut(&h.file) else {
+            return Err(ProtoError::Protocol(format!(
+                "client sent {what}, which the daemon did not ask for"
+            )));
+        };
+        if slot.progress != Progress::Pending {
+            return Err(ProtoError::Protocol(format!("client sent {what} twice")));
+        }
+        let basis_ok = match h.format {
+            DeltaFormat::Full => h.basis.is_none(),
+            // An rsync payload needs only the basis to apply, not the signature the daemon
+            // sent: a client may compute one itself (delta::encode does for bases beyond zstd's
+            // window).
+            DeltaFormat::ZstdRef | DeltaFormat::Rsync => {
+                slot.basis.is_some_and(|b| Some(b.hash) == h.basis)
+            }
+        };
+        if !basis_ok {
+            return Err(ProtoError::Protocol(format!(
+                "client sent a {} payload for {what} against basis {:?}, not the basis the daemon offered",
+                h.format, h.basis
+            )));
+        }
+        let (_, size, _, _) = t
+            .push
+            .file(h.file)
+            .ok_or_else(|| ProtoError::Misuse(format!("need lists unknown file {}", h.file)))?;
+        if h.payload_len > max_payload_len(size) {
+            return Err(ProtoError::Limit(format!(
+                "client announces a payload of {} bytes for {what} of {size} bytes, over the bound of {}",
+                h.payload_len,
+                max_payload_len(size)
+            )));
+        }
+        slot.progress = Progress::Queued {
+            format: h.format,
+            payload_len: h.payload_len,
+        };
+        t.unannounced -= 1;
+        t.queue.push_back(h.file);
+        self.admit();
+        Ok(())
+    }
+
+    /// Hands queued files to the driver, oldest first, while the budget has room. A payload
+    /// larger than the whole budget goes alone, so every file can be received.
+    fn admit(&mut self) {
+        let State::Receiving(t) = &mut self.state else {
+            return;
+        };
+        while let Some(&file) = t.queue.front() {
+            let slot = t.slots.get_mut(&file).expect("queued files have slots");
+            let Progress::Queued {
+                format,
+                payload_len,
+            } = slot.progress
+            else {
+                unreachable!("queued files are in the Queued state")
+            };
+            let room = t.in_flight == 0
+                || t.in_flight.saturating_add(payload_len) <= self.limits.max_bytes_in_flight;
+            if !room {
+                break;
+            }
+            t.queue.pop_front();
+            t.in_flight += payload_len;
+            slot.progress = Progress::Receiving { payload_len };
+            let (path, size, mode, hash) = t.push.file(file).expect("slots hold manifest files");
+            let job = FileJob {
+                file,
+                path: path.clone(),
+                size,
+                mode,
+                hash,
+                format,
+                basis: if format == DeltaFormat::Full {
+                    None
+                } else {
+                    slot.basis
+                },
+                payload_len,
+            };
+            self.requests.push_back(Request::Receive(job));
+        }
+    }
+
+    fn on_file_finished(
+        &mut self,
+        file: u32,
+        result: Result<(), FileFailure>,
+    ) -> Result<(), ProtoError> {
+        let State::Receiving(t) = &mut self.state else {
+            return Err(ProtoError::Misuse(format!(
+                "file_finished({file}) while no file transfer runs"
+            )));
+        };
+        let what = t.push.describe(file);
+        let slot = t.slots.get_mut(&file);
+        let Some(Slot {
+            progress: Progress::Receiving { payload_len },
+            ..
+        }) = slot
+        else {
+            return Err(ProtoError::Misuse(format!(
+                "file_finished for {what}, which was not being received"
+            )));
+        };
+        let payload_len = *payload_len;
+        let path = t
+            .push
+            .file(file)
+            .map(|(p, ..)| p.to_string())
+            .unwrap_or_default();
+        match result {
+            Ok(()) => {
+                t.slots.get_mut(&file).expect("checked").progress = Progress::Received;
+                t.in_flight -= payload_len;
+                t.remaining -= 1;
+                t.received += 1;
+                t.received_bytes += payload_len;
+            }
+            Err(FileFailure::HashMismatch { actual }) => {
+                return Err(ProtoError::Verify(format!(
+                    "{path}: received content hashes to {actual}, not the hash in the manifest; the file changed during the push or the client is faulty, push again"
+                )))
+            }
+            Err(FileFailure::Corrupt(detail)) => {
+                return Err(ProtoError::Verify(format!(
+                    "{path}: payload does not rebuild the file ({detail}); push again"
+                )))
+            }
+            Err(FileFailure::Truncated { received }) => {
+                return Err(ProtoError::Protocol(format!(
+                    "{path}: file stream ended after {received} of {payload_len} payload bytes"
+                )))
+            }
+            Err(FileFailure::Local { kind, message }) => {
+                return Err(ProtoError::Local {
+                    kind,
+                    message: format!("{path}: {message}"),
+                })
+            }
+        }
+        self.admit();
+        self.maybe_stage();
+        Ok(())
+    }
+
+    fn maybe_stage(&mut self) {
+        let ready = matches!(&self.state, State::Receiving(t) if t.done && t.remaining == 0);
+        if !ready {
+            return;
+        }
+        let State::Receiving(t) = std::mem::replace(&mut self.state, State::Finished) else {
+            unreachable!("checked above")
+        };
+        self.requests.push_back(Request::Stage {
+            release: t.push.release.clone(),
+            manifest: Arc::clone(&t.push.manifest),
+        });
+        self.state = State::Staging(t);
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), ProtoError> {
+        if let Event::Failed { kind, message } = event {
+            return Err(ProtoError::Local { kind, message });
+        }
+        match (std::mem::replace(&mut self.state, State::Finished), event) {
+            (State::Opening { command }, Event::Opened { policy }) => {
+                self.send(&DaemonMsg::Welcome {
+                    version: VERSION,
+                    limits: self.limits,
+                });
+                self.state = match command {
+                    Command::Push {
+                        release,
+                        manifest_len,
+                        manifest_digest,
+                    } => State::Manifest(ManifestIn {
+                        release,
+                        len: manifest_len,
+                        digest: manifest_digest,
+                        buf: Vec::new(),
+                        policy,
+                    }),
+                    Command::Releases => {
+                        self.requests.push_back(Request::ListReleases);
+                        State::Command(Awaiting::Releases)
+                    }
+                    Command::Activate { release } => {
+                        self.requests.push_back(Request::Activate {
+                            release: release.clone(),
+                        });
+                        State::Command(Awaiting::Activate(release))
+                    }
+                    Command::Rollback { to } => {
+                        self.requests
+                            .push_back(Request::Rollback { to: to.clone() });
+                        State::Command(Awaiting::Rollback(to))
+                    }
+                    Command::Prune { keep } => {
+                        self.requests.push_back(Request::Prune { keep });
+                        State::Command(Awaiting::Prune)
+                    }
+                    Command::Sync { .. } => {
+                        return Err(ProtoError::Misuse("sync was opened".into()));
+                    }
+                };
+                Ok(())
+            }
+            (State::ComputingNeed(push), Event::Need(need)) => self.on_need(push, need),
+            (State::Receiving(mut t), Event::Signature { file, data }) => {
+                let slot = t.slots.get_mut(&file).filter(|s| s.sig == Sig::Requested);
+                let Some(slot) = slot else {
+                    let what = t.push.describe(file);
+                    self.state = State::Receiving(t);
+                    return Err(ProtoError::Misuse(format!(
+                        "signature for {what}, which was not requested"
+                    )));
+                };
+                let mut frame = encode_frame(&DaemonMsg::Signature {
+                    file,
+                    data: data.unwrap_or_default(),
+                });
+                if frame.len() - FRAME_HEADER_LEN > self.client_max_frame as usize {
+                    // Too big for the client to read: it sends the file in full instead.
+                    frame = encode_frame(&DaemonMsg::Signature { file, data: vec![] });
+                }
+                slot.sig = Sig::Answered;
+                self.transmit.push_back(frame);
+                self.state = State::Receiving(t);
+                Ok(())
+            }
+            (State::Staging(t), Event::Staged { linked }) => {
+                let staged = Staged {
+                    release: t.push.release.clone(),
+                    files: t.push.files.len() as u64,
+                    bytes: t.push.manifest.total_file_bytes(),
+                    linked,
+                    received: t.received,
+                    received_bytes: t.received_bytes,
+                };
+                self.send(&DaemonMsg::Staged(staged.clone()));
+                self.state = State::Staged { staged };
+                Ok(())
+            }
+            (State::Activating { staged }, Event::Activated { release })
+                if release == staged.release =>
+            {
+                self.send(&DaemonMsg::Activated { release });
+                self.finish(Outcome::Pushed {
+                    staged,
+                    activated: true,
+                });
+                Ok(())
+            }
+            (State::Command(Awaiting::Activate(want)), Event::Activated { release })
+                if release == want =>
+            {
+                self.send(&DaemonMsg::Activated {
+                    release: release.clone(),
+                });
+                self.finish(Outcome::Activated { release });
+                Ok(())
+            }
+            (State::Command(Awaiting::Rollback(to)), Event::Activated { release })
+                if to.as_ref().is_none_or(|t| *t == release) =>
+            {
+                self.send(&DaemonMsg::Activated {
+                    release: release.clone(),
+                });
+                self.finish(Outcome::RolledBack { release });
+                Ok(())
+            }
+            (State::Command(Awaiting::Releases), Event::Releases(list)) => {
+                self.send_reply(&DaemonMsg::Releases { list }, "release list")?;
+                self.finish(Outcome::Listed);
+                Ok(())
+            }
+            (State::Command(Awaiting::Prune), Event::Pruned { removed }) => {
+                self.send_reply(
+                    &DaemonMsg::Pruned {
+                        removed: removed.clone(),
+                    },
+                    "list of pruned releases",
+                )?;
+                self.finish(Outcome::Pruned { removed });
+                Ok(())
+            }
+            (state, event) => {
+                self.state = state;
+                Err(ProtoError::Misuse(format!(
+                    "event {event:?} while waiting for {}",
+                    self.waiting_label()
+                )))
+            }
+        }
+    }
+
+    fn send_reply(&mut self, msg: &DaemonMsg, what: &str) -> Result<(), ProtoError> {
+        let frame = encode_frame(msg);
+        if frame.len() - FRAME_HEADER_LEN > self.client_max_frame as usize {
+            return Err(ProtoError::Local {
+                kind: ErrorKind::Limit,
+                message: format!(
+                    "the {what} does not fit in the client's max_frame of {} bytes; prune old releases or raise the client's max_frame",
+                    self.client_max_frame
+                ),
+            });
+        }
+        self.transmit.push_back(frame);
+        Ok(())
+    }
+
+    fn on_need(&mut self, push: Push, need: NeedList) -> Result<(), ProtoError> {
+        let count = push.files.len();
+        let mut prev: Option<u32> = None;
+        for n in &need.files {
+            if n.file as usize >= count || prev.is_some_and(|p| p >= n.file) {
+                return Err(ProtoError::Misuse(format!(
+                    "need list names file {} out of order or beyond the {count} files",
+                    n.file
+                )));
+            }
+            prev = Some(n.file);
+        }
+        let slots: HashMap<u32, Slot> = need
+            .files
+            .iter()
+            .map(|n| {
+                (
+                    n.file,
+                    Slot {
+                        basis: n.basis,
+                        sig: Sig::NotRequested,
+                        progress: Progress::Pending,
+                    },
+                )
+            })
+            .collect();
+        let per_frame = (self.client_max_frame as usize - FRAME_OVERHEAD) / NEED_FILE_MAX;
+        let mut chunks = need.files.chunks(per_frame).peekable();
+        if chunks.peek().is_none() {
+            self.send(&DaemonMsg::Need {
+                files: vec![],
+                last: true,
+                have_files: need.have_files,
+                have_bytes: need.have_bytes,
+            });
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.send(&DaemonMsg::Need {
+                files: chunk.to_vec(),
+                last,
+                have_files: need.have_files,
+                have_bytes: need.have_bytes,
+            });
+        }
+        let n = slots.len();
+        self.state = State::Receiving(Transfer {
+            push,
+            slots,
+            unannounced: n,
+            remaining: n,
+            in_flight: 0,
+            queue: VecDeque::new(),
+            done: false,
+            received: 0,
+            received_bytes: 0,
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Entry;
+    use crate::wire::Message;
+
+    fn h(b: u8) -> Hash {
+        Hash::of(&[b])
+    }
+
+    fn manifest(files: &[(&str, u8, u64)]) -> Manifest {
+        let entries = files
+            .iter()
+            .map(|(p, c, size)| Entry::file(p, *size, 0o644, h(*c)).unwrap())
+            .collect();
+        Manifest::from_unsorted(entries, &Policy::default()).unwrap()
+    }
+
+    #[test]
+    fn need_skips_present_and_duplicate_content_and_picks_bases() {
+        let current = manifest(&[("a", 1, 10), ("b", 2, 20), ("c", 3, 0), ("d", 4, 40)]);
+        let new = manifest(&[
+            ("a", 1, 10), // unchanged, present
+            ("b", 5, 21), // changed: basis b
+            ("c", 6, 5),  // changed, but the old content is empty: no basis
+            ("d", 4, 40), // unchanged
+            ("e", 7, 70), // new
+            ("f", 7, 70), // same content as e
+            ("g", 9, 90), // in the object store
+        ]);
+        let have = |x: &Hash| [h(1), h(2), h(3), h(4), h(9)].contains(x);
+        let need = compute_need(&new, Some(&current), have);
+        assert_eq!(
+            need.files,
+            vec![
+                NeedFile {
+                    file: 1,
+                    basis: Some(BasisRef {
+                        hash: h(2),
+                        size: 20
+                    })
+                },
+                NeedFile {
+                    file: 2,
+                    basis: None
+                },
+                NeedFile {
+                    file: 4,
+                    basis: None
+                },
+            ]
+        );
+        assert_eq!((need.have_files, need.have_bytes), (4, 10 + 40 + 70 + 90));
+        let fresh = compute_need(&new, None, |_| false);
+        assert_eq!(fresh.files.len(), 6);
+        assert!(fresh.files.iter().all(|n| n.basis.is_none()));
+    }
+
+    fn hello(command: Command) -> Vec<u8> {
+        ClientMsg::Hello {
+            version: VERSION,
+            app: AppName::new("shop").unwrap(),
+            command,
+            max_frame: MIN_MAX_FRAME,
+        }
+        .frame()
+    }
+
+    fn error_of(s: &mut DaemonSession) -> (ErrorKind, String) {
+        let mut last = None;
+        while let Some(f) = s.poll_transmit(0) {
+            last = Some(decode::<DaemonMsg>(&f[4..]).unwrap());
+        }
+        match last {
+            Some(DaemonMsg::Error { kind, message }) => (kind, message),
+            other => panic!("expected an Error frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_other_than_push_map_to_one_request_each() {
+        let r = ReleaseId::new("r1").unwrap();
+        let table: Vec<(Command, Request, Event, DaemonMsg, Outcome)> = vec![
+            (
+                Command::Releases,
+                Request::ListReleases,
+                Event::Releases(vec![]),
+                DaemonMsg::Releases { list: vec![] },
+                Outcome::Listed,
+            ),
+            (
+                Command::Activate { release: r.clone() },
+                Request::Activate { release: r.clone() },
+                Event::Activated { release: r.clone() },
+                DaemonMsg::Activated { release: r.clone() },
+                Outcome::Activated { release: r.clone() },
+            ),
+            (
+                Command::Rollback { to: None },
+                Request::Rollback { to: None },
+                Event::Activated { release: r.clone() },
+                DaemonMsg::Activated { release: r.clone() },
+                Outcome::RolledBack { release: r.clone() },
+            ),
+            (
+                Command::Prune { keep: Some(3) },
+                Request::Prune { keep: Some(3) },
+                Event::Pruned {
+                    removed: vec![r.clone()],
+                },
+                DaemonMsg::Pruned {
+                    removed: vec![r.clone()],
+                },
+                Outcome::Pruned {
+                    removed: vec![r.clone()],
+                },
+            ),
+        ];
+        for (command, request, event, reply, outcome) in table {
+            let mut s = DaemonSession::new(Limits::default(), 0);
+            s.handle_control(&hello(command.clone()), 1);
+            assert_eq!(
+                s.poll_request(),
+                Some(Request::Open {
+                    app: AppName::new("shop").unwrap(),
+                    command: command.clone()
+                })
+            );
+            s.handle_event(
+                Event::Opened {
+                    policy: Policy::default(),
+                },
+                2,
+            );
+            assert_eq!(s.poll_request(), Some(request), "{command:?}");
+            s.handle_event(event, 3);
+            let frames: Vec<DaemonMsg> = std::iter::from_fn(|| s.poll_transmit(3))
+                .map(|f| decode(&f[4..]).unwrap())
+                .collect();
+            assert!(matches!(frames[0], DaemonMsg::Welcome { .. }));
+            assert_eq!(frames[1], reply);
+            assert_eq!(s.outcome().unwrap().as_ref().unwrap(), &outcome);
+        }
+    }
+
+    #[test]
+    fn a_refused_open_is_told_to_the_client() {
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_control(&hello(Command::Releases), 1);
+        assert!(matches!(s.poll_request(), Some(Request::Open { .. })));
+        s.handle_event(
+            Event::Failed {
+                kind: ErrorKind::Unauthorized,
+                message: "key abc is not authorized for app shop".into(),
+            },
+            2,
+        );
+        let (kind, message) = error_of(&mut s);
+        assert_eq!(kind, ErrorKind::Unauthorized);
+        assert!(message.contains("app shop"), "{message}");
+        assert!(s.poll_request().is_none());
+        assert!(s.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn hello_is_checked_before_the_driver_sees_it() {
+        let r = ReleaseId::new("r1").unwrap();
+        let push = |len| Command::Push {
+            release: r.clone(),
+            manifest_len: len,
+            manifest_digest: h(0),
+        };
+        let small_frame = ClientMsg::Hello {
+            version: VERSION,
+            app: AppName::new("shop").unwrap(),
+            command: Command::Releases,
+            max_frame: 100,
+        }
+        .frame();
+        let sync = hello(Command::Sync {
+            export: AppName::new("media").unwrap(),
+            subpath: None,
+            delete: false,
+            manifest_len: 10,
+            manifest_digest: h(0),
+        });
+        let future = vec![0, 0, 0, 4, 0, 7, 0xAB, 0xCD];
+        let table: Vec<(&str, Vec<u8>, ErrorKind)> = vec![
+            ("too big", hello(push(u64::MAX)), ErrorKind::Limit),
+            ("empty", hello(push(0)), ErrorKind::BadRequest),
+            ("tiny max_frame", small_frame, ErrorKind::BadRequest),
+            ("sync", sync, ErrorKind::BadRequest),
+            ("future version", future, ErrorKind::Version),
+            (
+                "not hello",
+                ClientMsg::Done { files_sent: 0 }.frame(),
+                ErrorKind::BadRequest,
+            ),
+            (
+                "garbage",
+                vec![0, 0, 0, 2, 0xFF, 0xFF],
+                ErrorKind::BadRequest,
+            ),
+            (
+                "frame too large",
+                vec![0x7F, 0, 0, 0],
+                ErrorKind::FrameTooLarge,
+            ),
+        ];
+        for (name, bytes, want) in table {
+            let mut s = DaemonSession::new(Limits::default(), 0);
+            s.handle_control(&bytes, 1);
+            assert!(s.is_finished(), "{name}");
+            assert!(
+                s.poll_request().is_none(),
+                "{name}: driver must not be asked"
+            );
+            let (kind, message) = error_of(&mut s);
+            assert_eq!(kind, want, "{name}: {message}");
+        }
+    }
+
+    #[test]
+    fn driver_misuse_is_an_internal_error_not_a_panic() {
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_event(Event::Staged { linked: 0 }, 1);
+        assert!(matches!(s.outcome(), Some(Err(ProtoError::Misuse(_)))));
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.file_finished(3, Ok(()), 1);
+        assert_eq!(error_of(&mut s).0, ErrorKind::Internal);
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_char_boundary() {
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_control(&hello(Command::Releases), 1);
+        s.handle_event(
+            Event::Failed {
+                kind: ErrorKind::Internal,
+                message: "é".repeat(5000),
+            },
+            2,
+        );
+        let (_, message) = error_of(&mut s);
+        assert!(message.len() <= MAX_ERROR_MESSAGE);
+        assert!(message.len() >= MAX_ERROR_MESSAGE - 1);
+    }
+}

@@ -1,0 +1,122 @@
+//! The object store a push fills: verified on receipt, linked into the next release, resumable.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+
+use sync_core::edge::object::{ObjectError, ObjectStore};
+use sync_core::edge::root::AppRoot;
+use sync_core::manifest::{Entry, Hash, Manifest, Policy};
+
+use crate::harness::*;
+
+/// The daemon has no source tree: every new file must come from the object store.
+struct NoSource;
+
+impl sync_core::edge::exec::ContentSource for NoSource {
+    fn write_full(
+        &self,
+        path: &sync_core::RelPath,
+        _size: u64,
+        _out: &mut std::fs::File,
+    ) -> Result<(), sync_core::edge::EdgeError> {
+        panic!("{path} should have come from the object store")
+    }
+}
+
+fn store_names(root: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join(".relsync/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn objects_are_verified_on_receipt_and_linked_into_the_release() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("app");
+    let root = AppRoot::open_or_create(&path).unwrap();
+    let store = ObjectStore::open(&root).unwrap();
+    let good = b"<?php echo 'pushed';".to_vec();
+    let h = Hash::of(&good);
+
+    // Wrong content: refused, nothing published, no temporary left.
+    let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
+    w.write_all(b"<?php echo 'LYING!';").unwrap();
+    assert!(matches!(w.finish().unwrap(), Err(ObjectError::Hash { .. })));
+    // More bytes than declared: the write itself fails.
+    let mut w = store.create(h, 0o644, 3).unwrap();
+    assert!(w.write_all(&good).is_err());
+    drop(w);
+    // Too few bytes.
+    let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
+    w.write_all(&good[..4]).unwrap();
+    assert!(matches!(w.finish().unwrap(), Err(ObjectError::Size { .. })));
+    assert!(store_names(&path).is_empty(), "{:?}", store_names(&path));
+
+    let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
+    w.write_all(&good).unwrap();
+    w.finish().unwrap().unwrap();
+    assert_eq!(store.list().unwrap(), HashSet::from([(h, 0o644)]));
+    let obj = path
+        .join(".relsync/objects")
+        .join(store_names(&path)[0].clone());
+    assert_eq!(std::fs::metadata(&obj).unwrap().mode() & 0o777, 0o644);
+    let obj_ino = std::fs::metadata(&obj).unwrap().ino();
+
+    // A release whose only file is that object links it (same inode) and empties the store.
+    let target = Manifest::from_unsorted(
+        vec![Entry::file("pushed.php", good.len() as u64, 0o644, h).unwrap()],
+        &Policy::default(),
+    )
+    .unwrap();
+    let lock = root.lock(|_| {}).unwrap();
+    let mut opts = opts("r1", true);
+    opts.use_objects = true;
+    let report =
+        sync_core::edge::deploy::deploy(&root, &lock, &target, &NoSource, &opts, &|_| {}).unwrap();
+    assert_eq!(report.summary.object_files, 1);
+    let f = path.join("current/pushed.php");
+    assert_eq!(std::fs::read(&f).unwrap(), good);
+    assert_eq!(std::fs::metadata(&f).unwrap().ino(), obj_ino);
+    assert!(store_names(&path).is_empty());
+    drop(lock);
+    assert_i0(&path);
+}
+
+#[test]
+fn corrupt_and_stale_objects_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("app");
+    let root = AppRoot::open_or_create(&path).unwrap();
+    let store = ObjectStore::open(&root).unwrap();
+    let a = b"aaaa".to_vec();
+    let b = b"bbbb".to_vec();
+    for data in [&a, &b] {
+        let mut w = store.create(Hash::of(data), 0o644, 4).unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap().unwrap();
+    }
+    // Damage one behind the store's back (as a crash before writeback could).
+    let damaged = path
+        .join(".relsync/objects")
+        .join(format!("{}.644", Hash::of(&b).to_hex()));
+    std::fs::write(&damaged, b"bbXb").unwrap();
+    let wanted = HashSet::from([(Hash::of(&a), 0o644), (Hash::of(&b), 0o644)]);
+    assert_eq!(
+        store.verified(&wanted).unwrap(),
+        HashSet::from([(Hash::of(&a), 0o644)])
+    );
+    assert!(!damaged.exists());
+    // An interrupted receive leaves a temporary; recovery removes it (and keeps young objects).
+    std::fs::write(path.join(".relsync/objects/.tmp-1-1"), b"partial").unwrap();
+    let lock = root.lock(|_| {}).unwrap();
+    let rec = root.recover(&lock).unwrap();
+    assert_eq!(rec.objects_removed, 1);
+    assert_eq!(store.list().unwrap().len(), 1);
+    // Objects older than the limit go too.
+    assert_eq!(store.clean(std::time::Duration::ZERO).unwrap(), 1);
+    assert!(store.list().unwrap().is_empty());
+}
