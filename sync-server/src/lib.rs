@@ -1,4 +1,5 @@
 //! relsyncd's library: the daemon's building blocks, kept apart from the thin binary.
 
+pub mod config;
 pub mod net;
 pub mod tls;
