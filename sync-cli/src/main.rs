@@ -141,7 +141,7 @@ fn main() -> ExitCode {
             if output::is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("relsync: error: {e:#}");
+            eprintln!("relsync: error: {}", output::render_chain(&e));
             let usage = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<EdgeError>(),

@@ -23,6 +23,23 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The error and its causes on one line, skipping a cause whose text the message already shows
+/// (some library errors name their cause in their own message too).
+pub fn render_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
 fn out(text: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
     o.write_all(text.as_bytes())?;
@@ -32,6 +49,35 @@ fn out(text: &str) -> Result<()> {
 
 pub fn line(text: &str) -> Result<()> {
     out(&format!("{text}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_print_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io)
+            .context("cannot write x: disk on fire")
+            .context("deploying");
+        assert_eq!(render_chain(&e), "deploying: cannot write x: disk on fire");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn human_sizes() {
+        let table = [
+            (0, "0 B"),
+            (999, "999 B"),
+            (1_000, "1.0 kB"),
+            (112_021_387, "112.0 MB"),
+        ];
+        for (n, want) in table {
+            assert_eq!(human(n), want);
+        }
+    }
 }
 
 /// `12.3 MB` style sizes (decimal, like rsync's --human-readable).

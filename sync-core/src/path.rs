@@ -277,7 +277,8 @@ mod tests {
     fn hostile_paths_are_rejected_with_the_right_error() {
         let long_comp = "x".repeat(256);
         let long_path = vec!["abcdefgh"; 600].join("/");
-        let table: &[(&str, fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let table: &[(&str, Check)] = &[
             ("", |e| matches!(e, PathError::Empty)),
             ("../x", |e| matches!(e, PathError::DotComponent(_))),
             ("a/../../x", |e| matches!(e, PathError::DotComponent(_))),

@@ -12,6 +12,9 @@ const PURE: &[&str] = &[
     "retention.rs",
     "delta.rs",
     "delta",
+    "wire.rs",
+    "proto.rs",
+    "proto",
 ];
 
 /// What betrays I/O, a clock or a process in library code.

@@ -152,7 +152,7 @@ pub struct Stager<'a> {
 }
 
 fn eio(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::Other, format!("injected I/O error ({what})"))
+    io::Error::other(format!("injected I/O error ({what})"))
 }
 
 fn mtime_ns(m: &cap_std::fs::Metadata) -> i128 {
