@@ -65,6 +65,9 @@ enum Command {
         /// List every changed path.
         #[arg(long, short)]
         verbose: bool,
+        /// Re-hash hard-linked files too (default: check they are the verified inodes, unchanged).
+        #[arg(long)]
+        verify_all: bool,
     },
     /// List the kept releases of ROOT.
     Releases {
@@ -261,6 +264,7 @@ fn run(cmd: Command) -> Result<()> {
             exclude,
             shared,
             verbose,
+            verify_all,
         } => {
             if keep == Some(0) {
                 return Err(UsageError("--keep must be at least 1".into()).into());
@@ -274,7 +278,10 @@ fn run(cmd: Command) -> Result<()> {
                 shared: rel_paths(&shared, "--shared")?,
                 now_unix: now_unix(),
                 use_objects: false,
-                exec: ExecOptions::default(),
+                exec: ExecOptions {
+                    verify_links: verify_all,
+                    ..ExecOptions::default()
+                },
             };
             let app = if dry_run {
                 match AppRoot::open(&root) {

@@ -73,7 +73,7 @@ pub struct Limits {
     pub max_bytes_in_flight: u64,
     /// Longest silence, in ms, while a message from the peer is due.
     pub message_timeout_ms: u64,
-    /// Longest connection, in ms, from `Hello` to the last reply.
+    /// Longest connection, in ms, from its start to the last reply.
     pub push_timeout_ms: u64,
 }
 

@@ -95,22 +95,15 @@ pub struct Faults {
     pub corrupt: Option<RelPath>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
-    /// Re-hash linked files too, not only check their identity (catches in-place edits of an earlier
-    /// release that preserved size and mtime).
+    /// Re-hash linked files too. By default a linked file is verified by identity: it must be the
+    /// very inode whose content was blake3-verified when its release was built, with the recorded
+    /// size and mtime (any write through any name changes the mtime). Re-hashing also catches an
+    /// in-place edit that deliberately restored the old mtime, at the cost of reading every file.
     pub verify_links: bool,
     #[doc(hidden)]
     pub faults: Faults,
-}
-
-impl Default for ExecOptions {
-    fn default() -> Self {
-        ExecOptions {
-            verify_links: true,
-            faults: Faults::default(),
-        }
-    }
 }
 
 /// What the executor did beyond the plan.
@@ -843,6 +836,10 @@ fn stamp(m: &cap_std::fs::Metadata) -> FileStamp {
 /// blake3 of an open file, reading through one reused buffer per thread so memory does not grow
 /// with the file and small files cost no allocation.
 pub fn hash_file(mut f: File) -> io::Result<Hash> {
+    let size = f.metadata()?.len();
+    if size >= super::scan::hash::LARGE_FILE {
+        return super::scan::hash::mapped_hash(&f, size, &|_| {});
+    }
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }

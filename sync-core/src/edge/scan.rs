@@ -13,7 +13,7 @@
 //! cache keyed on (device, inode, size, mtime, ctime) lets a rescan skip unchanged files.
 
 mod cache;
-mod hash;
+pub(crate) mod hash;
 
 use std::collections::HashSet;
 use std::ffi::OsString;

@@ -13,6 +13,7 @@ use sync_core::edge::root::AppRoot;
 use crate::harness::*;
 
 enum Tamper {
+    EditInPlaceNewMtime,
     EditInPlace,
     /// The same inside a read-only directory, which the rewrite has to open up for an
     /// unprivileged deploy user.
@@ -55,6 +56,14 @@ fn run(tamper: Tamper) {
 
     // The paths of b whose basis in r1 was tampered with.
     let affected: &[&str] = match tamper {
+        Tamper::EditInPlaceNewMtime => {
+            let mut f = OpenOptions::new().write(true).open(&victim).unwrap();
+            f.write_all(&fs::read(&victim).unwrap().to_ascii_uppercase())
+                .unwrap();
+            drop(f);
+            set_mtime(&victim, stamp.mtime_ns + 1_000_000_000);
+            &["app/same.php", "app/dup.php"]
+        }
         Tamper::EditInPlace | Tamper::EditInPlaceReadOnlyDir => {
             let mut f = OpenOptions::new().write(true).open(&victim).unwrap();
             f.write_all(&fs::read(&victim).unwrap().to_ascii_uppercase())
@@ -92,7 +101,11 @@ fn run(tamper: Tamper) {
     };
     let outside_before = snapshot(&outside);
 
-    let report = deploy_tree(&app, &src_b, &opts("r2", true)).unwrap();
+    let mut o = opts("r2", true);
+    // An edit that restores the old mtime is invisible to the identity check of linked files; only
+    // re-hashing them (`--verify-all`) catches it. Any other edit changes the stamp.
+    o.exec.verify_links = matches!(tamper, Tamper::EditInPlace | Tamper::EditInPlaceReadOnlyDir);
+    let report = deploy_tree(&app, &src_b, &o).unwrap();
     assert!(report.exec.link_fallbacks >= 1, "{:?}", report.exec);
 
     check_release(&AppRoot::open(&path).unwrap(), &path, "r2");
@@ -127,6 +140,11 @@ fn run(tamper: Tamper) {
     );
     let current = fs::read_link(path.join("current")).unwrap();
     assert_eq!(current, Path::new("releases/r2"));
+}
+
+#[test]
+fn basis_edited_in_place_is_caught_by_its_stamp() {
+    run(Tamper::EditInPlaceNewMtime);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use super::{io_err, ScanError};
 use crate::manifest::Hash;
 
 /// Files at least this large are hashed through memory-mapped windows.
-pub(super) const LARGE_FILE: u64 = 16 << 20;
+pub(crate) const LARGE_FILE: u64 = 16 << 20;
 /// Bytes mapped at a time; also the most a large file adds to resident memory.
 pub(super) const WINDOW: u64 = 32 << 20;
 const READ_BUF: usize = 64 << 10;
@@ -57,7 +57,7 @@ pub(super) fn hash_file(
     let hash = if seen.size < LARGE_FILE {
         read_hash(&file, seen.size, path, progress)?
     } else {
-        mapped_hash(&file, seen.size, path, progress)?
+        mapped_hash(&file, seen.size, progress).map_err(io_err("map", path))?
     };
     unchanged(&file)?;
     Ok(hash)
@@ -96,12 +96,13 @@ fn read_hash(
     })
 }
 
-fn mapped_hash(
+/// Hashes the first `size` bytes of `file` through memory-mapped windows of [`WINDOW`] bytes, with
+/// blake3's multithreaded hasher inside each window; resident memory stays near one window.
+pub(crate) fn mapped_hash(
     file: &File,
     size: u64,
-    path: &Path,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<Hash, ScanError> {
+) -> io::Result<Hash> {
     let mut hasher = blake3::Hasher::new();
     let mut offset = 0u64;
     while offset < size {
@@ -116,8 +117,7 @@ fn mapped_hash(
                 .len(len as usize)
                 .populate()
                 .map(file)
-        }
-        .map_err(io_err("map", path))?;
+        }?;
         // Only a hint; hashing is correct without it.
         let _ = map.advise(Advice::Sequential);
         hasher.update_rayon(&map);
@@ -153,7 +153,7 @@ mod tests {
                 "read, {len}"
             );
             assert_eq!(
-                mapped_hash(&f, size, &p, &|_| {}).unwrap(),
+                mapped_hash(&f, size, &|_| {}).unwrap(),
                 want,
                 "mapped, {len}"
             );
