@@ -311,14 +311,27 @@ impl Manifest {
             }
         }
         let m = Manifest { entries };
+        // Canonical order is depth-first, so the directories enclosing an entry are exactly a stack
+        // of the directories seen on the way down to it: its parent must be the top.
+        let mut dirs: Vec<&str> = Vec::new();
         for e in &m.entries {
-            if let Some(parent) = e.path.parent() {
-                if !matches!(m.get(&parent).map(|p| &p.kind), Some(EntryKind::Dir { .. })) {
+            let p = e.path.as_str();
+            while let Some(top) = dirs.last() {
+                if p.len() > top.len() && p.starts_with(top) && p.as_bytes()[top.len()] == b'/' {
+                    break;
+                }
+                dirs.pop();
+            }
+            if let Some((parent, _)) = p.rsplit_once('/') {
+                if dirs.last() != Some(&parent) {
                     return Err(ManifestError::ParentNotDir {
                         path: e.path.clone(),
-                        parent,
+                        parent: e.path.parent().expect("has a parent"),
                     });
                 }
+            }
+            if e.is_dir() {
+                dirs.push(p);
             }
             if let EntryKind::Symlink { target } = &e.kind {
                 m.check_symlink(&e.path, target, policy.symlinks)?;

@@ -7,7 +7,9 @@
 //! directory in place, rsync-style. The planners only decide; `edge::exec` applies the operations, so
 //! a crash test can apply any prefix of a plan.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use ahash::AHashMap;
 
 use serde::Serialize;
 
@@ -175,7 +177,7 @@ pub fn plan_release(
     let mut s = Summary::default();
 
     // Content index over all bases, earlier bases win so the previous release is preferred.
-    let mut index: HashMap<(Hash, u32), (&ReleaseId, &RelPath)> = HashMap::new();
+    let mut index: AHashMap<(Hash, u32), (&ReleaseId, &RelPath)> = AHashMap::new();
     for b in bases {
         for (p, _, mode, h) in b.manifest.files() {
             index.entry((*h, mode)).or_insert((b.id, p));

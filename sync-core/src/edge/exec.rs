@@ -117,7 +117,7 @@ pub struct ExecStats {
 
 struct BasisFiles<'a> {
     dir: Dir,
-    stamps: HashMap<&'a RelPath, FileStamp>,
+    stamps: ahash::AHashMap<&'a RelPath, FileStamp>,
 }
 
 /// Builds one release. Dropping it without [`Stager::abort`] leaves the staging directory for recovery,
@@ -134,7 +134,8 @@ pub struct Stager<'a> {
     staging: Dir,
     staging_path: PathBuf,
     device: u64,
-    linked: Mutex<HashMap<RelPath, u64>>,
+    /// Paths hard-linked so far, with the inode each now shares.
+    linked: ahash::AHashMap<RelPath, u64>,
     /// Serializes rewrites during verification, which may open up a read-only parent directory.
     rewrite: Mutex<()>,
     stamps: Vec<FileStamp>,
@@ -208,7 +209,7 @@ impl<'a> Stager<'a> {
             staging,
             staging_path,
             device: root.device()?,
-            linked: Mutex::new(HashMap::new()),
+            linked: ahash::AHashMap::new(),
             rewrite: Mutex::new(()),
             stamps: Vec::new(),
             fallbacks: AtomicU64::new(0),
@@ -257,12 +258,20 @@ impl<'a> Stager<'a> {
                 let chunks: Vec<&[Op]> = ops[i..end]
                     .chunk_by(|a, b| op_path(a).parent() == op_path(b).parent())
                     .collect();
-                chunks.par_iter().try_for_each(|chunk| {
-                    let mut dirs = DirCache::new(this);
-                    chunk
-                        .iter()
-                        .try_for_each(|op| this.apply_file_op(op, &mut dirs))
-                })?;
+                let linked: Vec<Vec<(RelPath, u64)>> = chunks
+                    .par_iter()
+                    .map(|chunk| {
+                        let mut dirs = DirCache::new(this);
+                        let mut linked = Vec::new();
+                        for op in chunk.iter() {
+                            if let Some(l) = this.apply_file_op(op, &mut dirs)? {
+                                linked.push(l);
+                            }
+                        }
+                        Ok(linked)
+                    })
+                    .collect::<Result<_, EdgeError>>()?;
+                self.linked.extend(linked.into_iter().flatten());
                 tracing::debug!(
                     ops = end - i,
                     ms = t.elapsed().as_millis() as u64,
@@ -336,11 +345,21 @@ impl<'a> Stager<'a> {
                 }
                 self.root.remove_release(release)
             }
-            file_op => self.apply_file_op(file_op, &mut DirCache::new(self)),
+            file_op => {
+                if let Some((path, ino)) = self.apply_file_op(file_op, &mut DirCache::new(self))? {
+                    self.linked.insert(path, ino);
+                }
+                Ok(())
+            }
         }
     }
 
-    fn apply_file_op(&self, op: &Op, dirs: &mut DirCache<'_>) -> Result<(), EdgeError> {
+    /// Applies one file operation; for a hard link, returns the path and the inode it now shares.
+    fn apply_file_op(
+        &self,
+        op: &Op,
+        dirs: &mut DirCache<'_>,
+    ) -> Result<Option<(RelPath, u64)>, EdgeError> {
         match op {
             Op::Link {
                 path,
@@ -362,16 +381,13 @@ impl<'a> Stager<'a> {
                     )
                     .map_err(io::Error::from)
                     .ctx("link", self.staged(path))?;
-                    self.linked
-                        .lock()
-                        .expect("lock poisoned")
-                        .insert(path.clone(), ino);
                     (self.progress)(*size);
-                    Ok(())
+                    Ok(Some((path.clone(), ino)))
                 } else {
                     tracing::warn!(release = %from, path = %from_path, "link source changed since it was verified; writing {path} in full");
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     self.write_file_in(dirs, path, *size, *mode, None)
+                        .map(|()| None)
                 }
             }
             Op::LinkObject {
@@ -391,11 +407,13 @@ impl<'a> Stager<'a> {
                 .map_err(io::Error::from)
                 .ctx("link received object to", self.staged(path))?;
                 (self.progress)(*size);
-                Ok(())
+                Ok(None)
             }
             Op::WriteFull {
                 path, size, mode, ..
-            } => self.write_file_in(dirs, path, *size, *mode, None),
+            } => self
+                .write_file_in(dirs, path, *size, *mode, None)
+                .map(|()| None),
             Op::WriteDelta {
                 path,
                 basis,
@@ -403,12 +421,15 @@ impl<'a> Stager<'a> {
                 size,
                 mode,
                 ..
-            } => self.write_file_in(dirs, path, *size, *mode, Some((basis, basis_path))),
+            } => self
+                .write_file_in(dirs, path, *size, *mode, Some((basis, basis_path)))
+                .map(|()| None),
             Op::Symlink { path, target } => {
                 let sdir = dirs.staging(path.parent())?;
                 rustix::fs::symlinkat(target.as_str(), sdir, path.file_name())
                     .map_err(io::Error::from)
-                    .ctx("create symlink", self.staged(path))
+                    .ctx("create symlink", self.staged(path))?;
+                Ok(None)
             }
             other => unreachable!("{} is not a file operation", other.name()),
         }
@@ -532,7 +553,7 @@ impl<'a> Stager<'a> {
         if let Some(p) = self.opts.faults.corrupt.clone() {
             self.corrupt_for_test(&p)?;
         }
-        let linked = std::mem::take(&mut *self.linked.lock().expect("lock poisoned"));
+        let linked = std::mem::take(&mut self.linked);
         let this = &*self;
         let chunks: Vec<&[crate::manifest::Entry]> = this
             .target
