@@ -102,17 +102,21 @@ pub fn print_plan(
     json: bool,
     verbose: bool,
 ) -> Result<()> {
+    let planned: std::collections::HashSet<&sync_core::RelPath> = plan
+        .ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Link { path, .. }
+            | Op::LinkObject { path, .. }
+            | Op::WriteFull { path, .. }
+            | Op::WriteDelta { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
     let deleted: Vec<String> = previous
         .map(|prev| {
             prev.files()
-                .filter(|(p, ..)| {
-                    !plan.ops.iter().any(|o| match o {
-                        Op::Link { path, .. }
-                        | Op::WriteFull { path, .. }
-                        | Op::WriteDelta { path, .. } => path == *p,
-                        _ => false,
-                    })
-                })
+                .filter(|(p, ..)| !planned.contains(p))
                 .map(|(p, ..)| p.to_string())
                 .collect()
         })

@@ -188,16 +188,43 @@ struct RecordWire {
 
 impl ReleaseRecord {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(&RecordWire {
+        ReleaseRecord::encode_parts(
+            &self.id,
+            self.seq,
+            self.created_unix,
+            &self.manifest,
+            &self.stamps,
+        )
+    }
+
+    /// The encoding of a record made of these parts, without assembling (and copying) one.
+    pub fn encode_parts(
+        id: &ReleaseId,
+        seq: u64,
+        created_unix: i64,
+        manifest: &Manifest,
+        stamps: &[FileStamp],
+    ) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct RecordRef<'a> {
+            magic: [u8; 4],
+            version: u16,
+            id: &'a ReleaseId,
+            seq: u64,
+            created_unix: i64,
+            manifest: Vec<u8>,
+            stamps: &'a [FileStamp],
+        }
+        postcard::to_stdvec(&RecordRef {
             magic: REC_MAGIC,
             version: REC_VERSION,
-            id: self.id.clone(),
-            seq: self.seq,
-            created_unix: self.created_unix,
-            manifest: self.manifest.encode(),
-            stamps: self.stamps.clone(),
+            id,
+            seq,
+            created_unix,
+            manifest: manifest.encode(),
+            stamps,
         })
-        .expect("serializing owned data to a Vec cannot fail")
+        .expect("serializing to a Vec cannot fail")
     }
 
     pub fn decode(bytes: &[u8], policy: &Policy) -> Result<ReleaseRecord, RecordError> {

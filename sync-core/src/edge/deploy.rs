@@ -88,9 +88,6 @@ pub fn prepare(
         }
     };
     let seq = records.iter().map(|r| r.seq).max().map_or(1, |s| s + 1);
-    // Previous release first (it is what the new one most resembles), then the others newest first.
-    let mut bases: Vec<ReleaseRecord> = records.clone();
-    bases.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
     let keep = opts
         .keep
         .or(root.config()?.keep)
@@ -107,6 +104,9 @@ pub fn prepare(
     } else {
         Vec::new()
     };
+    // Previous release first (it is what the new one most resembles), then the others newest first.
+    let mut bases = records;
+    bases.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
     let shared = shared_paths(root, &opts.shared)?;
     let basis_refs: Vec<Basis<'_>> = bases
         .iter()

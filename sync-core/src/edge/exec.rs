@@ -318,13 +318,14 @@ impl<'a> Stager<'a> {
                 if self.stamps.len() != self.target.file_count() {
                     self.verify()?;
                 }
-                self.root.write_record(&ReleaseRecord {
-                    id: self.release.clone(),
-                    seq: self.seq,
-                    created_unix: self.created_unix,
-                    manifest: self.target.clone(),
-                    stamps: self.stamps.clone(),
-                })
+                let bytes = ReleaseRecord::encode_parts(
+                    &self.release,
+                    self.seq,
+                    self.created_unix,
+                    self.target,
+                    &self.stamps,
+                );
+                self.root.write_record_bytes(&self.release, &bytes)
             }
             Op::MarkComplete => {
                 let releases = self.root.releases_dir()?;

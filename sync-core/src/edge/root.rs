@@ -387,10 +387,15 @@ impl AppRoot {
             .collect())
     }
 
-    /// Writes a release record durably (temp + fsync + rename + directory fsync).
+    /// Writes a release record durably.
     pub fn write_record(&self, rec: &ReleaseRecord) -> Result<(), EdgeError> {
+        self.write_record_bytes(&rec.id, &rec.encode())
+    }
+
+    /// Writes an encoded release record durably (temp + fsync + rename + directory fsync).
+    pub(crate) fn write_record_bytes(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), EdgeError> {
         let records = self.records_dir()?;
-        let name = layout::record_name(&rec.id);
+        let name = layout::record_name(id);
         let tmp = format!(".tmp-{name}");
         let path = self
             .path
@@ -398,7 +403,7 @@ impl AppRoot {
             .join(layout::RECORDS)
             .join(&name);
         let mut f = records.create(&tmp).ctx("create", &path)?;
-        f.write_all(&rec.encode()).ctx("write", &path)?;
+        f.write_all(bytes).ctx("write", &path)?;
         f.sync_all().ctx("sync", &path)?;
         drop(f);
         records.rename(&tmp, &records, &name).ctx("rename", &path)?;

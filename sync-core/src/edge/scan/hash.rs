@@ -53,10 +53,14 @@ pub(super) fn hash_file(
             Err(changed())
         }
     };
-    unchanged(&file)?;
+    // Small files need no identity check before hashing: the one after it compares the same
+    // descriptor with what the walk saw, so a swap between walk and open is caught there, one stat
+    // cheaper. A large file is mapped, and mapping past the end of a swapped-in shorter file would
+    // fault, so it is checked first.
     let hash = if seen.size < LARGE_FILE {
         read_hash(&file, seen.size, path, progress)?
     } else {
+        unchanged(&file)?;
         mapped_hash(&file, seen.size, progress).map_err(io_err("map", path))?
     };
     unchanged(&file)?;
