@@ -74,7 +74,9 @@ pub fn prepare(
     target: &Manifest,
     opts: &DeployOptions,
 ) -> Result<Prepared, EdgeError> {
+    let t = std::time::Instant::now();
     let records = root.records()?;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "records loaded");
     let current = root.current()?;
     let id = match &opts.release_id {
         Some(id) => {
