@@ -1,0 +1,596 @@
+//! One connection: a [`DaemonSession`] driven by tokio.
+//!
+//! The driver owns the session and feeds it everything that happens: control-stream bytes, file
+//! headers from the stream readers, finished work and the clock. After every input it writes the
+//! frames the session produced and starts the work it asked for, never waiting on that work
+//! itself, so a slow build never stops the driver from noticing a timeout or a vanished client.
+//! The app's lock lives in the [`Opened`] context that work items share: it is released when the
+//! session is over and the last of its work has finished, however the connection ended.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, ConnectionError, RecvStream, SendStream};
+use sync_core::manifest::Policy;
+use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
+use sync_core::proto::DaemonSession;
+use sync_core::wire::{self, Command, ErrorKind, FileHeader};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{Instrument as _, Span};
+
+use super::stream::{self, Payload, ReadPlan};
+use super::work::{self, BasisRelease, Opened};
+use super::{App, Shared};
+use crate::net::peer_fingerprint;
+use crate::tls::Fingerprint;
+
+/// Largest control-stream read at once.
+const CONTROL_CHUNK: usize = 64 * 1024;
+/// Payloads larger than this go to a temporary file rather than memory even when admitted.
+const MEMORY_PAYLOAD_MAX: u64 = 32 << 20;
+/// Longest wait for the client to acknowledge the last frames before the connection is closed.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// The connection's clock: milliseconds since it was accepted, and when payload bytes last
+/// arrived (file streams are read by other tasks, which only touch this).
+#[derive(Debug)]
+pub(super) struct Clock {
+    epoch: Instant,
+    last_payload: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            epoch: Instant::now(),
+            last_payload: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Payload bytes arrived just now.
+    pub(super) fn touch(&self) {
+        self.last_payload.fetch_max(self.now(), Ordering::Relaxed);
+    }
+
+    fn last_payload(&self) -> u64 {
+        self.last_payload.load(Ordering::Relaxed)
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.epoch
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or_else(|| self.epoch + Duration::from_secs(86_400 * 365))
+    }
+}
+
+/// Something that happened off the driver's task.
+pub(super) enum Work {
+    /// Answer to [`Request::Open`].
+    Opened(Result<Arc<Opened>, Event>),
+    /// Answer to [`Request::ComputeNeed`], with the release the bases come from.
+    Need(Result<(Event, Option<Arc<BasisRelease>>), Event>),
+    /// Answers to any other request.
+    Events(Vec<Event>),
+    /// A [`Request::Receive`] ended.
+    File {
+        file: u32,
+        result: Result<(), FileFailure>,
+    },
+    /// A file stream delivered a header; the reader waits for how to read the payload.
+    Header {
+        frame: Vec<u8>,
+        reply: oneshot::Sender<Option<ReadPlan>>,
+    },
+    /// A file stream broke inside a header.
+    StreamError(wire::WireError),
+}
+
+impl Work {
+    /// Whether this completes a work item the driver counted as pending.
+    fn completes(&self) -> bool {
+        !matches!(self, Work::Header { .. } | Work::StreamError(_))
+    }
+}
+
+/// Serves one incoming connection until its session is over.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    stop: watch::Receiver<bool>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(host = %remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(peer) = peer_fingerprint(&conn) else {
+        // The verifier demands a key, so this does not happen; refuse rather than guess.
+        conn.close(1u32.into(), b"no client key");
+        return;
+    };
+    let span = tracing::info_span!(
+        "conn",
+        host = %remote,
+        peer = %peer,
+        app = tracing::field::Empty,
+        release = tracing::field::Empty
+    );
+    Driver::new(shared, conn, peer, stop)
+        .run()
+        .instrument(span)
+        .await;
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    conn: Connection,
+    peer: Fingerprint,
+    stop: watch::Receiver<bool>,
+    session: DaemonSession,
+    clock: Arc<Clock>,
+    send: Option<SendStream>,
+    recv: Option<RecvStream>,
+    control_seen: bool,
+    opened: Option<Arc<Opened>>,
+    /// The session is a push (an activation then also prunes, as a local deploy does).
+    push: bool,
+    basis: Option<Arc<BasisRelease>>,
+    /// Payloads announced by a header and not yet handed to a receive job.
+    payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
+    /// Files whose receive job runs.
+    receiving: HashSet<u32>,
+    tx: mpsc::UnboundedSender<Work>,
+    rx: mpsc::UnboundedReceiver<Work>,
+    /// Work items started and not yet reported back.
+    pending: usize,
+}
+
+impl Driver {
+    fn new(
+        shared: Arc<Shared>,
+        conn: Connection,
+        peer: Fingerprint,
+        stop: watch::Receiver<bool>,
+    ) -> Driver {
+        let clock = Arc::new(Clock::new());
+        let session = DaemonSession::new(shared.limits, clock.now());
+        let (tx, rx) = mpsc::unbounded_channel();
+        Driver {
+            shared,
+            conn,
+            peer,
+            stop,
+            session,
+            clock,
+            send: None,
+            recv: None,
+            control_seen: false,
+            opened: None,
+            push: false,
+            basis: None,
+            payloads: HashMap::new(),
+            receiving: HashSet::new(),
+            tx,
+            rx,
+            pending: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        tracing::debug!("connection accepted");
+        loop {
+            self.start_requests();
+            if self.session.is_finished() && self.pending == 0 {
+                // Nothing runs any more: let the next command in before the client hears back.
+                self.opened = None;
+            }
+            self.flush().await;
+            if self.session.is_finished() {
+                break;
+            }
+            let deadline = self.session.poll_timeout().map_or_else(
+                || self.clock.instant(u64::MAX / 2),
+                |t| self.clock.instant(t),
+            );
+            tokio::select! {
+                Some(work) = self.rx.recv() => self.on_work(work),
+                bi = self.conn.accept_bi(), if !self.control_seen => match bi {
+                    Ok((send, recv)) => {
+                        self.control_seen = true;
+                        self.send = Some(send);
+                        self.recv = Some(recv);
+                    }
+                    Err(e) => self.on_connection_lost(&e),
+                },
+                chunk = read_control(self.recv.as_mut()) => self.on_control(chunk),
+                uni = self.conn.accept_uni() => match uni {
+                    Ok(s) => {
+                        tokio::spawn(
+                            stream::read(s, self.tx.clone(), self.clock.clone()).in_current_span(),
+                        );
+                    }
+                    Err(e) => self.on_connection_lost(&e),
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    // Payload bytes arrive on other tasks; they count as signs of life too.
+                    self.session.handle_progress(self.clock.last_payload());
+                    self.session.handle_timeout(self.clock.now());
+                }
+                () = shutting_down(&mut self.stop) => {
+                    self.session.handle_event(
+                        Event::Failed {
+                            kind: ErrorKind::Internal,
+                            message: "relsyncd is shutting down; run the command again once it is back".into(),
+                        },
+                        self.clock.now(),
+                    );
+                }
+            }
+        }
+        self.finish().await;
+    }
+
+    fn on_control(&mut self, chunk: Result<Option<quinn::Chunk>, quinn::ReadError>) {
+        let now = self.clock.now();
+        match chunk {
+            Ok(Some(c)) => self.session.handle_control(&c.bytes, now),
+            Ok(None) => {
+                self.recv = None;
+                self.session.handle_control_end(now);
+            }
+            Err(e) => {
+                tracing::debug!("control stream broke: {e}");
+                self.recv = None;
+                self.session.handle_control_end(now);
+            }
+        }
+    }
+
+    /// The connection is gone: for the session that is the end of the control stream (which
+    /// leaves a staged release staged, and fails anything else).
+    fn on_connection_lost(&mut self, e: &ConnectionError) {
+        tracing::debug!("connection ended: {e}");
+        self.recv = None;
+        self.send = None;
+        self.control_seen = true;
+        self.session.handle_control_end(self.clock.now());
+    }
+
+    fn on_work(&mut self, work: Work) {
+        if work.completes() {
+            self.pending -= 1;
+        }
+        let now = self.clock.now();
+        match work {
+            Work::Opened(Ok(opened)) => {
+                self.opened = Some(opened);
+                self.session.handle_event(
+                    Event::Opened {
+                        policy: Policy::default(),
+                    },
+                    now,
+                );
+            }
+            Work::Opened(Err(event)) | Work::Need(Err(event)) => {
+                self.session.handle_event(event, now);
+            }
+            Work::Need(Ok((event, basis))) => {
+                self.basis = basis;
+                self.session.handle_event(event, now);
+            }
+            Work::Events(events) => {
+                for e in events {
+                    self.session.handle_event(e, now);
+                }
+            }
+            Work::File { file, result } => {
+                self.receiving.remove(&file);
+                if let Err(failure) = &result {
+                    tracing::warn!(file, ?failure, "file not stored");
+                }
+                self.session.file_finished(file, result, now);
+            }
+            Work::Header { frame, reply } => self.on_header(frame, reply),
+            Work::StreamError(e) => self.session.handle_stream_error(e, now),
+        }
+    }
+
+    fn on_header(&mut self, frame: Vec<u8>, reply: oneshot::Sender<Option<ReadPlan>>) {
+        // The session validates the header; decoding it here only tells the reader how much to
+        // read and lets the receive job find the payload.
+        let header = wire::decode::<FileHeader>(&frame).ok();
+        let (tx, rx) = oneshot::channel();
+        if let Some(h) = &header {
+            self.payloads.insert(h.file, rx);
+        }
+        self.session.accept_file(&frame, self.clock.now());
+        self.start_requests();
+        let plan = match header {
+            Some(h) if !self.session.is_finished() => {
+                let admitted = self.receiving.contains(&h.file);
+                // A header the budget does not admit yet is spooled to disk rather than left
+                // unread: unread stream data holds the connection's flow-control window, and
+                // with enough of it the admitted files could not arrive either.
+                let spool = (!admitted || h.payload_len > MEMORY_PAYLOAD_MAX)
+                    .then(|| self.opened.as_ref().map(|o| o.spool_dir()))
+                    .flatten();
+                Some(ReadPlan {
+                    payload_len: h.payload_len,
+                    spool,
+                    tx,
+                })
+            }
+            _ => None,
+        };
+        let _ = reply.send(plan);
+    }
+
+    fn start_requests(&mut self) {
+        while let Some(request) = self.session.poll_request() {
+            self.start(request);
+        }
+    }
+
+    fn fail_now(&mut self, kind: ErrorKind, message: String) {
+        self.session
+            .handle_event(Event::Failed { kind, message }, self.clock.now());
+    }
+
+    fn start(&mut self, request: Request) {
+        if let Request::Open { app, command } = request {
+            return self.open(app.as_str(), command);
+        }
+        let Some(opened) = self.opened.clone() else {
+            return self.fail_now(
+                ErrorKind::Internal,
+                "the session asked for work before the app was opened".into(),
+            );
+        };
+        match request {
+            Request::Open { .. } => unreachable!("handled above"),
+            Request::ComputeNeed { release, manifest } => {
+                tracing::info!(
+                    files = manifest.file_count(),
+                    bytes = manifest.total_file_bytes(),
+                    "manifest received"
+                );
+                self.spawn_work(
+                    move || Work::Need(work::compute_need(&opened, &release, &manifest)),
+                    Work::Need(Err(panicked("computing the need"))),
+                );
+            }
+            Request::Signatures { files } => {
+                let basis = self.basis.clone();
+                let count = files.len();
+                self.spawn_work(
+                    move || {
+                        Work::Events(
+                            files
+                                .iter()
+                                .map(|job| Event::Signature {
+                                    file: job.file,
+                                    data: work::signature(basis.as_deref(), job),
+                                })
+                                .collect(),
+                        )
+                    },
+                    Work::Events(vec![panicked("computing signatures")]),
+                );
+                tracing::debug!(count, "signatures requested");
+            }
+            Request::Receive(job) => {
+                let file = job.file;
+                self.receiving.insert(file);
+                let payload = self.payloads.remove(&file);
+                let basis = self.basis.clone();
+                let slots = self.shared.apply_slots.clone();
+                let tx = self.tx.clone();
+                let span = Span::current();
+                self.pending += 1;
+                tokio::spawn(
+                    async move {
+                        let payload = match payload {
+                            Some(rx) => rx
+                                .await
+                                .unwrap_or(Err(FileFailure::Truncated { received: 0 })),
+                            None => Err(FileFailure::Local {
+                                kind: ErrorKind::Internal,
+                                message: "no file stream announced this file".into(),
+                            }),
+                        };
+                        let result = match payload {
+                            Ok(payload) => {
+                                let permit = slots.acquire_owned().await;
+                                tokio::task::spawn_blocking(move || {
+                                    let _permit = permit;
+                                    let _entered = span.enter();
+                                    work::store(&opened, basis.as_deref(), &job, &payload)
+                                })
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(FileFailure::Local {
+                                        kind: ErrorKind::Internal,
+                                        message: "storing the file failed unexpectedly".into(),
+                                    })
+                                })
+                            }
+                            Err(failure) => Err(failure),
+                        };
+                        let _ = tx.send(Work::File { file, result });
+                    }
+                    .in_current_span(),
+                );
+            }
+            Request::Stage { release, manifest } => self.spawn_work(
+                move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
+                Work::Events(vec![panicked("building the release")]),
+            ),
+            Request::Activate { release } => {
+                let prune = self.push;
+                self.spawn_work(
+                    move || Work::Events(vec![work::activate(&opened, &release, prune)]),
+                    Work::Events(vec![panicked("activating the release")]),
+                );
+            }
+            Request::ListReleases => self.spawn_work(
+                move || Work::Events(vec![work::list(&opened)]),
+                Work::Events(vec![panicked("listing releases")]),
+            ),
+            Request::Rollback { to } => self.spawn_work(
+                move || Work::Events(vec![work::rollback(&opened, to.as_ref())]),
+                Work::Events(vec![panicked("rolling back")]),
+            ),
+            Request::Prune { keep } => self.spawn_work(
+                move || Work::Events(vec![work::prune(&opened, keep)]),
+                Work::Events(vec![panicked("pruning")]),
+            ),
+        }
+    }
+
+    /// Authorizes the peer for `app` before anything touches the disk, then takes the lock and
+    /// recovers on the blocking pool.
+    fn open(&mut self, name: &str, command: Command) {
+        let app: Option<Arc<App>> = self
+            .shared
+            .apps
+            .get(name)
+            .filter(|a| a.config.authorized.contains(&self.peer))
+            .cloned();
+        let Some(app) = app else {
+            tracing::warn!(
+                app = name,
+                command = command.name(),
+                "refused: key not authorized for this app"
+            );
+            return self.fail_now(
+                ErrorKind::Unauthorized,
+                format!(
+                    "key {} may not use app {name} on this daemon; add it to apps.{name}.authorized_keys in the daemon configuration",
+                    self.peer
+                ),
+            );
+        };
+        let span = Span::current();
+        span.record("app", name);
+        if let Command::Push { release, .. } = &command {
+            span.record("release", release.as_str());
+            self.push = true;
+        }
+        tracing::info!(command = command.name(), "opening");
+        self.spawn_work(
+            move || Work::Opened(work::open(app, &command).map(Arc::new)),
+            Work::Opened(Err(panicked("opening the app"))),
+        );
+    }
+
+    /// Runs `f` on the blocking pool and reports its result (or `on_panic`) back as work.
+    fn spawn_work(&mut self, f: impl FnOnce() -> Work + Send + 'static, on_panic: Work) {
+        self.pending += 1;
+        let tx = self.tx.clone();
+        let span = Span::current();
+        tokio::spawn(async move {
+            let work = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                f()
+            })
+            .await
+            .unwrap_or(on_panic);
+            let _ = tx.send(work);
+        });
+    }
+
+    /// Writes what the session has to send. A client that does not take it within the message
+    /// timeout is given up on.
+    async fn flush(&mut self) {
+        let timeout = Duration::from_millis(self.shared.limits.message_timeout_ms);
+        while let Some(frame) = self.session.poll_transmit(self.clock.now()) {
+            let Some(send) = self.send.as_mut() else {
+                continue;
+            };
+            let written = tokio::time::timeout(timeout, send.write_all(&frame)).await;
+            let problem = match written {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("cannot write to the client: {e}"),
+                Err(_) => "the client stopped reading its replies".to_string(),
+            };
+            tracing::debug!("{problem}");
+            self.send = None;
+            self.fail_now(ErrorKind::Internal, problem);
+        }
+    }
+
+    /// The session is over: log how, let the client read the last frames, close, and wait for the
+    /// work still running before the lock goes.
+    async fn finish(mut self) {
+        let outcome = self.session.outcome();
+        match outcome {
+            Some(Ok(Outcome::Pushed { staged, activated })) => tracing::info!(
+                files = staged.files,
+                bytes = staged.bytes,
+                linked = staged.linked,
+                received = staged.received,
+                received_bytes = staged.received_bytes,
+                activated,
+                "push complete"
+            ),
+            Some(Ok(other)) => tracing::info!(outcome = ?other, "command complete"),
+            Some(Err(e)) => tracing::warn!(kind = %e.kind(), "session failed: {e}"),
+            None => {}
+        }
+        let ok = matches!(outcome, Some(Ok(_)));
+        if let Some(mut send) = self.send.take() {
+            let _ = send.finish();
+            let wait = FLUSH_WAIT.min(Duration::from_millis(self.shared.limits.message_timeout_ms));
+            let _ = tokio::time::timeout(wait, send.stopped()).await;
+        }
+        if ok {
+            self.conn.close(0u32.into(), b"done");
+        } else {
+            self.conn.close(1u32.into(), b"session failed");
+        }
+        // Readers of a closed connection fail fast, so every started job reports back soon.
+        self.payloads.clear();
+        while self.pending > 0 {
+            match self.rx.recv().await {
+                Some(work) if work.completes() => self.pending -= 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        self.opened = None;
+        tracing::debug!("connection finished");
+    }
+}
+
+/// Resolves once the daemon ends the sessions still running after its grace period.
+async fn shutting_down(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        // The daemon is gone without asking; the connection ends with the runtime.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn read_control(
+    recv: Option<&mut RecvStream>,
+) -> Result<Option<quinn::Chunk>, quinn::ReadError> {
+    match recv {
+        Some(r) => r.read_chunk(CONTROL_CHUNK, true).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panicked(what: &str) -> Event {
+    Event::Failed {
+        kind: ErrorKind::Internal,
+        message: format!("{what} failed unexpectedly; see the daemon log"),
+    }
+}

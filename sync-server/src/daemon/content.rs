@@ -1,0 +1,217 @@
+//! Content the daemon already holds: files of kept releases and received objects.
+//!
+//! [`KeptContent`] answers "do we have this content?" for the need computation without reading
+//! files: a kept file counts only while it is still the very inode its release recorded (same
+//! device, inode, size and mtime, not a symlink), so a release edited in place since it was built
+//! does not make the daemon claim content it no longer has (fault case 10).
+//!
+//! [`LocalContent`] is the build's content source. Nearly every file of a pushed release is linked
+//! from a kept release or from the object store; what is left is content the daemon holds under
+//! another mode (a mode change makes a new inode, never a chmod of a linked file) or a link source
+//! that failed its identity check. Those are copied from any local file with the same content,
+//! hashed while copying, so a damaged copy is passed over rather than built into the release.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+
+use cap_std::fs::{Dir, MetadataExt as _, OpenOptions};
+use sync_core::edge::exec::ContentSource;
+use sync_core::edge::root::AppRoot;
+use sync_core::edge::EdgeError;
+use sync_core::layout;
+use sync_core::manifest::{EntryKind, Hash, Manifest};
+use sync_core::path::RelPath;
+use sync_core::release::{FileStamp, ReleaseId, ReleaseRecord};
+
+/// Kept release files, by content, with the release they belong to first.
+pub(super) struct KeptContent<'r> {
+    dirs: Vec<Option<Dir>>,
+    by_hash: HashMap<Hash, Vec<(usize, &'r RelPath, FileStamp)>>,
+    device: u64,
+}
+
+impl<'r> KeptContent<'r> {
+    /// Indexes the files of `records` whose content is in `wanted`; `first` (the current release)
+    /// is tried before the others, which go newest first.
+    pub(super) fn new(
+        root: &AppRoot,
+        records: &'r [ReleaseRecord],
+        first: Option<&ReleaseId>,
+        wanted: &HashSet<Hash>,
+    ) -> Result<KeptContent<'r>, EdgeError> {
+        let releases = open_dir(root, layout::RELEASES)?;
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        order.sort_by_key(|&i| {
+            (
+                Some(&records[i].id) != first,
+                std::cmp::Reverse(records[i].seq),
+            )
+        });
+        let dirs = records
+            .iter()
+            .map(|r| releases.open_dir(r.id.as_str()).ok())
+            .collect();
+        let mut by_hash: HashMap<Hash, Vec<_>> = HashMap::new();
+        for i in order {
+            let r = &records[i];
+            for ((path, _, _, hash), stamp) in r.manifest.files().zip(r.stamps.iter()) {
+                if wanted.contains(hash) {
+                    by_hash.entry(*hash).or_default().push((i, path, *stamp));
+                }
+            }
+        }
+        Ok(KeptContent {
+            dirs,
+            by_hash,
+            device: root.device()?,
+        })
+    }
+
+    /// Whether some kept file with this content is still the inode its release verified.
+    pub(super) fn has(&self, hash: &Hash) -> bool {
+        self.by_hash.get(hash).is_some_and(|copies| {
+            copies
+                .iter()
+                .any(|(i, path, stamp)| self.intact(*i, path, stamp))
+        })
+    }
+
+    /// Whether `path` of record `record` is still the file its stamp describes.
+    pub(super) fn intact(&self, record: usize, path: &RelPath, stamp: &FileStamp) -> bool {
+        let Some(Some(dir)) = self.dirs.get(record) else {
+            return false;
+        };
+        dir.symlink_metadata(path.as_str()).is_ok_and(|m| {
+            m.is_file()
+                && m.dev() == self.device
+                && m.ino() == stamp.ino
+                && m.len() == stamp.size
+                && i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+                    == stamp.mtime_ns
+        })
+    }
+
+    /// Opens every kept copy of `hash` in turn (without following a final symlink).
+    fn copies<'a>(&'a self, hash: &Hash) -> impl Iterator<Item = File> + 'a {
+        self.by_hash
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|(i, path, _)| {
+                let dir = self.dirs.get(*i)?.as_ref()?;
+                open_nofollow(dir, path.as_str())
+            })
+    }
+}
+
+/// The content source of a pushed release's build: local copies by content hash.
+pub(super) struct LocalContent<'r> {
+    target: &'r Manifest,
+    objects: Option<Dir>,
+    object_names: HashMap<Hash, Vec<String>>,
+    kept: KeptContent<'r>,
+}
+
+impl<'r> LocalContent<'r> {
+    pub(super) fn new(
+        root: &AppRoot,
+        target: &'r Manifest,
+        records: &'r [ReleaseRecord],
+    ) -> Result<LocalContent<'r>, EdgeError> {
+        let wanted: HashSet<Hash> = target.files().map(|(_, _, _, h)| *h).collect();
+        let objects = open_dir(root, &format!("{}/{}", layout::META, layout::OBJECTS)).ok();
+        let mut object_names: HashMap<Hash, Vec<String>> = HashMap::new();
+        if let Some(dir) = &objects {
+            if let Ok(entries) = dir.entries() {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let Some((hash, _)) = layout::parse_object_name(&name) {
+                        if wanted.contains(&hash) {
+                            object_names.entry(hash).or_default().push(name);
+                        }
+                    }
+                }
+            }
+        }
+        let current = root.current()?;
+        Ok(LocalContent {
+            target,
+            objects,
+            object_names,
+            kept: KeptContent::new(root, records, current.as_ref(), &wanted)?,
+        })
+    }
+}
+
+impl ContentSource for LocalContent<'_> {
+    fn write_full(&self, path: &RelPath, size: u64, out: &mut File) -> Result<(), EdgeError> {
+        let hash = match self.target.get(path).map(|e| &e.kind) {
+            Some(EntryKind::File { hash, .. }) => *hash,
+            _ => {
+                return Err(EdgeError::Source {
+                    path: path.clone(),
+                    reason: "not a file of the pushed manifest".into(),
+                })
+            }
+        };
+        let objects = self
+            .object_names
+            .get(&hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| open_nofollow(self.objects.as_ref()?, name));
+        for src in objects.chain(self.kept.copies(&hash)) {
+            let copied = copy_verified(src, size, &hash, out).map_err(|e| EdgeError::Source {
+                path: path.clone(),
+                reason: format!("writing the copy failed: {e}"),
+            })?;
+            if copied {
+                return Ok(());
+            }
+        }
+        Err(EdgeError::Source {
+            path: path.clone(),
+            reason: "the daemon holds no intact copy of its content (a kept release was changed or an object removed); push again".into(),
+        })
+    }
+}
+
+fn open_dir(root: &AppRoot, rel: &str) -> Result<Dir, EdgeError> {
+    root.dir().open_dir(rel).map_err(|source| EdgeError::Io {
+        what: "open",
+        path: root.path().join(rel),
+        source,
+    })
+}
+
+fn open_nofollow(dir: &Dir, path: &str) -> Option<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true);
+    cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
+    let f = dir.open_with(path, &opts).ok()?.into_std();
+    f.metadata().ok()?.is_file().then_some(f)
+}
+
+/// Copies `src` to `out` (from its start) while hashing it. `Ok(false)` when the source is
+/// unreadable or is not exactly `size` bytes with content `hash`; `Err` only when writing fails.
+fn copy_verified(src: File, size: u64, hash: &Hash, out: &mut File) -> io::Result<bool> {
+    out.set_len(0)?;
+    out.rewind()?;
+    let mut src = src.take(size.saturating_add(1));
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(false),
+        };
+        hasher.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+    Ok(n == size && Hash::from(hasher.finalize()) == *hash)
+}

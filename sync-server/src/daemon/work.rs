@@ -1,0 +1,529 @@
+//! What the session's requests do on disk. Every function here blocks (file-system work, hashing,
+//! delta decoding) and runs on tokio's blocking pool; each answers with the session [`Event`] (or
+//! file result) its request expects, with messages that name the app, release or file.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cap_std::fs::{Dir, OpenOptions};
+use memmap2::Mmap;
+use sync_core::delta::{self, BasisSignature, DeltaError};
+use sync_core::edge::deploy::{self, DeployOptions};
+use sync_core::edge::object::{ObjectError, ObjectStore};
+use sync_core::edge::root::LockGuard;
+use sync_core::edge::{error_chain, EdgeError};
+use sync_core::layout;
+use sync_core::manifest::{Hash, Manifest};
+use sync_core::path::RelPath;
+use sync_core::proto::daemon::{
+    compute_need as need_of, Event, FileFailure, FileJob, SignatureJob,
+};
+use sync_core::release::ReleaseId;
+use sync_core::retention;
+use sync_core::wire::{BasisRef, Command, ErrorKind, ReleaseInfo, ReleaseStatus};
+
+use super::content::{KeptContent, LocalContent};
+use super::stream::Payload;
+use super::App;
+
+/// An app opened for one session: the lock (for commands that change the root) and the object
+/// store (for pushes). Dropping the last handle releases the lock.
+#[derive(Debug)]
+pub(super) struct Opened {
+    app: Arc<App>,
+    lock: Option<LockGuard>,
+    objects: Option<ObjectStore>,
+}
+
+impl Opened {
+    /// Where payloads that wait for the budget are spooled: next to the objects they become, on
+    /// the same file system and inside the app root.
+    pub(super) fn spool_dir(&self) -> PathBuf {
+        self.app
+            .root
+            .path()
+            .join(layout::META)
+            .join(layout::OBJECTS)
+    }
+
+    fn name(&self) -> &str {
+        &self.app.config.name
+    }
+
+    fn lock(&self) -> Result<&LockGuard, Event> {
+        self.lock
+            .as_ref()
+            .ok_or_else(|| failed(ErrorKind::Internal, "the app lock is not held".into()))
+    }
+}
+
+/// The release whose files are the bases of a push: `current` when the need was computed.
+#[derive(Debug)]
+pub(super) struct BasisRelease {
+    id: ReleaseId,
+    dir: Dir,
+}
+
+fn failed(kind: ErrorKind, message: String) -> Event {
+    Event::Failed { kind, message }
+}
+
+fn edge_failed(e: &EdgeError) -> Event {
+    failed(edge_kind(e), error_chain(e))
+}
+
+/// The error kind a client is told for a file-system failure.
+fn edge_kind(e: &EdgeError) -> ErrorKind {
+    match e {
+        EdgeError::NoSpace { .. } => ErrorKind::NoSpace,
+        EdgeError::Verify { .. } => ErrorKind::Verify,
+        EdgeError::NoSuchRelease(_) | EdgeError::NoRollbackTarget => ErrorKind::NotFound,
+        EdgeError::Busy { .. } => ErrorKind::Busy,
+        EdgeError::ReleaseExists(_)
+        | EdgeError::Protected(_)
+        | EdgeError::Plan(_)
+        | EdgeError::Manifest(_) => ErrorKind::BadRequest,
+        other => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(other);
+            while let Some(e) = cur {
+                if let Some(io) = e.downcast_ref::<io::Error>() {
+                    return io_kind(io);
+                }
+                cur = e.source();
+            }
+            ErrorKind::Internal
+        }
+    }
+}
+
+/// `NoSpace` for a full disk or quota, `Internal` for anything else.
+pub(super) fn io_kind(e: &io::Error) -> ErrorKind {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorKind::NoSpace,
+        _ => ErrorKind::Internal,
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Takes the app's lock (unless `command` only reads) and recovers the root.
+pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
+    if matches!(command, Command::Releases) {
+        return Ok(Opened {
+            app,
+            lock: None,
+            objects: None,
+        });
+    }
+    let lock = app
+        .root
+        .lock(|stale| {
+            tracing::warn!(
+                holder = stale,
+                "the previous holder of the lock is gone; recovering"
+            );
+        })
+        .map_err(|e| match e {
+            EdgeError::Busy { holder, .. } => failed(
+                ErrorKind::Busy,
+                format!(
+                    "app {} is busy (held by {holder}); wait for that command to finish and try again",
+                    app.config.name
+                ),
+            ),
+            other => edge_failed(&other),
+        })?;
+    let recovered = app.root.recover(&lock).map_err(|e| edge_failed(&e))?;
+    if !recovered.is_empty() {
+        tracing::info!(
+            staging_removed = ?recovered.staging_removed,
+            trash_removed = ?recovered.trash_removed,
+            orphan_records_removed = ?recovered.orphan_records_removed,
+            current_tmp_removed = recovered.current_tmp_removed,
+            objects_removed = recovered.objects_removed,
+            "recovered what an interrupted run left behind"
+        );
+    }
+    let objects = match command {
+        Command::Push { .. } => Some(ObjectStore::open(&app.root).map_err(|e| edge_failed(&e))?),
+        _ => None,
+    };
+    Ok(Opened {
+        app,
+        lock: Some(lock),
+        objects,
+    })
+}
+
+/// What the daemon lacks of `manifest`: content held by an intact file of a kept release or by a
+/// verified object is not needed; a basis is offered only while the current release's file is
+/// intact, so the client's delta rebuilds against exactly the content it was made for.
+pub(super) fn compute_need(
+    opened: &Opened,
+    release: &ReleaseId,
+    manifest: &Manifest,
+) -> Result<(Event, Option<Arc<BasisRelease>>), Event> {
+    let root = &opened.app.root;
+    let records = root.records().map_err(|e| edge_failed(&e))?;
+    if records.iter().any(|r| &r.id == release) {
+        return Err(failed(
+            ErrorKind::BadRequest,
+            format!(
+                "release {release} already exists in app {}; push under another release id, or activate it",
+                opened.name()
+            ),
+        ));
+    }
+    let current = root.current().map_err(|e| edge_failed(&e))?;
+    let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
+    let kept =
+        KeptContent::new(root, &records, current.as_ref(), &wanted).map_err(|e| edge_failed(&e))?;
+    let kept_have: HashSet<Hash> = wanted.iter().filter(|h| kept.has(h)).copied().collect();
+    let objects = opened
+        .objects
+        .as_ref()
+        .ok_or_else(|| failed(ErrorKind::Internal, "the object store is not open".into()))?;
+    let candidates: HashSet<(Hash, u32)> = objects
+        .list()
+        .map_err(|e| edge_failed(&e))?
+        .into_iter()
+        .filter(|(h, _)| wanted.contains(h) && !kept_have.contains(h))
+        .collect();
+    let object_have: HashSet<Hash> = objects
+        .verified(&candidates)
+        .map_err(|e| edge_failed(&e))?
+        .into_iter()
+        .map(|(h, _)| h)
+        .collect();
+    let current_index = current
+        .as_ref()
+        .and_then(|c| records.iter().position(|r| &r.id == c));
+    let current_record = current_index.map(|i| &records[i]);
+    let mut need = need_of(manifest, current_record.map(|r| &r.manifest), |h| {
+        kept_have.contains(h) || object_have.contains(h)
+    });
+
+    let paths: Vec<&RelPath> = manifest.files().map(|(p, ..)| p).collect();
+    let stamps: std::collections::HashMap<&RelPath, _> = current_record
+        .map(|r| {
+            r.manifest
+                .files()
+                .map(|(p, ..)| p)
+                .zip(r.stamps.iter().copied())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut dropped = 0u64;
+    for n in &mut need.files {
+        let Some(basis) = n.basis else { continue };
+        let intact = match (current_index, paths.get(n.file as usize)) {
+            (Some(i), Some(path)) => stamps
+                .get(path)
+                .is_some_and(|s| s.size == basis.size && kept.intact(i, path, s)),
+            _ => false,
+        };
+        if !intact {
+            n.basis = None;
+            dropped += 1;
+        }
+    }
+    let basis = match current_record {
+        Some(r) => root
+            .dir()
+            .open_dir(format!("{}/{}", layout::RELEASES, r.id))
+            .ok()
+            .map(|dir| {
+                Arc::new(BasisRelease {
+                    id: r.id.clone(),
+                    dir,
+                })
+            }),
+        None => None,
+    };
+    tracing::info!(
+        needed = need.files.len(),
+        with_basis = need.files.iter().filter(|n| n.basis.is_some()).count(),
+        have_files = need.have_files,
+        have_bytes = need.have_bytes,
+        objects_reused = object_have.len(),
+        bases_dropped = dropped,
+        "need computed"
+    );
+    Ok((Event::Need(need), basis))
+}
+
+/// A basis file of the current release, mapped and checked against the content it should have.
+fn open_basis(basis: &BasisRelease, path: &RelPath, want: &BasisRef) -> Result<Mmap, String> {
+    let mut opts = OpenOptions::new();
+    opts.read(true);
+    cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
+    let file = basis
+        .dir
+        .open_with(path.as_str(), &opts)
+        .map_err(|e| format!("cannot open it: {e}"))?
+        .into_std();
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat it: {e}"))?;
+    if !meta.is_file() || meta.len() != want.size || want.size == 0 {
+        return Err(format!(
+            "it is not a regular file of {} bytes any more",
+            want.size
+        ));
+    }
+    // SAFETY: files of a complete release are never written by relsync (new content always goes
+    // to a new inode). If someone edits one in place anyway, the mapping may change under us:
+    // the hash check below and the blake3 check of every rebuilt file catch that, and reading a
+    // mapping of a regular file cannot fault short of truncation, which the size check above
+    // makes unlikely rather than impossible; the daemon accepts that window for files it owns.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
+    let actual = Hash::from(blake3::hash(&map));
+    if actual != want.hash {
+        return Err(format!(
+            "its content hashes to {actual}, not {} as recorded",
+            want.hash
+        ));
+    }
+    Ok(map)
+}
+
+/// The rsync signature of a basis, or `None` (the client then sends the file in full) when the
+/// basis cannot be read or no longer has the recorded content.
+pub(super) fn signature(basis: Option<&BasisRelease>, job: &SignatureJob) -> Option<Vec<u8>> {
+    let Some(basis) = basis else {
+        tracing::warn!(path = %job.path, "no current release to take a basis from; the file will be sent in full");
+        return None;
+    };
+    match open_basis(basis, &job.path, &job.basis) {
+        Ok(map) => Some(BasisSignature::calculate(&map).as_bytes().to_vec()),
+        Err(why) => {
+            tracing::warn!(path = %job.path, release = %basis.id, "basis unusable, the file will be sent in full: {why}");
+            None
+        }
+    }
+}
+
+/// Rebuilds a received file into the object store and verifies it.
+pub(super) fn store(
+    opened: &Opened,
+    basis: Option<&BasisRelease>,
+    job: &FileJob,
+    payload: &Payload,
+) -> Result<(), FileFailure> {
+    let local = |kind, message: String| FileFailure::Local { kind, message };
+    let objects = opened
+        .objects
+        .as_ref()
+        .ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
+    let spool_map;
+    let payload: &[u8] = match payload {
+        Payload::Memory(v) => v,
+        Payload::Spool { len: 0, .. } => &[],
+        Payload::Spool { file, .. } => {
+            // SAFETY: the spool file is unnamed and ours alone; nothing else can change it.
+            spool_map = unsafe { Mmap::map(file) }.map_err(|e| {
+                local(
+                    ErrorKind::Internal,
+                    format!("cannot map the spooled payload: {e}"),
+                )
+            })?;
+            &spool_map
+        }
+    };
+    let basis_map = match (job.format.needs_basis(), job.basis) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(FileFailure::Corrupt(format!(
+                "a {} payload without a basis",
+                job.format
+            )))
+        }
+        (true, Some(want)) => {
+            let basis = basis.ok_or_else(|| {
+                local(
+                    ErrorKind::Internal,
+                    "no current release to take the basis from".into(),
+                )
+            })?;
+            Some(open_basis(basis, &job.path, &want).map_err(|why| {
+                local(
+                    ErrorKind::Internal,
+                    format!(
+                        "basis in release {} is unusable ({why}); push again to send the file in full",
+                        basis.id
+                    ),
+                )
+            })?)
+        }
+    };
+    let mut writer = objects
+        .create(job.hash, job.mode, job.size)
+        .map_err(|e| local(edge_kind(&e), error_chain(&e)))?;
+    let expected = blake3::Hash::from_bytes(job.hash.0);
+    match delta::apply(
+        job.format,
+        basis_map.as_deref(),
+        payload,
+        job.size,
+        &expected,
+        &mut writer,
+    ) {
+        Ok(()) => {}
+        Err(DeltaError::HashMismatch { actual, .. }) => {
+            return Err(FileFailure::HashMismatch {
+                actual: actual.into(),
+            })
+        }
+        Err(DeltaError::Sink(e)) => {
+            return Err(local(
+                io_kind(&e),
+                format!("writing the object failed: {e}"),
+            ))
+        }
+        Err(e) if e.wants_full_resend() => return Err(FileFailure::Corrupt(error_chain(&e))),
+        Err(e) => return Err(local(ErrorKind::Internal, error_chain(&e))),
+    }
+    match writer.finish() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(ObjectError::Hash { got, .. })) => Err(FileFailure::HashMismatch {
+            actual: Hash::from_hex(&got).unwrap_or(Hash([0; 32])),
+        }),
+        Ok(Err(e)) => Err(FileFailure::Corrupt(e.to_string())),
+        Err(e) => Err(local(edge_kind(&e), error_chain(&e))),
+    }
+}
+
+/// Builds the pushed release from kept releases and received objects; it is complete (synced,
+/// verified, recorded) but not active when this returns.
+pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -> Event {
+    let build = || -> Result<Event, Event> {
+        let lock = opened.lock()?;
+        let root = &opened.app.root;
+        let records = root.records().map_err(|e| edge_failed(&e))?;
+        let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
+        let config = &opened.app.config;
+        let opts = DeployOptions {
+            release_id: Some(release.clone()),
+            keep: config.keep,
+            activate: false,
+            shared: config.shared.clone(),
+            now_unix: now_unix(),
+            use_objects: true,
+            ..DeployOptions::default()
+        };
+        let report = deploy::deploy(root, lock, manifest, &source, &opts, &|_| {})
+            .map_err(|e| edge_failed(&e))?;
+        let s = &report.summary;
+        tracing::info!(
+            files = s.files,
+            linked = s.linked_files,
+            moved = s.moved_files,
+            from_objects = s.object_files,
+            copied = s.full_files,
+            link_fallbacks = report.exec.link_fallbacks,
+            "release built"
+        );
+        Ok(Event::Staged {
+            linked: s.linked_files,
+        })
+    };
+    build().unwrap_or_else(|e| {
+        if let Event::Failed { message, .. } = &e {
+            tracing::warn!("building the release failed: {message}");
+        }
+        e
+    })
+}
+
+/// Points `current` at `release`; returns only after the root directory was synced. With
+/// `prune`, releases beyond the app's `keep` are then removed, as a local deploy does.
+pub(super) fn activate(opened: &Opened, release: &ReleaseId, prune: bool) -> Event {
+    let run = || -> Result<Event, Event> {
+        let lock = opened.lock()?;
+        deploy::activate(&opened.app.root, lock, release, now_unix())
+            .map_err(|e| edge_failed(&e))?;
+        tracing::info!(%release, "activated");
+        if prune {
+            prune_after_push(opened, lock);
+        }
+        Ok(Event::Activated {
+            release: release.clone(),
+        })
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+pub(super) fn rollback(opened: &Opened, to: Option<&ReleaseId>) -> Event {
+    let run = || -> Result<Event, Event> {
+        let lock = opened.lock()?;
+        let release = deploy::rollback(&opened.app.root, lock, to, now_unix())
+            .map_err(|e| edge_failed(&e))?;
+        tracing::info!(%release, "rolled back");
+        Ok(Event::Activated { release })
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+pub(super) fn prune(opened: &Opened, keep: Option<u32>) -> Event {
+    let run = || -> Result<Event, Event> {
+        let lock = opened.lock()?;
+        let keep = keep
+            .map(|k| usize::try_from(k).unwrap_or(usize::MAX))
+            .or(opened.app.config.keep);
+        let removed =
+            deploy::prune(&opened.app.root, lock, keep, now_unix()).map_err(|e| edge_failed(&e))?;
+        tracing::info!(removed = ?removed, "pruned");
+        Ok(Event::Pruned { removed })
+    };
+    run().unwrap_or_else(|e| e)
+}
+
+/// After an activated push: keep only the app's configured number of releases. A failure is
+/// logged; the push itself succeeded.
+fn prune_after_push(opened: &Opened, lock: &LockGuard) {
+    match deploy::prune(&opened.app.root, lock, opened.app.config.keep, now_unix()) {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => tracing::info!(removed = ?removed, "pruned old releases"),
+        Err(e) => tracing::warn!("pruning old releases failed: {}", error_chain(&e)),
+    }
+}
+
+/// The kept releases, oldest first, with their roles.
+pub(super) fn list(opened: &Opened) -> Event {
+    let run = || -> Result<Event, EdgeError> {
+        let root = &opened.app.root;
+        let records = root.records()?;
+        let current = root.current()?;
+        let states = root.states(&records)?;
+        let rollback = retention::rollback_target(&states, current.as_ref());
+        let list = records
+            .iter()
+            .zip(&states)
+            .map(|(r, s)| ReleaseInfo {
+                id: r.id.clone(),
+                status: if Some(&r.id) == current.as_ref() {
+                    ReleaseStatus::Current
+                } else if Some(&r.id) == rollback.as_ref() {
+                    ReleaseStatus::Rollback
+                } else if s.bad {
+                    ReleaseStatus::Bad
+                } else {
+                    ReleaseStatus::Good
+                },
+                created_unix: r.created_unix,
+                files: r.manifest.file_count() as u64,
+                bytes: r.manifest.total_file_bytes(),
+                manifest: r.digest(),
+            })
+            .collect();
+        Ok(Event::Releases(list))
+    };
+    run().unwrap_or_else(|e| edge_failed(&e))
+}

@@ -1,0 +1,1287 @@
+//! relsyncd end to end on loopback: a real daemon (`daemon::serve`, in process, port 0, temporary
+//! app roots) driven by a minimal client built on `proto::ClientSession`, `net::connect` and the
+//! `delta` encoders. Every test checks what the client was told and what is on disk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use sync_core::delta::{self, Basis, DeltaFormat};
+use sync_core::edge::root::AppRoot;
+use sync_core::manifest::{Entry, Hash, Manifest, Policy};
+use sync_core::proto::client::{
+    self, ClientConfig, ClientSession, Method, PushJob, PushReport, SendFile,
+};
+use sync_core::proto::ProtoError;
+use sync_core::release::ReleaseId;
+use sync_core::wire::{
+    AppName, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, Message,
+    ReleaseInfo, ReleaseStatus, MIN_MAX_FRAME, VERSION,
+};
+use sync_server::config::{AppConfig, Config};
+use sync_server::daemon::{self, ServeOptions, Server};
+use sync_server::net::{self, client_endpoint, ConnectError, NetConfig};
+use sync_server::tls::{Fingerprint, Identity, PinnedServerVerifier};
+use tokio::sync::{mpsc, oneshot};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Test data
+
+type Tree = BTreeMap<String, Vec<u8>>;
+
+/// Deterministic PHP-ish text: `n` bytes of numbered lines seeded by `seed`.
+fn text(seed: u64, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 64);
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut line = 0u64;
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(
+            format!("    $v{line} = f({}, '{:x}');\n", line * 7, x % 100_000).as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+/// A small app with one large file (worth a delta) and two files of equal content.
+fn tree_a() -> Tree {
+    let mut t = Tree::new();
+    t.insert("index.php".into(), text(1, 900));
+    t.insert("src/App.php".into(), text(2, 5_000));
+    t.insert("src/Db.php".into(), text(3, 7_000));
+    t.insert("src/Copy.php".into(), text(3, 7_000));
+    t.insert("vendor/big.php".into(), text(4, 300_000));
+    t.insert("public/app.css".into(), text(5, 20_000));
+    t.insert("public/empty.txt".into(), Vec::new());
+    t
+}
+
+/// Release B: an edit inside the large file and a small one, a new file, a removal, a rename.
+fn tree_b() -> Tree {
+    let mut t = tree_a();
+    let big = t.get_mut("vendor/big.php").unwrap();
+    big.splice(
+        150_000..150_000,
+        b"// patched in release B\n".iter().copied(),
+    );
+    t.get_mut("src/App.php").unwrap()[100..110].copy_from_slice(b"/*edited*/");
+    t.insert("src/New.php".into(), text(6, 3_000));
+    let css = t.remove("public/app.css").unwrap();
+    t.insert("public/site.css".into(), css);
+    t
+}
+
+/// `n` files of distinct content.
+fn tree_many(n: u64) -> Tree {
+    (0..n)
+        .map(|i| {
+            (
+                format!("lib/f{i:02}.php"),
+                text(100 + i, 2_000 + i as usize * 10),
+            )
+        })
+        .collect()
+}
+
+fn manifest_of(tree: &Tree) -> Manifest {
+    let mut dirs = BTreeSet::new();
+    let mut entries = Vec::new();
+    for (path, content) in tree {
+        let mut p = path.as_str();
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            dirs.insert(parent.to_string());
+            p = parent;
+        }
+        entries.push(Entry::file(path, content.len() as u64, 0o644, Hash::of(content)).unwrap());
+    }
+    for d in dirs {
+        entries.push(Entry::dir(&d, 0o755).unwrap());
+    }
+    Manifest::from_unsorted(entries, &Policy::default()).unwrap()
+}
+
+fn contents(tree: &Tree) -> HashMap<Hash, Vec<u8>> {
+    tree.values().map(|c| (Hash::of(c), c.clone())).collect()
+}
+
+fn rid(s: &str) -> ReleaseId {
+    ReleaseId::new(s).unwrap()
+}
+
+fn app(s: &str) -> AppName {
+    AppName::new(s).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+
+/// How a test daemon is set up.
+struct Setup {
+    limits: Limits,
+    options: ServeOptions,
+    keep: usize,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            limits: Limits::default(),
+            options: ServeOptions {
+                grace: Duration::from_secs(5),
+                ..ServeOptions::default()
+            },
+            keep: 10,
+        }
+    }
+}
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    identity: Identity,
+    config: Config,
+    options: ServeOptions,
+    server: Option<(Server, oneshot::Sender<()>)>,
+    /// Key authorized for app `shop`.
+    shop_key: Identity,
+    /// Key authorized for app `blog` only.
+    blog_key: Identity,
+}
+
+impl Daemon {
+    async fn start() -> Daemon {
+        Daemon::start_with(Setup::default()).await
+    }
+
+    async fn start_with(setup: Setup) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_owned();
+        let shop_key = Identity::generate("shop-ci").unwrap();
+        let blog_key = Identity::generate("blog-ci").unwrap();
+        let app_config = |name: &str, key: &Identity| AppConfig {
+            name: name.into(),
+            root: base.join(name),
+            keep: Some(setup.keep),
+            shared: Vec::new(),
+            authorized: HashSet::from([key.fingerprint()]),
+            activation: None,
+        };
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            key: base.join("unused.key"),
+            cert: base.join("unused.crt"),
+            limits: setup.limits,
+            apps: BTreeMap::from([
+                ("shop".to_string(), app_config("shop", &shop_key)),
+                ("blog".to_string(), app_config("blog", &blog_key)),
+            ]),
+            exports: BTreeMap::new(),
+        };
+        let mut d = Daemon {
+            _dir: dir,
+            base,
+            identity: Identity::generate("relsyncd").unwrap(),
+            config,
+            options: setup.options,
+            server: None,
+            shop_key,
+            blog_key,
+        };
+        d.serve().await;
+        d
+    }
+
+    async fn serve(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let options = self.options.clone();
+        let server = daemon::serve(self.config.clone(), self.identity.clone(), options, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        self.server = Some((server, tx));
+    }
+
+    /// Asks for shutdown and waits until the daemon has stopped.
+    async fn stop(&mut self) {
+        let (server, tx) = self.server.take().expect("daemon running");
+        let _ = tx.send(());
+        tokio::time::timeout(WAIT, server.stopped())
+            .await
+            .expect("daemon stops in time");
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.as_ref().expect("daemon running").0.local_addr()
+    }
+
+    fn root(&self, app: &str) -> PathBuf {
+        self.base.join(app)
+    }
+
+    fn shop(&self) -> PathBuf {
+        self.root("shop")
+    }
+
+    async fn client(&self, key: &Identity) -> Client {
+        Client::new(self.addr(), self.identity.fingerprint(), key.clone())
+    }
+
+    async fn shop_client(&self) -> Client {
+        self.client(&self.shop_key).await
+    }
+}
+
+fn current_of(root: &Path) -> Option<String> {
+    let target = std::fs::read_link(root.join("current")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+fn staging_dirs(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("releases"))
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                name.ends_with(".staging").then_some(name)
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn objects(root: &Path) -> usize {
+    std::fs::read_dir(root.join(".relsync/objects"))
+        .map(|rd| {
+            rd.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The release's files are exactly `tree`.
+fn assert_release_holds(root: &Path, release: &str, tree: &Tree) {
+    let dir = root.join("releases").join(release);
+    for (path, content) in tree {
+        let got = std::fs::read(dir.join(path)).unwrap_or_else(|e| panic!("{release}/{path}: {e}"));
+        assert!(
+            got == *content,
+            "{release}/{path} differs from what was pushed"
+        );
+    }
+}
+
+fn inode(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path).unwrap().ino()
+}
+
+/// Every path under `root` with its type, size and mtime: equal snapshots mean nothing was
+/// created, written or removed.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, (bool, u64, i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = e.path().symlink_metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.insert(
+                e.path().strip_prefix(root).unwrap().to_owned(),
+                (m.is_dir(), m.len(), m.mtime(), m.mtime_nsec()),
+            );
+        }
+    }
+    out
+}
+
+/// Waits until the daemon released the app's lock (a connection's session ended).
+async fn wait_lock_free(root: &Path) {
+    let root = AppRoot::open(root).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if root.lock(|_| {}).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon still holds the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_objects(root: &Path, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while objects(root) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} objects stored",
+            objects(root)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+struct Client {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    daemon_key: Fingerprint,
+    identity: Identity,
+}
+
+/// How a push behaves.
+#[derive(Default)]
+struct PushOpts {
+    /// Contents the client can reproduce (its cache of the last push).
+    cache: HashMap<Hash, Vec<u8>>,
+    /// Paths sent with one byte flipped.
+    lie: HashSet<String>,
+    /// Drop the connection once this many files are stored on the daemon.
+    kill_after: Option<(usize, PathBuf)>,
+    /// Concurrent file streams (0: the daemon's limit).
+    max_streams: u32,
+    no_activate: bool,
+}
+
+#[derive(Debug)]
+struct Ran {
+    outcome: Option<Result<client::Outcome, ProtoError>>,
+    headers: Vec<FileHeader>,
+}
+
+impl Ran {
+    fn report(&self) -> &PushReport {
+        match &self.outcome {
+            Some(Ok(client::Outcome::Pushed(r))) => r,
+            other => panic!("push did not succeed: {other:?}"),
+        }
+    }
+
+    fn remote_error(&self) -> (ErrorKind, &str) {
+        match &self.outcome {
+            Some(Err(ProtoError::Remote { kind, message })) => (*kind, message),
+            other => panic!("expected an error from the daemon, got {other:?}"),
+        }
+    }
+
+    fn format_of(&self, tree: &Tree, path: &str) -> Option<DeltaFormat> {
+        let idx = manifest_of(tree)
+            .files()
+            .position(|(p, ..)| p.as_str() == path)? as u32;
+        self.headers
+            .iter()
+            .find(|h| h.file == idx)
+            .map(|h| h.format)
+    }
+}
+
+impl Client {
+    fn new(addr: SocketAddr, daemon_key: Fingerprint, identity: Identity) -> Client {
+        Client {
+            endpoint: client_endpoint("127.0.0.1:0".parse().unwrap(), &NetConfig::default())
+                .unwrap(),
+            addr,
+            daemon_key,
+            identity,
+        }
+    }
+
+    async fn try_connect(&self) -> Result<Connection, ConnectError> {
+        let verifier = Arc::new(
+            PinnedServerVerifier::new(&self.addr.to_string(), Some(self.daemon_key)).unwrap(),
+        );
+        net::connect(
+            &self.endpoint,
+            self.addr,
+            "localhost",
+            verifier,
+            &self.identity,
+            &NetConfig::default(),
+        )
+        .await
+    }
+
+    async fn connect(&self) -> Connection {
+        self.try_connect().await.unwrap()
+    }
+
+    async fn push(&self, app_name: &str, tree: &Tree, release: &str, opts: PushOpts) -> Ran {
+        let job = PushJob {
+            release: rid(release),
+            manifest: Arc::new(manifest_of(tree)),
+            activate: !opts.no_activate,
+            cached: opts.cache.keys().copied().collect(),
+        };
+        let mut config = ClientConfig::default();
+        if opts.max_streams > 0 {
+            config.max_streams = opts.max_streams;
+        }
+        let session = ClientSession::push(config, app(app_name), job, 0);
+        let source = Arc::new(Source {
+            tree: tree.clone(),
+            cache: opts.cache,
+            lie: opts.lie,
+        });
+        drive(self.connect().await, session, source, opts.kill_after).await
+    }
+
+    async fn command(
+        &self,
+        app_name: &str,
+        command: Command,
+    ) -> Result<client::Outcome, ProtoError> {
+        let session = ClientSession::command(ClientConfig::default(), app(app_name), command, 0);
+        let source = Arc::new(Source {
+            tree: Tree::new(),
+            cache: HashMap::new(),
+            lie: HashSet::new(),
+        });
+        drive(self.connect().await, session, source, None)
+            .await
+            .outcome
+            .expect("the session ended")
+    }
+
+    async fn releases(&self, app_name: &str) -> Vec<ReleaseInfo> {
+        match self.command(app_name, Command::Releases).await {
+            Ok(client::Outcome::Releases(list)) => list,
+            other => panic!("releases failed: {other:?}"),
+        }
+    }
+
+    /// Opens the control stream and sends a bare `Hello`, for clients that then misbehave.
+    async fn hello(
+        &self,
+        app_name: &str,
+        command: Command,
+    ) -> (Connection, SendStream, RecvStream) {
+        let conn = self.connect().await;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let hello = ClientMsg::Hello {
+            version: VERSION,
+            app: app(app_name),
+            command,
+            max_frame: MIN_MAX_FRAME,
+        };
+        send.write_all(&hello.frame()).await.unwrap();
+        (conn, send, recv)
+    }
+}
+
+/// A `Hello` for a push of `tree` (for raw clients that never send the manifest).
+fn push_command(tree: &Tree, release: &str) -> Command {
+    let encoded = manifest_of(tree).encode();
+    Command::Push {
+        release: rid(release),
+        manifest_len: encoded.len() as u64,
+        manifest_digest: Hash::of(&encoded),
+    }
+}
+
+/// The next daemon message on a raw control stream; `None` when the stream ends.
+async fn next_msg(recv: &mut RecvStream, decoder: &mut FrameDecoder) -> Option<DaemonMsg> {
+    loop {
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(64 * 1024, true))
+            .await
+            .expect("the daemon answers in time")
+            .ok()??;
+        let mut input = &chunk.bytes[..];
+        if let Some(frame) = decoder.decode(&mut input).unwrap() {
+            assert!(
+                input.is_empty(),
+                "one frame per read is enough for these tests"
+            );
+            return Some(sync_core::wire::decode(&frame).unwrap());
+        }
+    }
+}
+
+struct Source {
+    tree: Tree,
+    cache: HashMap<Hash, Vec<u8>>,
+    lie: HashSet<String>,
+}
+
+impl Source {
+    /// Encodes one file as a real client does and returns its whole file stream.
+    fn encode(&self, f: &SendFile) -> (FileHeader, Vec<u8>) {
+        let mut content = self.tree[f.path.as_str()].clone();
+        if self.lie.contains(f.path.as_str()) {
+            content[0] ^= 1;
+        }
+        let mut payload = Vec::new();
+        let enc = match &f.method {
+            Method::Full => delta::encode_full(&content, &mut payload),
+            Method::ZstdRef { basis } => delta::encode(
+                Basis::Bytes(&self.cache[&basis.hash]),
+                &content,
+                &mut payload,
+            ),
+            Method::Rsync { signature, .. } => {
+                delta::encode(Basis::Signature(signature), &content, &mut payload)
+            }
+        }
+        .unwrap();
+        let header = f.header(enc.format, enc.payload_len).unwrap();
+        let mut stream = header.frame();
+        stream.extend_from_slice(&payload);
+        (header, stream)
+    }
+}
+
+/// Runs a client session over `conn` to its end (or until `kill_after` files are stored on the
+/// daemon, when the connection is dropped as if the client were killed).
+async fn drive(
+    conn: Connection,
+    mut s: ClientSession,
+    source: Arc<Source>,
+    kill_after: Option<(usize, PathBuf)>,
+) -> Ran {
+    let epoch = Instant::now();
+    let now = || epoch.elapsed().as_millis() as u64;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<FileHeader>();
+    let mut headers = Vec::new();
+    let mut sent = 0usize;
+    loop {
+        while let Some(frame) = s.poll_transmit(now()) {
+            if send.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        while let Some(client::Request::SendFile(f)) = s.poll_request() {
+            let (header, bytes) = source.encode(&f);
+            headers.push(header);
+            let (conn, tx) = (conn.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let mut uni = conn.open_uni().await?;
+                uni.write_all(&bytes).await?;
+                uni.finish()?;
+                let _ = tx.send(header);
+                anyhow::Ok(())
+            });
+        }
+        if s.is_finished() {
+            break;
+        }
+        let deadline = epoch + Duration::from_millis(s.poll_timeout().expect("unfinished session"));
+        tokio::select! {
+            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
+                Ok(Some(c)) => s.handle_control(&c.bytes, now()),
+                Ok(None) | Err(_) => s.handle_control_end(now()),
+            },
+            Some(header) = done_rx.recv() => {
+                s.file_sent(&header, now());
+                sent += 1;
+                if let Some((n, root)) = &kill_after {
+                    if sent == *n {
+                        wait_objects(root, *n).await;
+                        conn.close(9u32.into(), b"killed");
+                        return Ran { outcome: None, headers };
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => s.handle_timeout(now()),
+        }
+    }
+    if matches!(s.outcome(), Some(Ok(_))) {
+        let _ = send.finish();
+    }
+    let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    conn.close(0u32.into(), b"bye");
+    Ran {
+        outcome: s.outcome().map(|o| match o {
+            Ok(o) => Ok(o.clone()),
+            Err(e) => Err(clone_error(e)),
+        }),
+        headers,
+    }
+}
+
+fn clone_error(e: &ProtoError) -> ProtoError {
+    match e {
+        ProtoError::Remote { kind, message } => ProtoError::Remote {
+            kind: *kind,
+            message: message.clone(),
+        },
+        other => ProtoError::Protocol(other.to_string()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pushes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_push_builds_and_activates_the_release() {
+    let d = Daemon::start().await;
+    let a = tree_a();
+    let ran = d
+        .shop_client()
+        .await
+        .push("shop", &a, "r1", PushOpts::default())
+        .await;
+    let r = ran.report();
+    // Seven files, two of equal content: six distinct contents travel, all in full.
+    assert_eq!((r.files, r.needed, r.have_files), (7, 6, 1));
+    assert_eq!((r.sent_full, r.sent_zstd_ref, r.sent_rsync), (6, 0, 0));
+    assert!(r.activated);
+    assert_eq!(r.staged.received, 6);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    assert_release_holds(&d.shop(), "r1", &a);
+    let via_current = std::fs::read(d.shop().join("current/vendor/big.php")).unwrap();
+    assert!(via_current == a["vendor/big.php"]);
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert_eq!(
+        objects(&d.shop()),
+        0,
+        "objects are dropped once a release holds them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_content_as_a_new_release_sends_nothing_and_links_everything() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let ran = c.push("shop", &a, "r2", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!((r.needed, r.payload_bytes, r.signatures), (0, 0, 0));
+    assert!(ran.headers.is_empty());
+    assert_eq!(r.staged.linked, 7);
+    assert_eq!(r.staged.received, 0);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+    for path in a.keys() {
+        let (r1, r2) = (
+            d.shop().join("releases/r1").join(path),
+            d.shop().join("releases/r2").join(path),
+        );
+        assert_eq!(inode(&r1), inode(&r2), "{path} is a hard link to r1's copy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_with_the_basis_in_the_client_cache_goes_as_zstd_ref() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let (a, b) = (tree_a(), tree_b());
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let opts = PushOpts {
+        cache: contents(&a),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &b, "r2", opts).await;
+    let r = ran.report();
+    // Changed: big.php and App.php; new: New.php; the renamed css is already there.
+    assert_eq!(r.needed, 3);
+    assert_eq!(r.signatures, 0);
+    assert_eq!(
+        ran.format_of(&b, "vendor/big.php"),
+        Some(DeltaFormat::ZstdRef)
+    );
+    assert_eq!(ran.format_of(&b, "src/New.php"), Some(DeltaFormat::Full));
+    assert!(
+        r.payload_bytes < 8_000,
+        "a 24-byte patch of a 300 kB file cost {} bytes",
+        r.payload_bytes
+    );
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+    assert_release_holds(&d.shop(), "r2", &b);
+    assert_eq!(
+        inode(&d.shop().join("releases/r1/public/app.css")),
+        inode(&d.shop().join("releases/r2/public/site.css")),
+        "the renamed file is linked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let (a, b) = (tree_a(), tree_b());
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let ran = c
+        .push(
+            "shop",
+            &b,
+            "r2",
+            PushOpts {
+                no_activate: true,
+                ..PushOpts::default()
+            },
+        )
+        .await;
+    let r = ran.report();
+    // Only big.php's basis is large enough for an rsync round trip.
+    assert_eq!(r.signatures, 1);
+    assert_eq!(
+        ran.format_of(&b, "vendor/big.php"),
+        Some(DeltaFormat::Rsync)
+    );
+    assert_eq!((r.sent_rsync, r.sent_full), (1, 2));
+    assert!(
+        r.payload_bytes < 40_000,
+        "rsync patch cost {} bytes",
+        r.payload_bytes
+    );
+    assert!(!r.activated);
+    assert_eq!(
+        current_of(&d.shop()).as_deref(),
+        Some("r1"),
+        "staged, not activated"
+    );
+    assert_release_holds(&d.shop(), "r2", &b);
+    // Activate it with the separate command.
+    let out = c
+        .command("shop", Command::Activate { release: rid("r2") })
+        .await;
+    assert!(
+        matches!(out, Ok(client::Outcome::Activated { ref release }) if release.as_str() == "r2"),
+        "{out:?}"
+    );
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_and_moved_files_cost_nothing() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let moved: Tree = a
+        .iter()
+        .map(|(p, content)| (format!("app/v2/{}", p.replace('/', "_")), content.clone()))
+        .collect();
+    let ran = c.push("shop", &moved, "r2", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!((r.needed, r.payload_bytes), (0, 0));
+    assert_eq!(r.staged.linked, moved.len() as u64);
+    assert_release_holds(&d.shop(), "r2", &moved);
+    assert_eq!(
+        inode(&d.shop().join("releases/r1/vendor/big.php")),
+        inode(&d.shop().join("releases/r2/app/v2/vendor_big.php"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_change_makes_a_new_inode_from_local_content() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    // Same content, one file executable: nothing to send, and the old inode is not chmod-ed.
+    let mut m = manifest_of(&a).entries().to_vec();
+    for e in &mut m {
+        if e.path.as_str() == "index.php" {
+            *e = Entry::file(
+                "index.php",
+                a["index.php"].len() as u64,
+                0o755,
+                Hash::of(&a["index.php"]),
+            )
+            .unwrap();
+        }
+    }
+    let manifest = Manifest::from_unsorted(m, &Policy::default()).unwrap();
+    let job = PushJob {
+        release: rid("r2"),
+        manifest: Arc::new(manifest),
+        activate: true,
+        cached: HashSet::new(),
+    };
+    let session = ClientSession::push(ClientConfig::default(), app("shop"), job, 0);
+    let source = Arc::new(Source {
+        tree: a.clone(),
+        cache: HashMap::new(),
+        lie: HashSet::new(),
+    });
+    let ran = drive(c.connect().await, session, source, None).await;
+    let r = ran.report();
+    assert_eq!(r.needed, 0);
+    let (old, new) = (
+        d.shop().join("releases/r1/index.php"),
+        d.shop().join("releases/r2/index.php"),
+    );
+    assert_ne!(inode(&old), inode(&new));
+    assert_eq!(std::fs::metadata(&old).unwrap().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o777, 0o755);
+    assert_release_holds(&d.shop(), "r2", &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_sender_is_refused_by_name_and_a_correct_push_then_succeeds() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    let lie = PushOpts {
+        lie: HashSet::from(["src/App.php".to_string()]),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &a, "r1", lie).await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Verify, "{message}");
+    assert!(message.contains("src/App.php"), "{message}");
+    assert_eq!(current_of(&d.shop()), None, "nothing was activated");
+    assert!(!d.shop().join("releases/r1").exists());
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+
+    let ran = c.push("shop", &a, "r1", PushOpts::default()).await;
+    ran.report();
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    assert_release_holds(&d.shop(), "r1", &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_push_resumes_with_only_the_rest() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let t = tree_many(8);
+    let opts = PushOpts {
+        kill_after: Some((3, d.shop())),
+        max_streams: 1,
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &t, "r1", opts).await;
+    assert!(ran.outcome.is_none(), "the client was killed");
+    wait_lock_free(&d.shop()).await;
+    assert!(
+        staging_dirs(&d.shop()).is_empty(),
+        "a killed push leaves no staging"
+    );
+    assert_eq!(current_of(&d.shop()), None);
+    let kept = objects(&d.shop());
+    assert_eq!(kept, 3, "the received files stay as verified objects");
+
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!(r.needed, 8 - kept as u64);
+    assert_eq!(r.have_files, kept as u64);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    assert_release_holds(&d.shop(), "r1", &t);
+    assert_eq!(objects(&d.shop()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_id_that_exists_is_refused_before_any_transfer() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let ran = c.push("shop", &tree_b(), "r1", PushOpts::default()).await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::BadRequest);
+    assert!(
+        message.contains("r1") && message.contains("already exists"),
+        "{message}"
+    );
+    assert!(ran.headers.is_empty());
+    assert_release_holds(&d.shop(), "r1", &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_edited_in_place_is_not_trusted_as_content_or_basis() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    // Someone edits two files of the live release in place (same size, new mtime).
+    for path in ["index.php", "vendor/big.php"] {
+        let p = d.shop().join("releases/r1").join(path);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[10] ^= 0x20;
+        std::fs::write(&p, &bytes).unwrap();
+    }
+    let b = tree_b();
+    let ran = c.push("shop", &b, "r2", PushOpts::default()).await;
+    let r = ran.report();
+    // index.php is unchanged in B but its only copy was edited: the daemon asks for it. big.php
+    // changed, and its edited basis is not offered: it comes in full, without a signature.
+    assert_eq!(r.needed, 4);
+    assert_eq!(r.signatures, 0);
+    assert_eq!(ran.format_of(&b, "index.php"), Some(DeltaFormat::Full));
+    assert_eq!(ran.format_of(&b, "vendor/big.php"), Some(DeltaFormat::Full));
+    assert_release_holds(&d.shop(), "r2", &b);
+}
+
+/// Incompressible bytes, so payloads are as large as the files.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_beyond_the_in_flight_budget_wait_without_stalling_the_connection() {
+    // Every payload is over the budget, so files are admitted one at a time while the others
+    // queue; the connection window holds less than the queued payloads, so unread queued
+    // streams would starve the admitted one.
+    let d = Daemon::start_with(Setup {
+        limits: Limits {
+            max_bytes_in_flight: 1,
+            ..Limits::default()
+        },
+        options: ServeOptions {
+            grace: Duration::from_secs(5),
+            net: NetConfig {
+                stream_receive_window: 128 * 1024,
+                connection_receive_window: 256 * 1024,
+                ..NetConfig::default()
+            },
+        },
+        ..Setup::default()
+    })
+    .await;
+    let c = d.shop_client().await;
+    let t: Tree = (0..8)
+        .map(|i| (format!("data/blob{i}.bin"), noise(i + 1, 200_000)))
+        .collect();
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!(r.needed, 8);
+    assert!(r.payload_bytes >= 8 * 200_000);
+    assert_release_holds(&d.shop(), "r1", &t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activated_push_keeps_only_the_configured_number_of_releases() {
+    let d = Daemon::start_with(Setup {
+        keep: 2,
+        ..Setup::default()
+    })
+    .await;
+    let c = d.shop_client().await;
+    let mut t = tree_a();
+    for (i, r) in ["r1", "r2", "r3"].iter().enumerate() {
+        t.insert("index.php".into(), text(70 + i as u64, 1000));
+        c.push("shop", &t, r, PushOpts::default()).await.report();
+    }
+    let ids: Vec<String> = c
+        .releases("shop")
+        .await
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(ids, ["r2", "r3"]);
+    assert!(!d.shop().join("releases/r1").exists());
+    // A push that is only staged prunes nothing.
+    t.insert("index.php".into(), text(80, 1000));
+    c.push(
+        "shop",
+        &t,
+        "r4",
+        PushOpts {
+            no_activate: true,
+            ..PushOpts::default()
+        },
+    )
+    .await
+    .report();
+    assert_eq!(c.releases("shop").await.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_rollback_activate_and_prune_over_the_wire() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let mut t = tree_a();
+    for (i, r) in ["r1", "r2", "r3"].iter().enumerate() {
+        t.insert("index.php".into(), text(50 + i as u64, 1000));
+        c.push("shop", &t, r, PushOpts::default()).await.report();
+    }
+    let status = |list: &[ReleaseInfo]| -> Vec<(String, ReleaseStatus)> {
+        list.iter().map(|i| (i.id.to_string(), i.status)).collect()
+    };
+    let list = c.releases("shop").await;
+    assert_eq!(
+        status(&list),
+        vec![
+            ("r1".into(), ReleaseStatus::Good),
+            ("r2".into(), ReleaseStatus::Rollback),
+            ("r3".into(), ReleaseStatus::Current)
+        ]
+    );
+    assert_eq!(list[2].files, t.len() as u64);
+    assert_eq!(list[2].manifest, manifest_of(&t).digest());
+
+    let out = c.command("shop", Command::Rollback { to: None }).await;
+    assert!(
+        matches!(out, Ok(client::Outcome::Activated { ref release }) if release.as_str() == "r2"),
+        "{out:?}"
+    );
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+
+    // Prune to one: current (r2) and its rollback target (r1) are protected, r3 goes.
+    let out = c.command("shop", Command::Prune { keep: Some(1) }).await;
+    match out {
+        Ok(client::Outcome::Pruned { removed }) => assert_eq!(removed, vec![rid("r3")]),
+        other => panic!("prune failed: {other:?}"),
+    }
+    assert!(!d.shop().join("releases/r3").exists());
+    assert_eq!(
+        status(&c.releases("shop").await),
+        vec![
+            ("r1".into(), ReleaseStatus::Rollback),
+            ("r2".into(), ReleaseStatus::Current)
+        ]
+    );
+
+    let out = c
+        .command("shop", Command::Activate { release: rid("r3") })
+        .await;
+    match out {
+        Err(ProtoError::Remote { kind, message }) => {
+            assert_eq!(kind, ErrorKind::NotFound);
+            assert!(message.contains("r3"), "{message}");
+        }
+        other => panic!("activating a pruned release should fail: {other:?}"),
+    }
+    let out = c
+        .command("shop", Command::Activate { release: rid("r1") })
+        .await;
+    assert!(
+        matches!(out, Ok(client::Outcome::Activated { .. })),
+        "{out:?}"
+    );
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    // Activating the current release again is fine.
+    let out = c
+        .command("shop", Command::Activate { release: rid("r1") })
+        .await;
+    assert!(
+        matches!(out, Ok(client::Outcome::Activated { .. })),
+        "{out:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals, contention and misbehaving peers
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_authorized_for_another_app_is_refused_without_touching_the_root() {
+    let d = Daemon::start().await;
+    let before = snapshot(&d.shop());
+    let blog_client = d.client(&d.blog_key).await;
+    let ran = blog_client
+        .push("shop", &tree_a(), "r1", PushOpts::default())
+        .await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Unauthorized);
+    assert!(message.contains("shop"), "{message}");
+    assert!(ran.headers.is_empty());
+    let out = blog_client
+        .command("shop", Command::Prune { keep: Some(1) })
+        .await;
+    assert!(
+        matches!(
+            out,
+            Err(ProtoError::Remote {
+                kind: ErrorKind::Unauthorized,
+                ..
+            })
+        ),
+        "{out:?}"
+    );
+    let out = blog_client.command("nosuchapp", Command::Releases).await;
+    assert!(
+        matches!(
+            out,
+            Err(ProtoError::Remote {
+                kind: ErrorKind::Unauthorized,
+                ..
+            })
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        snapshot(&d.shop()),
+        before,
+        "the shop root is untouched: no lock, no staging, no objects"
+    );
+
+    // A key nobody authorized does not get past the handshake.
+    let stranger = Client::new(
+        d.addr(),
+        d.identity.fingerprint(),
+        Identity::generate("stranger").unwrap(),
+    );
+    assert!(matches!(
+        stranger.try_connect().await,
+        Err(ConnectError::ClientKeyRefused { .. })
+    ));
+
+    // The blog key still works for its own app.
+    blog_client
+        .push("blog", &tree_a(), "b1", PushOpts::default())
+        .await
+        .report();
+    assert_eq!(current_of(&d.root("blog")).as_deref(), Some("b1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_push_while_one_holds_the_lock_is_told_busy() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    let (holder, _send, mut recv) = c.hello("shop", push_command(&a, "r1")).await;
+    let mut dec = FrameDecoder::new(MIN_MAX_FRAME);
+    assert!(
+        matches!(
+            next_msg(&mut recv, &mut dec).await,
+            Some(DaemonMsg::Welcome { .. })
+        ),
+        "the first push holds the lock"
+    );
+
+    let ran = c.push("shop", &a, "r2", PushOpts::default()).await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Busy);
+    assert!(message.contains("busy (held by"), "{message}");
+    // Another app is not affected.
+    d.client(&d.blog_key)
+        .await
+        .push("blog", &a, "b1", PushOpts::default())
+        .await
+        .report();
+
+    holder.close(0u32.into(), b"gone");
+    wait_lock_free(&d.shop()).await;
+    c.push("shop", &a, "r2", PushOpts::default()).await.report();
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_cut_off_after_the_message_timeout_and_the_lock_is_released() {
+    let limits = Limits {
+        message_timeout_ms: 1_000,
+        ..Limits::default()
+    };
+    let d = Daemon::start_with(Setup {
+        limits,
+        ..Setup::default()
+    })
+    .await;
+    let c = d.shop_client().await;
+
+    // Opens the control stream and never writes to it.
+    let started = Instant::now();
+    let conn = c.connect().await;
+    let (_send, _recv) = conn.open_bi().await.unwrap();
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the daemon closes the connection");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // Says Hello, takes the lock, then stalls before the manifest.
+    let a = tree_a();
+    let (_conn, _send, mut recv) = c.hello("shop", push_command(&a, "r1")).await;
+    let mut dec = FrameDecoder::new(MIN_MAX_FRAME);
+    assert!(matches!(
+        next_msg(&mut recv, &mut dec).await,
+        Some(DaemonMsg::Welcome { .. })
+    ));
+    match next_msg(&mut recv, &mut dec).await {
+        Some(DaemonMsg::Error { kind, message }) => {
+            assert_eq!(kind, ErrorKind::Timeout);
+            assert!(message.contains("manifest"), "{message}");
+        }
+        other => panic!("expected a timeout error, got {other:?}"),
+    }
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restart and shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_daemon_restart() {
+    let mut d = Daemon::start().await;
+    let a = tree_a();
+    d.shop_client()
+        .await
+        .push("shop", &a, "r1", PushOpts::default())
+        .await
+        .report();
+    d.stop().await;
+    // A crash left a staging directory and a stray current.tmp; the next start removes them.
+    std::fs::create_dir(d.shop().join("releases/r9.staging")).unwrap();
+    std::os::unix::fs::symlink("releases/r9", d.shop().join("current.tmp")).unwrap();
+    d.serve().await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert!(!d.shop().join("current.tmp").exists());
+
+    let c = d.shop_client().await;
+    let list = c.releases("shop").await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].id.as_str(), list[0].status),
+        ("r1", ReleaseStatus::Current)
+    );
+    let ran = c.push("shop", &a, "r2", PushOpts::default()).await;
+    assert_eq!(ran.report().needed, 0);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_stalled_session_after_the_grace_period() {
+    let mut d = Daemon::start_with(Setup {
+        options: ServeOptions {
+            grace: Duration::from_millis(300),
+            ..ServeOptions::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    let (_conn, _send, mut recv) = c.hello("shop", push_command(&a, "r1")).await;
+    let mut dec = FrameDecoder::new(MIN_MAX_FRAME);
+    assert!(matches!(
+        next_msg(&mut recv, &mut dec).await,
+        Some(DaemonMsg::Welcome { .. })
+    ));
+    let started = Instant::now();
+    d.stop().await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    match next_msg(&mut recv, &mut dec).await {
+        Some(DaemonMsg::Error { message, .. }) => {
+            assert!(message.contains("shutting down"), "{message}")
+        }
+        other => panic!("expected a shutdown error, got {other:?}"),
+    }
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+}
