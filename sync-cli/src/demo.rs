@@ -1,18 +1,32 @@
 //! `relsync demo`: a self-contained tour on a generated PHP application.
 //!
-//! Generates a release pair (about 15k files, 110 MB), deploys release 1 and then release 2 into a
-//! throwaway app root, shows the release list, rolls back and forward, and removes everything unless
-//! `--keep` is given.
+//! Generates a release pair (about 15k files, 110 MB), starts a few relsyncd daemons on loopback (in
+//! this process, each with its own throwaway key and app root), creates a client key, trusts the
+//! daemons, pushes release 1 and then release 2 to every daemon, lists releases, rolls one back, and
+//! finally builds the same releases locally and mirrors one rsync-style. Every step runs this very
+//! binary as a user would type it. Everything is removed at the end unless `--keep` is given.
 
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use sync_server::config::{AppConfig, Config};
+use sync_server::daemon::{serve, ServeOptions};
+use sync_server::tls::Identity;
 
-/// Runs the demo with this very binary, so what it shows is exactly what a user would type.
-pub fn run(dir: Option<PathBuf>, keep: bool, files: usize, bytes: u64) -> Result<()> {
-    let (work, _guard) = match dir {
+/// Runs the demo with `daemons` local daemons.
+pub fn run(
+    dir: Option<PathBuf>,
+    keep: bool,
+    files: usize,
+    bytes: u64,
+    daemons: usize,
+) -> Result<()> {
+    let (work, guard) = match dir {
         Some(d) => {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             (d, None)
@@ -27,7 +41,6 @@ pub fn run(dir: Option<PathBuf>, keep: bool, files: usize, bytes: u64) -> Result
     };
     let exe = std::env::current_exe().context("locating the relsync binary")?;
     let corpus = work.join("corpus");
-    let root = work.join("app");
     println!(
         "== generating a sample PHP application ({files} files, ~{} MB) in {}",
         bytes / 1_000_000,
@@ -49,8 +62,12 @@ pub fn run(dir: Option<PathBuf>, keep: bool, files: usize, bytes: u64) -> Result
         summary.mode_changed.len(),
         t.elapsed().as_secs_f64()
     );
+
+    // The client's key and known-hosts file live here; the subprocesses find them through
+    // RELSYNC_CONFIG_DIR, exactly as `~/.config/relsync` would be used.
+    let config_dir = work.join("client");
     let cache = work.join("cache");
-    let step = |title: &str, args: &[&std::ffi::OsStr]| -> Result<()> {
+    let step = |title: &str, args: &[OsString]| -> Result<()> {
         println!(
             "\n== {title}\n$ relsync {}",
             args.iter()
@@ -61,77 +78,169 @@ pub fn run(dir: Option<PathBuf>, keep: bool, files: usize, bytes: u64) -> Result
         let status = Command::new(&exe)
             .args(args)
             .env("RELSYNC_CACHE_DIR", &cache)
+            .env("RELSYNC_CONFIG_DIR", &config_dir)
             .status()
             .with_context(|| format!("running {}", exe.display()))?;
-        anyhow::ensure!(status.success(), "`relsync {}` failed", title);
+        anyhow::ensure!(status.success(), "`relsync {title}` failed");
         Ok(())
     };
-    let a = corpus.join("a");
-    let b = corpus.join("b");
-    let os = |p: &Path| p.as_os_str().to_owned();
-    step(
-        "deploy release 1 (everything is new)",
-        &[
-            "deploy".as_ref(),
-            &os(&a),
-            &os(&root),
-            "--release-id".as_ref(),
-            "release-1".as_ref(),
-        ],
-    )?;
-    step(
-        "plan release 2 without changing anything",
-        &[
-            "deploy".as_ref(),
-            &os(&b),
-            &os(&root),
-            "--release-id".as_ref(),
-            "release-2".as_ref(),
-            "--dry-run".as_ref(),
-        ],
-    )?;
-    step(
-        "deploy release 2 (hard links for unchanged files, renames detected)",
-        &[
-            "deploy".as_ref(),
-            &os(&b),
-            &os(&root),
-            "--release-id".as_ref(),
-            "release-2".as_ref(),
-        ],
-    )?;
-    step("list releases", &["releases".as_ref(), &os(&root)])?;
-    step("roll back", &["rollback".as_ref(), &os(&root)])?;
-    step(
-        "activate release 2 again",
-        &["activate".as_ref(), &os(&root), "release-2".as_ref()],
-    )?;
-    let mirror = work.join("mirror");
-    let mut src_slash = os(&b);
-    src_slash.push("/");
-    step(
-        "mirror release 2 rsync-style",
-        &[
-            "sync".as_ref(),
-            &src_slash,
-            &os(&mirror),
-            "--delete".as_ref(),
-        ],
-    )?;
+    let os = |s: &str| OsString::from(s);
+    let p = |p: &Path| p.as_os_str().to_owned();
+
+    step("create a client key", &[os("keygen")])?;
+    let client_key = Identity::load(&config_dir.join("id.key"), &config_dir.join("id.crt"))
+        .context("loading the demo client key")?
+        .fingerprint();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime for the demo daemons")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    let mut nodes: Vec<(SocketAddr, PathBuf, String)> = Vec::new();
+    for n in 1..=daemons {
+        let root = work.join(format!("node{n}/app"));
+        let identity =
+            Identity::generate(&format!("demo-node{n}")).context("generating a daemon key")?;
+        let fingerprint = identity.fingerprint().to_string();
+        let mut apps = BTreeMap::new();
+        apps.insert(
+            "shop".to_string(),
+            AppConfig {
+                name: "shop".into(),
+                root: root.clone(),
+                keep: Some(5),
+                shared: Vec::new(),
+                authorized: HashSet::from([client_key]),
+                activation: None,
+            },
+        );
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            key: PathBuf::new(),
+            cert: PathBuf::new(),
+            limits: Default::default(),
+            apps,
+            exports: BTreeMap::new(),
+        };
+        let mut rx = stop_rx.clone();
+        let server = runtime
+            .block_on(serve(
+                config,
+                identity,
+                ServeOptions::default(),
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                },
+            ))
+            .with_context(|| format!("starting demo daemon {n}"))?;
+        let addr = server.local_addr();
+        println!(
+            "   relsyncd node{n} listening on {addr}, key {fingerprint}, app root {}",
+            root.display()
+        );
+        servers.push(server);
+        nodes.push((addr, root, fingerprint));
+    }
+
+    let result = (|| -> Result<()> {
+        for (addr, _, fp) in &nodes {
+            step(
+                "trust a daemon's key (like ssh's known_hosts)",
+                &[os("trust"), os(&addr.to_string()), os(fp)],
+            )?;
+        }
+        let a = corpus.join("a");
+        let b = corpus.join("b");
+        for (addr, _, _) in &nodes {
+            step(
+                "push release 1 (everything is new)",
+                &[
+                    os("push"),
+                    p(&a),
+                    os(&format!("{addr}/shop")),
+                    os("--release-id"),
+                    os("release-1"),
+                ],
+            )?;
+        }
+        for (addr, _, _) in &nodes {
+            step(
+                "push release 2 (only changed files travel, as zstd deltas against release 1)",
+                &[
+                    os("push"),
+                    p(&b),
+                    os(&format!("{addr}/shop")),
+                    os("--release-id"),
+                    os("release-2"),
+                ],
+            )?;
+        }
+        let first = format!("{}/shop", nodes[0].0);
+        step("list releases on a node", &[os("releases"), os(&first)])?;
+        step("roll that node back", &[os("rollback"), os(&first)])?;
+        step(
+            "activate release 2 again",
+            &[os("activate"), os(&first), os("release-2")],
+        )?;
+
+        let local = work.join("local/app");
+        step(
+            "build release 1 locally (no daemon)",
+            &[
+                os("deploy"),
+                p(&a),
+                p(&local),
+                os("--release-id"),
+                os("release-1"),
+            ],
+        )?;
+        step(
+            "build release 2 locally: hard links for unchanged files, renames detected",
+            &[
+                os("deploy"),
+                p(&b),
+                p(&local),
+                os("--release-id"),
+                os("release-2"),
+            ],
+        )?;
+        let mut b_contents = p(&b);
+        b_contents.push("/");
+        step(
+            "mirror release 2 rsync-style",
+            &[
+                os("sync"),
+                b_contents,
+                p(&work.join("mirror")),
+                os("--delete"),
+            ],
+        )?;
+        Ok(())
+    })();
+
+    let _ = stop_tx.send(true);
+    runtime.block_on(async {
+        for s in servers {
+            s.stopped().await;
+        }
+    });
+    result?;
     println!();
     if keep {
         println!("kept everything under {}:", work.display());
-        println!(
-            "  app root   {}  (current -> {})",
-            root.display(),
-            std::fs::read_link(root.join("current"))?.display()
-        );
-        println!(
-            "  journal    {}",
-            root.join(".relsync/journal.jsonl").display()
-        );
-        println!("  mirror     {}", mirror.display());
-        if let Some(g) = _guard {
+        for (addr, root, _) in &nodes {
+            println!(
+                "  {addr}  {}  (current -> {})",
+                root.display(),
+                std::fs::read_link(root.join("current"))?.display()
+            );
+        }
+        println!("  journals   <app root>/.relsync/journal.jsonl");
+        println!("  client key {}", config_dir.display());
+        if let Some(g) = guard {
             let _ = g.keep();
         }
     } else {

@@ -5,6 +5,7 @@
 
 mod demo;
 mod output;
+mod remote;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::exec::{ExecOptions, LocalSource};
 use sync_core::edge::mirror::{apply_mirror, mirror_destination};
@@ -33,6 +35,8 @@ use sync_core::{RelPath, ReleaseId};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    keys: remote::KeyArgs,
 }
 
 #[derive(Subcommand)]
@@ -68,28 +72,74 @@ enum Command {
         /// Re-hash hard-linked files too (default: check they are the verified inodes, unchanged).
         #[arg(long)]
         verify_all: bool,
+        /// Keep the new release live (marked bad) when a reload, OPcache reset or health check of
+        /// the activation fails, instead of going back to the previous release.
+        #[arg(long)]
+        no_rollback: bool,
     },
-    /// List the kept releases of ROOT.
+    /// Push SRC as a new release of APP to a relsyncd daemon, and activate it.
+    Push {
+        src: PathBuf,
+        /// The daemon and app: HOST[:PORT]/APP (port 7171 by default).
+        target: String,
+        /// Release id (default: the UTC time, e.g. 20261127T031840Z).
+        #[arg(long)]
+        release_id: Option<String>,
+        /// Stage and verify on the daemon, but leave `current` where it is.
+        #[arg(long)]
+        no_activate: bool,
+        /// Ask the daemon what it would need and send nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Machine-readable output on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Leave out paths matching this gitignore-style pattern (repeatable).
+        #[arg(long, value_name = "PAT")]
+        exclude: Vec<String>,
+    },
+    /// Create a key pair for talking to relsyncd (client or daemon) and print its fingerprint.
+    Keygen {
+        /// Directory for NAME.key and NAME.crt [default: $RELSYNC_CONFIG_DIR, else
+        /// ~/.config/relsync].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "id")]
+        name: String,
+    },
+    /// Pin a daemon's key: trust HOST[:PORT] when it presents FINGERPRINT (SHA256:…).
+    Trust { host: String, fingerprint: String },
+    /// List the kept releases of ROOT (a local app root, or HOST[:PORT]/APP on a daemon).
     Releases {
         root: PathBuf,
         #[arg(long)]
         json: bool,
     },
-    /// Point ROOT/current at release ID.
-    Activate { root: PathBuf, id: String },
-    /// Go back to the previous good release (or to --to ID).
+    /// Point ROOT/current at release ID (ROOT may be HOST[:PORT]/APP).
+    Activate {
+        root: PathBuf,
+        id: String,
+        /// Keep the release live (marked bad) when its activation checks fail (local roots).
+        #[arg(long)]
+        no_rollback: bool,
+    },
+    /// Go back to the previous good release (or to --to ID); ROOT may be HOST[:PORT]/APP.
     Rollback {
         root: PathBuf,
         #[arg(long)]
         to: Option<String>,
+        /// Keep the release live (marked bad) when its activation checks fail (local roots).
+        #[arg(long)]
+        no_rollback: bool,
     },
-    /// Remove old releases beyond --keep (never current or the rollback target).
+    /// Remove old releases beyond --keep (never current or the rollback target); ROOT may be
+    /// HOST[:PORT]/APP.
     Prune {
         root: PathBuf,
         #[arg(long)]
         keep: Option<usize>,
     },
-    /// Generate a sample PHP app and walk through deploy, dry run, rollback and sync.
+    /// Generate a sample PHP app, start local daemons, and walk through push, rollback, deploy and sync.
     Demo {
         /// Work in this directory instead of a temporary one.
         #[arg(long)]
@@ -103,6 +153,9 @@ enum Command {
         /// Approximate size of the sample app in bytes.
         #[arg(long, default_value_t = 110_000_000)]
         bytes: u64,
+        /// Local daemons to push to.
+        #[arg(long, default_value_t = 3)]
+        daemons: usize,
     },
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself.
     Sync {
@@ -138,7 +191,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    match run(cli.command) {
+    match run(cli.command, &cli.keys) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if output::is_broken_pipe(&e) {
@@ -173,6 +226,13 @@ fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+fn activation_options(no_rollback: bool) -> ActivationOptions {
+    ActivationOptions {
+        auto_rollback: !no_rollback,
+        now_unix: now_unix(),
+    }
 }
 
 fn release_id(s: &str) -> Result<ReleaseId> {
@@ -251,7 +311,7 @@ fn scan_tree(
     Ok(s)
 }
 
-fn run(cmd: Command) -> Result<()> {
+fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
     match cmd {
         Command::Deploy {
             src,
@@ -265,6 +325,7 @@ fn run(cmd: Command) -> Result<()> {
             shared,
             verbose,
             verify_all,
+            no_rollback,
         } => {
             if keep == Some(0) {
                 return Err(UsageError("--keep must be at least 1".into()).into());
@@ -282,6 +343,7 @@ fn run(cmd: Command) -> Result<()> {
                     verify_links: verify_all,
                     ..ExecOptions::default()
                 },
+                no_rollback,
             };
             let app = if dry_run {
                 match AppRoot::open(&root) {
@@ -346,29 +408,73 @@ fn run(cmd: Command) -> Result<()> {
             pb.finish_and_clear();
             output::print_deploy(&report, &scanned.stats, &root, started.elapsed(), json)
         }
+        Command::Push {
+            src,
+            target,
+            release_id,
+            no_activate,
+            dry_run,
+            json,
+            exclude,
+        } => remote::push(
+            keys,
+            remote::PushArgs {
+                src,
+                target,
+                release_id,
+                no_activate,
+                dry_run,
+                json,
+                exclude,
+            },
+        ),
+        Command::Keygen { dir, name } => remote::keygen(dir, &name),
+        Command::Trust { host, fingerprint } => remote::trust(keys, &host, &fingerprint),
         Command::Releases { root, json } => {
+            if let Some(target) = remote::target_of(&root)? {
+                return remote::releases(keys, &target, json);
+            }
             let app = AppRoot::open(&root)?;
             output::print_releases(&app, json)
         }
-        Command::Activate { root, id } => {
+        Command::Activate {
+            root,
+            id,
+            no_rollback,
+        } => {
             let id = release_id(&id)?;
+            if let Some(target) = remote::target_of(&root)? {
+                return remote::activate(keys, &target, id);
+            }
             let app = AppRoot::open(&root)?;
             let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
-            deploy::activate(&app, &lock, &id, now_unix())
+            deploy::activate_with(&app, &lock, &id, &activation_options(no_rollback))
                 .with_context(|| format!("activating {id} in {}", root.display()))?;
             output::line(&format!("activated {id} in {}", root.display()))
         }
-        Command::Rollback { root, to } => {
+        Command::Rollback {
+            root,
+            to,
+            no_rollback,
+        } => {
             let to = to.as_deref().map(release_id).transpose()?;
+            if let Some(target) = remote::target_of(&root)? {
+                return remote::rollback(keys, &target, to);
+            }
             let app = AppRoot::open(&root)?;
             let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
-            let id = deploy::rollback(&app, &lock, to.as_ref(), now_unix())
-                .with_context(|| format!("rolling back {}", root.display()))?;
+            let id =
+                deploy::rollback_with(&app, &lock, to.as_ref(), &activation_options(no_rollback))
+                    .with_context(|| format!("rolling back {}", root.display()))?
+                    .release;
             output::line(&format!("rolled back {} to {id}", root.display()))
         }
         Command::Prune { root, keep } => {
             if keep == Some(0) {
                 return Err(UsageError("--keep must be at least 1".into()).into());
+            }
+            if let Some(target) = remote::target_of(&root)? {
+                return remote::prune(keys, &target, keep);
             }
             let app = AppRoot::open(&root)?;
             let lock = app.lock(|s| tracing::warn!("taking over a stale lock left by {s}"))?;
@@ -385,7 +491,8 @@ fn run(cmd: Command) -> Result<()> {
             keep,
             files,
             bytes,
-        } => demo::run(dir, keep, files, bytes),
+            daemons,
+        } => demo::run(dir, keep, files, bytes, daemons.max(1)),
         Command::Sync {
             src,
             dst,

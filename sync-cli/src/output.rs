@@ -51,35 +51,6 @@ pub fn line(text: &str) -> Result<()> {
     out(&format!("{text}\n"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chains_print_each_cause_once() {
-        let io = std::io::Error::other("disk on fire");
-        let e = anyhow::Error::new(io)
-            .context("cannot write x: disk on fire")
-            .context("deploying");
-        assert_eq!(render_chain(&e), "deploying: cannot write x: disk on fire");
-        let e = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(render_chain(&e), "outer: inner");
-    }
-
-    #[test]
-    fn human_sizes() {
-        let table = [
-            (0, "0 B"),
-            (999, "999 B"),
-            (1_000, "1.0 kB"),
-            (112_021_387, "112.0 MB"),
-        ];
-        for (n, want) in table {
-            assert_eq!(human(n), want);
-        }
-    }
-}
-
 /// `12.3 MB` style sizes (decimal, like rsync's --human-readable).
 pub fn human(bytes: u64) -> String {
     let units = ["B", "kB", "MB", "GB", "TB"];
@@ -192,6 +163,7 @@ pub fn print_deploy(
                 "hashed_files": scan.hashed_files, "cached_files": scan.cached_files,
             },
             "seconds": elapsed.as_secs_f64(),
+            "activation": r.activation,
         });
         return line(&serde_json::to_string_pretty(&v)?);
     }
@@ -338,4 +310,33 @@ pub fn print_mirror(
         plan.summary.unchanged_files,
         elapsed.as_secs_f64()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_print_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io)
+            .context("cannot write x: disk on fire")
+            .context("deploying");
+        assert_eq!(render_chain(&e), "deploying: cannot write x: disk on fire");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn human_sizes() {
+        let table = [
+            (0, "0 B"),
+            (999, "999 B"),
+            (1_000, "1.0 kB"),
+            (112_021_387, "112.0 MB"),
+        ];
+        for (n, want) in table {
+            assert_eq!(human(n), want);
+        }
+    }
 }

@@ -245,3 +245,38 @@ fn sync_follows_rsync_slash_rules_and_dry_run() {
     let again = env.json(&["sync", &v1c, s(&mirror), "--delete", "--json"]);
     assert_eq!(again["applied"]["written_files"], 0);
 }
+
+/// The README's first command, at a small scale: daemons start, pushes and deltas happen.
+#[test]
+fn demo_runs_end_to_end() {
+    let env = Env::new();
+    let work = env.path("demo");
+    let out = env.ok(&[
+        "demo",
+        "--files",
+        "200",
+        "--bytes",
+        "400000",
+        "--daemons",
+        "2",
+        "--dir",
+        s(&work),
+    ]);
+    for want in [
+        "push release 1",
+        "release release-2 activated on 127.0.0.1:",
+        "zstd-ref",
+        "rolled back",
+        "synced",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // Release 2 sends a small fraction of release 1: the summary's "sent as" figure drops.
+    let pushes: Vec<&str> = out.lines().filter(|l| l.contains(" sent as ")).collect();
+    assert_eq!(pushes.len(), 4, "{out}");
+    // Both nodes end on release 2 (one was rolled back and re-activated).
+    for n in 1..=2 {
+        let current = std::fs::read_link(work.join(format!("node{n}/app/current"))).unwrap();
+        assert_eq!(current, Path::new("releases/release-2"));
+    }
+}

@@ -4,6 +4,7 @@
 //! inode another release shares (new content always goes to a fresh inode that is renamed into place),
 //! and reports failures as [`EdgeError`]s that name the file or release involved.
 
+pub mod activate;
 pub mod deploy;
 pub mod exec;
 pub mod mirror;
@@ -67,6 +68,8 @@ pub enum EdgeError {
     Scan(#[from] scan::ScanError),
     #[error("app root config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Activation(#[from] activate::ActivationError),
 }
 
 /// Attaches what was being done and to which path to an `io::Error`.

@@ -1,9 +1,14 @@
 //! Which releases to keep: pure decisions over release metadata.
 //!
 //! `current` and the rollback target are never pruned. Beyond those, the newest good releases are kept
-//! up to `keep` in all; bad releases (failed activation) go first.
+//! up to `keep` in all; bad releases (failed activation) go first, except in the first
+//! [`BAD_GRACE_SECS`] after they failed: they were live for a moment, and requests routed to them then
+//! (nginx resolves `$realpath_root` before php-fpm opens the script) may still be running.
 
 use crate::release::ReleaseId;
+
+/// How long a release marked bad stays out of reach of pruning.
+pub const BAD_GRACE_SECS: i64 = 60;
 
 /// What retention needs to know about a release.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +18,8 @@ pub struct ReleaseState {
     pub seq: u64,
     /// Marked bad by a failed activation.
     pub bad: bool,
+    /// Marked bad less than [`BAD_GRACE_SECS`] ago: not pruned yet, and not counted against `keep`.
+    pub recently_bad: bool,
 }
 
 /// The release `rollback` goes to: the newest good release created before `current`.
@@ -38,7 +45,10 @@ pub fn prune_candidates(
     let rollback = rollback_target(releases, current);
     let protected = |r: &ReleaseState| Some(&r.id) == current || Some(&r.id) == rollback.as_ref();
     let n_protected = releases.iter().filter(|r| protected(r)).count();
-    let mut others: Vec<&ReleaseState> = releases.iter().filter(|r| !protected(r)).collect();
+    let mut others: Vec<&ReleaseState> = releases
+        .iter()
+        .filter(|r| !protected(r) && !r.recently_bad)
+        .collect();
     // Most worth keeping first: good before bad, then newest.
     others.sort_by_key(|r| (r.bad, std::cmp::Reverse(r.seq)));
     let budget = keep.saturating_sub(n_protected);
@@ -56,6 +66,7 @@ mod tests {
             id: ReleaseId::new(id).unwrap(),
             seq,
             bad,
+            recently_bad: false,
         }
     }
 
@@ -114,6 +125,23 @@ mod tests {
                 keep: 3,
                 want_rollback: Some("r3"),
                 want_pruned: vec!["r2", "r4"],
+            },
+            Case {
+                name:
+                    "a release marked bad moments ago stays, without costing a good one its place",
+                releases: vec![
+                    r(1),
+                    r(2),
+                    ReleaseState {
+                        recently_bad: true,
+                        ..rel("r3", 3, true)
+                    },
+                    r(4),
+                ],
+                current: Some("r4"),
+                keep: 3,
+                want_rollback: Some("r2"),
+                want_pruned: vec![],
             },
             Case {
                 name: "no current: keep the newest",

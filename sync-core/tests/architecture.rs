@@ -15,6 +15,8 @@ const PURE: &[&str] = &[
     "wire.rs",
     "proto.rs",
     "proto",
+    "activation.rs",
+    "activation",
 ];
 
 /// What betrays I/O, a clock or a process in library code.

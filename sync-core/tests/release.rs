@@ -1,10 +1,13 @@
 //! The release engine against the real file system: crash recovery after every step of a deploy,
 //! injected I/O errors, a full disk, corruption, concurrent deploys, hard-link identity, tampered
-//! and hostile trees, prune races, rollback and the mirror. Every test ends by checking I0 (see
-//! `harness::assert_i0`): `current` resolves to a complete verified release, no release ever
-//! changed, nothing is left half-done. Run as root (as CI does), the suite also runs itself again
-//! as an unprivileged user (`privilege`), and the disk-full tests mount their own tmpfs.
+//! and hostile trees, prune races, rollback, the activation pipeline and the mirror. Every test
+//! ends by checking I0 (see `harness::assert_i0`): `current` resolves to a complete verified
+//! release, no release ever changed, nothing is left half-done. Run as root (as CI does), the
+//! suite also runs itself again as an unprivileged user (`privilege`), and the disk-full tests
+//! mount their own tmpfs.
 
+#[path = "release/activation.rs"]
+mod activation;
 #[path = "release/crash.rs"]
 mod crash;
 #[path = "release/fault.rs"]

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::activate::{self, ActivationOptions, ActivationReport};
 use super::exec::{ContentSource, ExecOptions, ExecStats, Stager};
 use super::object::ObjectStore;
 use super::root::{operator, AppRoot, JournalEntry, LockGuard, Recovery};
@@ -30,6 +31,8 @@ pub struct DeployOptions {
     /// Link content from the object store (what a push delivered) when no kept release has it.
     pub use_objects: bool,
     pub exec: ExecOptions,
+    /// Leave a release whose activation checks fail live (marked bad) instead of going back.
+    pub no_rollback: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +45,8 @@ pub struct DeployReport {
     pub recovered: Recovery,
     pub exec: ExecStats,
     pub manifest_digest: String,
+    /// The activation pipeline's steps (when activated).
+    pub activation: Option<ActivationReport>,
 }
 
 /// Everything a deploy decided before touching anything: the plan and the records it links from.
@@ -96,11 +101,12 @@ pub fn prepare(
         .unwrap_or(DEFAULT_KEEP)
         .max(1);
     let prune = if opts.activate {
-        let mut states = root.states(&records)?;
+        let mut states = root.states_at(&records, Some(opts.now_unix))?;
         states.push(retention::ReleaseState {
             id: id.clone(),
             seq,
             bad: false,
+            recently_bad: false,
         });
         retention::prune_candidates(&states, Some(&id), keep)
     } else {
@@ -223,7 +229,31 @@ pub fn deploy(
             }
         }
     }
-    stager.apply(finish)?;
+    // The swap runs as part of the app's activation pipeline; prunes only after it succeeded.
+    let mut activation = None;
+    for op in finish {
+        if !matches!(op, Op::Activate) {
+            stager.apply(std::slice::from_ref(op))?;
+            continue;
+        }
+        let run = activate::run(
+            root,
+            lock,
+            &prep.plan.release,
+            prep.previous.as_ref(),
+            &ActivationOptions {
+                auto_rollback: !opts.no_rollback,
+                now_unix: opts.now_unix,
+            },
+        );
+        match run {
+            Ok(r) => activation = Some(r),
+            Err(e) => {
+                root.append_journal(&journal(&format!("failed: {}", super::error_chain(&e))))?;
+                return Err(e);
+            }
+        }
+    }
     let exec = stager.stats();
     root.append_journal(&journal("ok"))?;
     let pruned = finish
@@ -242,6 +272,7 @@ pub fn deploy(
         recovered,
         exec,
         manifest_digest: target.digest().to_hex(),
+        activation,
     })
 }
 
@@ -252,6 +283,17 @@ fn journal_event(
     id: &ReleaseId,
     started: Instant,
 ) -> Result<(), EdgeError> {
+    journal_result(root, now_unix, event, id, started, "ok".into())
+}
+
+fn journal_result(
+    root: &AppRoot,
+    now_unix: i64,
+    event: &str,
+    id: &ReleaseId,
+    started: Instant,
+    result: String,
+) -> Result<(), EdgeError> {
     root.append_journal(&JournalEntry {
         time_unix: now_unix,
         event: event.into(),
@@ -260,9 +302,34 @@ fn journal_event(
         manifest: None,
         files: None,
         bytes: None,
-        result: "ok".into(),
+        result,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Runs the activation pipeline for `id` and journals `event` with its result.
+fn activate_and_journal(
+    root: &AppRoot,
+    lock: &LockGuard,
+    event: &str,
+    id: &ReleaseId,
+    opts: &ActivationOptions,
+    started: Instant,
+) -> Result<ActivationReport, EdgeError> {
+    let previous = root.current()?;
+    match activate::run(root, lock, id, previous.as_ref(), opts) {
+        Ok(report) => {
+            journal_event(root, opts.now_unix, event, id, started)?;
+            Ok(report)
+        }
+        Err(e) => {
+            if matches!(e, EdgeError::Activation(_)) {
+                let result = format!("failed: {}", super::error_chain(&e));
+                journal_result(root, opts.now_unix, event, id, started, result)?;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Points `current` at an existing complete release.
@@ -272,11 +339,24 @@ pub fn activate(
     id: &ReleaseId,
     now_unix: i64,
 ) -> Result<(), EdgeError> {
+    let opts = ActivationOptions {
+        now_unix,
+        ..ActivationOptions::default()
+    };
+    activate_with(root, lock, id, &opts).map(drop)
+}
+
+/// [`activate`] through the app's activation pipeline, with its report.
+pub fn activate_with(
+    root: &AppRoot,
+    lock: &LockGuard,
+    id: &ReleaseId,
+    opts: &ActivationOptions,
+) -> Result<ActivationReport, EdgeError> {
     let started = Instant::now();
     root.recover(lock)?;
     root.load_record(id)?;
-    root.swap_current(id)?;
-    journal_event(root, now_unix, "activate", id, started)
+    activate_and_journal(root, lock, "activate", id, opts, started)
 }
 
 /// Activates `to`, or the newest good release older than `current`. Returns the release activated.
@@ -286,6 +366,21 @@ pub fn rollback(
     to: Option<&ReleaseId>,
     now_unix: i64,
 ) -> Result<ReleaseId, EdgeError> {
+    let opts = ActivationOptions {
+        now_unix,
+        ..ActivationOptions::default()
+    };
+    rollback_with(root, lock, to, &opts).map(|r| r.release)
+}
+
+/// [`rollback`] through the app's activation pipeline, with its report (`release` is the release
+/// rolled back to).
+pub fn rollback_with(
+    root: &AppRoot,
+    lock: &LockGuard,
+    to: Option<&ReleaseId>,
+    opts: &ActivationOptions,
+) -> Result<ActivationReport, EdgeError> {
     let started = Instant::now();
     root.recover(lock)?;
     let target = match to {
@@ -298,12 +393,11 @@ pub fn rollback(
         }
     };
     root.load_record(&target)?;
-    root.swap_current(&target)?;
-    journal_event(root, now_unix, "rollback", &target, started)?;
-    Ok(target)
+    activate_and_journal(root, lock, "rollback", &target, opts, started)
 }
 
-/// Removes releases beyond `keep`; never `current` or the rollback target.
+/// Removes releases beyond `keep`; never `current`, the rollback target, or a release marked bad
+/// in the last `retention::BAD_GRACE_SECS`.
 pub fn prune(
     root: &AppRoot,
     lock: &LockGuard,
@@ -314,7 +408,7 @@ pub fn prune(
     root.recover(lock)?;
     let keep = keep.or(root.config()?.keep).unwrap_or(DEFAULT_KEEP).max(1);
     let records = root.records()?;
-    let states = root.states(&records)?;
+    let states = root.states_at(&records, Some(now_unix))?;
     let current = root.current()?;
     let doomed = retention::prune_candidates(&states, current.as_ref(), keep);
     for id in &doomed {

@@ -11,6 +11,7 @@ use cap_std::fs::Dir;
 use serde::{Deserialize, Serialize};
 
 use super::{EdgeError, IoContext};
+use crate::activation::{Activation, ActivationConfig, ActivationConfigError};
 use crate::layout;
 use crate::manifest::Policy;
 use crate::path::RelPath;
@@ -26,6 +27,10 @@ pub struct AppConfig {
     /// Paths linked from `ROOT/shared/` into every release.
     #[serde(default)]
     pub shared: Vec<String>,
+    /// What activating a release runs besides the swap (hooks, php-fpm reload, OPcache reset,
+    /// health checks); see `crate::activation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationConfig>,
 }
 
 impl AppConfig {
@@ -44,7 +49,18 @@ impl AppConfig {
             path: path.to_owned(),
             reason,
         })?;
+        cfg.activation().map_err(|e| EdgeError::Config {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         Ok(cfg)
+    }
+
+    /// The validated `[activation]` table (swap only when absent).
+    pub fn activation(&self) -> Result<Activation, ActivationConfigError> {
+        self.activation
+            .as_ref()
+            .map_or(Ok(Activation::default()), ActivationConfig::validate)
     }
 
     pub fn shared_paths(&self) -> Result<Vec<RelPath>, String> {
@@ -199,23 +215,35 @@ impl AppRoot {
             .open_with(&rel, &opts)
             .ctx("open lock", &path)?
             .into_std();
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                return Err(EdgeError::Busy {
-                    root: self.path.clone(),
-                    holder: if holder.is_empty() {
-                        "another process".into()
-                    } else {
-                        holder.to_owned()
-                    },
-                });
+        // A lock without an owner line is being taken right now (the holder writes its line next),
+        // or was just released while a child process forked by another thread still shares the
+        // descriptor until its exec closes it: worth a short wait before calling the root busy.
+        let patience = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    let mut holder = String::new();
+                    file.rewind().ctx("read lock", &path)?;
+                    let _ = file.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    if holder.is_empty() && std::time::Instant::now() < patience {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        continue;
+                    }
+                    return Err(EdgeError::Busy {
+                        root: self.path.clone(),
+                        holder: if holder.is_empty() {
+                            "another process".into()
+                        } else {
+                            holder.to_owned()
+                        },
+                    });
+                }
+                Err(e) => return Err(std::io::Error::from(e)).ctx("lock", &path),
             }
-            Err(e) => return Err(std::io::Error::from(e)).ctx("lock", &path),
         }
+        file.rewind().ctx("read lock", &path)?;
         let mut stale = String::new();
         let _ = file.read_to_string(&mut stale);
         if !stale.trim().is_empty() {
@@ -376,13 +404,36 @@ impl AppRoot {
 
     /// Retention view of the kept releases.
     pub fn states(&self, records: &[ReleaseRecord]) -> Result<Vec<ReleaseState>, EdgeError> {
-        let bad = self.bad_releases()?;
+        self.states_at(records, None)
+    }
+
+    /// [`AppRoot::states`], with releases marked bad less than `retention::BAD_GRACE_SECS` before
+    /// `now_unix` flagged (pruning spares them for now).
+    pub fn states_at(
+        &self,
+        records: &[ReleaseRecord],
+        now_unix: Option<i64>,
+    ) -> Result<Vec<ReleaseState>, EdgeError> {
+        let marks: Vec<(String, i64)> = self
+            .journal()?
+            .into_iter()
+            .filter(|e| e.event == "mark-bad")
+            .map(|e| (e.release, e.time_unix))
+            .collect();
         Ok(records
             .iter()
-            .map(|r| ReleaseState {
-                id: r.id.clone(),
-                seq: r.seq,
-                bad: bad.iter().any(|b| b == r.id.as_str()),
+            .map(|r| {
+                let mut times = marks.iter().filter(|(id, _)| id == r.id.as_str());
+                let bad = times.clone().next().is_some();
+                let recently_bad = now_unix.is_some_and(|now| {
+                    times.any(|(_, t)| now.saturating_sub(*t) < crate::retention::BAD_GRACE_SECS)
+                });
+                ReleaseState {
+                    id: r.id.clone(),
+                    seq: r.seq,
+                    bad,
+                    recently_bad,
+                }
             })
             .collect())
     }

@@ -1,0 +1,451 @@
+//! The client side of the protocol over QUIC: connect to a daemon with pinned keys, push a
+//! release, or run a command.
+//!
+//! The protocol decisions live in `sync_core::proto::ClientSession`; this module only moves its
+//! bytes over a quinn connection and carries out its requests: [`connect`] dials and checks keys
+//! (with errors that say which command fixes them), [`push`] scans nothing itself but reads the
+//! files the session asks for from the source tree ([`SourceTree`], which refuses anything not in
+//! the pushed manifest), encodes them with `delta` (using the [`Cache`] of what was last pushed
+//! for zstd-reference deltas) and writes each on its own unidirectional stream, several at once.
+//! [`command`] runs `releases`, `activate`, `rollback` and `prune`. Success is reported only when
+//! the session's outcome says so; anything else is a [`ClientError`]. One connection per command.
+
+pub mod cache;
+mod driver;
+pub mod source;
+pub mod target;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::{ConnectionError, Endpoint};
+use sync_core::manifest::{Hash, Manifest};
+use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob};
+use sync_core::proto::ClientSession;
+use sync_core::wire::{AppName, Command, ErrorKind};
+use sync_core::{RelPath, ReleaseId};
+
+use crate::net::{self, ConnectError, NetConfig, NetError};
+use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
+
+pub use cache::{Cache, CacheError, CacheUpdate, Stored};
+pub use source::{SourceError, SourceTree};
+pub use target::{looks_remote, Target, TargetError};
+
+/// Why a remote command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("cannot resolve host {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("host {host} has no address")]
+    NoAddress { host: String },
+    /// The daemon's key is not pinned, or changed; the message says what to run.
+    #[error(transparent)]
+    Pin(crate::tls::PinError),
+    #[error("the daemon at {host_port} does not authorize key {key} for any app; add it to `authorized_keys` of app {app} in relsyncd's config")]
+    KeyRefused {
+        host_port: String,
+        key: Fingerprint,
+        app: AppName,
+    },
+    #[error("no answer from {host_port}{} within {} s; check that relsyncd runs there and that UDP port {} is reachable", via(.host_port, .addr), .after.as_secs(), .addr.port())]
+    ConnectTimeout {
+        host_port: String,
+        addr: SocketAddr,
+        after: Duration,
+    },
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("{target}: connection lost while {during}: {source}")]
+    Connection {
+        target: String,
+        during: String,
+        #[source]
+        source: ConnectionError,
+    },
+    /// The session ended with an error: the daemon's (`kind` as it reported it), or the
+    /// client's own verdict on what the daemon did.
+    #[error("{target}: {message}")]
+    Session {
+        target: String,
+        kind: ErrorKind,
+        message: String,
+    },
+    #[error("{target}: sending {path} failed: {message}")]
+    Stream {
+        target: String,
+        path: RelPath,
+        message: String,
+    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{target}: internal error: {message}")]
+    Internal { target: String, message: String },
+}
+
+/// How long [`Connection::close`] lets the endpoint flush the close frame.
+const CLOSE_WAIT: Duration = Duration::from_millis(50);
+
+/// ` (address)` when `host_port` does not already say it.
+fn via(host_port: &str, addr: &SocketAddr) -> String {
+    if *host_port == addr.to_string() {
+        String::new()
+    } else {
+        format!(" ({addr})")
+    }
+}
+
+/// A connection to one app on one daemon, both keys checked.
+#[derive(Debug)]
+pub struct Connection {
+    endpoint: Endpoint,
+    conn: quinn::Connection,
+    target: Target,
+    addr: SocketAddr,
+    config: ClientConfig,
+}
+
+/// Dials `target`, pinning the daemon's key from `known_hosts` and presenting `identity`.
+///
+/// Addresses are tried IPv4 first (relsyncd listens on `0.0.0.0` by default), each for at most
+/// `timeout`; a key problem stops at once, since another address would present the same key.
+pub async fn connect(
+    target: &Target,
+    identity: &Identity,
+    known_hosts: &KnownHosts,
+    net: &NetConfig,
+    timeout: Duration,
+) -> Result<Connection, ClientError> {
+    let host = target.bare_host();
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, target.port()))
+        .await
+        .map_err(|source| ClientError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
+        .collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(ClientError::NoAddress {
+            host: host.to_owned(),
+        });
+    }
+    let host_port = target.host_port();
+    let mut last = None;
+    for addr in addrs {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = net::client_endpoint(bind, net)?;
+        let verifier = Arc::new(
+            PinnedServerVerifier::from_known_hosts(known_hosts, &host_port).map_err(|e| {
+                TargetError::Host {
+                    text: host_port.clone(),
+                    source: e,
+                }
+            })?,
+        );
+        let attempt = net::connect(&endpoint, addr, host, verifier, identity, net);
+        let err = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(conn)) => {
+                return Ok(Connection {
+                    endpoint,
+                    conn,
+                    target: target.clone(),
+                    addr,
+                    config: ClientConfig::default(),
+                })
+            }
+            Ok(Err(ConnectError::Pin(pin))) => return Err(ClientError::Pin(pin)),
+            Ok(Err(ConnectError::ClientKeyRefused { host_port, key })) => {
+                return Err(ClientError::KeyRefused {
+                    host_port,
+                    key,
+                    app: target.app().clone(),
+                })
+            }
+            Ok(Err(e)) => ClientError::Connect(e),
+            Err(_elapsed) => ClientError::ConnectTimeout {
+                host_port: host_port.clone(),
+                addr,
+                after: timeout,
+            },
+        };
+        endpoint.close(0u32.into(), b"giving up");
+        tracing::debug!("{err}");
+        last = Some(err);
+    }
+    Err(last.expect("at least one address was tried"))
+}
+
+impl Connection {
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The daemon's key, as checked against the pin.
+    pub fn daemon_key(&self) -> Option<Fingerprint> {
+        net::peer_fingerprint(&self.conn)
+    }
+
+    /// Replaces the session limits (frame size, streams, timeouts) used by later commands.
+    pub fn set_config(&mut self, config: ClientConfig) {
+        self.config = config;
+    }
+
+    /// Closes the connection, giving the endpoint a moment to tell the daemon.
+    ///
+    /// `wait_idle` would also sit out QUIC's draining period (three probe timeouts, 70 ms even
+    /// on loopback); the close frame leaves long before that, and a daemon that misses it only
+    /// holds a finished connection until its idle timeout.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A push to run.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    pub release: ReleaseId,
+    /// The scanned manifest of `source`.
+    pub manifest: Arc<Manifest>,
+    pub source: std::path::PathBuf,
+    /// Make the release current once it is staged.
+    pub activate: bool,
+}
+
+/// Counts per payload format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PerFormat {
+    pub full: u64,
+    pub zstd_ref: u64,
+    pub rsync: u64,
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// The session's account: files, needs, formats, what the daemon staged.
+    pub session: sync_core::proto::client::PushReport,
+    /// Payload bytes per format.
+    pub sent_bytes: PerFormat,
+    /// What the client cache did after the push (`None` without a cache).
+    pub cache: Option<Result<CacheUpdate, String>>,
+}
+
+/// What the daemon would need for a push, asked without sending anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NeedReport {
+    /// Files and bytes in the manifest.
+    pub files: u64,
+    pub bytes: u64,
+    /// Files the daemon needs and their size.
+    pub needed_files: u64,
+    pub needed_bytes: u64,
+    /// Needed files the daemon has an older version of (candidates for a delta), and how many
+    /// of those the cache holds (a zstd-reference delta without a round trip).
+    pub with_basis: u64,
+    pub cached_basis: u64,
+    /// Files and bytes the daemon already holds.
+    pub have_files: u64,
+    pub have_bytes: u64,
+    /// The needed paths with their size, in manifest order.
+    pub paths: Vec<(RelPath, u64)>,
+}
+
+/// Progress of a push, for display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The session moved on (handshake, manifest, transfer, staging, activation).
+    State(ClientState),
+    /// The daemon's need is known: this many files and bytes will be sent.
+    Need { files: u64, bytes: u64 },
+    /// One file went out: its size, and the payload that carried it.
+    Sent { bytes: u64, payload: u64 },
+}
+
+/// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
+/// `activate`, activated) the release, then records the push in `cache`.
+pub async fn push(
+    conn: &Connection,
+    req: &PushRequest,
+    cache: Option<&Arc<Cache>>,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<PushReport, ClientError> {
+    let source = open_source(req)?;
+    let session = push_session(conn, req, cached_hashes(cache).await);
+    // Once every file went out the client only waits for the daemon to build the release: add
+    // this push's contents to the cache meanwhile, and record the push itself once it succeeded.
+    let storing = Mutex::new(None);
+    let start_storing = || {
+        if let Some(c) = cache {
+            let mut slot = storing.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                let (c, s) = (Arc::clone(c), Arc::clone(&source));
+                *slot = Some(tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let stored = c.store_missing(&s);
+                    tracing::debug!(ms = t.elapsed().as_millis() as u64, "cache: stored");
+                    stored
+                }));
+            }
+        }
+    };
+    let hook = |p: Progress| {
+        if p == Progress::State(ClientState::Staging) {
+            start_storing();
+        }
+        progress(p);
+    };
+    let driven = driver::drive(
+        conn,
+        session,
+        Some(driver::Files {
+            source: Arc::clone(&source),
+            cache: cache.cloned(),
+        }),
+        false,
+        &hook,
+    )
+    .await?;
+    let Some(Outcome::Pushed(report)) = driven.outcome else {
+        return Err(ClientError::Internal {
+            target: conn.target.to_string(),
+            message: "the push session ended with another outcome".into(),
+        });
+    };
+    start_storing();
+    let pending = storing.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let cache = match (cache, pending) {
+        (Some(c), Some(pending)) => {
+            let (c, target, manifest) = (
+                Arc::clone(c),
+                conn.target.clone(),
+                Arc::clone(&req.manifest),
+            );
+            let recorded = async move {
+                let stored = pending.await.map_err(|e| e.to_string())?;
+                let stored = stored.map_err(|e| e.to_string())?;
+                tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let r = c.commit(stored, &target, &manifest);
+                    tracing::debug!(ms = t.elapsed().as_millis() as u64, "cache: committed");
+                    r
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+            };
+            Some(recorded.await)
+        }
+        _ => None,
+    };
+    Ok(PushReport {
+        session: report,
+        sent_bytes: driven.sent_bytes,
+        cache,
+    })
+}
+
+/// Asks the daemon what it would need for `req` and stops there: nothing is sent or staged
+/// (the daemon sees a push cut short after `Need`, which leaves nothing behind).
+pub async fn dry_run(
+    conn: &Connection,
+    req: &PushRequest,
+    cache: Option<&Arc<Cache>>,
+) -> Result<NeedReport, ClientError> {
+    let cached = cached_hashes(cache).await;
+    let session = push_session(conn, req, cached.clone());
+    let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
+    let need = driven.need.ok_or_else(|| ClientError::Internal {
+        target: conn.target.to_string(),
+        message: "the session ended before the daemon's need was known".into(),
+    })?;
+    let files: Vec<_> = req.manifest.files().collect();
+    let mut r = NeedReport {
+        files: files.len() as u64,
+        bytes: req.manifest.total_file_bytes(),
+        have_files: need.have_files,
+        have_bytes: need.have_bytes,
+        ..NeedReport::default()
+    };
+    let mut needed = need.files;
+    needed.sort_by_key(|n| n.file);
+    for n in needed {
+        // The session checked every index against the manifest.
+        let (path, size, ..) = files[n.file as usize];
+        r.needed_files += 1;
+        r.needed_bytes += size;
+        if let Some(b) = n.basis {
+            r.with_basis += 1;
+            r.cached_basis += u64::from(cached.contains(&b.hash));
+        }
+        r.paths.push((path.clone(), size));
+    }
+    Ok(r)
+}
+
+/// Runs a command other than a push (`Releases`, `Activate`, `Rollback`, `Prune`).
+pub async fn command(conn: &Connection, command: Command) -> Result<Outcome, ClientError> {
+    let session = ClientSession::command(conn.config, conn.target.app().clone(), command, 0);
+    let driven = driver::drive(conn, session, None, false, &|_| {}).await?;
+    driven.outcome.ok_or_else(|| ClientError::Internal {
+        target: conn.target.to_string(),
+        message: "the command ended without an outcome".into(),
+    })
+}
+
+fn open_source(req: &PushRequest) -> Result<Arc<SourceTree>, ClientError> {
+    Ok(Arc::new(SourceTree::open(
+        &req.source,
+        Arc::clone(&req.manifest),
+    )?))
+}
+
+async fn cached_hashes(cache: Option<&Arc<Cache>>) -> HashSet<Hash> {
+    let Some(c) = cache.cloned() else {
+        return Default::default();
+    };
+    let listed = tokio::task::spawn_blocking(move || c.hashes()).await;
+    match listed {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::warn!("{e}; pushing without the cache");
+            Default::default()
+        }
+        Err(_) => Default::default(),
+    }
+}
+
+fn push_session(conn: &Connection, req: &PushRequest, cached: HashSet<Hash>) -> ClientSession {
+    let job = PushJob {
+        release: req.release.clone(),
+        manifest: Arc::clone(&req.manifest),
+        activate: req.activate,
+        cached,
+    };
+    ClientSession::push(conn.config, conn.target.app().clone(), job, 0)
+}
+
+#[cfg(test)]
+mod tests;

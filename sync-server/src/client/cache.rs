@@ -1,0 +1,498 @@
+//! What the client last pushed to each target, kept so the next push can send zstd deltas
+//! against the daemon's current files without asking for signatures first.
+//!
+//! Layout under the cache directory (`$RELSYNC_CACHE_DIR`, else `$XDG_CACHE_HOME/relsync`, else
+//! `~/.cache/relsync`; the scan's hash caches live there too):
+//!
+//! ```text
+//! blobs/<blake3 hex>      content, as a plain zstd payload (the `Full` format of `delta`)
+//! targets/<key>.manifest  per `host:port/app`: a header line naming it, then the last pushed
+//!                         manifest in its binary encoding
+//! lock                    flock held while blobs are added or pruned
+//! ```
+//!
+//! Blobs are content addressed and verified against their name whenever they are read (through
+//! `delta::apply`, which also bounds the output), so a torn or damaged blob is dropped and the
+//! file goes out another way; nothing here needs fsync. After each successful push the files of
+//! the pushed manifest that are not stored yet are added (in parallel, skipping files over
+//! [`MAX_CACHED_FILE`], which go by rsync delta instead), the target's manifest is replaced, and
+//! blobs no target's manifest references are removed.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use rayon::prelude::*;
+use sync_core::delta::{self, DeltaFormat};
+use sync_core::manifest::{Hash, Manifest, Policy};
+use sync_core::wire::max_payload_len;
+
+use super::source::{SourceError, SourceTree};
+use super::target::Target;
+
+/// Files larger than this are not cached: storing them costs more than an rsync round trip.
+pub const MAX_CACHED_FILE: u64 = 256 << 20;
+/// Temporary files older than this are leftovers of a killed process.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+const TARGET_MAGIC: &str = "relsync-cache-target 1";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Why the cache could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    #[error("cache: cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What [`Cache::record`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheUpdate {
+    /// Blobs added and their compressed size.
+    pub stored_files: u64,
+    pub stored_bytes: u64,
+    /// Files left out: over [`MAX_CACHED_FILE`], or changed since the scan, or failing to write.
+    pub skipped_files: u64,
+    /// Blobs removed because no target references them any more.
+    pub pruned_files: u64,
+}
+
+/// Blobs stored for a push that has not succeeded yet; holds the cache lock.
+#[derive(Debug)]
+pub struct Stored {
+    _lock: File,
+    update: CacheUpdate,
+}
+
+/// The client's content cache.
+#[derive(Debug)]
+pub struct Cache {
+    dir: PathBuf,
+    blobs: PathBuf,
+    targets: PathBuf,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    /// `$RELSYNC_CACHE_DIR`, else `$XDG_CACHE_HOME/relsync`, else `~/.cache/relsync`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let env = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        env("RELSYNC_CACHE_DIR")
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("relsync")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache/relsync")))
+    }
+
+    /// Opens (creating) the cache in `dir`.
+    pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        let blobs = dir.join("blobs");
+        let targets = dir.join("targets");
+        for d in [&blobs, &targets] {
+            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        Ok(Cache {
+            dir: dir.to_owned(),
+            blobs,
+            targets,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn blob_path(&self, hash: &Hash) -> PathBuf {
+        self.blobs.join(hash.to_hex())
+    }
+
+    fn target_path(&self, target: &Target) -> PathBuf {
+        let key = blake3::hash(target.to_string().as_bytes()).to_hex();
+        self.targets.join(format!("{}.manifest", &key[..32]))
+    }
+
+    /// Hashes of every stored blob: the contents a push can use as zstd reference.
+    pub fn hashes(&self) -> Result<HashSet<Hash>, CacheError> {
+        let mut out = HashSet::new();
+        for e in fs::read_dir(&self.blobs).map_err(io_err("list", &self.blobs))? {
+            let e = e.map_err(io_err("list", &self.blobs))?;
+            if let Some(h) = e.file_name().to_str().and_then(Hash::from_hex) {
+                out.insert(h);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn contains(&self, hash: &Hash) -> bool {
+        self.blob_path(hash).is_file()
+    }
+
+    /// The content with `hash` and `size`, if stored and intact. A damaged blob is removed.
+    pub fn load(&self, hash: &Hash, size: u64) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.blob_path(hash);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let mut payload = Vec::new();
+        file.take(max_payload_len(size).saturating_add(1))
+            .read_to_end(&mut payload)
+            .map_err(io_err("read", &path))?;
+        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        let expected = blake3::Hash::from_bytes(hash.0);
+        match delta::apply(DeltaFormat::Full, None, &payload, size, &expected, &mut out) {
+            Ok(()) => Ok(Some(out)),
+            Err(e) => {
+                tracing::debug!("cache: dropping damaged blob {}: {e}", path.display());
+                let _ = fs::remove_file(&path);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores `payload`, a `Full` payload (plain zstd) of the content with `hash`, unless a
+    /// blob for it exists. Returns whether it wrote one.
+    pub fn store_payload(&self, hash: &Hash, payload: &[u8]) -> Result<bool, CacheError> {
+        let path = self.blob_path(hash);
+        if path.exists() {
+            return Ok(false);
+        }
+        write_atomic(&self.blobs, &path, &[payload])?;
+        Ok(true)
+    }
+
+    /// The manifest last pushed to `target`, if any (and readable).
+    pub fn last_manifest(&self, target: &Target) -> Result<Option<Manifest>, CacheError> {
+        let path = self.target_path(target);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(parse_target_file(&bytes).map(|(_, m)| m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    /// After a successful push of `source`'s manifest to `target`: stores the files not stored
+    /// yet, makes the manifest the target's last one, and prunes unreferenced blobs.
+    pub fn record(&self, target: &Target, source: &SourceTree) -> Result<CacheUpdate, CacheError> {
+        self.commit(self.store_missing(source)?, target, source.manifest())
+    }
+
+    /// The first half of [`Cache::record`], which may run while the daemon is still building
+    /// the release: stores the files of `source`'s manifest that are not stored yet. Holds the
+    /// cache lock until the result is passed to [`Cache::commit`] (or dropped, when the push
+    /// failed: the new blobs then go at the next prune).
+    pub fn store_missing(&self, source: &SourceTree) -> Result<Stored, CacheError> {
+        let lock = self.lock()?;
+        let present = self.hashes()?;
+        let mut seen = HashSet::new();
+        let mut skipped = 0u64;
+        let todo: Vec<_> = source
+            .manifest()
+            .files()
+            .filter(|(_, size, _, hash)| *size > 0 && seen.insert(**hash))
+            .filter(|(_, size, _, hash)| {
+                let big = *size > MAX_CACHED_FILE;
+                skipped += u64::from(big);
+                !big && !present.contains(hash)
+            })
+            .collect();
+        let results: Vec<Result<u64, String>> = todo
+            .par_iter()
+            .map(|(path, size, _, hash)| {
+                let content = source
+                    .read(path, *size, hash)
+                    .map_err(|e: SourceError| e.to_string())?;
+                let mut payload = Vec::with_capacity(content.len() / 4);
+                delta::encode_full(&content, &mut payload).map_err(|e| e.to_string())?;
+                self.store_payload(hash, &payload)
+                    .map_err(|e| e.to_string())?;
+                Ok(payload.len() as u64)
+            })
+            .collect();
+        let mut update = CacheUpdate::default();
+        for r in results {
+            match r {
+                Ok(n) => {
+                    update.stored_files += 1;
+                    update.stored_bytes += n;
+                }
+                Err(e) => {
+                    tracing::debug!("cache: not storing a file: {e}");
+                    skipped += 1;
+                }
+            }
+        }
+        update.skipped_files = skipped;
+        Ok(Stored {
+            _lock: lock,
+            update,
+        })
+    }
+
+    /// The second half of [`Cache::record`], once the push succeeded: makes `manifest` the
+    /// target's last one and prunes blobs no target references.
+    pub fn commit(
+        &self,
+        stored: Stored,
+        target: &Target,
+        manifest: &Manifest,
+    ) -> Result<CacheUpdate, CacheError> {
+        let mut update = stored.update.clone();
+        let head = format!("{TARGET_MAGIC}\n{target}\n").into_bytes();
+        let path = self.target_path(target);
+        write_atomic(&self.targets, &path, &[&head, &manifest.encode()])?;
+        update.pruned_files = self.prune_locked()?;
+        Ok(update)
+    }
+
+    /// Removes blobs that no target's last manifest references, and stale temporary files.
+    pub fn prune(&self) -> Result<u64, CacheError> {
+        let _lock = self.lock()?;
+        self.prune_locked()
+    }
+
+    fn prune_locked(&self) -> Result<u64, CacheError> {
+        let mut referenced = HashSet::new();
+        for e in fs::read_dir(&self.targets).map_err(io_err("list", &self.targets))? {
+            let e = e.map_err(io_err("list", &self.targets))?;
+            let path = e.path();
+            if remove_if_stale_temp(&path) {
+                continue;
+            }
+            let parsed = fs::read(&path)
+                .ok()
+                .and_then(|bytes| parse_target_file(&bytes));
+            match parsed {
+                Some((_, m)) => referenced.extend(m.files().map(|(_, _, _, h)| *h)),
+                None => {
+                    tracing::debug!("cache: removing unreadable {}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let mut removed = 0;
+        for e in fs::read_dir(&self.blobs).map_err(io_err("list", &self.blobs))? {
+            let e = e.map_err(io_err("list", &self.blobs))?;
+            let path = e.path();
+            if remove_if_stale_temp(&path) {
+                continue;
+            }
+            let keep = e
+                .file_name()
+                .to_str()
+                .and_then(Hash::from_hex)
+                .is_some_and(|h| referenced.contains(&h));
+            if !keep && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn lock(&self) -> Result<File, CacheError> {
+        let path = self.dir.join("lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err("lock", &path)(e.into()))?;
+        Ok(f)
+    }
+}
+
+fn parse_target_file(bytes: &[u8]) -> Option<(String, Manifest)> {
+    let rest = bytes
+        .strip_prefix(TARGET_MAGIC.as_bytes())?
+        .strip_prefix(b"\n")?;
+    let nl = rest.iter().position(|b| *b == b'\n')?;
+    let name = std::str::from_utf8(&rest[..nl]).ok()?.to_owned();
+    let m = Manifest::decode(&rest[nl + 1..], &Policy::default()).ok()?;
+    Some((name, m))
+}
+
+/// Writes `parts` to a temporary file in `dir` and renames it to `path`.
+fn write_atomic(dir: &Path, path: &Path, parts: &[&[u8]]) -> Result<(), CacheError> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
+    let written = (|| {
+        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_err("write", path)(e)
+    })
+}
+
+fn remove_if_stale_temp(path: &Path) -> bool {
+    let is_temp = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+    if !is_temp {
+        return false;
+    }
+    let old = fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age > STALE_TEMP);
+    if old {
+        let _ = fs::remove_file(path);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use sync_core::manifest::Entry;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        src: PathBuf,
+        cache: Cache,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+        Fixture {
+            _tmp: tmp,
+            src,
+            cache,
+        }
+    }
+
+    /// Writes `files` into the source dir and returns a tree over exactly those files.
+    fn tree(fx: &Fixture, files: &[(&str, &[u8])]) -> SourceTree {
+        for e in fs::read_dir(&fx.src).unwrap() {
+            fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let entries = files
+            .iter()
+            .map(|(p, c)| {
+                fs::write(fx.src.join(p), c).unwrap();
+                Entry::file(p, c.len() as u64, 0o644, Hash::of(c)).unwrap()
+            })
+            .collect();
+        let m = Manifest::from_unsorted(entries, &Policy::default()).unwrap();
+        SourceTree::open(&fx.src, Arc::new(m)).unwrap()
+    }
+
+    fn target(s: &str) -> Target {
+        Target::parse(s).unwrap()
+    }
+
+    fn hashes(contents: &[&[u8]]) -> HashSet<Hash> {
+        contents.iter().map(|c| Hash::of(c)).collect()
+    }
+
+    #[test]
+    fn record_stores_what_was_pushed_and_prunes_what_no_target_needs() {
+        let fx = fixture();
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (b"alpha content", b"beta content", b"gamma");
+        let one = target("web1/shop");
+        let two = target("web2/shop");
+
+        let t = tree(&fx, &[("a", a), ("b", b), ("dup", a), ("empty", b"")]);
+        let u = fx.cache.record(&one, &t).unwrap();
+        // Two distinct non-empty contents; the duplicate and the empty file add nothing.
+        assert_eq!((u.stored_files, u.pruned_files), (2, 0));
+        assert_eq!(fx.cache.hashes().unwrap(), hashes(&[a, b]));
+        assert_eq!(
+            fx.cache.last_manifest(&one).unwrap().unwrap().digest(),
+            t.manifest().digest()
+        );
+        assert!(fx.cache.last_manifest(&two).unwrap().is_none());
+
+        // Another target keeps `b` alive; the first target moves on to `c` only.
+        let t2 = tree(&fx, &[("b", b)]);
+        let u = fx.cache.record(&two, &t2).unwrap();
+        assert_eq!((u.stored_files, u.pruned_files), (0, 0));
+        let t3 = tree(&fx, &[("c", c)]);
+        let u = fx.cache.record(&one, &t3).unwrap();
+        assert_eq!((u.stored_files, u.pruned_files), (1, 1));
+        assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b, c]));
+        assert_eq!(fx.cache.load(&Hash::of(c), 5).unwrap().as_deref(), Some(c));
+        assert_eq!(fx.cache.load(&Hash::of(a), a.len() as u64).unwrap(), None);
+    }
+
+    #[test]
+    fn damaged_blobs_are_dropped_not_used() {
+        let fx = fixture();
+        let content: &[u8] = b"some php file content that is cached";
+        let t = tree(&fx, &[("x.php", content)]);
+        fx.cache.record(&target("h/app"), &t).unwrap();
+        let h = Hash::of(content);
+        let size = content.len() as u64;
+        assert_eq!(fx.cache.load(&h, size).unwrap().as_deref(), Some(content));
+        // Asked for with the wrong size: refused by the bounded decoder, and dropped.
+        assert_eq!(fx.cache.load(&h, size + 1).unwrap(), None);
+        assert!(!fx.cache.contains(&h));
+
+        fx.cache.record(&target("h/app"), &t).unwrap();
+        let mut other = Vec::new();
+        delta::encode_full(b"different bytes", &mut other).unwrap();
+        fs::write(fx.cache.blob_path(&h), &other).unwrap();
+        assert_eq!(fx.cache.load(&h, 15).unwrap(), None);
+        assert!(!fx.cache.contains(&h));
+    }
+
+    #[test]
+    fn files_changed_since_the_scan_are_not_cached() {
+        let fx = fixture();
+        let t = tree(&fx, &[("a", b"original"), ("b", b"kept")]);
+        fs::write(fx.src.join("a"), b"edited!!").unwrap();
+        let u = fx.cache.record(&target("h/app"), &t).unwrap();
+        assert_eq!((u.stored_files, u.skipped_files), (1, 1));
+        assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b"kept"]));
+    }
+
+    #[test]
+    fn unreadable_target_files_and_stray_blobs_are_pruned() {
+        let fx = fixture();
+        let t = tree(&fx, &[("a", b"aaaa")]);
+        fx.cache.record(&target("h/app"), &t).unwrap();
+        fs::write(fx.cache.targets.join("junk.manifest"), b"garbage").unwrap();
+        fx.cache
+            .store_payload(&Hash::of(b"stray"), b"whatever")
+            .unwrap();
+        fs::write(fx.cache.blobs.join(".tmp-1-1"), b"fresh temp").unwrap();
+        assert_eq!(fx.cache.prune().unwrap(), 1);
+        assert!(!fx.cache.targets.join("junk.manifest").exists());
+        // A fresh temporary file may belong to a running push: kept.
+        assert!(fx.cache.blobs.join(".tmp-1-1").exists());
+        assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b"aaaa"]));
+    }
+}

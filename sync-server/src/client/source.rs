@@ -1,0 +1,364 @@
+//! Reading the files a push sends, and only those.
+//!
+//! The daemon chooses which files it needs, so it chooses what the client reads: a hostile daemon
+//! must not be able to make the client read anything outside the source tree, or anything in it
+//! that is not part of the push (fault case 20). [`SourceTree::read`] therefore accepts a path
+//! only if it is a file of the pushed manifest with the size and hash the session names, opens it
+//! relative to the source directory handle without following symlinks (cap-std keeps every lookup
+//! beneath the directory), refuses anything but a regular file of the scanned size, and checks
+//! the content against the manifest hash before a byte of it is encoded. A file edited since the
+//! scan is reported as such instead of producing a payload the daemon would reject.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use memmap2::{Mmap, MmapOptions};
+use sync_core::delta::{self, Basis, DeltaError};
+use sync_core::manifest::{EntryKind, Hash, Manifest};
+use sync_core::proto::client::{Method, SendFile};
+use sync_core::wire::FileHeader;
+use sync_core::RelPath;
+
+use super::cache::Cache;
+
+/// Files below this size are read into memory; mapping them costs more than copying.
+const MAP_THRESHOLD: u64 = 256 * 1024;
+/// Files above this size are hashed on several threads.
+const PARALLEL_HASH: usize = 4 << 20;
+
+/// Why a file of the source tree could not be read or encoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The session named a file the client did not offer: refused without touching the disk.
+    #[error("refusing to read {path}: it is not a file of the pushed manifest with size {size} and hash {hash}; the daemon or the session misbehaved, nothing was read")]
+    NotInManifest { path: String, size: u64, hash: Hash },
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is no longer a regular file; it changed since the scan, push again", path.display())]
+    NotRegular { path: PathBuf },
+    #[error("{} changed since it was scanned ({detail}); stop whatever writes to the source tree and push again", path.display())]
+    Changed { path: PathBuf, detail: String },
+    #[error("cannot encode {}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: DeltaError,
+    },
+}
+
+/// A file's bytes, mapped or read.
+pub enum Content {
+    Mapped(Mmap),
+    Read(Vec<u8>),
+}
+
+impl Deref for Content {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Content::Mapped(m) => m,
+            Content::Read(v) => v,
+        }
+    }
+}
+
+impl fmt::Debug for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Content({} bytes)", self.len())
+    }
+}
+
+/// A payload ready for a file stream.
+#[derive(Debug)]
+pub struct EncodedFile {
+    pub header: FileHeader,
+    pub payload: Vec<u8>,
+}
+
+/// The source tree of a push and the manifest scanned from it.
+#[derive(Debug)]
+pub struct SourceTree {
+    dir: Dir,
+    root: PathBuf,
+    manifest: Arc<Manifest>,
+}
+
+impl SourceTree {
+    /// Opens `root`, whose scan produced `manifest`.
+    pub fn open(root: &Path, manifest: Arc<Manifest>) -> Result<SourceTree, SourceError> {
+        let dir = Dir::open_ambient_dir(root, cap_std::ambient_authority()).map_err(|source| {
+            SourceError::Io {
+                what: "open source directory",
+                path: root.to_owned(),
+                source,
+            }
+        })?;
+        Ok(SourceTree {
+            dir,
+            root: root.to_owned(),
+            manifest,
+        })
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Refuses any request that is not exactly a file of the manifest.
+    pub fn check(&self, path: &RelPath, size: u64, hash: &Hash) -> Result<(), SourceError> {
+        match self.manifest.get(path).map(|e| &e.kind) {
+            Some(EntryKind::File {
+                size: s, hash: h, ..
+            }) if *s == size && h == hash => Ok(()),
+            _ => Err(SourceError::NotInManifest {
+                path: path.to_string(),
+                size,
+                hash: *hash,
+            }),
+        }
+    }
+
+    /// The content of manifest file `path`, checked against its size and hash.
+    pub fn read(&self, path: &RelPath, size: u64, hash: &Hash) -> Result<Content, SourceError> {
+        self.check(path, size, hash)?;
+        let full = || self.root.join(path.as_str());
+        let io = |what| {
+            move |source| SourceError::Io {
+                what,
+                path: full(),
+                source,
+            }
+        };
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        opts.follow(FollowSymlinks::No);
+        // A FIFO swapped in after the scan would block the open; refuse it later instead.
+        opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+        let file = self
+            .dir
+            .open_with(path.as_str(), &opts)
+            .map_err(io("open"))?
+            .into_std();
+        let meta = file.metadata().map_err(io("stat"))?;
+        if !meta.file_type().is_file() {
+            return Err(SourceError::NotRegular { path: full() });
+        }
+        if meta.len() != size {
+            return Err(SourceError::Changed {
+                path: full(),
+                detail: format!("{} bytes, scanned as {size}", meta.len()),
+            });
+        }
+        let content = if size >= MAP_THRESHOLD {
+            let len = usize::try_from(size).map_err(|_| SourceError::Io {
+                what: "map",
+                path: full(),
+                source: io::Error::other("file too large for this machine's address space"),
+            })?;
+            // SAFETY: the map is read-only and private to this process. Another process
+            // truncating the file while it is mapped would fault the reader, the same exposure
+            // the scan's windowed hashing accepts; every byte read is checked against the
+            // manifest hash below, so a concurrent edit cannot go out unnoticed.
+            let map = unsafe { MmapOptions::new().len(len).map(&file) }.map_err(io("map"))?;
+            Content::Mapped(map)
+        } else {
+            let mut buf = Vec::with_capacity(size as usize);
+            (&file)
+                .take(size + 1)
+                .read_to_end(&mut buf)
+                .map_err(io("read"))?;
+            Content::Read(buf)
+        };
+        if content.len() as u64 != size {
+            return Err(SourceError::Changed {
+                path: full(),
+                detail: format!("read {} bytes, scanned as {size}", content.len()),
+            });
+        }
+        let actual = if content.len() >= PARALLEL_HASH {
+            Hash::from(blake3::Hasher::new().update_rayon(&content).finalize())
+        } else {
+            Hash::of(&content)
+        };
+        if actual != *hash {
+            return Err(SourceError::Changed {
+                path: full(),
+                detail: "content differs".into(),
+            });
+        }
+        Ok(content)
+    }
+
+    /// Reads and encodes the file of `f` the way its method says; a zstd-reference basis missing
+    /// from (or damaged in) the cache lowers it to a full send.
+    pub fn encode(&self, f: &SendFile, cache: Option<&Cache>) -> Result<EncodedFile, SourceError> {
+        let content = self.read(&f.path, f.size, &f.hash)?;
+        let cached = match (&f.method, cache) {
+            (Method::ZstdRef { basis }, Some(cache)) => {
+                cache.load(&basis.hash, basis.size).unwrap_or_else(|e| {
+                    tracing::debug!("cache: {e}; sending {} in full", f.path);
+                    None
+                })
+            }
+            _ => None,
+        };
+        let basis = match (&f.method, &cached) {
+            (Method::ZstdRef { .. }, Some(bytes)) => Basis::Bytes(bytes),
+            (Method::Rsync { signature, .. }, _) => Basis::Signature(signature),
+            _ => Basis::None,
+        };
+        // Most payloads are far smaller than their file; start small and let the vector grow.
+        let mut payload = Vec::with_capacity((content.len() / 4).min(1 << 20));
+        let enc =
+            delta::encode(basis, &content, &mut payload).map_err(|source| SourceError::Encode {
+                path: self.root.join(f.path.as_str()),
+                source,
+            })?;
+        let header = f
+            .header(enc.format, enc.payload_len)
+            .expect("delta::encode lowers only to Full, or to Rsync for a basis it was given");
+        Ok(EncodedFile { header, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    use sync_core::delta::DeltaFormat;
+    use sync_core::manifest::{Entry, Policy};
+    use sync_core::wire::BasisRef;
+
+    fn tree() -> (tempfile::TempDir, SourceTree) {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("app")).unwrap();
+        std::fs::write(src.join("app/a.php"), b"<?php echo 1;").unwrap();
+        std::fs::write(src.join("big.bin"), vec![7u8; 300_000]).unwrap();
+        std::fs::write(src.join("unlisted.txt"), b"not pushed").unwrap();
+        std::fs::write(tmp.path().join("secret"), b"outside").unwrap();
+        symlink("../secret", src.join("link")).unwrap();
+        let m = Manifest::from_unsorted(
+            vec![
+                Entry::dir("app", 0o755).unwrap(),
+                Entry::file("app/a.php", 13, 0o644, Hash::of(b"<?php echo 1;")).unwrap(),
+                Entry::file("big.bin", 300_000, 0o644, Hash::of(&vec![7u8; 300_000])).unwrap(),
+                Entry::symlink("link", "app/a.php").unwrap(),
+            ],
+            &Policy::default(),
+        )
+        .unwrap();
+        let t = SourceTree::open(&src, Arc::new(m)).unwrap();
+        (tmp, t)
+    }
+
+    fn send(path: &str, size: u64, hash: Hash) -> SendFile {
+        SendFile {
+            file: 0,
+            path: RelPath::new(path).unwrap(),
+            size,
+            hash,
+            method: Method::Full,
+        }
+    }
+
+    #[test]
+    fn files_outside_the_manifest_are_refused_before_any_read() {
+        let (_tmp, t) = tree();
+        let secret = Hash::of(b"outside");
+        let unlisted = Hash::of(b"not pushed");
+        let a = Hash::of(b"<?php echo 1;");
+        // Names a hostile peer might try: files that exist but were not offered, an entry that
+        // is not a file, and listed files with another size or hash.
+        let table = [
+            ("unlisted.txt", 10, unlisted),
+            ("link", 7, secret),
+            ("app", 0, Hash::of(b"")),
+            ("app/a.php", 14, a),
+            ("app/a.php", 13, secret),
+            ("missing.php", 1, a),
+        ];
+        for (path, size, hash) in table {
+            let e = t.encode(&send(path, size, hash), None).unwrap_err();
+            assert!(
+                matches!(e, SourceError::NotInManifest { .. }),
+                "{path}: {e}"
+            );
+            assert!(e.to_string().contains(path), "{e}");
+        }
+        let ok = t.encode(&send("app/a.php", 13, a), None).unwrap();
+        assert_eq!(ok.header.format, DeltaFormat::Full);
+        assert_eq!(ok.header.payload_len, ok.payload.len() as u64);
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_after_the_scan_is_not_followed() {
+        let (tmp, t) = tree();
+        let a = Hash::of(b"<?php echo 1;");
+        let path = t.root().join("app/a.php");
+        std::fs::remove_file(&path).unwrap();
+        symlink(tmp.path().join("secret"), &path).unwrap();
+        let e = t
+            .read(&RelPath::new("app/a.php").unwrap(), 13, &a)
+            .unwrap_err();
+        assert!(matches!(e, SourceError::Io { what: "open", .. }), "{e}");
+    }
+
+    #[test]
+    fn edits_since_the_scan_are_reported_not_sent() {
+        let (_tmp, t) = tree();
+        let big = RelPath::new("big.bin").unwrap();
+        let hash = Hash::of(&vec![7u8; 300_000]);
+        assert_eq!(t.read(&big, 300_000, &hash).unwrap().len(), 300_000);
+        let mut changed = vec![7u8; 300_000];
+        changed[5] = 8;
+        std::fs::write(t.root().join("big.bin"), &changed).unwrap();
+        let e = t.read(&big, 300_000, &hash).unwrap_err();
+        assert!(matches!(e, SourceError::Changed { .. }), "{e}");
+        std::fs::write(t.root().join("big.bin"), b"short").unwrap();
+        let e = t.read(&big, 300_000, &hash).unwrap_err();
+        assert!(e.to_string().contains("5 bytes"), "{e}");
+        std::fs::remove_file(t.root().join("big.bin")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.root().join("big.bin"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let e = t.read(&big, 300_000, &hash).unwrap_err();
+        assert!(matches!(e, SourceError::NotRegular { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_zstd_ref_without_its_cached_basis_goes_in_full() {
+        let (_tmp, t) = tree();
+        let mut f = send("big.bin", 300_000, Hash::of(&vec![7u8; 300_000]));
+        f.method = Method::ZstdRef {
+            basis: BasisRef {
+                hash: Hash::of(b"gone"),
+                size: 4,
+            },
+        };
+        let enc = t.encode(&f, None).unwrap();
+        assert_eq!(enc.header.format, DeltaFormat::Full);
+        assert_eq!(enc.header.basis, None);
+    }
+}

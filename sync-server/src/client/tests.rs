@@ -1,0 +1,714 @@
+//! The client driver over real QUIC connections on loopback, against a small in-process daemon
+//! built on `DaemonSession` with an in-memory store, and against scripted hostile daemons.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use quinn::Endpoint;
+use sync_core::delta::{self, BasisSignature, DeltaFormat};
+use sync_core::manifest::{Entry, Policy};
+use sync_core::proto::client::ClientConfig;
+use sync_core::proto::daemon::{self, compute_need, DaemonSession, Event, FileFailure};
+use sync_core::wire::{
+    decode, ClientMsg, DaemonMsg, FileHeader, FrameDecoder, Limits, Message, NeedFile, ReleaseInfo,
+    ReleaseStatus, VERSION,
+};
+use tokio::time::{Duration, Instant};
+
+use super::*;
+use crate::tls::AuthorizedClientVerifier;
+
+// ---------------------------------------------------------------------------------------------
+// Keys and endpoints
+
+struct Keys {
+    _tmp: tempfile::TempDir,
+    daemon: Identity,
+    client: Identity,
+    known: KnownHosts,
+}
+
+fn keys() -> Keys {
+    let tmp = tempfile::tempdir().unwrap();
+    let known = KnownHosts::load(&tmp.path().join("known_hosts")).unwrap();
+    Keys {
+        daemon: Identity::generate("daemon").unwrap(),
+        client: Identity::generate("client").unwrap(),
+        known,
+        _tmp: tmp,
+    }
+}
+
+fn server(k: &Keys, authorized: &[Fingerprint]) -> (Endpoint, SocketAddr) {
+    let verifier = Arc::new(AuthorizedClientVerifier::new(authorized.iter().copied()));
+    let ep = net::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &k.daemon,
+        verifier,
+        &NetConfig::default(),
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    (ep, addr)
+}
+
+fn target(addr: SocketAddr, app: &str) -> Target {
+    Target::parse(&format!("127.0.0.1:{}/{app}", addr.port())).unwrap()
+}
+
+async fn dial(k: &Keys, t: &Target) -> Result<Connection, ClientError> {
+    connect(
+        t,
+        &k.client,
+        &k.known,
+        &NetConfig::default(),
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// A well-behaved in-process daemon
+
+#[derive(Default)]
+struct Store {
+    kept: HashMap<Hash, Vec<u8>>,
+    objects: HashMap<Hash, Vec<u8>>,
+    releases: BTreeMap<ReleaseId, Arc<Manifest>>,
+    current: Option<ReleaseId>,
+    /// Payload formats received, in order.
+    formats: Vec<DeltaFormat>,
+}
+
+type Shared = Arc<Mutex<Store>>;
+
+fn spawn_daemon(ep: Endpoint, store: Shared) {
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                if let Ok(conn) = incoming.await {
+                    serve(conn, store).await;
+                }
+            });
+        }
+    });
+}
+
+async fn serve(conn: quinn::Connection, store: Shared) {
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+        return;
+    };
+    let origin = Instant::now();
+    let ms = || origin.elapsed().as_millis() as u64;
+    let mut s = DaemonSession::new(Limits::default(), 0);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Vec<u8>)>();
+    let uni = conn.clone();
+    tokio::spawn(async move {
+        while let Ok(mut stream) = uni.accept_uni().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(data) = stream.read_to_end(1 << 30).await else {
+                    return;
+                };
+                let mut dec = DaemonSession::file_header_decoder();
+                let mut input = &data[..];
+                if let Ok(Some(frame)) = dec.decode(&mut input) {
+                    let _ = tx.send((frame, input.to_vec()));
+                }
+            });
+        }
+    });
+    let mut payloads: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut control_open = true;
+    loop {
+        // Answering a request can queue frames and further requests: settle both.
+        loop {
+            let mut moved = false;
+            while let Some(r) = s.poll_request() {
+                answer(r, &mut s, &store, &mut payloads, ms());
+                moved = true;
+            }
+            while let Some(f) = s.poll_transmit(ms()) {
+                if send.write_all(&f).await.is_err() {
+                    return;
+                }
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        if s.is_finished() {
+            while let Some(f) = s.poll_transmit(ms()) {
+                let _ = send.write_all(&f).await;
+            }
+            let _ = send.finish();
+            break;
+        }
+        let wake = s.poll_timeout().unwrap_or(u64::MAX).min(ms() + 60_000);
+        tokio::select! {
+            r = recv.read(&mut buf), if control_open => match r {
+                Ok(Some(n)) => s.handle_control(&buf[..n], ms()),
+                Ok(None) => {
+                    control_open = false;
+                    s.handle_control_end(ms());
+                }
+                Err(_) => return,
+            },
+            Some((frame, payload)) = rx.recv() => {
+                if let Ok(h) = decode::<FileHeader>(&frame) {
+                    payloads.insert(h.file, payload);
+                }
+                s.accept_file(&frame, ms());
+            }
+            () = tokio::time::sleep_until(origin + Duration::from_millis(wake)) => {
+                s.handle_timeout(ms());
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+}
+
+fn answer(
+    r: daemon::Request,
+    s: &mut DaemonSession,
+    store: &Shared,
+    payloads: &mut HashMap<u32, Vec<u8>>,
+    now: u64,
+) {
+    let mut st = store.lock().unwrap();
+    let event = match r {
+        daemon::Request::Open { .. } => Event::Opened {
+            policy: Policy::default(),
+        },
+        daemon::Request::ComputeNeed { manifest, .. } => {
+            let current = st.current.as_ref().map(|c| Arc::clone(&st.releases[c]));
+            Event::Need(compute_need(&manifest, current.as_deref(), |h| {
+                st.kept.contains_key(h) || st.objects.contains_key(h)
+            }))
+        }
+        daemon::Request::Signatures { files } => {
+            for job in files {
+                let data = BasisSignature::calculate(&st.kept[&job.basis.hash])
+                    .as_bytes()
+                    .to_vec();
+                s.handle_event(
+                    Event::Signature {
+                        file: job.file,
+                        data: Some(data),
+                    },
+                    now,
+                );
+            }
+            return;
+        }
+        daemon::Request::Receive(job) => {
+            let payload = payloads.remove(&job.file).unwrap_or_default();
+            let basis = job.basis.map(|b| st.kept[&b.hash].clone());
+            let mut out = Vec::new();
+            let result = delta::apply(
+                job.format,
+                basis.as_deref(),
+                &payload[..(job.payload_len as usize).min(payload.len())],
+                job.size,
+                &blake3::Hash::from_bytes(job.hash.0),
+                &mut out,
+            )
+            .map_err(|e| FileFailure::Corrupt(e.to_string()));
+            if result.is_ok() {
+                st.formats.push(job.format);
+                st.objects.insert(job.hash, out);
+            }
+            s.file_finished(job.file, result, now);
+            return;
+        }
+        daemon::Request::Stage { release, manifest } => {
+            let mut linked = 0;
+            for (_, _, _, hash) in manifest.files() {
+                if st.kept.contains_key(hash) {
+                    linked += 1;
+                } else if let Some(c) = st.objects.remove(hash) {
+                    st.kept.insert(*hash, c);
+                }
+            }
+            st.releases.insert(release, manifest);
+            Event::Staged { linked }
+        }
+        daemon::Request::Activate { release } => {
+            st.current = Some(release.clone());
+            Event::Activated { release }
+        }
+        daemon::Request::ListReleases => Event::Releases(
+            st.releases
+                .iter()
+                .map(|(id, m)| ReleaseInfo {
+                    id: id.clone(),
+                    status: if Some(id) == st.current.as_ref() {
+                        ReleaseStatus::Current
+                    } else {
+                        ReleaseStatus::Good
+                    },
+                    created_unix: 0,
+                    files: m.file_count() as u64,
+                    bytes: m.total_file_bytes(),
+                    manifest: m.digest(),
+                })
+                .collect(),
+        ),
+        daemon::Request::Rollback { to } => {
+            let release = to.unwrap_or_else(|| st.releases.keys().next().unwrap().clone());
+            st.current = Some(release.clone());
+            Event::Activated { release }
+        }
+        daemon::Request::Prune { .. } => Event::Pruned { removed: vec![] },
+    };
+    drop(st);
+    s.handle_event(event, now);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source trees
+
+/// Writes `files` under `dir` (replacing what was there) and returns the push of them.
+fn tree(dir: &Path, release: &str, files: &[(&str, Vec<u8>)]) -> PushRequest {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let mut entries = Vec::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for (p, c) in files {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, c).unwrap();
+        if let Some((d, _)) = p.rsplit_once('/') {
+            dirs.insert(d.to_string());
+        }
+        entries.push(Entry::file(p, c.len() as u64, 0o644, Hash::of(c)).unwrap());
+    }
+    for d in dirs {
+        entries.push(Entry::dir(&d, 0o755).unwrap());
+    }
+    PushRequest {
+        release: ReleaseId::new(release).unwrap(),
+        manifest: Arc::new(Manifest::from_unsorted(entries, &Policy::default()).unwrap()),
+        source: dir.to_owned(),
+        activate: true,
+    }
+}
+
+fn php(seed: u64, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 64);
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut line = 0u64;
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(
+            format!("    $v{line} = f({}, '{:x}');\n", line * 7, x % 99_999).as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+fn release_a() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v: Vec<(&str, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let name: &'static str = Box::leak(format!("src/F{i}.php").into_boxed_str());
+            (name, php(i, 3_000 + (i as usize) * 97))
+        })
+        .collect();
+    v.push(("vendor/big.php", php(1000, 400_000)));
+    v.push(("public/index.php", php(1001, 900)));
+    v.push(("public/copy.php", php(1001, 900)));
+    v
+}
+
+fn release_b() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = release_a();
+    for (p, c) in v.iter_mut() {
+        if *p == "vendor/big.php" || *p == "src/F3.php" || *p == "src/F17.php" {
+            let at = c.len() / 2;
+            c.splice(at..at, b"// edited for release b\n".iter().copied());
+        }
+    }
+    v.push(("src/New.php", php(2000, 5_000)));
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests against the well-behaved daemon
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_then_delta_push_then_commands() {
+    let mut k = keys();
+    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+    let store = Shared::default();
+    spawn_daemon(ep, Arc::clone(&store));
+    let t = target(addr, "shop");
+    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
+    let src = tmp.path().join("src");
+
+    let a = tree(&src, "r1", &release_a());
+    let conn = dial(&k, &t).await.unwrap();
+    assert_eq!(conn.daemon_key(), Some(k.daemon.fingerprint()));
+    let events = Mutex::new(Vec::new());
+    let first = push(&conn, &a, Some(&cache), &|p| events.lock().unwrap().push(p))
+        .await
+        .unwrap();
+    conn.close().await;
+    let s = &first.session;
+    // 43 files, two with the same content: 42 distinct contents, all new.
+    assert_eq!((s.files, s.needed, s.have_files), (43, 42, 1));
+    assert_eq!((s.sent_full, s.sent_zstd_ref, s.sent_rsync), (42, 0, 0));
+    assert!(s.activated);
+    assert_eq!(first.sent_bytes.full, s.payload_bytes);
+    assert_eq!(s.staged.received_bytes, s.payload_bytes);
+    let events = events.into_inner().unwrap();
+    let need_bytes: u64 = events
+        .iter()
+        .find_map(|e| match e {
+            Progress::Need { files: 42, bytes } => Some(*bytes),
+            _ => None,
+        })
+        .expect("a need event");
+    let sent: u64 = events
+        .iter()
+        .map(|e| match e {
+            Progress::Sent { bytes, .. } => *bytes,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(sent, need_bytes);
+    assert!(events.contains(&Progress::State(ClientState::Activation)));
+    let update = first.cache.clone().unwrap().unwrap();
+    // Every distinct non-empty content is cached (full payloads were stored while sending).
+    assert_eq!(cache.hashes().unwrap().len(), 42, "{update:?}");
+    assert_eq!(
+        store.lock().unwrap().current,
+        Some(ReleaseId::new("r1").unwrap())
+    );
+
+    let b = tree(&src, "r2", &release_b());
+    let conn = dial(&k, &t).await.unwrap();
+    let second = push(&conn, &b, Some(&cache), &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &second.session;
+    assert_eq!((s.needed, s.sent_full), (4, 1), "{s:?}");
+    assert_eq!(s.sent_zstd_ref, 3, "{s:?}");
+    assert_eq!(s.signatures, 0, "the cache makes signatures unnecessary");
+    assert!(
+        s.payload_bytes * 20 < first.session.payload_bytes,
+        "{} vs {}",
+        s.payload_bytes,
+        first.session.payload_bytes
+    );
+    assert_eq!(
+        second.sent_bytes.full + second.sent_bytes.zstd_ref,
+        s.payload_bytes
+    );
+    {
+        let st = store.lock().unwrap();
+        for (p, c) in release_b() {
+            assert_eq!(st.kept.get(&Hash::of(&c)), Some(&c), "{p}");
+        }
+    }
+
+    // Without the cache, the big file goes by rsync delta after a signature round trip.
+    let edited = release_b()
+        .into_iter()
+        .map(|(p, mut c)| {
+            if p == "vendor/big.php" {
+                c.extend_from_slice(b"// r3\n");
+            }
+            (p, c)
+        })
+        .collect::<Vec<_>>();
+    let c = PushRequest {
+        activate: false,
+        ..tree(&src, "r3", &edited)
+    };
+    let conn = dial(&k, &t).await.unwrap();
+    let third = push(&conn, &c, None, &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &third.session;
+    assert_eq!((s.needed, s.sent_rsync, s.signatures), (1, 1, 1), "{s:?}");
+    assert!(!s.activated);
+    assert!(third.cache.is_none());
+    assert_eq!(
+        store.lock().unwrap().current,
+        Some(ReleaseId::new("r2").unwrap())
+    );
+
+    let conn = dial(&k, &t).await.unwrap();
+    let list = command(&conn, Command::Releases).await.unwrap();
+    conn.close().await;
+    let Outcome::Releases(list) = list else {
+        panic!("{list:?}")
+    };
+    let ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["r1", "r2", "r3"]);
+    let conn = dial(&k, &t).await.unwrap();
+    let back = command(
+        &conn,
+        Command::Rollback {
+            to: Some(ReleaseId::new("r1").unwrap()),
+        },
+    )
+    .await
+    .unwrap();
+    conn.close().await;
+    assert_eq!(
+        back,
+        Outcome::Activated {
+            release: ReleaseId::new("r1").unwrap()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_asks_and_sends_nothing() {
+    let mut k = keys();
+    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+    let store = Shared::default();
+    spawn_daemon(ep, Arc::clone(&store));
+    let t = target(addr, "shop");
+    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let a = tree(&src, "r1", &release_a());
+    let conn = dial(&k, &t).await.unwrap();
+    push(&conn, &a, None, &|_| {}).await.unwrap();
+    conn.close().await;
+
+    let b = tree(&src, "r2", &release_b());
+    let conn = dial(&k, &t).await.unwrap();
+    let need = dry_run(&conn, &b, None).await.unwrap();
+    conn.close().await;
+    assert_eq!((need.files, need.needed_files, need.with_basis), (44, 4, 3));
+    assert_eq!(need.cached_basis, 0);
+    assert_eq!(need.have_files, 40);
+    let paths: Vec<&str> = need.paths.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["src/F17.php", "src/F3.php", "src/New.php", "vendor/big.php"]
+    );
+    assert_eq!(
+        need.needed_bytes,
+        need.paths.iter().map(|(_, s)| s).sum::<u64>()
+    );
+    let st = store.lock().unwrap();
+    assert_eq!(st.releases.len(), 1, "a dry run stages nothing");
+    assert!(st.objects.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_problems_say_what_to_run() {
+    let mut k = keys();
+    let stranger = Identity::generate("stranger").unwrap();
+    let (ep, addr) = server(&k, &[stranger.fingerprint()]);
+    spawn_daemon(ep, Shared::default());
+    let t = target(addr, "shop");
+
+    let e = dial(&k, &t).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ClientError::Pin(_)), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "relsync trust {} {}",
+            t.host_port(),
+            k.daemon.fingerprint()
+        )),
+        "{msg}"
+    );
+
+    k.known.add(&t.host_port(), stranger.fingerprint()).unwrap();
+    let e = dial(&k, &t).await.unwrap_err();
+    assert!(e.to_string().contains("changed"), "{e}");
+
+    let mut k2 = keys();
+    let (ep, addr) = server(&k2, &[stranger.fingerprint()]);
+    spawn_daemon(ep, Shared::default());
+    let t = target(addr, "shop");
+    k2.known
+        .add(&t.host_port(), k2.daemon.fingerprint())
+        .unwrap();
+    let e = dial(&k2, &t).await.unwrap_err();
+    assert!(matches!(e, ClientError::KeyRefused { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "does not authorize key {}",
+            k2.client.fingerprint()
+        )),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile daemons
+
+enum Step {
+    /// Wait until the client sent its whole manifest.
+    AwaitManifest,
+    Send(DaemonMsg),
+    /// Close the connection with this code.
+    Close(u32),
+    /// Say nothing more.
+    Stall,
+}
+
+fn spawn_script(ep: Endpoint, script: Vec<Step>) {
+    tokio::spawn(async move {
+        let Some(incoming) = ep.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let mut dec = FrameDecoder::new(1 << 30);
+        let mut buf = vec![0u8; 65536];
+        for step in script {
+            match step {
+                Step::AwaitManifest => loop {
+                    let Ok(Some(n)) = recv.read(&mut buf).await else {
+                        return;
+                    };
+                    let mut input = &buf[..n];
+                    let mut last = false;
+                    while let Ok(Some(frame)) = dec.decode(&mut input) {
+                        last |= matches!(
+                            decode::<ClientMsg>(&frame),
+                            Ok(ClientMsg::ManifestChunk { last: true, .. })
+                        );
+                    }
+                    if last {
+                        break;
+                    }
+                },
+                Step::Send(m) => {
+                    if send.write_all(&m.frame()).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Close(code) => {
+                    conn.close(code.into(), b"hostile daemon hangs up");
+                    return;
+                }
+                Step::Stall => {}
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    });
+}
+
+fn welcome(limits: Limits) -> Step {
+    Step::Send(DaemonMsg::Welcome {
+        version: VERSION,
+        limits,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_daemons_never_get_a_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let req = tree(&src, "r1", &release_a());
+    let need = |files: Vec<u32>| {
+        Step::Send(DaemonMsg::Need {
+            files: files
+                .into_iter()
+                .map(|file| NeedFile { file, basis: None })
+                .collect(),
+            last: true,
+            have_files: 0,
+            have_bytes: 0,
+        })
+    };
+    let staged = |files| {
+        Step::Send(DaemonMsg::Staged(sync_core::wire::Staged {
+            release: ReleaseId::new("r1").unwrap(),
+            files,
+            bytes: 0,
+            linked: 0,
+            received: 0,
+            received_bytes: 0,
+        }))
+    };
+    let cases: Vec<(&str, Vec<Step>, &str)> = vec![
+        (
+            "a file index outside the manifest",
+            vec![
+                welcome(Limits::default()),
+                Step::AwaitManifest,
+                need(vec![99_999]),
+            ],
+            "manifest has 43 files",
+        ),
+        (
+            "a file needed twice",
+            vec![
+                welcome(Limits::default()),
+                Step::AwaitManifest,
+                need(vec![1, 1]),
+            ],
+            "twice",
+        ),
+        (
+            "no streams at all",
+            vec![welcome(Limits {
+                max_streams: 0,
+                ..Limits::default()
+            })],
+            "max_streams",
+        ),
+        (
+            "staged without any file sent",
+            vec![welcome(Limits::default()), Step::AwaitManifest, staged(43)],
+            "unexpected Staged",
+        ),
+        (
+            "an error instead of a welcome",
+            vec![Step::Send(DaemonMsg::Error {
+                kind: sync_core::wire::ErrorKind::Busy,
+                message: "app shop is busy (held by ci since 10:00)".into(),
+            })],
+            "busy (held by ci",
+        ),
+        (
+            "a hang-up during the handshake",
+            vec![Step::Close(9)],
+            "hostile daemon hangs up",
+        ),
+        (
+            "silence after the welcome",
+            vec![welcome(Limits::default()), Step::Stall],
+            "no Need from the peer",
+        ),
+    ];
+    for (name, script, expect) in cases {
+        let mut k = keys();
+        let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+        spawn_script(ep, script);
+        let t = target(addr, "shop");
+        k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+        let mut conn = dial(&k, &t).await.unwrap();
+        conn.set_config(ClientConfig {
+            message_timeout_ms: 500,
+            ..ClientConfig::default()
+        });
+        let got = push(&conn, &req, None, &|_| {}).await;
+        conn.close().await;
+        match got {
+            Ok(r) => panic!("{name}: reported success {r:?}"),
+            Err(e) => assert!(e.to_string().contains(expect), "{name}: {e}"),
+        }
+    }
+}
