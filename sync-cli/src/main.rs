@@ -232,6 +232,7 @@ fn activation_options(no_rollback: bool) -> ActivationOptions {
     ActivationOptions {
         auto_rollback: !no_rollback,
         now_unix: now_unix(),
+        config: None,
     }
 }
 

@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sync_core::activation::ActivationConfig;
 use sync_core::wire::Limits;
 use sync_core::RelPath;
 
@@ -90,9 +91,10 @@ struct RawApp {
     shared: Vec<String>,
     #[serde(default)]
     authorized_keys: Vec<String>,
-    /// Activation hooks; their contents are interpreted by the activation pipeline.
+    /// The activation pipeline (hooks, php-fpm reload, OPcache reset, health checks), in the same
+    /// form as an app root's own `[activation]` table.
     #[serde(default)]
-    activation: Option<toml::Table>,
+    activation: Option<ActivationConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +113,8 @@ pub struct AppConfig {
     pub keep: Option<usize>,
     pub shared: Vec<RelPath>,
     pub authorized: HashSet<Fingerprint>,
-    pub activation: Option<toml::Table>,
+    /// Runs instead of the app root's `.relsync/config.toml` `[activation]` table when set.
+    pub activation: Option<ActivationConfig>,
 }
 
 /// One directory that `relsync sync` may mirror into.
@@ -273,6 +276,10 @@ impl Config {
                         .map_err(|e| bad(&format!("{prefix}.shared"), format!("has {s:?}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(act) = &a.activation {
+                act.validate()
+                    .map_err(|e| bad(&format!("{prefix}.{}", e.key), e.reason.clone()))?;
+            }
             let authorized = keys(&prefix, &a.authorized_keys)?;
             if authorized.is_empty() {
                 return Err(bad(
@@ -371,6 +378,26 @@ mod tests {
         assert_eq!(shop.shared[0].as_str(), "storage");
         assert_eq!(c.all_keys().len(), 1);
         assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn activation_tables_are_validated_at_load() {
+        let ok = format!(
+            "{}[apps.shop.activation]\nhealth_check = [{{ url = \"http://127.0.0.1:8080/health\" }}]\n",
+            base()
+        );
+        let c = Config::parse(&ok, Path::new("r.toml")).unwrap();
+        assert!(c.apps["shop"].activation.is_some());
+        let bad = format!("{}[apps.shop.activation]\nfpm_sockets = [\"\"]\n", base());
+        let err = Config::parse(&bad, Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("r.toml") && err.contains("apps.shop.fpm_sockets"),
+            "{err}"
+        );
+        let unknown = format!("{}[apps.shop.activation]\nfpm_relaod = 3\n", base());
+        assert!(Config::parse(&unknown, Path::new("r.toml")).is_err());
     }
 
     #[test]

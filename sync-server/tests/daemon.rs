@@ -130,6 +130,8 @@ struct Setup {
     limits: Limits,
     options: ServeOptions,
     keep: usize,
+    /// The `shop` app's activation pipeline in relsyncd's config.
+    activation: Option<sync_core::activation::ActivationConfig>,
 }
 
 impl Default for Setup {
@@ -141,6 +143,7 @@ impl Default for Setup {
                 ..ServeOptions::default()
             },
             keep: 10,
+            activation: None,
         }
     }
 }
@@ -174,7 +177,7 @@ impl Daemon {
             keep: Some(setup.keep),
             shared: Vec::new(),
             authorized: HashSet::from([key.fingerprint()]),
-            activation: None,
+            activation: (name == "shop").then(|| setup.activation.clone()).flatten(),
         };
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -650,6 +653,42 @@ async fn first_push_builds_and_activates_the_release() {
         0,
         "objects are dropped once a release holds them"
     );
+}
+
+/// The activation pipeline declared for the app in relsyncd's own config runs on activation over
+/// the wire: a `before_activate` hook that refuses release r2 keeps r1 live and marks r2 bad.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_the_activation_pipeline_from_its_config() {
+    let activation = toml::from_str(
+        r#"before_activate = [["sh", "-c", "test \"$RELSYNC_RELEASE\" != r2 && touch \"$RELSYNC_RELEASE_DIR/../../hook-ran-$RELSYNC_RELEASE\""]]"#,
+    )
+    .unwrap();
+    let d = Daemon::start_with(Setup {
+        activation: Some(activation),
+        ..Setup::default()
+    })
+    .await;
+    let client = d.shop_client().await;
+    let ran = client
+        .push("shop", &tree_a(), "r1", PushOpts::default())
+        .await;
+    assert!(ran.report().activated);
+    assert!(
+        d.shop().join("hook-ran-r1").exists(),
+        "the hook did not run for r1"
+    );
+    let ran = client
+        .push("shop", &tree_b(), "r2", PushOpts::default())
+        .await;
+    let (_, message) = ran.remote_error();
+    assert!(message.contains("before_activate"), "{message}");
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    let list = client.releases("shop").await;
+    let r2 = list
+        .iter()
+        .find(|r| r.id.as_str() == "r2")
+        .expect("r2 is kept");
+    assert_eq!(r2.status, ReleaseStatus::Bad, "{list:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,19 +20,22 @@ use super::{EdgeError, IoContext};
 use crate::activation::fpm::{self, Action, OpcacheAnswer};
 use crate::activation::http;
 use crate::activation::{
-    on_failure, plan_activation, plan_revert, CommandLine, Context, FpmSocket, HealthCheck,
-    OnFailure, Reload, ReloadMethod, Step, StepKind, RESET_SCRIPT, SCRIPT_DIR,
+    on_failure, plan_activation, plan_revert, ActivationConfig, CommandLine, Context, FpmSocket,
+    HealthCheck, OnFailure, Reload, ReloadMethod, Step, StepKind, RESET_SCRIPT, SCRIPT_DIR,
 };
 use crate::layout;
 use crate::release::ReleaseId;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ActivationOptions {
     /// Put the previous release back when a reload, reset or health check fails (`--no-rollback`
     /// turns it off).
     pub auto_rollback: bool,
     /// Time for journal lines (the caller reads the clock).
     pub now_unix: i64,
+    /// The pipeline to run instead of the app root's own `[activation]` table: relsyncd passes the
+    /// app's table from its configuration file.
+    pub config: Option<ActivationConfig>,
 }
 
 impl Default for ActivationOptions {
@@ -40,6 +43,7 @@ impl Default for ActivationOptions {
         ActivationOptions {
             auto_rollback: true,
             now_unix: 0,
+            config: None,
         }
     }
 }
@@ -111,7 +115,11 @@ pub fn run(
     previous: Option<&ReleaseId>,
     opts: &ActivationOptions,
 ) -> Result<ActivationReport, EdgeError> {
-    let activation = root.config()?.activation().map_err(|e| EdgeError::Config {
+    let activation = match &opts.config {
+        Some(cfg) => cfg.validate(),
+        None => root.config()?.activation(),
+    }
+    .map_err(|e| EdgeError::Config {
         path: root.path().join(layout::META).join(layout::CONFIG),
         reason: e.to_string(),
     })?;
@@ -126,7 +134,7 @@ pub fn run(
     let mut runner = Runner {
         root,
         abs_root: abs_root.clone(),
-        opts: *opts,
+        opts: opts.clone(),
         journal_steps: !activation.is_swap_only(),
         report: ActivationReport {
             release: release.clone(),

@@ -244,6 +244,7 @@ pub fn deploy(
             &ActivationOptions {
                 auto_rollback: !opts.no_rollback,
                 now_unix: opts.now_unix,
+                config: None,
             },
         );
         match run {

@@ -355,6 +355,7 @@ fn rollback_and_activate_run_the_pipeline_too() {
     let o = ActivationOptions {
         auto_rollback: false,
         now_unix: NOW,
+        config: None,
     };
     let err = deploy::rollback_with(&app, &lock, Some(&id("bad2")), &o).unwrap_err();
     assert!(

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cap_std::fs::{Dir, OpenOptions};
 use memmap2::Mmap;
 use sync_core::delta::{self, BasisSignature, DeltaError};
+use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::object::{ObjectError, ObjectStore};
 use sync_core::edge::root::LockGuard;
@@ -442,12 +443,21 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
     })
 }
 
+/// The activation pipeline of the app as relsyncd's config declares it (else the app root's own).
+fn activation_options(opened: &Opened) -> ActivationOptions {
+    ActivationOptions {
+        now_unix: now_unix(),
+        config: opened.app.config.activation.clone(),
+        ..ActivationOptions::default()
+    }
+}
+
 /// Points `current` at `release`; returns only after the root directory was synced. With
 /// `prune`, releases beyond the app's `keep` are then removed, as a local deploy does.
 pub(super) fn activate(opened: &Opened, release: &ReleaseId, prune: bool) -> Event {
     let run = || -> Result<Event, Event> {
         let lock = opened.lock()?;
-        deploy::activate(&opened.app.root, lock, release, now_unix())
+        deploy::activate_with(&opened.app.root, lock, release, &activation_options(opened))
             .map_err(|e| edge_failed(&e))?;
         tracing::info!(%release, "activated");
         if prune {
@@ -463,8 +473,10 @@ pub(super) fn activate(opened: &Opened, release: &ReleaseId, prune: bool) -> Eve
 pub(super) fn rollback(opened: &Opened, to: Option<&ReleaseId>) -> Event {
     let run = || -> Result<Event, Event> {
         let lock = opened.lock()?;
-        let release = deploy::rollback(&opened.app.root, lock, to, now_unix())
-            .map_err(|e| edge_failed(&e))?;
+        let release =
+            deploy::rollback_with(&opened.app.root, lock, to, &activation_options(opened))
+                .map_err(|e| edge_failed(&e))?
+                .release;
         tracing::info!(%release, "rolled back");
         Ok(Event::Activated { release })
     };

@@ -6,12 +6,13 @@
 //! `update_rayon` to spread it over all cores.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, MmapOptions};
+use rustix::fs::{FileType, Mode, OFlags};
 
 use super::cache::Stamp;
 use super::{io_err, ScanError};
@@ -23,31 +24,40 @@ pub(crate) const LARGE_FILE: u64 = 16 << 20;
 pub(super) const WINDOW: u64 = 32 << 20;
 const READ_BUF: usize = 64 << 10;
 
-/// Hashes the regular file at `path`, which the walk saw with `seen`.
+/// Hashes the regular file at `path`, which the walk saw with `seen`; tests name files by path.
+#[cfg(test)]
 pub(super) fn hash_file(
     path: &Path,
     seen: &Stamp,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Hash, ScanError> {
-    let changed = || ScanError::Changed {
-        path: path.to_owned(),
-    };
+    hash_at(rustix::fs::CWD, path, seen, progress, &|| path.to_owned())
+}
+
+/// Hashes the regular file `name` in directory `dir`, which the walk saw with `seen`. `path` names
+/// the file in errors; it is only built when one occurs.
+pub(super) fn hash_at(
+    dir: BorrowedFd<'_>,
+    name: &Path,
+    seen: &Stamp,
+    progress: &(dyn Fn(u64) + Sync),
+    path: &dyn Fn() -> PathBuf,
+) -> Result<Hash, ScanError> {
+    let changed = || ScanError::Changed { path: path() };
     // O_NOFOLLOW: a file swapped for a symlink is not followed out of the tree. O_NONBLOCK: one
     // swapped for a FIFO does not hang the open. The identity check below catches every other swap.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                changed()
-            } else {
-                io_err("open", path)(e)
-            }
-        })?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(rustix::io::Errno::LOOP) => return Err(changed()),
+        Err(e) => return Err(io_err("open", &path())(e.into())),
+    };
     let unchanged = |file: &File| -> Result<(), ScanError> {
-        let meta = file.metadata().map_err(io_err("read metadata of", path))?;
-        if meta.is_file() && Stamp::of(&meta) == *seen {
+        let st =
+            rustix::fs::fstat(file).map_err(|e| io_err("read metadata of", &path())(e.into()))?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && Stamp::from_stat(&st) == *seen
+        {
             Ok(())
         } else {
             Err(changed())
@@ -58,21 +68,40 @@ pub(super) fn hash_file(
     // cheaper. A large file is mapped, and mapping past the end of a swapped-in shorter file would
     // fault, so it is checked first.
     let hash = if seen.size < LARGE_FILE {
-        read_hash(&file, seen.size, path, progress)?
+        read_all(&file, seen.size, progress).map_err(|e| read_error(e, &path()))?
     } else {
         unchanged(&file)?;
-        mapped_hash(&file, seen.size, progress).map_err(io_err("map", path))?
+        mapped_hash(&file, seen.size, progress).map_err(|e| io_err("map", &path())(e))?
     };
     unchanged(&file)?;
     Ok(hash)
 }
 
+#[cfg(test)]
 fn read_hash(
-    mut file: &File,
+    file: &File,
     size: u64,
     path: &Path,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Hash, ScanError> {
+    read_all(file, size, progress).map_err(|e| read_error(e, path))
+}
+
+/// A file that ends before the size the walk saw was changed under us; anything else is a failure
+/// to read it.
+fn read_error(e: io::Error, path: &Path) -> ScanError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ScanError::Changed {
+            path: path.to_owned(),
+        }
+    } else {
+        io_err("read", path)(e)
+    }
+}
+
+/// Hashes the first `size` bytes of `file` through a per-thread buffer; a file shorter than that is
+/// an `UnexpectedEof` error.
+fn read_all(mut file: &File, size: u64, progress: &(dyn Fn(u64) + Sync)) -> io::Result<Hash> {
     thread_local! {
         // Reused across files: zeroing a fresh buffer per file cost more than reading a small one.
         static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
@@ -83,14 +112,10 @@ fn read_hash(
         while left > 0 {
             let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             let n = match file.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(ScanError::Changed {
-                        path: path.to_owned(),
-                    })
-                }
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("read", path)(e)),
+                Err(e) => return Err(e),
             };
             hasher.update(&buf[..n]);
             left -= n as u64;
