@@ -66,6 +66,8 @@ pub enum EdgeError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Scan(#[from] scan::ScanError),
+    #[error("shared path {path} is missing: create {} (a directory or a file) before deploying, or remove it from the shared list", root.join("shared").join(path.as_str()).display())]
+    SharedMissing { root: PathBuf, path: RelPath },
     #[error("app root config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -116,6 +116,7 @@ pub fn prepare(
     let mut bases = records;
     bases.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
     let shared = shared_paths(root, &opts.shared)?;
+    root.check_shared(&shared)?;
     let basis_refs: Vec<Basis<'_>> = bases
         .iter()
         .map(|r| Basis {
@@ -357,6 +358,7 @@ pub fn activate_with(
     let started = Instant::now();
     root.recover(lock)?;
     root.load_record(id)?;
+    root.check_shared(&shared_paths(root, &[])?)?;
     activate_and_journal(root, lock, "activate", id, opts, started)
 }
 
@@ -394,6 +396,7 @@ pub fn rollback_with(
         }
     };
     root.load_record(&target)?;
+    root.check_shared(&shared_paths(root, &[])?)?;
     activate_and_journal(root, lock, "rollback", &target, opts, started)
 }
 

@@ -392,6 +392,25 @@ impl AppRoot {
         Ok(v)
     }
 
+    /// Checks that every shared path exists under `ROOT/shared/` (as anything but a dangling name),
+    /// so no release is staged or activated with links into nothing.
+    pub fn check_shared(&self, shared: &[RelPath]) -> Result<(), EdgeError> {
+        for p in shared {
+            let rel = format!("{}/{}", layout::SHARED, p);
+            match self.dir.symlink_metadata(&rel) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(EdgeError::SharedMissing {
+                        root: self.path.clone(),
+                        path: p.clone(),
+                    })
+                }
+                Err(e) => return Err(e).ctx("stat", self.path.join(&rel)),
+            }
+        }
+        Ok(())
+    }
+
     /// Release ids marked bad by a failed activation (from the journal).
     pub fn bad_releases(&self) -> Result<Vec<String>, EdgeError> {
         Ok(self

@@ -15,6 +15,8 @@ use crate::harness::*;
 /// Deploys r0 (a tiny release) and r1 (= A, current) into a fresh app root at `path`.
 fn root_with_a(path: &Path, src0: &Path, src_a: &Path) -> AppRoot {
     let app = new_app(path);
+    // The extra shared path B links must exist before B is deployed.
+    put(path, "shared/.env", b"APP_KEY=test\n", 0o600);
     deploy_tree(&app, src0, &opts("r0", true)).unwrap();
     deploy_tree(&app, src_a, &opts("r1", true)).unwrap();
     app

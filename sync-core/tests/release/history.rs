@@ -1,6 +1,6 @@
 //! Rollback and activation between kept releases, and the journal line each event leaves.
 
-use sync_core::edge::deploy;
+use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::root::AppRoot;
 use sync_core::edge::EdgeError;
 use sync_core::ReleaseId;
@@ -86,4 +86,34 @@ fn rollback_activate_and_journal() {
     assert!(events.iter().all(|e| e.2 == "ok"), "{events:?}");
     let lines = std::fs::read_to_string(path.join(".relsync/journal.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), want.len());
+}
+
+/// A shared path that does not exist under `ROOT/shared/` is reported before anything is staged.
+#[test]
+fn a_missing_shared_target_is_refused_before_staging() {
+    let t = scratch();
+    let src = t.path().join("src");
+    source_tiny(&src, "<?php // r1\n");
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    let o = DeployOptions {
+        shared: vec![rel(".env")],
+        ..opts("r1", true)
+    };
+    let err = deploy_tree(&app, &src, &o).unwrap_err();
+    assert!(
+        matches!(&err, EdgeError::SharedMissing { path, .. } if path.as_str() == ".env"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("shared/.env"), "{err}");
+    assert!(std::fs::read_dir(path.join("releases"))
+        .unwrap()
+        .next()
+        .is_none());
+    put(&path, "shared/.env", b"APP_KEY=x\n", 0o600);
+    deploy_tree(&app, &src, &o).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(path.join("current/.env")).unwrap(),
+        "APP_KEY=x\n"
+    );
 }
