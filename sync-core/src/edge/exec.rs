@@ -846,7 +846,6 @@ impl<'s> DirCache<'s> {
     }
 }
 
-#[allow(dead_code)]
 fn stamp(m: &cap_std::fs::Metadata) -> FileStamp {
     FileStamp {
         ino: m.ino(),
