@@ -529,6 +529,49 @@ pub fn diff<'a>(old: &'a Manifest, new: &'a Manifest) -> Diff<'a> {
     d
 }
 
+/// The manifest-decoding fuzz target's body, shared with the corpus replay in `cargo test`.
+pub mod fuzz {
+    use super::{Manifest, Policy};
+    use crate::path::RelPath;
+    use crate::release::ReleaseRecord;
+
+    /// Decodes `data` as a manifest and as a release record, and parses it as a path: none may
+    /// panic, and whatever decodes must re-encode to the same value and hold the path invariants.
+    pub fn decode_one(data: &[u8]) {
+        let policy = Policy::default();
+        if let Ok(m) = Manifest::decode(data, &policy) {
+            let again =
+                Manifest::decode(&m.encode(), &policy).expect("a decoded manifest re-decodes");
+            assert_eq!(again, m, "manifest round trip");
+            let json = Manifest::from_json(&m.to_json(), &policy).expect("JSON form re-decodes");
+            assert_eq!(json, m, "JSON round trip");
+        }
+        if let Ok(r) = ReleaseRecord::decode(data, &policy) {
+            assert_eq!(
+                r.stamps.len(),
+                r.manifest.file_count(),
+                "one stamp per file"
+            );
+        }
+        let text = String::from_utf8_lossy(data);
+        if let Ok(p) = RelPath::new(text.as_ref()) {
+            assert!(
+                !p.as_str().starts_with('/'),
+                "absolute path accepted: {p:?}"
+            );
+            assert!(
+                p.components()
+                    .all(|c| !c.is_empty() && c != "." && c != ".."),
+                "dot or empty component accepted: {p:?}"
+            );
+            assert!(
+                !p.as_str().chars().any(char::is_control),
+                "control character accepted: {p:?}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ const TARGETS: &[(&str, Run)] = &[
     ("client_session", |data| {
         let _ = proto_fuzz::client_session_one(data);
     }),
+    ("manifest_decode", sync_core::manifest::fuzz::decode_one),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -205,5 +206,48 @@ fn write_proto_seeds() {
         let dir = fuzz_dir().join("corpus").join(target);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join(name), &data).unwrap();
+    }
+}
+
+/// Rewrites the seeds of `manifest_decode`: `cargo test -p sync-core --test fuzz_corpus --
+/// --ignored write_manifest_seeds`.
+#[test]
+#[ignore]
+fn write_manifest_seeds() {
+    use sync_core::manifest::{Entry, Hash, Manifest, Policy};
+    use sync_core::release::{FileStamp, ReleaseRecord};
+    let dir = fuzz_dir().join("corpus/manifest_decode");
+    fs::create_dir_all(&dir).unwrap();
+    let m = Manifest::from_unsorted(
+        vec![
+            Entry::dir("app", 0o755).unwrap(),
+            Entry::file("app/index.php", 12, 0o644, Hash::of(b"<?php echo;\n")).unwrap(),
+            Entry::symlink("link", "app/index.php").unwrap(),
+        ],
+        &Policy::default(),
+    )
+    .unwrap();
+    let enc = m.encode();
+    let rec = ReleaseRecord {
+        id: sync_core::ReleaseId::new("r1").unwrap(),
+        seq: 1,
+        created_unix: 0,
+        manifest: m.clone(),
+        stamps: vec![FileStamp {
+            ino: 1,
+            size: 12,
+            mtime_ns: 0,
+        }],
+    };
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("manifest", enc.clone()),
+        ("manifest-truncated", enc[..enc.len() / 2].to_vec()),
+        ("record", rec.encode()),
+        ("path-ok", b"vendor/pkg/src/A.php".to_vec()),
+        ("path-traversal", b"a/../../etc/passwd".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (name, data) in seeds {
+        fs::write(dir.join(name), data).unwrap();
     }
 }
