@@ -278,18 +278,89 @@ impl<'a> Stager<'a> {
                     "file operations"
                 );
                 i = end;
+            } else if matches!(ops[i], Op::CreateDir { .. } | Op::SetDirMode { .. }) {
+                let same = |o: &Op| std::mem::discriminant(o) == std::mem::discriminant(&ops[i]);
+                let end = ops[i..]
+                    .iter()
+                    .position(|o| !same(o))
+                    .map_or(ops.len(), |n| i + n);
+                let t = std::time::Instant::now();
+                self.apply_dir_ops(&ops[i..end])?;
+                tracing::debug!(
+                    op = ops[i].name(),
+                    ops = end - i,
+                    ms = t.elapsed().as_millis() as u64,
+                    "directory operations"
+                );
+                i = end;
             } else {
                 let t = std::time::Instant::now();
                 self.apply_one(&ops[i])?;
-                if !matches!(ops[i], Op::CreateDir { .. } | Op::SetDirMode { .. }) {
-                    tracing::debug!(
-                        op = ops[i].name(),
-                        ms = t.elapsed().as_millis() as u64,
-                        "operation"
-                    );
-                }
+                tracing::debug!(
+                    op = ops[i].name(),
+                    ms = t.elapsed().as_millis() as u64,
+                    "operation"
+                );
                 i += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// A run of `CreateDir` (or of `SetDirMode`) operations, level by level: all directories of one
+    /// depth in parallel, each through its parent's handle. Parents are created before children;
+    /// modes are set children first, so a read-only directory is locked only once it is filled.
+    fn apply_dir_ops(&self, run: &[Op]) -> Result<(), EdgeError> {
+        let create = matches!(run.first(), Some(Op::CreateDir { .. }));
+        let mut levels: std::collections::BTreeMap<usize, Vec<&Op>> = Default::default();
+        for op in run {
+            levels.entry(op_path(op).depth()).or_default().push(op);
+        }
+        let mut depths: Vec<usize> = levels.keys().copied().collect();
+        if !create {
+            depths.reverse();
+        }
+        for depth in depths {
+            let level = &levels[&depth];
+            let chunks: Vec<&[&Op]> = level
+                .chunk_by(|a, b| op_path(a).parent() == op_path(b).parent())
+                .collect();
+            chunks.par_iter().try_for_each(|chunk| {
+                let mut dirs = DirCache::new(self);
+                for op in chunk.iter() {
+                    let path = op_path(op);
+                    let parent = dirs.staging(path.parent())?;
+                    match op {
+                        Op::CreateDir { .. } => rustix::fs::mkdirat(
+                            parent,
+                            path.file_name(),
+                            rustix::fs::Mode::from_raw_mode(0o700),
+                        )
+                        .map_err(io::Error::from)
+                        .ctx("create directory", self.staged(path))?,
+                        Op::SetDirMode { mode, .. } => {
+                            // Through a descriptor opened without following symlinks: a name
+                            // swapped for a symlink is never chmod-ed through.
+                            let fd = rustix::fs::openat(
+                                parent,
+                                path.file_name(),
+                                rustix::fs::OFlags::RDONLY
+                                    | rustix::fs::OFlags::DIRECTORY
+                                    | rustix::fs::OFlags::NOFOLLOW
+                                    | rustix::fs::OFlags::CLOEXEC,
+                                rustix::fs::Mode::empty(),
+                            )
+                            .map_err(io::Error::from)
+                            .ctx("open directory", self.staged(path))?;
+                            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(*mode))
+                                .map_err(io::Error::from)
+                                .ctx("chmod directory", self.staged(path))?;
+                        }
+                        other => unreachable!("{} is not a directory operation", other.name()),
+                    }
+                }
+                Ok::<(), EdgeError>(())
+            })?;
         }
         Ok(())
     }
