@@ -60,7 +60,14 @@ pub struct Prepared {
 
 /// Shared paths from the app config plus `extra`.
 pub fn shared_paths(root: &AppRoot, extra: &[RelPath]) -> Result<Vec<RelPath>, EdgeError> {
-    let cfg = root.config()?;
+    shared_paths_of(root, &root.config()?, extra)
+}
+
+fn shared_paths_of(
+    root: &AppRoot,
+    cfg: &super::root::AppConfig,
+    extra: &[RelPath],
+) -> Result<Vec<RelPath>, EdgeError> {
     let mut v = cfg.shared_paths().map_err(|reason| EdgeError::Config {
         path: root.path().join(".relsync/config.toml"),
         reason,
@@ -95,11 +102,8 @@ pub fn prepare(
         }
     };
     let seq = records.iter().map(|r| r.seq).max().map_or(1, |s| s + 1);
-    let keep = opts
-        .keep
-        .or(root.config()?.keep)
-        .unwrap_or(DEFAULT_KEEP)
-        .max(1);
+    let cfg = root.config()?;
+    let keep = opts.keep.or(cfg.keep).unwrap_or(DEFAULT_KEEP).max(1);
     let prune = if opts.activate {
         let mut states = root.states_at(&records, Some(opts.now_unix))?;
         states.push(retention::ReleaseState {
@@ -115,7 +119,7 @@ pub fn prepare(
     // Previous release first (it is what the new one most resembles), then the others newest first.
     let mut bases = records;
     bases.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
-    let shared = shared_paths(root, &opts.shared)?;
+    let shared = shared_paths_of(root, &cfg, &opts.shared)?;
     root.check_shared(&shared)?;
     let basis_refs: Vec<Basis<'_>> = bases
         .iter()

@@ -367,17 +367,9 @@ impl<'a> Stager<'a> {
 
     fn apply_one(&mut self, op: &Op) -> Result<(), EdgeError> {
         match op {
-            Op::CreateDir { path } => self
-                .staging
-                .create_dir(path.as_str())
-                .ctx("create directory", self.staged(path)),
-            Op::SetDirMode { path, mode } => self
-                .staging
-                .set_permissions(
-                    path.as_str(),
-                    Permissions::from_std(std::fs::Permissions::from_mode(*mode)),
-                )
-                .ctx("chmod directory", self.staged(path)),
+            Op::CreateDir { .. } | Op::SetDirMode { .. } => {
+                self.apply_dir_ops(std::slice::from_ref(op))
+            }
             Op::SyncTree => {
                 if self.opts.faults.fail_sync {
                     return Err(eio("syncfs")).ctx("sync", &self.staging_path);
