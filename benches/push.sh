@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# Push benchmark: relsync push vs the rsync daemon, over a veth link into a network namespace.
+#
+# Scenarios (PUSH_SCENARIOS):
+#   patch  the node holds release A; push release B of the generated pair (15k files, 110 MB).
+#          Tools: relsync push; rsync daemon with -rlpgoD -c -z --delete --link-dest (a new release
+#          directory, like relsync); plain rsync -az --delete into a directory holding A.
+#   bulk   an empty node; push BULK_FILES incompressible files totalling BULK_SIZE (1 GiB).
+#          Tools: relsync push; quic-baseline (one bare QUIC stream, same quinn, TLS and
+#          transport tuning as relsync, no files).
+#
+# Every run starts from the same state (node roots and the client cache restored, daemons
+# restarted for relsync). Measured per run: wall time of the client command, bytes on the link
+# each way (veth counters, so packet headers included for both tools), CPU seconds of the client
+# and of the daemon (relsyncd: its own; rsync: the daemon's reaped children), and relsyncd's peak
+# RSS (VmHWM). Reported: median, min, max over RUNS (>= 5). Needs root (netns, veth) and tmpfs.
+set -euo pipefail
+
+RUNS="${RUNS:-5}"
+PUSH_SCENARIOS="${PUSH_SCENARIOS:-patch bulk}"
+SEED="${SEED:-1}"
+FILES="${FILES:-15000}"
+BYTES="${BYTES:-110MB}"
+BULK_SIZE_MIB="${BULK_SIZE_MIB:-1024}"
+BULK_FILES="${BULK_FILES:-8}"
+SHM="${SHM:-/dev/shm}"
+RESULTS_DIR="${RESULTS_DIR:-}"
+NS="relsync-bench-$$"
+VETH_H="rsb$$h"
+VETH_N="rsb$$n"
+HOST_IP=10.231.0.1
+NODE_IP=10.231.0.2
+PORT=7171
+RSYNC_PORT=8730
+QUIC_PORT=7272
+
+die() {
+	echo "push-bench: $*" >&2
+	exit 2
+}
+log() { echo "== $*" >&2; }
+
+[[ $(uname -s) == Linux ]] || die "needs Linux network namespaces; this is $(uname -s)"
+[[ $EUID -eq 0 ]] || die "needs root to create a network namespace and a veth pair"
+[[ $(stat -f -c %T "$SHM") == tmpfs ]] || die "$SHM is not tmpfs: mount one or set SHM"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS=$RUNS is not a positive number"
+((RUNS >= 5)) || log "warning: RUNS=$RUNS; report medians of at least 5 runs"
+for s in $PUSH_SCENARIOS; do
+	[[ $s == patch || $s == bulk ]] || die "unknown scenario '$s' in PUSH_SCENARIOS: use patch and/or bulk"
+done
+
+need() {
+	command -v "$1" >/dev/null && return
+	log "installing Debian package $2"
+	apt-get update -qq >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+	command -v "$1" >/dev/null || die "$1 is still missing after installing $2"
+}
+need jq jq
+need /usr/bin/time time
+need rsync rsync
+need ip iproute2
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z ${BIN_DIR:-} ]]; then
+	command -v cargo >/dev/null || die "cargo not found: install Rust or set BIN_DIR"
+	log "building relsync, relsyncd, relsync-testdata and quic-baseline in release mode"
+	(cd "$REPO" && cargo build --release --quiet -p sync-cli -p sync-server -p relsync-testdata \
+		-p relsync-benches --bin relsync --bin relsyncd --bin relsync-testdata --bin quic-baseline)
+	BIN_DIR="$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release"
+fi
+for b in relsync relsyncd relsync-testdata quic-baseline; do
+	[[ -x $BIN_DIR/$b ]] || die "$b not found in $BIN_DIR: build it or set BIN_DIR"
+done
+RELSYNC="$BIN_DIR/relsync"
+
+WORK="$(mktemp -d "$SHM/relsync-push.XXXXXX")"
+DAEMON_PID=""
+cleanup() {
+	[[ -z $DAEMON_PID ]] || kill "$DAEMON_PID" 2>/dev/null || true
+	ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+	ip link del "$VETH_H" 2>/dev/null || true
+	ip netns del "$NS" 2>/dev/null || true
+	[[ -n ${KEEP_WORK:-} ]] || rm -rf -- "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The link: a veth pair, the node's end in its own namespace. No shaping: the figures say how fast
+# each tool is when the link is not the limit (loopback-class, about 10+ Gbit/s).
+ip netns add "$NS"
+ip link add "$VETH_H" type veth peer name "$VETH_N"
+ip link set "$VETH_N" netns "$NS"
+ip addr add "$HOST_IP/24" dev "$VETH_H"
+ip link set "$VETH_H" up
+ip -n "$NS" addr add "$NODE_IP/24" dev "$VETH_N"
+ip -n "$NS" link set "$VETH_N" up
+ip -n "$NS" link set lo up
+# relsync asks for 4 MiB UDP buffers; let the kernel grant them (both namespaces).
+for ns in "" "ip netns exec $NS"; do
+	$ns sysctl -qw net.core.rmem_max=8388608 net.core.wmem_max=8388608 2>/dev/null || true
+done
+inns() { ip netns exec "$NS" "$@"; }
+
+tx() { cat "/sys/class/net/$VETH_H/statistics/tx_bytes"; }
+rx() { cat "/sys/class/net/$VETH_H/statistics/rx_bytes"; }
+# CPU seconds of a process and of its reaped children (fields 14-17 of /proc/PID/stat).
+cpu_of() {
+	awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13 + $14 + $15) / hz }' "/proc/$1/stat"
+}
+
+# Keys: one client, one daemon; the daemon authorizes the client, the client pins the daemon.
+export RELSYNC_CONFIG_DIR="$WORK/client"
+keygen() { "$RELSYNC" keygen --dir "$1" --name "$2" | awk '$1 == "fingerprint" { print $2 }'; }
+CLIENT_FP="$(keygen "$WORK/client" id)"
+DAEMON_FP="$(keygen "$WORK/daemon" daemon)"
+[[ -n $CLIENT_FP && -n $DAEMON_FP ]] || die "cannot read the key fingerprints"
+"$RELSYNC" trust "$NODE_IP:$PORT" "$DAEMON_FP" >/dev/null
+
+start_relsyncd() { # root
+	cat >"$WORK/relsyncd.toml" <<-EOF
+		listen = "$NODE_IP:$PORT"
+		key = "$WORK/daemon/daemon.key"
+		cert = "$WORK/daemon/daemon.crt"
+		[apps.app]
+		root = "$1"
+		authorized_keys = ["$CLIENT_FP"]
+	EOF
+	ip netns exec "$NS" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$WORK/relsyncd.toml" 2>>"$WORK/relsyncd.log" &
+	DAEMON_PID=$!
+	for _ in $(seq 100); do
+		inns ss -uln | grep -q ":$PORT " && return
+		sleep 0.05
+	done
+	die "relsyncd did not start listening; see its log: $(tail -5 "$WORK/relsyncd.log")"
+}
+stop_daemon() {
+	[[ -n $DAEMON_PID ]] || return 0
+	kill "$DAEMON_PID" 2>/dev/null || true
+	wait "$DAEMON_PID" 2>/dev/null || true
+	DAEMON_PID=""
+}
+
+# Background jobs are started with `ip netns exec` directly (not through a shell function) so
+# that $! is the daemon itself.
+
+# One timed run of "$@" (the client); the daemon is $DAEMON_PID. Appends a JSON line to $1.
+timed() {
+	local out=$1
+	shift
+	local tx0 rx0 d0 t0 t1 d1 hwm
+	sleep 0.2
+	tx0=$(tx) rx0=$(rx) d0=$(cpu_of "$DAEMON_PID")
+	t0=$(date +%s%N)
+	/usr/bin/time -f '%U %S' -o "$WORK/time" "$@" >"$WORK/client.out" 2>"$WORK/client.err" ||
+		die "client failed: $* : $(tail -5 "$WORK/client.err")"
+	t1=$(date +%s%N)
+	sleep 0.3 # let a forking daemon reap its child so its CPU shows up
+	d1=$(cpu_of "$DAEMON_PID")
+	hwm=$(awk '/VmHWM/ { print $2 }' "/proc/$DAEMON_PID/status")
+	jq -nc --argjson s "$(awk -v n=$((t1 - t0)) 'BEGIN { print n / 1e9 }')" \
+		--argjson up "$(($(tx) - tx0))" --argjson down "$(($(rx) - rx0))" \
+		--argjson ccpu "$(awk '{ print $1 + $2 }' "$WORK/time")" \
+		--argjson dcpu "$(awk -v a="$d0" -v b="$d1" 'BEGIN { print b - a }')" \
+		--argjson rss "$(awk -v k="${hwm:-0}" 'BEGIN { print k / 1024 }')" \
+		'{seconds: $s, bytes_up: $up, bytes_down: $down, client_cpu: $ccpu, daemon_cpu: $dcpu, daemon_rss_mib: $rss}' >>"$out"
+}
+
+# Checks that a directory on the node equals a corpus tree: paths, types, modes, symlink
+# targets and file contents (not mtimes, which the tools treat differently).
+tree_digest() {
+	(cd "$1" && find . -mindepth 1 -printf '%p %y %m %l\n' | LC_ALL=C sort &&
+		find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha1sum)
+}
+same_tree() {
+	local diffs
+	diffs=$(diff <(tree_digest "$1") <(tree_digest "$2") | head -5) ||
+		die "$3: the node's copy differs from the source:
+$diffs"
+}
+
+declare -A RESULT
+
+summarize() { # key jsonl
+	RESULT[$1]=$(jq -s '
+		def med: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+		{ runs: length,
+		  median: (map(.seconds) | med), min: (map(.seconds) | min), max: (map(.seconds) | max),
+		  bytes_up: (map(.bytes_up) | med | floor), bytes_down: (map(.bytes_down) | med | floor),
+		  client_cpu: (map(.client_cpu) | med), daemon_cpu: (map(.daemon_cpu) | med),
+		  daemon_rss_mib: (map(.daemon_rss_mib) | max | . * 10 | floor / 10) }' "$2")
+	[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && cp "$2" "$RESULTS_DIR/$1.jsonl"; }
+}
+
+# The node is put back to "holds the snapshot" after each run by removing what the run added
+# (release dir, its record, any leftover objects) and pointing `current` back, with the daemon
+# stopped. Copying a saved root instead would give every file a new inode, and relsyncd, which
+# trusts a kept file only while it is the inode it recorded, would rightly resend everything.
+relsync_runs() { # key source node-root client-cache release-id previous-release-id|-
+	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 out="$WORK/$1.jsonl" i
+	log "$key: $RUNS runs"
+	cp -a "$cache" "$WORK/cache-saved"
+	for i in $(seq "$RUNS"); do
+		rm -rf "$cache"
+		cp -a "$WORK/cache-saved" "$cache"
+		start_relsyncd "$node"
+		RELSYNC_CACHE_DIR="$cache" timed "$out" \
+			"$RELSYNC" push "$src" "$NODE_IP:$PORT/app" --release-id "$id"
+		stop_daemon
+		same_tree "$src" "$node/releases/$id" "$key"
+		rm -rf "$node/releases/$id" "$node/.relsync/releases/$id.rec" "$node/.relsync/objects"
+		if [[ $prev == - ]]; then
+			rm -f "$node/current"
+		else
+			ln -sfn "releases/$prev" "$node/current"
+		fi
+	done
+	rm -rf "$WORK/cache-saved"
+	summarize "$key" "$out"
+}
+
+start_rsyncd() { # module-dir
+	cat >"$WORK/rsyncd.conf" <<-EOF
+		pid file = $WORK/rsyncd.pid
+		use chroot = no
+		munge symlinks = no
+		uid = root
+		gid = root
+		[node]
+		path = $1
+		read only = false
+	EOF
+	ip netns exec "$NS" rsync --daemon --no-detach --address="$NODE_IP" --port="$RSYNC_PORT" \
+		--config="$WORK/rsyncd.conf" --log-file="$WORK/rsyncd.log" &
+	DAEMON_PID=$!
+	for _ in $(seq 100); do
+		inns ss -tln | grep -q ":$RSYNC_PORT " && return
+		sleep 0.05
+	done
+	die "the rsync daemon did not start; see $WORK/rsyncd.log"
+}
+
+rsync_runs() { # key source prep-script rsync-args... (destination is relative to the module)
+	local key=$1 src=$2 prep=$3 out="$WORK/$1.jsonl" i
+	shift 3
+	log "$key: $RUNS runs"
+	mkdir -p "$WORK/rnode"
+	start_rsyncd "$WORK/rnode"
+	for i in $(seq "$RUNS"); do
+		bash -c "$prep"
+		timed "$out" rsync "$@"
+	done
+	stop_daemon
+	summarize "$key" "$out"
+}
+
+if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
+	log "patch: generating the release pair (seed $SEED, $FILES files, $BYTES)"
+	"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
+	A="$WORK/corpus/a" B="$WORK/corpus/b"
+
+	# relsync: the node got A by a push, and the client kept what it pushed in its cache.
+	mkdir -p "$WORK/node" "$WORK/cache"
+	start_relsyncd "$WORK/node"
+	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$A" "$NODE_IP:$PORT/app" --release-id a >/dev/null
+	stop_daemon
+	relsync_runs patch-relsync "$B" "$WORK/node" "$WORK/cache" b a
+	rm -rf "$WORK/node" "$WORK/cache"
+
+	# rsync with --link-dest: a new release directory next to A, like relsync builds.
+	rm -rf "$WORK/rnode"
+	mkdir -p "$WORK/rnode/releases"
+	rsync -a "$A/" "$WORK/rnode/releases/a/"
+	rsync_runs patch-rsync-linkdest "$B" "rm -rf '$WORK/rnode/releases/b'" \
+		-rlpgoD -c -z --delete --link-dest=../a "$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/releases/b/"
+	same_tree "$B" "$WORK/rnode/releases/b" patch-rsync-linkdest
+
+	# Plain rsync -az --delete over a directory that holds A (as a previous rsync left it).
+	rsync_runs patch-rsync-az "$B" "rm -rf '$WORK/rnode/app' && cp -a '$A' '$WORK/rnode/app'" \
+		-az --delete "$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/app/"
+	same_tree "$B" "$WORK/rnode/app" patch-rsync-az
+	rm -rf "$WORK/rnode" "$WORK/corpus"
+fi
+
+if [[ " $PUSH_SCENARIOS " == *" bulk "* ]]; then
+	per=$((BULK_SIZE_MIB / BULK_FILES))
+	log "bulk: $BULK_FILES incompressible files of $per MiB"
+	mkdir -p "$WORK/bulk"
+	for i in $(seq "$BULK_FILES"); do
+		head -c $((per << 20)) /dev/urandom >"$WORK/bulk/part-$i.bin"
+	done
+	total=$((per * BULK_FILES << 20))
+	mkdir -p "$WORK/node" "$WORK/cache"
+	relsync_runs bulk-relsync "$WORK/bulk" "$WORK/node" "$WORK/cache" bulk -
+	rm -rf "$WORK/node" "$WORK/cache"
+
+	log "bulk-quic: $RUNS runs of a bare $total-byte QUIC stream"
+	ip netns exec "$NS" "$BIN_DIR/quic-baseline" server --listen "$NODE_IP:$QUIC_PORT" \
+		--key "$WORK/daemon/daemon.key" --cert "$WORK/daemon/daemon.crt" --authorize "$CLIENT_FP" \
+		2>"$WORK/quic.log" &
+	DAEMON_PID=$!
+	for _ in $(seq 100); do
+		inns ss -uln | grep -q ":$QUIC_PORT " && break
+		sleep 0.05
+	done
+	for i in $(seq "$RUNS"); do
+		timed "$WORK/bulk-quic.jsonl" "$BIN_DIR/quic-baseline" client --connect "$NODE_IP:$QUIC_PORT" \
+			--key "$WORK/client/id.key" --cert "$WORK/client/id.crt" --pin "$DAEMON_FP" --bytes "$total"
+	done
+	stop_daemon
+	summarize bulk-quic "$WORK/bulk-quic.jsonl"
+	rm -rf "$WORK/bulk"
+fi
+
+field() { jq -r ".$2" <<<"${RESULT[$1]}"; }
+row() {
+	[[ -n ${RESULT[$1]:-} ]] || return 0
+	printf '| %s | %.3f | %.3f | %.3f | %s | %s | %.2f | %.2f | %s |\n' "$2" \
+		"$(field "$1" median)" "$(field "$1" min)" "$(field "$1" max)" \
+		"$(field "$1" bytes_up)" "$(field "$1" bytes_down)" \
+		"$(field "$1" client_cpu)" "$(field "$1" daemon_cpu)" "$3"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+report() {
+	echo
+	echo "# Push over a veth link, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, tmpfs, $RUNS runs each"
+	echo
+	echo "| scenario / tool | median s | min s | max s | bytes to node | bytes back | client CPU s | daemon CPU s | daemon peak RSS MiB |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+	row patch-relsync "patch: relsync push" "$(field patch-relsync daemon_rss_mib 2>/dev/null)"
+	row patch-rsync-linkdest "patch: rsync daemon -c -z --link-dest" "n/a"
+	row patch-rsync-az "patch: rsync daemon -az --delete" "n/a"
+	row bulk-relsync "bulk: relsync push (initial)" "$(field bulk-relsync daemon_rss_mib 2>/dev/null)"
+	row bulk-quic "bulk: bare QUIC stream" "n/a"
+	echo
+	if [[ -n ${RESULT[patch-relsync]:-} ]]; then
+		local r=patch-relsync l=patch-rsync-linkdest z=patch-rsync-az
+		local rb lb zb
+		rb=$(($(field $r bytes_up) + $(field $r bytes_down)))
+		lb=$(($(field $l bytes_up) + $(field $l bytes_down)))
+		zb=$(($(field $z bytes_up) + $(field $z bytes_down)))
+		echo "- rsync --link-dest ÷ relsync, time: $(ratio "$(field $l median)" "$(field $r median)") (target ≥ 4)"
+		echo "- rsync -az ÷ relsync, time: $(ratio "$(field $z median)" "$(field $r median)")"
+		echo "- relsync ÷ rsync --link-dest, bytes both ways: $(ratio "$rb" "$lb") (target ≤ 0.5)"
+		echo "- relsync ÷ rsync -az, bytes both ways: $(ratio "$rb" "$zb")"
+		echo "- relsyncd peak RSS: $(field $r daemon_rss_mib) MiB (target ≤ 128)"
+	fi
+	if [[ -n ${RESULT[bulk-relsync]:-} ]]; then
+		echo "- bulk: relsync reaches $(awk -v q="$(field bulk-quic median)" -v r="$(field bulk-relsync median)" \
+			'BEGIN { printf "%.0f", 100 * q / r }')% of the bare QUIC stream's rate (target ≥ 50%);" \
+			"$(awk -v s="$(field bulk-relsync median)" -v b="$total" 'BEGIN { printf "%.0f", b / s / 1e6 }') MB/s vs" \
+			"$(awk -v s="$(field bulk-quic median)" -v b="$total" 'BEGIN { printf "%.0f", b / s / 1e6 }') MB/s;" \
+			"relsyncd peak RSS $(field bulk-relsync daemon_rss_mib) MiB"
+	fi
+}
+[[ -z $RESULTS_DIR ]] || mkdir -p "$RESULTS_DIR"
+report | tee ${RESULTS_DIR:+"$RESULTS_DIR/push-report.md"}
