@@ -1,6 +1,7 @@
 //! Deploy, activate, roll back and prune an app root: the pure planner and retention wired to the
 //! executor, under the deploy lock, with a journal entry per event.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -54,7 +55,7 @@ pub struct DeployReport {
 pub struct Prepared {
     pub plan: Plan,
     pub previous: Option<ReleaseId>,
-    pub bases: Vec<ReleaseRecord>,
+    pub bases: Vec<Arc<ReleaseRecord>>,
     pub seq: u64,
 }
 

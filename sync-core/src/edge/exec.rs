@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cap_fs_ext::DirExt as _;
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, Permissions};
@@ -162,7 +162,7 @@ impl<'a> Stager<'a> {
         _lock: &LockGuard,
         release: &ReleaseId,
         target: &'a Manifest,
-        bases: &'a [ReleaseRecord],
+        bases: &'a [Arc<ReleaseRecord>],
         seq: u64,
         created_unix: i64,
         source: &'a dyn ContentSource,

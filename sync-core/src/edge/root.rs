@@ -2,9 +2,11 @@
 //! atomic swap of `current`.
 
 use cap_std::fs::MetadataExt as _;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -101,10 +103,24 @@ pub fn operator() -> String {
 }
 
 /// An opened app root. Paths handed to it are relative to the root.
+///
+/// Decoded release records are kept in memory while their files stay the same (inode, size,
+/// mtime and ctime), so a long-lived holder such as relsyncd, or a deploy that plans and then
+/// prunes, decodes each record once rather than on every look.
 #[derive(Debug)]
 pub struct AppRoot {
     path: PathBuf,
     dir: Dir,
+    records: Mutex<HashMap<ReleaseId, CachedRecord>>,
+}
+
+/// The identity of a record file when it was decoded.
+type RecordStamp = (u64, u64, i64, i64, i64, i64);
+
+#[derive(Debug)]
+struct CachedRecord {
+    stamp: RecordStamp,
+    record: Arc<ReleaseRecord>,
 }
 
 /// Held while a deploy, activation or prune runs; released (and cleared) on drop, and by the kernel
@@ -156,6 +172,7 @@ impl AppRoot {
         Ok(AppRoot {
             path: path.to_owned(),
             dir,
+            records: Mutex::default(),
         })
     }
 
@@ -171,6 +188,7 @@ impl AppRoot {
         Ok(AppRoot {
             path: path.to_owned(),
             dir,
+            records: Mutex::default(),
         })
     }
 
@@ -355,7 +373,8 @@ impl AppRoot {
         Ok(ids)
     }
 
-    pub fn load_record(&self, id: &ReleaseId) -> Result<ReleaseRecord, EdgeError> {
+    /// The record of release `id` (decoded once while its file is unchanged).
+    pub fn load_record(&self, id: &ReleaseId) -> Result<Arc<ReleaseRecord>, EdgeError> {
         let rel = format!(
             "{}/{}/{}",
             layout::META,
@@ -363,32 +382,64 @@ impl AppRoot {
             layout::record_name(id)
         );
         let path = self.path.join(&rel);
-        let bytes = match self.dir.read(&rel) {
-            Ok(b) => b,
+        let file = match self.dir.open(&rel) {
+            Ok(f) => f.into_std(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(EdgeError::NoSuchRelease(id.clone()))
             }
-            Err(e) => return Err(e).ctx("read", path),
+            Err(e) => return Err(e).ctx("open", path),
         };
+        let meta = file.metadata().ctx("stat", &path)?;
+        let stamp: RecordStamp = {
+            use std::os::unix::fs::MetadataExt as _;
+            (
+                meta.ino(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+            )
+        };
+        let cache = || self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache().get(id).filter(|c| c.stamp == stamp) {
+            return Ok(Arc::clone(&hit.record));
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        (&file).read_to_end(&mut bytes).ctx("read", &path)?;
         let policy = Policy {
             allow_world_writable: true,
             ..Policy::default()
         };
-        ReleaseRecord::decode(&bytes, &policy).map_err(|source| EdgeError::Record {
-            id: id.to_string(),
-            path,
-            source,
-        })
+        let record = Arc::new(ReleaseRecord::decode(&bytes, &policy).map_err(|source| {
+            EdgeError::Record {
+                id: id.to_string(),
+                path,
+                source,
+            }
+        })?);
+        cache().insert(
+            id.clone(),
+            CachedRecord {
+                stamp,
+                record: Arc::clone(&record),
+            },
+        );
+        Ok(record)
     }
 
     /// All complete releases' records, oldest first.
-    pub fn records(&self) -> Result<Vec<ReleaseRecord>, EdgeError> {
-        let mut v = self
-            .release_ids()?
+    pub fn records(&self) -> Result<Vec<Arc<ReleaseRecord>>, EdgeError> {
+        let ids = self.release_ids()?;
+        let mut v = ids
             .iter()
             .map(|id| self.load_record(id))
             .collect::<Result<Vec<_>, _>>()?;
         v.sort_by_key(|r| r.seq);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
         Ok(v)
     }
 
@@ -422,7 +473,7 @@ impl AppRoot {
     }
 
     /// Retention view of the kept releases.
-    pub fn states(&self, records: &[ReleaseRecord]) -> Result<Vec<ReleaseState>, EdgeError> {
+    pub fn states(&self, records: &[Arc<ReleaseRecord>]) -> Result<Vec<ReleaseState>, EdgeError> {
         self.states_at(records, None)
     }
 
@@ -430,7 +481,7 @@ impl AppRoot {
     /// `now_unix` flagged (pruning spares them for now).
     pub fn states_at(
         &self,
-        records: &[ReleaseRecord],
+        records: &[Arc<ReleaseRecord>],
         now_unix: Option<i64>,
     ) -> Result<Vec<ReleaseState>, EdgeError> {
         let marks: Vec<(String, i64)> = self
@@ -670,5 +721,66 @@ mod tests {
             let err = AppConfig::parse(bad, p).unwrap_err().to_string();
             assert!(err.contains("config.toml"), "{bad}: {err}");
         }
+    }
+
+    fn record(id: &str, seq: u64) -> ReleaseRecord {
+        use crate::manifest::{Entry, Hash, Manifest};
+        use crate::release::FileStamp;
+        let m = Manifest::from_unsorted(
+            vec![Entry::file("a", 1, 0o644, Hash::of(id.as_bytes())).unwrap()],
+            &Policy::default(),
+        )
+        .unwrap();
+        ReleaseRecord {
+            id: ReleaseId::new(id).unwrap(),
+            seq,
+            created_unix: 1,
+            manifest: m,
+            stamps: vec![FileStamp {
+                ino: 1,
+                size: 1,
+                mtime_ns: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn records_are_decoded_once_and_reread_when_their_file_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = AppRoot::open_or_create(tmp.path()).unwrap();
+        for (id, seq) in [("r1", 1), ("r2", 2)] {
+            root.dir.create_dir(format!("releases/{id}")).unwrap();
+            root.write_record(&record(id, seq)).unwrap();
+        }
+        let first = root.records().unwrap();
+        assert_eq!(
+            first.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r1", "r2"]
+        );
+        let again = root.records().unwrap();
+        assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+        // A record rewritten in place of the old one (a new inode) is read again.
+        root.write_record(&record("r1", 9)).unwrap();
+        let reread = root.load_record(&ReleaseId::new("r1").unwrap()).unwrap();
+        assert_eq!(reread.seq, 9);
+        assert!(!Arc::ptr_eq(&reread, &first[0]));
+        assert_eq!(
+            root.records()
+                .unwrap()
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>(),
+            ["r2", "r1"]
+        );
+
+        // A release whose directory went away drops out, and a missing record is NoSuchRelease.
+        root.dir.remove_dir("releases/r2").unwrap();
+        assert_eq!(root.records().unwrap().len(), 1);
+        root.dir.remove_file(".relsync/releases/r1.rec").unwrap();
+        assert!(matches!(
+            root.load_record(&ReleaseId::new("r1").unwrap()),
+            Err(EdgeError::NoSuchRelease(_))
+        ));
     }
 }

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
+use std::sync::Arc;
 
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions};
 use sync_core::edge::exec::ContentSource;
@@ -36,7 +37,7 @@ impl<'r> KeptContent<'r> {
     /// is tried before the others, which go newest first.
     pub(super) fn new(
         root: &AppRoot,
-        records: &'r [ReleaseRecord],
+        records: &'r [Arc<ReleaseRecord>],
         first: Option<&ReleaseId>,
         wanted: &HashSet<Hash>,
     ) -> Result<KeptContent<'r>, EdgeError> {
@@ -117,7 +118,7 @@ impl<'r> LocalContent<'r> {
     pub(super) fn new(
         root: &AppRoot,
         target: &'r Manifest,
-        records: &'r [ReleaseRecord],
+        records: &'r [Arc<ReleaseRecord>],
     ) -> Result<LocalContent<'r>, EdgeError> {
         let wanted: HashSet<Hash> = target.files().map(|(_, _, _, h)| *h).collect();
         let objects = open_dir(root, &format!("{}/{}", layout::META, layout::OBJECTS)).ok();
