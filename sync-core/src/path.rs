@@ -8,6 +8,7 @@
 
 use std::cmp::Ordering;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,9 +52,18 @@ pub enum PathError {
 }
 
 /// A normalized, validated path relative to a release root: `a/b/c`, never empty.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RelPath(String);
+///
+/// Shared (`Arc<str>`): plans, records and sessions hold the same path many times over, and a
+/// clone is a reference count, not an allocation.
+#[derive(Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RelPath(Arc<str>);
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 fn has_control(s: &str) -> bool {
     s.chars().any(|c| c.is_control())
@@ -84,7 +94,7 @@ impl RelPath {
                 _ => {}
             }
         }
-        Ok(RelPath(s))
+        Ok(RelPath(Arc::from(s)))
     }
 
     /// Builds a path from OS components (as produced by a directory walk).
@@ -110,7 +120,7 @@ impl RelPath {
 
     /// The containing directory, or `None` for a top-level entry.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+        self.0.rfind('/').map(|i| RelPath(Arc::from(&self.0[..i])))
     }
 
     /// The last component.
@@ -130,7 +140,7 @@ impl RelPath {
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
             || (self.0.len() > other.0.len()
-                && self.0.starts_with(&other.0)
+                && self.0.starts_with(&*other.0)
                 && self.0.as_bytes()[other.0.len()] == b'/')
     }
 }
@@ -159,7 +169,7 @@ impl TryFrom<String> for RelPath {
 
 impl From<RelPath> for String {
     fn from(p: RelPath) -> String {
-        p.0
+        p.0.to_string()
     }
 }
 

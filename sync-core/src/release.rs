@@ -6,6 +6,7 @@
 //! timestamp computed from a time the caller passes in (this module reads no clock).
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,10 +27,16 @@ pub enum ReleaseIdError {
     ReservedSuffix(String),
 }
 
-/// The name of one release.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ReleaseId(String);
+/// The name of one release. Shared (`Arc<str>`): every link operation of a plan names one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ReleaseId(Arc<str>);
+
+impl Serialize for ReleaseId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl ReleaseId {
     pub fn new(s: impl Into<String>) -> Result<ReleaseId, ReleaseIdError> {
@@ -43,12 +50,12 @@ impl ReleaseId {
         if s.ends_with(STAGING_SUFFIX) || s.ends_with(TRASH_SUFFIX) {
             return Err(ReleaseIdError::ReservedSuffix(s));
         }
-        Ok(ReleaseId(s))
+        Ok(ReleaseId(Arc::from(s)))
     }
 
     /// The default id for a release created at `unix_secs`: `20261127T031840Z`.
     pub fn from_unix_time(unix_secs: i64) -> ReleaseId {
-        ReleaseId(format_utc_compact(unix_secs))
+        ReleaseId(Arc::from(format_utc_compact(unix_secs)))
     }
 
     /// `self` if `taken` says it is free, else `self-2`, `self-3`, … (ids created within one second).
@@ -57,7 +64,7 @@ impl ReleaseId {
             return self;
         }
         (2u32..)
-            .map(|n| ReleaseId(format!("{}-{n}", self.0)))
+            .map(|n| ReleaseId(Arc::from(format!("{}-{n}", self.0))))
             .find(|id| !taken(id))
             .expect("an unbounded counter finds a free id")
     }
@@ -84,7 +91,7 @@ impl TryFrom<String> for ReleaseId {
 
 impl From<ReleaseId> for String {
     fn from(r: ReleaseId) -> String {
-        r.0
+        r.0.to_string()
     }
 }
 
