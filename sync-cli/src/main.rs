@@ -362,7 +362,16 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                 Some(a) => deploy::shared_paths(a, &opts.shared)?,
                 None => opts.shared.clone(),
             };
-            let scanned = scan_tree(&src, &exclude, skip, show, Policy::default(), true)?;
+            // Kept releases' records are decoded while the source is hashed; the root keeps
+            // them, so planning finds them ready (and re-reads any that change meanwhile).
+            let scanned = std::thread::scope(|s| {
+                if let Some(a) = &app {
+                    s.spawn(|| {
+                        let _ = a.records();
+                    });
+                }
+                scan_tree(&src, &exclude, skip, show, Policy::default(), true)
+            })?;
             if dry_run {
                 let prep = match &app {
                     Some(a) => deploy::prepare(a, &scanned.manifest, &opts)?,
