@@ -369,6 +369,20 @@ pub fn apply(
     sink.finish(expected_hash)
 }
 
+/// [`apply`] for a `Full` payload read from `payload` (a spooled file, say) rather than held in
+/// memory: memory stays bounded by the decoder's window whatever the file's size. The same checks
+/// apply: one frame declaring exactly `expected_size`, nothing after it, content verified.
+pub fn apply_full_from(
+    payload: &mut dyn std::io::Read,
+    expected_size: u64,
+    expected_hash: &blake3::Hash,
+    out: &mut (impl Write + ?Sized),
+) -> Result<(), DeltaError> {
+    let mut sink = VerifyingSink::new(out, expected_size);
+    frame::decode_plain_stream(payload, expected_size, &mut |chunk| sink.push(chunk))?;
+    sink.finish(expected_hash)
+}
+
 /// Counts what goes to the payload writer.
 struct CountingWriter<'a, W: Write + ?Sized> {
     inner: &'a mut W,

@@ -201,6 +201,65 @@ impl<'a> Frame<'a> {
     }
 }
 
+/// Decodes a `Full` payload read from `payload` rather than held in memory, with the checks of
+/// [`Frame::exact`]: one frame, declaring exactly `size` bytes, nothing after it. Memory stays at
+/// the decoder's window plus a chunk, however large the file.
+pub(super) fn decode_plain_stream(
+    payload: &mut dyn Read,
+    size: u64,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), DeltaError>,
+) -> Result<(), DeltaError> {
+    let format = DeltaFormat::Full;
+    let malformed = |detail| DeltaError::MalformedFrame { format, detail };
+    let corrupt = |source| DeltaError::Corrupt { format, source };
+    // The longest zstd frame header; a shorter payload is read whole.
+    let mut head = [0u8; 18];
+    let mut filled = 0;
+    while filled < head.len() {
+        match payload.read(&mut head[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(corrupt(e)),
+        }
+    }
+    let head = &head[..filled];
+    if !head.starts_with(&ZSTD_MAGIC) {
+        return Err(malformed("missing zstd magic"));
+    }
+    let declared = zstd_safe::get_frame_content_size(head)
+        .map_err(|_| malformed("unreadable frame header"))?;
+    if declared != Some(size) {
+        return Err(DeltaError::DeclaredSize {
+            format,
+            declared,
+            allowed: size,
+        });
+    }
+    let reader = io::BufReader::with_capacity(CHUNK, head.chain(payload));
+    let mut decoder = read::Decoder::with_buffer(reader)
+        .map_err(corrupt)?
+        .single_frame();
+    decoder.window_log_max(PLAIN_WINDOW_LOG).map_err(corrupt)?;
+    let mut buf = vec![0u8; CHUNK.min(usize::try_from(size).unwrap_or(CHUNK)).max(1)];
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(e)),
+        };
+        sink(&buf[..n])?;
+    }
+    let mut rest = decoder.finish();
+    let mut extra = [0u8; 1];
+    match rest.read(&mut extra) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(malformed("data after the end of the frame")),
+        Err(e) => Err(corrupt(e)),
+    }
+}
+
 /// The content size `payload` declares, after checking that it is exactly one complete frame.
 fn declared_size(format: DeltaFormat, payload: &[u8]) -> Result<Option<u64>, DeltaError> {
     let malformed = |detail| DeltaError::MalformedFrame { format, detail };

@@ -813,3 +813,49 @@ fn error_messages_are_lower_case_and_say_what_to_do() {
         assert!(msg.contains("send the file in full"), "{msg}");
     }
 }
+
+/// The streaming decoder of spooled `Full` payloads accepts exactly what `apply` accepts and
+/// writes the same bytes.
+#[test]
+fn streamed_full_payloads_agree_with_apply() {
+    let mut cases: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for target in [vec![], b"x".to_vec(), php(20_000, 3), noise(5 << 20, 4)] {
+        let mut payload = Vec::new();
+        encode_full(&target, &mut payload).unwrap();
+        cases.push((target, payload));
+    }
+    let (target, good) = cases[2].clone();
+    for cut in [0, 1, 4, 10, 17, 18, good.len() / 2, good.len() - 1] {
+        cases.push((target.clone(), good[..cut].to_vec()));
+    }
+    let mut trailing = good.clone();
+    trailing.push(0);
+    cases.push((target.clone(), trailing));
+    let mut twice = good.clone();
+    twice.extend_from_slice(&good);
+    cases.push((target.clone(), twice));
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    cases.push((target.clone(), flipped));
+    cases.push((vec![0u8; 1024], zstd_frame(&vec![0u8; 8 << 20])));
+    cases.push((target.clone(), noise(300, 9)));
+
+    for (i, (target, payload)) in cases.iter().enumerate() {
+        let hash = blake3::hash(target);
+        let size = target.len() as u64;
+        let mut want = Vec::new();
+        let whole = apply(DeltaFormat::Full, None, payload, size, &hash, &mut want);
+        let mut got = Vec::new();
+        let streamed = apply_full_from(&mut &payload[..], size, &hash, &mut got);
+        assert_eq!(
+            whole.is_ok(),
+            streamed.is_ok(),
+            "case {i}: apply gave {whole:?}, streaming gave {streamed:?}"
+        );
+        if whole.is_ok() {
+            assert!(got == *target, "case {i}: streamed output differs");
+        }
+        assert!(got.len() <= target.len(), "case {i}: wrote past the size");
+    }
+}

@@ -3,14 +3,14 @@
 //! file result) its request expects, with messages that name the app, release or file.
 
 use std::collections::HashSet;
-use std::io;
+use std::io::{self, Seek as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::{Dir, OpenOptions};
 use memmap2::Mmap;
-use sync_core::delta::{self, BasisSignature, DeltaError};
+use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat};
 use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::object::{ObjectError, ObjectStore};
@@ -323,6 +323,11 @@ pub(super) fn store(
         .objects
         .as_ref()
         .ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
+    if let (Payload::Spool { file, len }, DeltaFormat::Full) = (payload, job.format) {
+        if *len > 0 {
+            return store_spooled_full(objects, job, file);
+        }
+    }
     let spool_map;
     let payload: &[u8] = match payload {
         Payload::Memory(v) => v,
@@ -368,14 +373,51 @@ pub(super) fn store(
         .create(job.hash, job.mode, job.size)
         .map_err(|e| local(edge_kind(&e), error_chain(&e)))?;
     let expected = blake3::Hash::from_bytes(job.hash.0);
-    match delta::apply(
+    let applied = delta::apply(
         job.format,
         basis_map.as_deref(),
         payload,
         job.size,
         &expected,
         &mut writer,
-    ) {
+    );
+    finish_store(applied, writer)
+}
+
+/// Stores a spooled `Full` payload by reading the spool file in chunks: a mapping would count
+/// the whole payload in the daemon's resident memory while it decodes, and large files are what
+/// gets spooled.
+fn store_spooled_full(
+    objects: &ObjectStore,
+    job: &FileJob,
+    spool: &std::fs::File,
+) -> Result<(), FileFailure> {
+    let local = |kind, message: String| FileFailure::Local { kind, message };
+    let mut reader = spool;
+    reader.rewind().map_err(|e| {
+        local(
+            ErrorKind::Internal,
+            format!("cannot read the spooled payload: {e}"),
+        )
+    })?;
+    let mut writer = objects
+        .create(job.hash, job.mode, job.size)
+        .map_err(|e| local(edge_kind(&e), error_chain(&e)))?;
+    let expected = blake3::Hash::from_bytes(job.hash.0);
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, reader);
+    finish_store(
+        delta::apply_full_from(&mut reader, job.size, &expected, &mut writer),
+        writer,
+    )
+}
+
+/// Classifies the result of rebuilding a file into `writer`, then completes the object.
+fn finish_store(
+    applied: Result<(), DeltaError>,
+    writer: sync_core::edge::object::ObjectWriter<'_>,
+) -> Result<(), FileFailure> {
+    let local = |kind, message: String| FileFailure::Local { kind, message };
+    match applied {
         Ok(()) => {}
         Err(DeltaError::HashMismatch { actual, .. }) => {
             return Err(FileFailure::HashMismatch {
