@@ -16,6 +16,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions};
 use sync_core::edge::exec::ContentSource;
 use sync_core::edge::root::AppRoot;
@@ -75,6 +77,60 @@ impl<'r> KeptContent<'r> {
             copies
                 .iter()
                 .any(|(i, path, stamp)| self.intact(*i, path, stamp))
+        })
+    }
+
+    /// Which of `hashes` some intact kept file holds: [`KeptContent::has`] for many at once.
+    ///
+    /// Each hash's preferred copy (current release first) is checked with one `fstatat` relative
+    /// to its directory, opened once per directory and in parallel across directories; only a
+    /// hash whose preferred copy fails falls back to trying the others one by one.
+    pub(super) fn held<'h>(&self, hashes: impl Iterator<Item = &'h Hash>) -> HashSet<Hash> {
+        let mut by_dir: HashMap<(usize, Option<RelPath>), Vec<(Hash, &RelPath, FileStamp)>> =
+            HashMap::new();
+        for h in hashes {
+            if let Some((i, path, stamp)) = self.by_hash.get(h).and_then(|c| c.first()) {
+                by_dir
+                    .entry((*i, path.parent()))
+                    .or_default()
+                    .push((*h, path, *stamp));
+            }
+        }
+        let groups: Vec<_> = by_dir.into_iter().collect();
+        let checked: Vec<(Hash, bool)> = groups
+            .par_iter()
+            .flat_map_iter(|((i, parent), files)| {
+                let dir = self
+                    .dirs
+                    .get(*i)
+                    .and_then(Option::as_ref)
+                    .and_then(|d| match parent {
+                        None => d.try_clone().ok(),
+                        Some(p) => d.open_dir(p.as_str()).ok(),
+                    });
+                files.iter().map(move |(h, path, stamp)| {
+                    let ok = dir
+                        .as_ref()
+                        .is_some_and(|d| self.stat_matches(d, path.file_name(), stamp));
+                    (*h, ok)
+                })
+            })
+            .collect();
+        checked
+            .into_iter()
+            .filter(|(h, ok)| *ok || self.has(h))
+            .map(|(h, _)| h)
+            .collect()
+    }
+
+    fn stat_matches(&self, dir: &Dir, name: &str, stamp: &FileStamp) -> bool {
+        rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_dev == self.device
+                && st.st_ino == stamp.ino
+                && st.st_size as u64 == stamp.size
+                && i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
+                    == stamp.mtime_ns
         })
     }
 
@@ -215,4 +271,73 @@ fn copy_verified(src: File, size: u64, hash: &Hash, out: &mut File) -> io::Resul
         n += k as u64;
     }
     Ok(n == size && Hash::from(hasher.finalize()) == *hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use sync_core::edge::deploy::{self, DeployOptions};
+    use sync_core::edge::exec::LocalSource;
+    use sync_core::edge::scan::{scan, ScanOptions};
+
+    /// `held` (batched, by directory) agrees with `has` (one by one) on intact files and on
+    /// each way a kept file can stop being the inode its record describes (fault case 10).
+    #[test]
+    fn held_agrees_with_has_on_intact_and_changed_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("d/e")).unwrap();
+        let files = [
+            ("a", "alpha"),
+            ("b", "bravo"),
+            ("c", "charlie"),
+            ("d/x", "x-ray"),
+            ("d/e/y", "yankee"),
+            ("d/e/z", "zulu"),
+        ];
+        for (p, content) in files {
+            std::fs::write(src.join(p), content).unwrap();
+        }
+        let root = AppRoot::open_or_create(&tmp.path().join("root")).unwrap();
+        let lock = root.lock(|_| {}).unwrap();
+        let scanned = scan(&src, &ScanOptions::default(), &|_| {}).unwrap();
+        let opts = DeployOptions {
+            release_id: Some(ReleaseId::new("r1").unwrap()),
+            ..DeployOptions::default()
+        };
+        let source = LocalSource::open(&src).unwrap();
+        deploy::deploy(&root, &lock, &scanned.manifest, &source, &opts, &|_| {}).unwrap();
+
+        let release = tmp.path().join("root/releases/r1");
+        // Edited in place (same inode, new size and mtime).
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(release.join("a"))
+            .unwrap();
+        f.write_all(b"!").unwrap();
+        drop(f);
+        // Replaced by another inode with the same content.
+        std::fs::write(release.join("d/tmp"), "bravo").unwrap();
+        std::fs::rename(release.join("d/tmp"), release.join("b")).unwrap();
+        // Replaced by a symlink, and removed.
+        std::fs::remove_file(release.join("c")).unwrap();
+        symlink("d/x", release.join("c")).unwrap();
+        std::fs::remove_file(release.join("d/e/z")).unwrap();
+
+        let records = root.records().unwrap();
+        let current = root.current().unwrap();
+        let wanted: HashSet<Hash> = scanned.manifest.files().map(|(.., h)| *h).collect();
+        let kept = KeptContent::new(&root, &records, current.as_ref(), &wanted).unwrap();
+        let held = kept.held(wanted.iter());
+        let one_by_one: HashSet<Hash> = wanted.iter().filter(|h| kept.has(h)).copied().collect();
+        assert_eq!(held, one_by_one);
+        let held_paths: Vec<&str> = scanned
+            .manifest
+            .files()
+            .filter(|(.., h)| held.contains(h))
+            .map(|(p, ..)| p.as_str())
+            .collect();
+        assert_eq!(held_paths, ["d/e/y", "d/x"]);
+    }
 }

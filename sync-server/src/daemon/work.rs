@@ -186,7 +186,7 @@ pub(super) fn compute_need(
     let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
     let kept =
         KeptContent::new(root, &records, current.as_ref(), &wanted).map_err(|e| edge_failed(&e))?;
-    let kept_have: HashSet<Hash> = wanted.iter().filter(|h| kept.has(h)).copied().collect();
+    let kept_have: HashSet<Hash> = kept.held(wanted.iter());
     let objects = opened
         .objects
         .as_ref()
