@@ -86,8 +86,9 @@ impl<'r> KeptContent<'r> {
     /// to its directory, opened once per directory and in parallel across directories; only a
     /// hash whose preferred copy fails falls back to trying the others one by one.
     pub(super) fn held<'h>(&self, hashes: impl Iterator<Item = &'h Hash>) -> HashSet<Hash> {
-        let mut by_dir: HashMap<(usize, Option<RelPath>), Vec<(Hash, &RelPath, FileStamp)>> =
-            HashMap::new();
+        // Keyed by (record, parent directory).
+        type Candidates<'p> = Vec<(Hash, &'p RelPath, FileStamp)>;
+        let mut by_dir: HashMap<(usize, Option<RelPath>), Candidates<'_>> = HashMap::new();
         for h in hashes {
             if let Some((i, path, stamp)) = self.by_hash.get(h).and_then(|c| c.first()) {
                 by_dir
