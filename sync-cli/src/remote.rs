@@ -363,6 +363,8 @@ fn print_push(
             "sent": { "full": s.sent_full, "zstd_ref": s.sent_zstd_ref, "rsync": s.sent_rsync },
             "sent_bytes": r.sent_bytes,
             "payload_bytes": s.payload_bytes,
+            "manifest_bytes": s.manifest_bytes,
+            "manifest_delta": s.manifest_delta,
             "staged": s.staged,
             "cache": cache,
             "scan": {

@@ -22,9 +22,10 @@ use crate::manifest::Hash;
 use crate::path::RelPath;
 use crate::release::ReleaseId;
 
-/// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
-/// The QUIC ALPN of protocol version 1.
+/// The protocol version this crate speaks (2: manifests travel compressed, against a basis
+/// manifest when both sides hold one).
+pub const VERSION: u16 = 2;
+/// The QUIC ALPN of the protocol family; the exact version is checked in `Hello`/`Welcome`.
 pub const ALPN: &[u8] = b"relsync/1";
 /// Bytes of the length prefix of every frame.
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -152,8 +153,13 @@ pub enum Command {
     /// Build release `release` from the manifest that follows in [`ClientMsg::ManifestChunk`]s.
     Push {
         release: ReleaseId,
+        /// Length and blake3 of the manifest's encoding.
         manifest_len: u64,
         manifest_digest: Hash,
+        /// Digest of the encoding of a manifest the client holds and expects the daemon to
+        /// hold too (the one it last pushed there): the manifest is then sent as a zstd delta
+        /// against it, if `Welcome` accepts.
+        manifest_basis: Option<Hash>,
     },
     /// List the app's releases.
     Releases,
@@ -197,7 +203,9 @@ pub enum ClientMsg {
         command: Command,
         max_frame: u32,
     },
-    /// A piece of the encoded manifest; `last` marks the final one.
+    /// A piece of the manifest's encoding compressed as one zstd frame (with the basis
+    /// manifest's encoding as reference prefix when `Welcome` accepted the basis); `last` marks
+    /// the final one.
     ManifestChunk {
         #[serde(with = "bytes")]
         data: Vec<u8>,
@@ -303,6 +311,8 @@ pub enum DaemonMsg {
     Welcome {
         version: u16,
         limits: Limits,
+        /// The daemon holds the basis manifest named in `Command::Push`.
+        manifest_basis: bool,
     },
     /// The daemon gives up; the connection closes after it.
     Error {
@@ -602,6 +612,7 @@ mod tests {
                     release: rid("r1"),
                     manifest_len: 1234,
                     manifest_digest: hash(1),
+                    manifest_basis: Some(hash(3)),
                 },
                 max_frame: 1 << 20,
             },
@@ -631,6 +642,7 @@ mod tests {
             DaemonMsg::Welcome {
                 version: VERSION,
                 limits: Limits::default(),
+                manifest_basis: true,
             },
             DaemonMsg::Error {
                 kind: ErrorKind::Busy,

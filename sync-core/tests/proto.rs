@@ -153,6 +153,7 @@ impl Daemon {
                 let event = if app.as_str() == "shop" {
                     Event::Opened {
                         policy: Policy::default(),
+                        manifest_basis: None,
                     }
                 } else {
                     Event::Failed {
@@ -399,6 +400,7 @@ impl Net {
             manifest: Arc::new(manifest_of(tree)),
             activate,
             cached: cache.keys().copied().collect(),
+            manifest_basis: None,
         };
         let client = ClientSession::push(ClientConfig::default(), app(), job, 0);
         let mut src = Source::new(tree.clone());
@@ -806,6 +808,7 @@ fn an_unauthorized_app_is_refused_before_any_work() {
         manifest: Arc::new(manifest_of(&tree_a())),
         activate: true,
         cached: HashSet::new(),
+        manifest_basis: None,
     };
     let client = ClientSession::push(
         ClientConfig::default(),
@@ -881,6 +884,7 @@ fn large_manifests_and_needs_are_split_to_the_smallest_frames() {
         manifest: Arc::new(manifest_of(&t)),
         activate: true,
         cached: HashSet::new(),
+        manifest_basis: None,
     };
     let config = ClientConfig {
         max_frame: MIN_MAX_FRAME,
@@ -914,6 +918,7 @@ fn hello_push(manifest: &[u8], release: &str) -> Vec<u8> {
             release: rid(release),
             manifest_len: manifest.len() as u64,
             manifest_digest: Hash::of(manifest),
+            manifest_basis: None,
         },
         max_frame: MIN_MAX_FRAME,
     }
@@ -931,6 +936,7 @@ fn opened(limits: Limits, hello: &[u8]) -> DaemonSession {
     s.handle_event(
         Event::Opened {
             policy: Policy::default(),
+            manifest_basis: None,
         },
         0,
     );
@@ -956,6 +962,96 @@ fn chunk(data: &[u8], last: bool) -> Vec<u8> {
     .frame()
 }
 
+/// A manifest encoding as it travels without a basis: one zstd frame.
+fn packed(encoding: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    sync_core::delta::encode_full(encoding, &mut out).unwrap();
+    out
+}
+
+/// The whole manifest in one last chunk.
+fn manifest_chunk(encoding: &[u8]) -> Vec<u8> {
+    chunk(&packed(encoding), true)
+}
+
+#[test]
+fn the_manifest_goes_as_a_delta_when_the_daemon_holds_the_named_basis() {
+    let a = manifest_of(&tree_a()).encode();
+    let b = manifest_of(&tree_b()).encode();
+    let hello = ClientMsg::Hello {
+        version: VERSION,
+        app: app(),
+        command: Command::Push {
+            release: rid("r2"),
+            manifest_len: b.len() as u64,
+            manifest_digest: Hash::of(&b),
+            manifest_basis: Some(Hash::of(&a)),
+        },
+        max_frame: MIN_MAX_FRAME,
+    }
+    .frame();
+    let cases: [(&str, Option<Vec<u8>>, bool); 3] = [
+        ("held", Some(a.clone()), true),
+        ("another manifest", Some(b.clone()), false),
+        ("none", None, false),
+    ];
+    for (name, offered, accepted) in cases {
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_control(&hello, 0);
+        assert!(matches!(
+            s.poll_request(),
+            Some(daemon::Request::Open { .. })
+        ));
+        s.handle_event(
+            Event::Opened {
+                policy: Policy::default(),
+                manifest_basis: offered.map(Arc::from),
+            },
+            0,
+        );
+        let welcome = wire::decode::<DaemonMsg>(&s.poll_transmit(0).unwrap()[4..]).unwrap();
+        let DaemonMsg::Welcome { manifest_basis, .. } = welcome else {
+            panic!("{name}: {welcome:?}")
+        };
+        assert_eq!(manifest_basis, accepted, "{name}");
+        let mut payload = Vec::new();
+        if accepted {
+            sync_core::delta::encode_with_basis(&a, &b, &mut payload).unwrap();
+            assert!(
+                payload.len() < packed(&b).len(),
+                "{name}: the delta is {} bytes, the plain frame {}",
+                payload.len(),
+                packed(&b).len()
+            );
+        } else {
+            payload = packed(&b);
+        }
+        s.handle_control(&chunk(&payload, true), 1);
+        match s.poll_request() {
+            Some(daemon::Request::ComputeNeed { manifest, .. }) => {
+                assert_eq!(*manifest, manifest_of(&tree_b()), "{name}")
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // A delta sent when the daemon did not accept the basis does not decode.
+    let mut s = DaemonSession::new(Limits::default(), 0);
+    s.handle_control(&hello, 0);
+    s.poll_request();
+    s.handle_event(
+        Event::Opened {
+            policy: Policy::default(),
+            manifest_basis: None,
+        },
+        0,
+    );
+    let mut payload = Vec::new();
+    sync_core::delta::encode_with_basis(&a, &b, &mut payload).unwrap();
+    s.handle_control(&chunk(&payload, true), 1);
+    assert!(s.is_finished());
+    assert_eq!(daemon_error_kind(&mut s), ErrorKind::BadRequest);
+}
+
 #[test]
 fn bad_manifests_are_refused_before_the_need_is_computed() {
     let m = manifest_of(&tree_a()).encode();
@@ -968,24 +1064,54 @@ fn bad_manifests_are_refused_before_the_need_is_computed() {
     type Case = (&'static str, Limits, Vec<u8>, ErrorKind);
     let table: Vec<Case> = vec![
         (
-            "chunks exceed the announced length",
+            "chunks exceed what the announced length can compress to",
             Limits::default(),
-            [chunk(&m, false), chunk(b"x", true)].concat(),
+            [
+                chunk(&packed(&m), false),
+                chunk(
+                    &vec![0u8; wire::max_payload_len(m.len() as u64) as usize],
+                    true,
+                ),
+            ]
+            .concat(),
             ErrorKind::BadRequest,
         ),
         (
-            "last chunk before the announced length",
+            "data after the frame",
             Limits::default(),
-            chunk(&m[..m.len() - 1], true),
+            [chunk(&packed(&m), false), chunk(b"x", true)].concat(),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "frame cut short",
+            Limits::default(),
+            chunk(&packed(&m)[..packed(&m).len() - 1], true),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "uncompressed",
+            Limits::default(),
+            chunk(&m, true),
+            ErrorKind::BadRequest,
+        ),
+        (
+            "shorter than announced",
+            Limits::default(),
+            manifest_chunk(&m[..m.len() - 1]),
             ErrorKind::BadRequest,
         ),
         (
             "digest mismatch",
             Limits::default(),
-            chunk(&other, true),
+            manifest_chunk(&other),
             ErrorKind::BadRequest,
         ),
-        ("over max entries", tight, chunk(&m, true), ErrorKind::Limit),
+        (
+            "over max entries",
+            tight,
+            manifest_chunk(&m),
+            ErrorKind::Limit,
+        ),
     ];
     for (name, limits, bytes, want) in table {
         let mut s = opened(limits, &hello_push(&m, "r1"));
@@ -997,7 +1123,7 @@ fn bad_manifests_are_refused_before_the_need_is_computed() {
     // An invalid manifest with the right length and digest fails validation, not the framing.
     let garbage = vec![7u8; 40];
     let mut s = opened(Limits::default(), &hello_push(&garbage, "r1"));
-    s.handle_control(&chunk(&garbage, true), 1);
+    s.handle_control(&manifest_chunk(&garbage), 1);
     assert!(matches!(s.outcome(), Some(Err(ProtoError::Manifest(_)))));
 }
 
@@ -1036,7 +1162,7 @@ fn oversized_garbage_and_truncated_frames_close_the_session() {
     }
     // A stream that ends inside a frame.
     let mut s = opened(limits, &hello_push(&m, "r1"));
-    let c = chunk(&m, true);
+    let c = manifest_chunk(&m);
     s.handle_control(&c[..c.len() / 2], 1);
     assert!(!s.is_finished());
     s.handle_control_end(2);
@@ -1057,7 +1183,7 @@ fn receiving() -> (DaemonSession, Vec<NeedFile>, Manifest) {
     let mb = manifest_of(&b);
     let enc = mb.encode();
     let mut s = opened(Limits::default(), &hello_push(&enc, "r2"));
-    s.handle_control(&chunk(&enc, true), 0);
+    s.handle_control(&manifest_chunk(&enc), 0);
     assert!(matches!(
         s.poll_request(),
         Some(daemon::Request::ComputeNeed { .. })
@@ -1200,7 +1326,7 @@ fn activate_must_name_the_staged_release() {
     let a = tree_a();
     let enc = manifest_of(&a).encode();
     let mut s = opened(Limits::default(), &hello_push(&enc, "r1"));
-    s.handle_control(&chunk(&enc, true), 0);
+    s.handle_control(&manifest_chunk(&enc), 0);
     s.poll_request();
     s.handle_event(
         Event::Need(daemon::NeedList {
@@ -1241,7 +1367,7 @@ fn a_stalled_client_is_cut_off_by_the_message_deadline() {
 
     // Silent after half the manifest: the deadline counts from the last byte.
     let mut s = opened(Limits::default(), &hello_push(&m, "r1"));
-    let c = chunk(&m, true);
+    let c = manifest_chunk(&m);
     s.handle_control(&c[..10], 5_000);
     assert_eq!(s.poll_timeout(), Some(35_000));
     s.handle_timeout(35_000);
@@ -1264,7 +1390,7 @@ fn a_trickling_client_is_cut_off_by_the_push_deadline() {
     };
     let m = manifest_of(&tree_a()).encode();
     let mut s = opened(limits, &hello_push(&m, "r1"));
-    let c = chunk(&m, true);
+    let c = manifest_chunk(&m);
     let mut now = 0;
     for b in c.iter() {
         now += 29_000;
@@ -1322,6 +1448,7 @@ impl Scripted {
             manifest: Arc::new(manifest.clone()),
             activate,
             cached: HashSet::new(),
+            manifest_basis: None,
         };
         let mut s = Scripted {
             client: ClientSession::push(ClientConfig::default(), app(), job, 0),
@@ -1361,6 +1488,7 @@ impl Scripted {
         self.feed(&DaemonMsg::Welcome {
             version: VERSION,
             limits: Limits::default(),
+            manifest_basis: false,
         });
     }
 
@@ -1473,6 +1601,7 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
             let welcome = DaemonMsg::Welcome {
                 version: VERSION,
                 limits: Limits::default(),
+                manifest_basis: false,
             };
             let need = s.need(&[], true);
             let bytes = [welcome.frame(), need.frame()].concat();
@@ -1575,6 +1704,7 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
                     max_frame: 16,
                     ..Limits::default()
                 },
+                manifest_basis: false,
             });
         }),
         ("no streams", |s| {
@@ -1584,6 +1714,7 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
                     max_streams: 0,
                     ..Limits::default()
                 },
+                manifest_basis: false,
             });
         }),
         ("max entries below the manifest", |s| {
@@ -1593,16 +1724,18 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
                     max_manifest_entries: 2,
                     ..Limits::default()
                 },
+                manifest_basis: false,
             });
         }),
         ("newer version", |s| {
             s.feed(&DaemonMsg::Welcome {
                 version: VERSION + 1,
                 limits: Limits::default(),
+                manifest_basis: false,
             });
         }),
         ("newer version with another layout", |s| {
-            s.client.handle_control(&[0, 0, 0, 3, 0, 2, 0xFF], 0);
+            s.client.handle_control(&[0, 0, 0, 3, 0, 3, 0xFF], 0);
         }),
         ("garbage", |s| {
             s.client.handle_control(&[0, 0, 0, 2, 0xFF, 0xFF], 0);
@@ -1657,6 +1790,7 @@ fn absurd_limits_are_clamped_to_the_clients() {
             max_streams: u32::MAX,
             ..Limits::default()
         },
+        manifest_basis: false,
     });
     let config = ClientConfig::default();
     assert_eq!(
@@ -1682,6 +1816,7 @@ fn the_client_hands_out_at_most_max_streams_files_at_once() {
         manifest: Arc::new(manifest_of(&t)),
         activate: false,
         cached: HashSet::new(),
+        manifest_basis: None,
     };
     let mut c = ClientSession::push(ClientConfig::default(), app(), job, 0);
     c.poll_transmit(0);
@@ -1692,6 +1827,7 @@ fn the_client_hands_out_at_most_max_streams_files_at_once() {
                 max_streams: 3,
                 ..Limits::default()
             },
+            manifest_basis: false,
         }
         .frame(),
         0,
@@ -1734,6 +1870,7 @@ fn a_stalled_daemon_is_cut_off_by_the_message_deadline() {
         &DaemonMsg::Welcome {
             version: VERSION,
             limits: Limits::default(),
+            manifest_basis: false,
         }
         .frame(),
         1_000,

@@ -293,7 +293,7 @@ pub async fn push(
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
     let source = open_source(req)?;
-    let session = push_session(conn, req, cached_hashes(cache).await);
+    let session = push_session(conn, req, cached(cache, &conn.target).await);
     // Once every file went out the client only waits for the daemon to build the release: add
     // this push's contents to the cache meanwhile, and record the push itself once it succeeded.
     let storing = Mutex::new(None);
@@ -374,7 +374,7 @@ pub async fn dry_run(
     req: &PushRequest,
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
-    let cached = cached_hashes(cache).await;
+    let cached = cached(cache, &conn.target).await;
     let session = push_session(conn, req, cached.clone());
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
@@ -398,7 +398,7 @@ pub async fn dry_run(
         r.needed_bytes += size;
         if let Some(b) = n.basis {
             r.with_basis += 1;
-            r.cached_basis += u64::from(cached.contains(&b.hash));
+            r.cached_basis += u64::from(cached.hashes.contains(&b.hash));
         }
         r.paths.push((path.clone(), size));
     }
@@ -422,27 +422,44 @@ fn open_source(req: &PushRequest) -> Result<Arc<SourceTree>, ClientError> {
     )?))
 }
 
-async fn cached_hashes(cache: Option<&Arc<Cache>>) -> HashSet<Hash> {
+/// What the cache knows of a target: the contents it can reproduce, and the encoding of the
+/// manifest last pushed there.
+#[derive(Debug, Default, Clone)]
+struct Cached {
+    hashes: HashSet<Hash>,
+    manifest: Option<Arc<[u8]>>,
+}
+
+async fn cached(cache: Option<&Arc<Cache>>, target: &Target) -> Cached {
     let Some(c) = cache.cloned() else {
-        return Default::default();
+        return Cached::default();
     };
-    let listed = tokio::task::spawn_blocking(move || c.hashes()).await;
+    let target = target.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let hashes = c.hashes()?;
+        let manifest = c
+            .last_manifest(&target)?
+            .map(|m| Arc::<[u8]>::from(m.encode()));
+        Ok::<_, cache::CacheError>(Cached { hashes, manifest })
+    })
+    .await;
     match listed {
-        Ok(Ok(h)) => h,
+        Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!("{e}; pushing without the cache");
-            Default::default()
+            Cached::default()
         }
-        Err(_) => Default::default(),
+        Err(_) => Cached::default(),
     }
 }
 
-fn push_session(conn: &Connection, req: &PushRequest, cached: HashSet<Hash>) -> ClientSession {
+fn push_session(conn: &Connection, req: &PushRequest, cached: Cached) -> ClientSession {
     let job = PushJob {
         release: req.release.clone(),
         manifest: Arc::clone(&req.manifest),
         activate: req.activate,
-        cached,
+        cached: cached.hashes,
+        manifest_basis: cached.manifest,
     };
     ClientSession::push(conn.config, conn.target.app().clone(), job, 0)
 }

@@ -358,6 +358,8 @@ struct PushOpts {
     /// Concurrent file streams (0: the daemon's limit).
     max_streams: u32,
     no_activate: bool,
+    /// The encoding of the manifest of the previous push, sent as the manifest's basis.
+    manifest_basis: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug)]
@@ -428,6 +430,7 @@ impl Client {
             manifest: Arc::new(manifest_of(tree)),
             activate: !opts.no_activate,
             cached: opts.cache.keys().copied().collect(),
+            manifest_basis: opts.manifest_basis.clone(),
         };
         let mut config = ClientConfig::default();
         if opts.max_streams > 0 {
@@ -492,6 +495,7 @@ fn push_command(tree: &Tree, release: &str) -> Command {
         release: rid(release),
         manifest_len: encoded.len() as u64,
         manifest_digest: Hash::of(&encoded),
+        manifest_basis: None,
     }
 }
 
@@ -841,6 +845,7 @@ async fn a_mode_change_makes_a_new_inode_from_local_content() {
         manifest: Arc::new(manifest),
         activate: true,
         cached: HashSet::new(),
+        manifest_basis: None,
     };
     let session = ClientSession::push(ClientConfig::default(), app("shop"), job, 0);
     let source = Arc::new(Source {

@@ -13,7 +13,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,7 +89,7 @@ fn fingerprint(text: &str) -> Result<Fingerprint> {
         .with_context(|| format!("reading fingerprint {text}"))
 }
 
-async fn server(listen: SocketAddr, key: &PathBuf, cert: &PathBuf, authorize: &str) -> Result<()> {
+async fn server(listen: SocketAddr, key: &Path, cert: &Path, authorize: &str) -> Result<()> {
     let identity = Identity::load(key, cert).context("loading the server key")?;
     let verifier = Arc::new(AuthorizedClientVerifier::new([fingerprint(authorize)?]));
     let endpoint = net::server_endpoint(listen, &identity, verifier, &NetConfig::default())
@@ -122,8 +122,8 @@ async fn serve_one(incoming: quinn::Incoming) -> Result<()> {
 
 async fn client(
     addr: SocketAddr,
-    key: &PathBuf,
-    cert: &PathBuf,
+    key: &Path,
+    cert: &Path,
     pin: &str,
     bytes: u64,
 ) -> Result<()> {

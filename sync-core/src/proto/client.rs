@@ -69,6 +69,9 @@ pub struct PushJob {
     /// Contents the client can reproduce locally (what it last pushed to this daemon): a
     /// daemon basis found here is used as a zstd reference prefix.
     pub cached: HashSet<Hash>,
+    /// The encoding of the manifest last pushed to this daemon: if the daemon still holds it,
+    /// the new manifest goes as a zstd delta against it (a few KB instead of ~70 bytes a file).
+    pub manifest_basis: Option<Arc<[u8]>>,
 }
 
 /// How the driver may encode a file.
@@ -146,6 +149,10 @@ pub struct PushReport {
     pub sent_zstd_ref: u64,
     pub sent_rsync: u64,
     pub payload_bytes: u64,
+    /// Bytes of the compressed manifest sent, and whether it went as a delta against the
+    /// manifest of the previous push.
+    pub manifest_bytes: u64,
+    pub manifest_delta: bool,
     /// What the daemon reported after building the release.
     pub staged: Staged,
     pub activated: bool,
@@ -198,6 +205,8 @@ struct PushCtx {
     signatures: u64,
     sent: [u64; 3],
     payload_bytes: u64,
+    manifest_bytes: u64,
+    manifest_delta: bool,
 }
 
 impl PushCtx {
@@ -230,6 +239,8 @@ impl PushCtx {
             sent_zstd_ref: self.sent[1],
             sent_rsync: self.sent[2],
             payload_bytes: self.payload_bytes,
+            manifest_bytes: self.manifest_bytes,
+            manifest_delta: self.manifest_delta,
             staged,
             activated,
         }
@@ -285,6 +296,7 @@ impl ClientSession {
             release: job.release.clone(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
+            manifest_basis: job.manifest_basis.as_deref().map(Hash::of),
         };
         let files = job
             .manifest
@@ -309,6 +321,8 @@ impl ClientSession {
             signatures: 0,
             sent: [0; 3],
             payload_bytes: 0,
+            manifest_bytes: 0,
+            manifest_delta: false,
         });
         if too_many {
             s.fail(ProtoError::Limit(
@@ -558,9 +572,14 @@ impl ClientSession {
         let msg = decode::<DaemonMsg>(frame)?;
         match (&self.state, msg) {
             (_, DaemonMsg::Error { kind, message }) => Err(ProtoError::Remote { kind, message }),
-            (State::Welcome, DaemonMsg::Welcome { version, limits }) => {
-                self.on_welcome(version, limits)
-            }
+            (
+                State::Welcome,
+                DaemonMsg::Welcome {
+                    version,
+                    limits,
+                    manifest_basis,
+                },
+            ) => self.on_welcome(version, limits, manifest_basis),
             (
                 State::Need { .. },
                 DaemonMsg::Need {
@@ -596,7 +615,12 @@ impl ClientSession {
         }
     }
 
-    fn on_welcome(&mut self, version: u16, limits: Limits) -> Result<(), ProtoError> {
+    fn on_welcome(
+        &mut self,
+        version: u16,
+        limits: Limits,
+        manifest_basis: bool,
+    ) -> Result<(), ProtoError> {
         if version != VERSION {
             return Err(ProtoError::Version {
                 ours: VERSION,
@@ -632,6 +656,26 @@ impl ClientSession {
                         limits.max_manifest_bytes
                     )));
                 }
+                let basis = match (manifest_basis, &p.job.manifest_basis) {
+                    (false, _) => None,
+                    (true, Some(b)) => Some(b),
+                    (true, None) => {
+                        return Err(ProtoError::Protocol(
+                            "daemon accepted a basis manifest the client did not name".into(),
+                        ))
+                    }
+                };
+                let mut wire = Vec::with_capacity(p.encoded.len() / 4);
+                let compressed = match basis {
+                    Some(b) => crate::delta::encode_with_basis(b, &p.encoded, &mut wire),
+                    None => crate::delta::encode_full(&p.encoded, &mut wire),
+                };
+                compressed.map_err(|e| {
+                    ProtoError::Misuse(format!("compressing the manifest failed: {e}"))
+                })?;
+                p.manifest_bytes = wire.len() as u64;
+                p.manifest_delta = basis.is_some();
+                p.encoded = wire;
                 p.chunk = (self.send_frame - FRAME_OVERHEAD).min(MAX_MANIFEST_CHUNK);
                 let count = p.files.len();
                 self.state = State::Need {
@@ -943,6 +987,7 @@ mod tests {
                 manifest: Arc::new(m),
                 activate: true,
                 cached: HashSet::new(),
+                manifest_basis: None,
             },
             0,
         );

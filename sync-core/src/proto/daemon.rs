@@ -36,7 +36,8 @@ const FRAME_OVERHEAD: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Check that the peer's key may use `app`, take the app's lock when `command` changes
-    /// anything, and recover the app root. Answer [`Event::Opened`]; refuse with
+    /// anything, and recover the app root; for a push naming a `manifest_basis`, look for a
+    /// kept release whose manifest encodes to that digest. Answer [`Event::Opened`]; refuse with
     /// [`Event::Failed`] (`Unauthorized`, `Busy`, ...).
     Open { app: AppName, command: Command },
     /// Find which files of `manifest` the daemon lacks. Answer [`Event::Need`] (see
@@ -75,6 +76,8 @@ pub enum Event {
     /// capped by the session's limits).
     Opened {
         policy: Policy,
+        /// The encoding of the push's basis manifest, when the daemon holds it.
+        manifest_basis: Option<Arc<[u8]>>,
     },
     Need(NeedList),
     /// The signature of a requested basis; `None` when the basis is missing or fails its
@@ -223,12 +226,13 @@ pub fn compute_need(
     out
 }
 
-/// The manifest being received.
+/// The manifest being received: a zstd frame of its encoding, against `basis` if any.
 #[derive(Debug)]
 struct ManifestIn {
     release: ReleaseId,
     len: u64,
     digest: Hash,
+    basis: Option<Arc<[u8]>>,
     buf: Vec<u8>,
     policy: Policy,
 }
@@ -669,9 +673,10 @@ impl DaemonSession {
         let State::Manifest(m) = &mut self.state else {
             unreachable!("checked by the caller")
         };
-        if data.len() as u64 > m.len - m.buf.len() as u64 {
+        let bound = max_payload_len(m.len);
+        if data.len() as u64 > bound - m.buf.len() as u64 {
             return Err(ProtoError::Protocol(format!(
-                "manifest chunks exceed the {} bytes announced in Hello",
+                "manifest chunks exceed {bound} bytes, more than a compressed manifest of the {} bytes announced in Hello can take",
                 m.len
             )));
         }
@@ -679,20 +684,26 @@ impl DaemonSession {
         if !last {
             return Ok(());
         }
-        if m.buf.len() as u64 != m.len {
-            return Err(ProtoError::Protocol(format!(
-                "manifest ended after {} of the {} bytes announced in Hello",
-                m.buf.len(),
-                m.len
-            )));
-        }
-        let actual = Hash::of(&m.buf);
-        if actual != m.digest {
-            return Err(ProtoError::Protocol(format!(
-                "manifest digest is {actual} but Hello announced {}",
-                m.digest
-            )));
-        }
+        let (format, basis) = match &m.basis {
+            Some(b) => (DeltaFormat::ZstdRef, Some(&b[..])),
+            None => (DeltaFormat::Full, None),
+        };
+        let mut encoded = Vec::new();
+        crate::delta::apply(
+            format,
+            basis,
+            &m.buf,
+            m.len,
+            &blake3::Hash::from_bytes(m.digest.0),
+            &mut encoded,
+        )
+        .map_err(|e| {
+            ProtoError::Protocol(format!(
+                "the manifest does not decode to the {} bytes with digest {} announced in Hello: {e}",
+                m.len, m.digest
+            ))
+        })?;
+        m.buf = encoded;
         let cap = usize::try_from(self.limits.max_manifest_entries).unwrap_or(usize::MAX);
         let policy = Policy {
             max_entries: m.policy.max_entries.min(cap),
@@ -975,20 +986,37 @@ impl DaemonSession {
             return Err(ProtoError::Local { kind, message });
         }
         match (std::mem::replace(&mut self.state, State::Finished), event) {
-            (State::Opening { command }, Event::Opened { policy }) => {
+            (
+                State::Opening { command },
+                Event::Opened {
+                    policy,
+                    manifest_basis,
+                },
+            ) => {
+                // Only a basis with exactly the digest the client named is used.
+                let basis = match &command {
+                    Command::Push {
+                        manifest_basis: Some(want),
+                        ..
+                    } => manifest_basis.filter(|b| Hash::of(b) == *want),
+                    _ => None,
+                };
                 self.send(&DaemonMsg::Welcome {
                     version: VERSION,
                     limits: self.limits,
+                    manifest_basis: basis.is_some(),
                 });
                 self.state = match command {
                     Command::Push {
                         release,
                         manifest_len,
                         manifest_digest,
+                        ..
                     } => State::Manifest(ManifestIn {
                         release,
                         len: manifest_len,
                         digest: manifest_digest,
+                        basis,
                         buf: Vec::new(),
                         policy,
                     }),
@@ -1313,6 +1341,7 @@ mod tests {
             s.handle_event(
                 Event::Opened {
                     policy: Policy::default(),
+                    manifest_basis: None,
                 },
                 2,
             );
@@ -1353,6 +1382,7 @@ mod tests {
             release: r.clone(),
             manifest_len: len,
             manifest_digest: h(0),
+            manifest_basis: None,
         };
         let small_frame = ClientMsg::Hello {
             version: VERSION,

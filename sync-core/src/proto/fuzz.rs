@@ -203,6 +203,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                 daemon::Request::Open { .. } => s.handle_event(
                     Event::Opened {
                         policy: Policy::default(),
+                        manifest_basis: Some(Arc::from(current.encode())),
                     },
                     now,
                 ),
@@ -296,6 +297,7 @@ pub fn client_session_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
         activate: true,
         // The client has its previous index.php, so a ZstdRef is possible.
         cached: HashSet::from([Hash::of(b"index v1")]),
+        manifest_basis: Some(Arc::from(fuzz_current().encode())),
     };
     let app = AppName::new("fuzz").expect("valid name");
     let mut c = ClientSession::push(config, app, job, 0);
@@ -460,6 +462,7 @@ pub fn conversation() -> (Vec<u8>, Vec<Vec<u8>>) {
         manifest: Arc::clone(&manifest),
         activate: true,
         cached: HashSet::from([Hash::of(b"index v1")]),
+        manifest_basis: Some(Arc::from(fuzz_current().encode())),
     };
     let config = ClientConfig {
         max_frame: MIN_MAX_FRAME,

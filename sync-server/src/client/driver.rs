@@ -441,6 +441,7 @@ mod tests {
             DaemonMsg::Welcome {
                 version: VERSION,
                 limits: Limits::default(),
+                manifest_basis: false,
             }
             .frame(),
             DaemonMsg::Need {

@@ -182,8 +182,13 @@ fn answer(
 ) {
     let mut st = store.lock().unwrap();
     let event = match r {
+        // Like relsyncd: the current release's manifest is offered as the basis.
         daemon::Request::Open { .. } => Event::Opened {
             policy: Policy::default(),
+            manifest_basis: st
+                .current
+                .as_ref()
+                .map(|c| Arc::from(st.releases[c].encode())),
         },
         daemon::Request::ComputeNeed { manifest, .. } => {
             let current = st.current.as_ref().map(|c| Arc::clone(&st.releases[c]));
@@ -401,6 +406,14 @@ async fn push_then_delta_push_then_commands() {
     let second = push(&conn, &b, Some(&cache), &|_| {}).await.unwrap();
     conn.close().await;
     let s = &second.session;
+    assert!(
+        !first.session.manifest_delta,
+        "nothing to diff the first manifest against"
+    );
+    assert!(
+        s.manifest_delta,
+        "the second manifest goes as a delta against the first"
+    );
     assert_eq!((s.needed, s.sent_full), (4, 1), "{s:?}");
     assert_eq!(s.sent_zstd_ref, 3, "{s:?}");
     assert_eq!(s.signatures, 0, "the cache makes signatures unnecessary");
@@ -613,6 +626,7 @@ fn welcome(limits: Limits) -> Step {
     Step::Send(DaemonMsg::Welcome {
         version: VERSION,
         limits,
+        manifest_basis: false,
     })
 }
 

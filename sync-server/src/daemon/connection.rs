@@ -272,10 +272,12 @@ impl Driver {
         let now = self.clock.now();
         match work {
             Work::Opened(Ok(opened)) => {
+                let manifest_basis = opened.manifest_basis.clone();
                 self.opened = Some(opened);
                 self.session.handle_event(
                     Event::Opened {
                         policy: Policy::default(),
+                        manifest_basis,
                     },
                     now,
                 );

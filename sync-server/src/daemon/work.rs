@@ -37,6 +37,8 @@ pub(super) struct Opened {
     app: Arc<App>,
     lock: Option<LockGuard>,
     objects: Option<ObjectStore>,
+    /// For a push: the encoding of the kept manifest the client named as its basis.
+    pub(super) manifest_basis: Option<Arc<[u8]>>,
 }
 
 impl Opened {
@@ -121,6 +123,7 @@ pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
             app,
             lock: None,
             objects: None,
+            manifest_basis: None,
         });
     }
     let lock = app
@@ -156,11 +159,42 @@ pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
         Command::Push { .. } => Some(ObjectStore::open(&app.root).map_err(|e| edge_failed(&e))?),
         _ => None,
     };
+    let manifest_basis = match command {
+        Command::Push {
+            manifest_basis: Some(digest),
+            ..
+        } => kept_manifest(&app, digest),
+        _ => None,
+    };
     Ok(Opened {
         app,
         lock: Some(lock),
         objects,
+        manifest_basis,
     })
+}
+
+/// The encoding of a kept release's manifest with this digest (the current release is tried
+/// first: it is what the client last pushed, unless someone else pushed since).
+fn kept_manifest(app: &App, digest: &Hash) -> Option<Arc<[u8]>> {
+    let root = &app.root;
+    let (records, current) = match (root.records(), root.current()) {
+        (Ok(r), Ok(c)) => (r, c),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot look for the basis manifest: {}", error_chain(&e));
+            return None;
+        }
+    };
+    let mut order: Vec<_> = records.iter().collect();
+    order.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
+    let found = order.into_iter().find_map(|r| {
+        let encoded = r.manifest.encode();
+        (Hash::of(&encoded) == *digest).then(|| Arc::from(encoded))
+    });
+    if found.is_none() {
+        tracing::info!(%digest, "the client's basis manifest is not kept here; it is sent whole");
+    }
+    found
 }
 
 /// What the daemon lacks of `manifest`: content held by an intact file of a kept release or by a
