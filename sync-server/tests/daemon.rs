@@ -949,6 +949,16 @@ async fn the_same_push_again_after_its_release_was_built_activates_it() {
     };
     assert!(!c.push("shop", &b, "r2", staged).await.report().activated);
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    // As if that run had been killed after completing r2 but before dropping its objects.
+    let new = &b["src/New.php"];
+    std::fs::write(
+        d.shop()
+            .join(".relsync/objects")
+            .join(sync_core::layout::object_name(&Hash::of(new), 0o644)),
+        new,
+    )
+    .unwrap();
+    assert_eq!(objects(&d.shop()), 1);
 
     let ran = c.push("shop", &b, "r2", PushOpts::default()).await;
     let r = ran.report();
@@ -959,6 +969,7 @@ async fn the_same_push_again_after_its_release_was_built_activates_it() {
     assert!(r.activated);
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
     assert_release_holds(&d.shop(), "r2", &b);
+    assert_eq!(objects(&d.shop()), 0, "objects r2 holds are dropped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

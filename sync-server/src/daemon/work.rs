@@ -424,6 +424,18 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             .any(|r| &r.id == release && r.digest() == manifest.digest())
         {
             // Built by an earlier run of this push (see `compute_need`): complete and verified.
+            // That run may have ended before it dropped the objects the release now holds.
+            if let Some(objects) = &opened.objects {
+                let held: HashSet<(Hash, u32)> = manifest
+                    .files()
+                    .map(|(_, _, mode, hash)| (*hash, mode))
+                    .collect();
+                for (hash, mode) in objects.list().map_err(|e| edge_failed(&e))? {
+                    if held.contains(&(hash, mode)) {
+                        objects.remove(&hash, mode).map_err(|e| edge_failed(&e))?;
+                    }
+                }
+            }
             return Ok(Event::Staged {
                 linked: manifest.file_count() as u64,
             });
