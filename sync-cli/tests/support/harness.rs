@@ -104,7 +104,8 @@ impl Env {
         fingerprint_in(&out)
     }
 
-    /// A client key in the default place, pinned to `d`: ready to push. Returns its fingerprint.
+    /// The client key in its default place (`relsync keygen` into the config dir); returns its
+    /// fingerprint.
     pub fn client_key(&self) -> String {
         self.keygen(&self.path("client"), "id")
     }
