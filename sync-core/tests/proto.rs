@@ -1430,6 +1430,55 @@ fn a_client_stalled_mid_transfer_is_cut_off() {
     ));
 }
 
+/// After `Done` with every header in, the client still owes the payloads' bytes: a stall inside
+/// one is cut off by the message deadline, not left to the push deadline. Once the payloads have
+/// arrived, storing them is the daemon's own work and only the push deadline runs.
+#[test]
+fn a_client_stalled_inside_a_payload_after_done_is_cut_off() {
+    let (mut s, files, _) = receiving();
+    let header = |n: &NeedFile| {
+        FileHeader {
+            file: n.file,
+            format: DeltaFormat::Full,
+            basis: None,
+            payload_len: 10,
+        }
+        .frame()[4..]
+            .to_vec()
+    };
+    for n in &files {
+        s.accept_file(&header(n), 100);
+    }
+    let sent = files.len() as u64;
+    s.handle_control(&ClientMsg::Done { files_sent: sent }.frame(), 200);
+    assert_eq!(s.poll_timeout(), Some(30_200));
+    // Every payload but the last arrives; the deadline moves with them.
+    for n in &files[..files.len() - 1] {
+        s.payload_arrived(n.file, 1_000);
+    }
+    assert_eq!(s.poll_timeout(), Some(31_000));
+    s.handle_timeout(31_000);
+    assert!(
+        matches!(
+            s.outcome(),
+            Some(Err(ProtoError::MessageTimeout {
+                waiting_for: "file data",
+                ..
+            }))
+        ),
+        "{:?}",
+        s.outcome()
+    );
+
+    let (mut s, files, _) = receiving();
+    for n in &files {
+        s.accept_file(&header(n), 100);
+        s.payload_arrived(n.file, 100);
+    }
+    s.handle_control(&ClientMsg::Done { files_sent: sent }.frame(), 200);
+    assert_eq!(s.poll_timeout(), Some(3_600_000), "nothing is owed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // A hostile or broken daemon, seen by the client
 

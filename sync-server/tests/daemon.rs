@@ -937,6 +937,46 @@ async fn a_release_id_that_exists_is_refused_before_any_transfer() {
     assert_release_holds(&d.shop(), "r1", &a);
 }
 
+/// A push cut short after its release was built (the client gone before `Activate`, or the daemon
+/// killed before the swap) converges when run again under the same release id: nothing travels
+/// and the release is activated. Other content under that id is still refused (above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_push_again_after_its_release_was_built_activates_it() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    c.push("shop", &tree_a(), "r1", PushOpts::default())
+        .await
+        .report();
+    let b = tree_b();
+    let staged = PushOpts {
+        no_activate: true,
+        ..PushOpts::default()
+    };
+    assert!(!c.push("shop", &b, "r2", staged).await.report().activated);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+    // As if that run had been killed after completing r2 but before dropping its objects.
+    let new = &b["src/New.php"];
+    std::fs::write(
+        d.shop()
+            .join(".relsync/objects")
+            .join(sync_core::layout::object_name(&Hash::of(new), 0o644)),
+        new,
+    )
+    .unwrap();
+    assert_eq!(objects(&d.shop()), 1);
+
+    let ran = c.push("shop", &b, "r2", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!((r.needed, r.payload_bytes), (0, 0));
+    assert_eq!(r.have_files, b.len() as u64);
+    assert!(ran.headers.is_empty());
+    assert_eq!(r.staged.received, 0);
+    assert!(r.activated);
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+    assert_release_holds(&d.shop(), "r2", &b);
+    assert_eq!(objects(&d.shop()), 0, "objects r2 holds are dropped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_edited_in_place_is_not_trusted_as_content_or_basis() {
     let d = Daemon::start().await;

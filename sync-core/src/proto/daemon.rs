@@ -50,7 +50,9 @@ pub enum Request {
     Signatures { files: Vec<SignatureJob> },
     /// Read `job.payload_len` bytes that follow the header on its file stream, rebuild the file
     /// with `delta::apply` into the object store, verify and fsync it. Answer with
-    /// [`DaemonSession::file_finished`].
+    /// [`DaemonSession::file_finished`]; tell [`DaemonSession::payload_arrived`] as soon as the
+    /// payload is read whole, since until then the client owes bytes and the message deadline
+    /// runs.
     Receive(FileJob),
     /// Build `release` from kept releases and the object store, sync, verify and mark it
     /// complete. Answer [`Event::Staged`].
@@ -294,6 +296,8 @@ struct Slot {
     basis: Option<BasisRef>,
     sig: Sig,
     progress: Progress,
+    /// The payload announced by its header has been read whole.
+    arrived: bool,
 }
 
 /// The file transfer of a push.
@@ -305,11 +309,29 @@ struct Transfer {
     unannounced: usize,
     /// Needed files not yet received.
     remaining: usize,
+    /// Announced payloads not yet read whole: bytes the client still owes.
+    unarrived: usize,
     in_flight: u64,
     queue: VecDeque<u32>,
     done: bool,
     received: u64,
     received_bytes: u64,
+}
+
+impl Transfer {
+    /// Counts an announced payload as read whole, once.
+    fn mark_arrived(&mut self, file: u32) {
+        if let Some(slot) = self.slots.get_mut(&file) {
+            let announced = matches!(
+                slot.progress,
+                Progress::Queued { .. } | Progress::Receiving { .. }
+            );
+            if announced && !slot.arrived {
+                slot.arrived = true;
+                self.unarrived -= 1;
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -442,6 +464,20 @@ impl DaemonSession {
             .and_then(|h| self.on_header(h));
         if let Err(e) = result {
             self.fail(e);
+        }
+    }
+
+    /// The payload of `file`, announced by a header the session accepted, has been read whole
+    /// (whether or not its [`Request::Receive`] was issued yet). Payloads still arriving keep the
+    /// message deadline running after `Done`: a client that stalls inside one is cut off then,
+    /// not only at the push deadline.
+    pub fn payload_arrived(&mut self, file: u32, now: u64) {
+        if self.is_finished() {
+            return;
+        }
+        self.clock.progress(now);
+        if let State::Receiving(t) = &mut self.state {
+            t.mark_arrived(file);
         }
     }
 
@@ -582,6 +618,7 @@ impl DaemonSession {
             State::Hello => Some("Hello"),
             State::Manifest(_) => Some("manifest chunk"),
             State::Receiving(t) if !t.done || t.unannounced > 0 => Some("file data or Done"),
+            State::Receiving(t) if t.unarrived > 0 => Some("file data"),
             State::Staged { .. } => Some("Activate"),
             _ => None,
         }
@@ -857,6 +894,7 @@ impl DaemonSession {
             payload_len: h.payload_len,
         };
         t.unannounced -= 1;
+        t.unarrived += 1;
         t.queue.push_back(h.file);
         self.admit();
         Ok(())
@@ -933,6 +971,8 @@ impl DaemonSession {
             .unwrap_or_default();
         match result {
             Ok(()) => {
+                // A stored file was read whole, whether or not the driver said so.
+                t.mark_arrived(file);
                 t.slots.get_mut(&file).expect("checked").progress = Progress::Received;
                 t.in_flight -= payload_len;
                 t.remaining -= 1;
@@ -1171,6 +1211,7 @@ impl DaemonSession {
                         basis: n.basis,
                         sig: Sig::NotRequested,
                         progress: Progress::Pending,
+                        arrived: false,
                     },
                 )
             })
@@ -1200,6 +1241,7 @@ impl DaemonSession {
             slots,
             unannounced: n,
             remaining: n,
+            unarrived: 0,
             in_flight: 0,
             queue: VecDeque::new(),
             done: false,

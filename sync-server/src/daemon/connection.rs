@@ -89,12 +89,17 @@ pub(super) enum Work {
     },
     /// A file stream broke inside a header.
     StreamError(wire::WireError),
+    /// A file stream delivered a whole payload.
+    Arrived { file: u32 },
 }
 
 impl Work {
     /// Whether this completes a work item the driver counted as pending.
     fn completes(&self) -> bool {
-        !matches!(self, Work::Header { .. } | Work::StreamError(_))
+        !matches!(
+            self,
+            Work::Header { .. } | Work::StreamError(_) | Work::Arrived { .. }
+        )
     }
 }
 
@@ -303,6 +308,7 @@ impl Driver {
             }
             Work::Header { frame, reply } => self.on_header(frame, reply),
             Work::StreamError(e) => self.session.handle_stream_error(e, now),
+            Work::Arrived { file } => self.session.payload_arrived(file, now),
         }
     }
 
@@ -326,6 +332,7 @@ impl Driver {
                     .then(|| self.opened.as_ref().map(|o| o.spool_dir()))
                     .flatten();
                 Some(ReadPlan {
+                    file: h.file,
                     payload_len: h.payload_len,
                     spool,
                     tx,

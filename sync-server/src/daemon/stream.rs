@@ -28,6 +28,8 @@ const INITIAL_RESERVE: u64 = 1 << 20;
 /// How to read the payload after a header.
 #[derive(Debug)]
 pub(super) struct ReadPlan {
+    /// The file the header announced.
+    pub file: u32,
     pub payload_len: u64,
     /// Spool to an unnamed file in this directory instead of memory.
     pub spool: Option<PathBuf>,
@@ -72,6 +74,8 @@ pub(super) async fn read(
             let _ = stream.stop(0u32.into());
             return;
         }
+        // The client owes nothing more for this file; storing it is the daemon's own work.
+        let _ = tx.send(Work::Arrived { file: plan.file });
     }
 }
 

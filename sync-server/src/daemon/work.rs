@@ -20,7 +20,7 @@ use sync_core::layout;
 use sync_core::manifest::{Hash, Manifest};
 use sync_core::path::RelPath;
 use sync_core::proto::daemon::{
-    compute_need as need_of, Event, FileFailure, FileJob, SignatureJob,
+    compute_need as need_of, Event, FileFailure, FileJob, NeedList, SignatureJob,
 };
 use sync_core::release::ReleaseId;
 use sync_core::retention;
@@ -207,14 +207,25 @@ pub(super) fn compute_need(
 ) -> Result<(Event, Option<Arc<BasisRelease>>), Event> {
     let root = &opened.app.root;
     let records = root.records().map_err(|e| edge_failed(&e))?;
-    if records.iter().any(|r| &r.id == release) {
-        return Err(failed(
-            ErrorKind::BadRequest,
-            format!(
-                "release {release} already exists in app {}; push under another release id, or activate it",
-                opened.name()
-            ),
-        ));
+    if let Some(existing) = records.iter().find(|r| &r.id == release) {
+        if existing.digest() != manifest.digest() {
+            return Err(failed(
+                ErrorKind::BadRequest,
+                format!(
+                    "release {release} already exists in app {} with other content; push under another release id, or activate it",
+                    opened.name()
+                ),
+            ));
+        }
+        // The same push again after it was cut short between building the release and activating
+        // it (daemon killed, client gone): nothing to receive, and it converges.
+        tracing::info!("release already built from this manifest; nothing to receive");
+        let need = NeedList {
+            files: Vec::new(),
+            have_files: manifest.file_count() as u64,
+            have_bytes: manifest.total_file_bytes(),
+        };
+        return Ok((Event::Need(need), None));
     }
     let current = root.current().map_err(|e| edge_failed(&e))?;
     let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
@@ -484,6 +495,27 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
         let lock = opened.lock()?;
         let root = &opened.app.root;
         let records = root.records().map_err(|e| edge_failed(&e))?;
+        if records
+            .iter()
+            .any(|r| &r.id == release && r.digest() == manifest.digest())
+        {
+            // Built by an earlier run of this push (see `compute_need`): complete and verified.
+            // That run may have ended before it dropped the objects the release now holds.
+            if let Some(objects) = &opened.objects {
+                let held: HashSet<(Hash, u32)> = manifest
+                    .files()
+                    .map(|(_, _, mode, hash)| (*hash, mode))
+                    .collect();
+                for (hash, mode) in objects.list().map_err(|e| edge_failed(&e))? {
+                    if held.contains(&(hash, mode)) {
+                        objects.remove(&hash, mode).map_err(|e| edge_failed(&e))?;
+                    }
+                }
+            }
+            return Ok(Event::Staged {
+                linked: manifest.file_count() as u64,
+            });
+        }
         let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
         let config = &opened.app.config;
         let opts = DeployOptions {
