@@ -480,10 +480,14 @@ impl Hostile {
             release: ReleaseId::new(release).unwrap(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
+            manifest_basis: None,
         }))
         .await;
         c.expect_welcome().await;
-        let mut chunks = encoded.chunks(512 * 1024).peekable();
+        // The manifest travels as one zstd frame (no basis was named).
+        let mut packed = Vec::new();
+        sync_core::delta::encode_full(&encoded, &mut packed).unwrap();
+        let mut chunks = packed.chunks(512 * 1024).peekable();
         while let Some(data) = chunks.next() {
             c.send(&ClientMsg::ManifestChunk {
                 data: data.to_vec(),
@@ -655,6 +659,7 @@ fn hostile_frames_end_only_their_own_session() {
                 release: ReleaseId::new("h1").unwrap(),
                 manifest_len: 1 << 40,
                 manifest_digest: Hash::of(b"x"),
+                manifest_basis: None,
             })
             .frame(),
         ),
@@ -679,6 +684,7 @@ fn hostile_frames_end_only_their_own_session() {
             release: ReleaseId::new("h2").unwrap(),
             manifest_len: 1000,
             manifest_digest: Hash::of(b"x"),
+            manifest_basis: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -754,6 +760,7 @@ fn stream_floods_stay_within_the_limits_and_the_memory_budget() {
             release: ReleaseId::new("h6").unwrap(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
+            manifest_basis: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -810,6 +817,7 @@ fn slow_peers_are_cut_off_by_the_deadlines() {
             release: ReleaseId::new("h6").unwrap(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
+            manifest_basis: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -887,9 +895,13 @@ fn a_client_that_reads_nothing_does_not_hold_up_the_daemon() {
             release: ReleaseId::new("h10").unwrap(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
+            manifest_basis: None,
         }))
         .await;
-        let mut chunks = encoded.chunks(512 * 1024).peekable();
+        // The manifest travels as one zstd frame (no basis was named).
+        let mut packed = Vec::new();
+        sync_core::delta::encode_full(&encoded, &mut packed).unwrap();
+        let mut chunks = packed.chunks(512 * 1024).peekable();
         while let Some(data) = chunks.next() {
             c.send(&ClientMsg::ManifestChunk {
                 data: data.to_vec(),
