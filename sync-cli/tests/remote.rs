@@ -590,6 +590,26 @@ fn sync_into_an_export_sends_only_changes_and_removes_only_with_delete() {
     assert_eq!(n(&again["applied"]["written_files"]), 0, "{again}");
     let out = env.ok(&["sync", &src_arg, &url]);
     assert!(out.starts_with(&format!("synced {url}: 0 files")), "{out}");
+
+    // Excluded paths are left alone on the daemon's side too, even with --delete.
+    std::fs::write(export.join("server.log"), b"written there").unwrap();
+    std::fs::write(src.join("local.log"), b"not shipped").unwrap();
+    let kept = env.json(&[
+        "sync",
+        &src_arg,
+        &url,
+        "--delete",
+        "--exclude",
+        "*.log",
+        "--json",
+    ]);
+    assert_eq!(n(&kept["applied"]["removed"]), 0, "{kept}");
+    assert!(export.join("server.log").exists());
+    assert!(!export.join("local.log").exists());
+    let gone = env.json(&["sync", &src_arg, &url, "--delete", "--json"]);
+    assert_eq!(n(&gone["applied"]["removed"]), 1, "{gone}");
+    assert!(!export.join("server.log").exists());
+    assert!(export.join("local.log").exists());
 }
 
 #[test]

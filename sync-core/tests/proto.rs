@@ -190,7 +190,13 @@ impl Daemon {
             } => {
                 let plan = plan_mirror(&manifest, &manifest_of(&self.mirror), delete);
                 let applied = (!dry_run).then(|| self.apply_mirror(&plan.ops));
-                s.handle_event(Event::Mirrored { plan, applied }, now);
+                s.handle_event(
+                    Event::Mirrored {
+                        plan: Box::new(plan),
+                        applied,
+                    },
+                    now,
+                );
             }
             daemon::Request::Signatures { files } => {
                 for job in files {

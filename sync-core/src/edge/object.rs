@@ -66,6 +66,11 @@ impl ObjectStore {
         &self.path
     }
 
+    /// The store's directory handle.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
     /// Hard-links the file at `path` below `from` into the store as the object (`hash`, `mode`),
     /// so that its content survives whatever later happens to `path`. The parent directory is
     /// opened through cap-std (never leaving `from`) and the final name is not followed if it is a

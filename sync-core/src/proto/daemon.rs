@@ -121,7 +121,7 @@ pub enum Event {
     },
     /// The mirror's plan, and what applying it did (`None` for a dry run).
     Mirrored {
-        plan: MirrorPlan,
+        plan: Box<MirrorPlan>,
         applied: Option<MirrorStats>,
     },
     /// The request failed; the session ends and tells the client `kind` and `message`.
@@ -1176,7 +1176,7 @@ impl DaemonSession {
                 Ok(())
             }
             (State::Mirroring(t), Event::Mirrored { plan, applied }) => {
-                self.on_mirrored(&t, plan, applied)
+                self.on_mirrored(&t, *plan, applied)
             }
             (State::Command(Awaiting::Releases), Event::Releases(list)) => {
                 self.send_reply(&DaemonMsg::Releases { list }, "release list")?;
@@ -1724,7 +1724,7 @@ mod tests {
         };
         s.handle_event(
             Event::Mirrored {
-                plan: plan.clone(),
+                plan: Box::new(plan.clone()),
                 applied: Some(applied.clone()),
             },
             8,
@@ -1786,7 +1786,7 @@ mod tests {
         let plan = crate::plan::plan_mirror(&m, &manifest(&[]), false);
         s.handle_event(
             Event::Mirrored {
-                plan: plan.clone(),
+                plan: Box::new(plan.clone()),
                 applied: Some(MirrorStats::default()),
             },
             6,
@@ -1797,7 +1797,7 @@ mod tests {
         let _ = s.poll_request();
         s.handle_event(
             Event::Mirrored {
-                plan,
+                plan: Box::new(plan),
                 applied: None,
             },
             6,
@@ -1821,7 +1821,7 @@ mod tests {
         });
         s.handle_event(
             Event::Mirrored {
-                plan,
+                plan: Box::new(plan),
                 applied: None,
             },
             6,

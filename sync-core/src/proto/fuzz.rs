@@ -250,7 +250,13 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                     run.mirrored = true;
                     let plan = plan_mirror(&manifest, current, delete);
                     let applied = (!dry_run).then(MirrorStats::default);
-                    s.handle_event(Event::Mirrored { plan, applied }, now);
+                    s.handle_event(
+                        Event::Mirrored {
+                            plan: Box::new(plan),
+                            applied,
+                        },
+                        now,
+                    );
                 }
                 daemon::Request::Activate { release } => {
                     s.handle_event(Event::Activated { release }, now)

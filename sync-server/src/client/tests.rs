@@ -221,7 +221,10 @@ fn answer(
                     dirs: plan.summary.dirs_created,
                 }
             });
-            Event::Mirrored { plan, applied }
+            Event::Mirrored {
+                plan: Box::new(plan),
+                applied,
+            }
         }
         daemon::Request::Signatures { files } => {
             for job in files {

@@ -94,9 +94,20 @@ impl Drop for WorkDir {
 
 impl Destination {
     /// Where payloads that wait for the budget are spooled: the work directory, on the
-    /// destination's file system.
+    /// destination's file system, named through its open descriptor (`/proc/self/fd/N`) so that
+    /// the export's path is not resolved again; by its path where `/proc` is not mounted.
     pub(super) fn spool_dir(&self) -> Option<PathBuf> {
-        self.work.as_ref().map(|w| w.objects.path().to_owned())
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let w = self.work.as_ref()?;
+        let by_fd = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            w.objects.dir().as_fd().as_raw_fd()
+        ));
+        Some(if by_fd.is_dir() {
+            by_fd
+        } else {
+            w.objects.path().to_owned()
+        })
     }
 
     pub(super) fn objects(&self) -> Option<&ObjectStore> {
@@ -419,7 +430,7 @@ pub(super) fn mirror(
     let plan = plan_mirror(manifest, &scanned, delete);
     if dry_run {
         return Ok(Event::Mirrored {
-            plan,
+            plan: Box::new(plan),
             applied: None,
         });
     }
@@ -445,7 +456,7 @@ pub(super) fn mirror(
         "sync applied"
     );
     Ok(Event::Mirrored {
-        plan,
+        plan: Box::new(plan),
         applied: Some(applied),
     })
 }
