@@ -661,12 +661,17 @@ impl ClientSession {
     }
 
     /// What the daemon owes within the message timeout, if anything. Building and activating a
-    /// release, and commands, may take long on the daemon: those waits are bounded by the push
-    /// timeout only.
+    /// release, applying a sync, and commands, may take long on the daemon: those waits are
+    /// bounded by the push timeout only. So is a sync's `Need`, which follows a scan (and hashing)
+    /// of the whole destination.
     fn waiting_for_daemon(&self) -> Option<&'static str> {
         match &self.state {
             State::Welcome => Some("Welcome"),
-            State::Need { .. } if self.push.as_ref().is_some_and(|p| p.manifest_emitted()) => {
+            State::Need { .. }
+                if self.push.as_ref().is_some_and(|p| {
+                    p.manifest_emitted() && matches!(p.goal, Goal::Release { .. })
+                }) =>
+            {
                 Some("Need")
             }
             State::Sending(s) if !s.pending_sig.is_empty() => Some("Signature"),
@@ -1293,6 +1298,11 @@ mod tests {
             sent.last(),
             Some(ClientMsg::ManifestChunk { last: true, .. })
         ));
+        // The daemon scans the destination before it answers: only the push timeout applies.
+        assert_eq!(
+            s.poll_timeout(),
+            Some(ClientConfig::default().push_timeout_ms)
+        );
         let need = DaemonMsg::Need {
             files: vec![NeedFile {
                 file: 0,
