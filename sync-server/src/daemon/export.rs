@@ -157,20 +157,25 @@ pub(super) fn open(
         }
     })?;
     let lock = lock(&root, name, *dry_run)?;
-    let mut path = export.path.clone();
+    let path = match subpath {
+        Some(p) => export.path.join(p.as_str()),
+        None => export.path.clone(),
+    };
     let mut dir = Some(root.try_clone().map_err(|e| {
         failed(
             ErrorKind::Internal,
             format!("export {name}: cannot open {}: {e}", export.path.display()),
         )
     })?);
+    let mut walked = export.path.clone();
     for component in subpath.iter().flat_map(|p| p.components()) {
-        path.push(component);
+        walked.push(component);
+        // A dry run stops at the first component that does not exist yet.
         let Some(parent) = dir.take() else { break };
         dir = step(&parent, component, *dry_run).map_err(|why| {
             failed(
                 ErrorKind::BadRequest,
-                format!("export {name}: {}: {why}", path.display()),
+                format!("export {name}: {}: {why}", walked.display()),
             )
         })?;
     }
