@@ -157,7 +157,9 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         daemons: usize,
     },
-    /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself.
+    /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself. DST
+    /// is a local directory or relsync://HOST[:PORT]/EXPORT[/PATH], a directory of an export on
+    /// a relsyncd daemon.
     Sync {
         src: String,
         dst: PathBuf,
@@ -513,6 +515,21 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             progress,
             json,
         } => {
+            if let Some(url) = dst.to_str().filter(|d| sync_server::client::is_sync_url(d)) {
+                return remote::sync(
+                    keys,
+                    remote::SyncArgs {
+                        src,
+                        dst: url.to_owned(),
+                        delete,
+                        exclude,
+                        dry_run,
+                        verbose,
+                        progress,
+                        json,
+                    },
+                );
+            }
             let started = Instant::now();
             let dest = mirror_destination(&src, &dst);
             let src_path = PathBuf::from(&src);

@@ -250,7 +250,7 @@ pub fn print_releases(app: &AppRoot, json: bool) -> Result<()> {
     out(&text)
 }
 
-fn mirror_line(op: &MirrorOp) -> String {
+pub fn mirror_line(op: &MirrorOp) -> String {
     match op {
         MirrorOp::Remove { path, dir } => {
             format!("deleting {path}{}", if *dir { "/" } else { "" })

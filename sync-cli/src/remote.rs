@@ -1,5 +1,6 @@
 //! The commands that talk to relsyncd: `keygen`, `trust`, `push`, and `releases`, `activate`,
-//! `rollback` and `prune` on a `HOST[:PORT]/APP` target.
+//! `rollback` and `prune` on a `HOST[:PORT]/APP` target, and `sync` to a
+//! `relsync://HOST[:PORT]/EXPORT[/PATH]` destination.
 //!
 //! Keys and pins live in the config directory (`$RELSYNC_CONFIG_DIR`, else
 //! `$XDG_CONFIG_HOME/relsync`, else `~/.config/relsync`): the client key `id.key`/`id.crt` and
@@ -26,7 +27,8 @@ use sync_core::wire::{Command as WireCommand, ReleaseInfo, ReleaseStatus};
 use sync_core::ReleaseId;
 use sync_server::client::target::host_port_with_default;
 use sync_server::client::{
-    self, looks_remote, Cache, Connection, NeedReport, Progress, PushReport, PushRequest, Target,
+    self, looks_remote, Cache, Connection, NeedReport, Progress, PushReport, PushRequest,
+    SyncReport, SyncRequest, SyncTarget, Target,
 };
 use sync_server::net::NetConfig;
 use sync_server::tls::{Fingerprint, Identity, KnownHosts};
@@ -227,14 +229,7 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     keys.known_hosts()?;
     let show = !a.json && std::io::stderr().is_terminal();
     let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
-    let cache = match Cache::default_dir().map(|d| Cache::open(&d)) {
-        Some(Ok(c)) => Some(Arc::new(c)),
-        Some(Err(e)) => {
-            tracing::warn!("{e}; pushing without the client cache");
-            None
-        }
-        None => None,
-    };
+    let cache = open_cache();
     let req = PushRequest {
         release,
         manifest: Arc::new(scanned.manifest),
@@ -271,6 +266,172 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     print_push(&target, &report, &scanned.stats, started.elapsed(), a.json)
 }
 
+/// The client cache, or none (with a warning) when it cannot be opened.
+fn open_cache() -> Option<Arc<Cache>> {
+    match Cache::default_dir().map(|d| Cache::open(&d)) {
+        Some(Ok(c)) => Some(Arc::new(c)),
+        Some(Err(e)) => {
+            tracing::warn!("{e}; going on without the client cache");
+            None
+        }
+        None => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sync
+
+/// What `relsync sync SRC relsync://…` was asked to do.
+pub struct SyncArgs {
+    pub src: String,
+    pub dst: String,
+    pub delete: bool,
+    pub exclude: Vec<String>,
+    pub dry_run: bool,
+    pub verbose: bool,
+    pub progress: bool,
+    pub json: bool,
+}
+
+/// Mirrors SRC into a directory of an export on a daemon, with the local sync's rules: `SRC/`
+/// fills the destination, `SRC` lands in `<destination>/<name of SRC>`; `--delete` removes what
+/// SRC does not have; `--exclude` leaves matching paths out on both sides; `-n` asks the daemon
+/// for the plan and changes nothing.
+pub fn sync(keys: &KeyArgs, a: SyncArgs) -> Result<()> {
+    let started = Instant::now();
+    let usage = |e: sync_server::client::TargetError| UsageError(e.to_string());
+    let destination = SyncTarget::parse(&a.dst)
+        .and_then(|t| t.destination_for(&a.src))
+        .map_err(usage)?;
+    keys.identity()?;
+    keys.known_hosts()?;
+    let show = a.progress && !a.json;
+    let src = PathBuf::from(&a.src);
+    let scanned = crate::scan_tree(&src, &a.exclude, vec![], show, Policy::default(), false)?;
+    let cache = if a.dry_run { None } else { open_cache() };
+    let req = SyncRequest {
+        destination: destination.clone(),
+        delete: a.delete,
+        dry_run: a.dry_run,
+        excludes: a.exclude.clone(),
+        manifest: Arc::new(scanned.manifest),
+        source: src,
+    };
+    let rt = runtime()?;
+    let bars = Bars::new(show);
+    let report = rt.block_on(async {
+        bars.connecting(destination.target());
+        let conn = dial(keys, destination.target()).await?;
+        let report = client::sync(&conn, &req, cache.as_ref(), &|p| bars.update(p)).await;
+        conn.close().await;
+        anyhow::Ok(report?)
+    });
+    bars.done();
+    let what = if a.dry_run {
+        "planning the sync of"
+    } else {
+        "syncing"
+    };
+    let report = report.with_context(|| format!("{what} {} to {destination}", a.src))?;
+    if a.dry_run {
+        return print_sync_plan(&destination, &report, a.json, a.verbose);
+    }
+    if a.verbose && !a.json {
+        crate::output::print_mirror_plan(&report.session.plan, false, true)?;
+    }
+    print_sync(&destination, &report, started.elapsed(), a.json)
+}
+
+fn print_sync_plan(dest: &SyncTarget, r: &SyncReport, json: bool, verbose: bool) -> Result<()> {
+    let s = &r.session;
+    if json {
+        let v = json!({
+            "destination": dest.to_string(),
+            "dry_run": true,
+            "summary": s.plan.summary,
+            "ops": s.plan.ops,
+            "needed_files": s.needed,
+            "needed_bytes": s.needed_bytes,
+            "have_files": s.have_files,
+            "have_bytes": s.have_bytes,
+        });
+        return line(&serde_json::to_string_pretty(&v)?);
+    }
+    let mut text = String::new();
+    for op in &s.plan.ops {
+        text += &crate::output::mirror_line(op);
+        text.push('\n');
+    }
+    if !verbose {
+        let m = &s.plan.summary;
+        text += &format!(
+            "would write {} files ({}), remove {}, create {} directories; {} unchanged; {} files ({}) to send to {dest} [dry run]\n",
+            m.written_files,
+            human(m.written_bytes),
+            m.removed,
+            m.dirs_created,
+            m.unchanged_files,
+            s.needed,
+            human(s.needed_bytes),
+        );
+    }
+    line(text.trim_end())
+}
+
+fn print_sync(dest: &SyncTarget, r: &SyncReport, elapsed: Duration, json: bool) -> Result<()> {
+    let s = &r.session;
+    let applied = s.applied.clone().unwrap_or_default();
+    if json {
+        let cache = match &r.cache {
+            Some(Ok(u)) => json!({
+                "stored_files": u.stored_files, "stored_bytes": u.stored_bytes,
+                "skipped_files": u.skipped_files, "pruned_files": u.pruned_files,
+            }),
+            Some(Err(e)) => json!({ "error": e }),
+            None => serde_json::Value::Null,
+        };
+        let v = json!({
+            "destination": dest.to_string(),
+            "summary": s.plan.summary,
+            "applied": applied,
+            "needed": s.needed,
+            "have_files": s.have_files,
+            "have_bytes": s.have_bytes,
+            "signatures": s.signatures,
+            "sent": { "full": s.sent_full, "zstd_ref": s.sent_zstd_ref, "rsync": s.sent_rsync },
+            "sent_bytes": r.sent_bytes,
+            "payload_bytes": s.payload_bytes,
+            "cache": cache,
+            "seconds": elapsed.as_secs_f64(),
+        });
+        return line(&serde_json::to_string_pretty(&v)?);
+    }
+    let b = &r.sent_bytes;
+    let mut text = format!(
+        "synced {dest}: {} files ({}) written, {} removed, {} directories created, {} unchanged; {} sent as {} (full {} / {}, zstd-ref {} / {}, rsync {} / {}); {:.2}s\n",
+        applied.written_files,
+        human(applied.written_bytes),
+        applied.removed,
+        applied.dirs,
+        s.plan.summary.unchanged_files,
+        s.needed,
+        human(s.payload_bytes),
+        s.sent_full,
+        human(b.full),
+        s.sent_zstd_ref,
+        human(b.zstd_ref),
+        s.sent_rsync,
+        human(b.rsync),
+        elapsed.as_secs_f64()
+    );
+    if let Some(Err(e)) = &r.cache {
+        text += &format!(
+            "warning: the client cache was not updated ({e}); the next sync may send more\n"
+        );
+    }
+    line(text.trim_end())
+}
+
 /// Progress display: a spinner while connecting and waiting, a byte bar while sending.
 struct Bars {
     pb: ProgressBar,
@@ -305,6 +466,7 @@ impl Bars {
                     ClientState::Transfer => return,
                     ClientState::Staging => "staging",
                     ClientState::Activation => "activating",
+                    ClientState::Mirroring => "applying",
                     ClientState::Command | ClientState::Finished => return,
                 };
                 if s != ClientState::Handshake {

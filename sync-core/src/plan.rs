@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use ahash::AHashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::layout;
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
@@ -362,7 +362,8 @@ pub enum MirrorOp {
     },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// What a mirror plan amounts to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorSummary {
     pub files: u64,
     pub bytes: u64,
@@ -373,6 +374,16 @@ pub struct MirrorSummary {
     pub removed: u64,
     pub dirs_created: u64,
     pub symlinks: u64,
+}
+
+/// What applying a mirror plan did (`edge::mirror::apply_mirror`'s count, also reported over the
+/// wire by a daemon that applied one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStats {
+    pub removed: u64,
+    pub written_files: u64,
+    pub written_bytes: u64,
+    pub dirs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -491,6 +502,37 @@ pub fn plan_mirror(src: &Manifest, dst: &Manifest, delete: bool) -> MirrorPlan {
     ops.extend(dirs);
     ops.extend(writes);
     MirrorPlan { ops, summary: s }
+}
+
+/// The summary [`plan_mirror`] gives for `ops` planned from `src`, recomputed from the operations:
+/// what a client that received a plan's operations from a daemon reports and checks the daemon's
+/// own summary against.
+pub fn mirror_summary(src: &Manifest, ops: &[MirrorOp]) -> MirrorSummary {
+    let mut s = MirrorSummary::default();
+    for e in src.entries() {
+        match e.kind {
+            EntryKind::File { size, .. } => {
+                s.files += 1;
+                s.bytes = s.bytes.saturating_add(size);
+            }
+            EntryKind::Symlink { .. } => s.symlinks += 1,
+            EntryKind::Dir { .. } => {}
+        }
+    }
+    for op in ops {
+        match op {
+            MirrorOp::Remove { .. } => s.removed += 1,
+            MirrorOp::CreateDir { .. } => s.dirs_created += 1,
+            MirrorOp::Write { size, basis, .. } => {
+                s.written_files += 1;
+                s.written_bytes = s.written_bytes.saturating_add(*size);
+                s.delta_files += u64::from(basis.is_some());
+            }
+            MirrorOp::SetDirMode { .. } | MirrorOp::Symlink { .. } => {}
+        }
+    }
+    s.unchanged_files = s.files.saturating_sub(s.written_files);
+    s
 }
 
 #[cfg(test)]
@@ -780,5 +822,12 @@ mod tests {
         );
         assert_eq!(del.summary.unchanged_files, 1);
         assert!(plan_mirror(&src, &src, true).ops.is_empty());
+        for (plan, dst) in [(&keep, &dst), (&del, &dst)] {
+            assert_eq!(mirror_summary(&src, &plan.ops), plan.summary, "{dst:?}");
+        }
+        let fresh = plan_mirror(&src, &Manifest::empty(), false);
+        assert_eq!(fresh.summary.written_files, 4);
+        assert_eq!(mirror_summary(&src, &fresh.ops), fresh.summary);
+        assert_ne!(mirror_summary(&src, &keep.ops[1..]), keep.summary);
     }
 }

@@ -18,8 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::delta::DeltaFormat;
-use crate::manifest::Hash;
+use crate::manifest::{Entry, EntryKind, Hash, Manifest};
 use crate::path::RelPath;
+use crate::plan::{MirrorOp, MirrorStats, MirrorSummary};
 use crate::release::ReleaseId;
 
 /// The protocol version this crate speaks (2: manifests travel compressed, against a basis
@@ -40,6 +41,10 @@ pub const MAX_FILE_HEADER: u32 = 256;
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest [`DaemonMsg::Error`] message a daemon sends; longer ones are cut.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Most exclude patterns in a [`Command::Sync`].
+pub const MAX_EXCLUDES: usize = 1024;
+/// Longest exclude pattern in a [`Command::Sync`], in bytes.
+pub const MAX_EXCLUDE_LEN: usize = 4096;
 
 /// Why bytes from a peer could not be read as a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -169,11 +174,16 @@ pub enum Command {
     Rollback { to: Option<ReleaseId> },
     /// Remove old releases beyond `keep` (the app's setting when absent).
     Prune { keep: Option<u32> },
-    /// Mirror a tree into an export (`relsync sync`). Reserved: version 1 daemons refuse it.
+    /// Mirror the tree whose manifest follows into export `export` (the `app` of `Hello` names
+    /// it too), below `subpath` when given (`relsync sync`). `excludes` are the client's
+    /// `--exclude` patterns: the destination's own paths matching them are neither compared nor
+    /// removed. With `dry_run` the daemon reports the plan and changes nothing.
     Sync {
         export: AppName,
         subpath: Option<RelPath>,
         delete: bool,
+        dry_run: bool,
+        excludes: Vec<String>,
         manifest_len: u64,
         manifest_digest: Hash,
     },
@@ -246,6 +256,154 @@ pub struct Staged {
     /// Files received over the network in this push.
     pub received: u64,
     /// Payload bytes received over the network in this push.
+    pub received_bytes: u64,
+}
+
+/// One operation of a mirror plan (`plan::MirrorOp`) as a daemon reports it. Every operation but
+/// a removal concerns an entry of the client's own manifest and names it by index, so the client
+/// rebuilds the operation from its manifest and a daemon can only report operations on what the
+/// client sent; a removal names a path of the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorStep {
+    Remove {
+        path: RelPath,
+        dir: bool,
+    },
+    CreateDir {
+        entry: u32,
+    },
+    SetDirMode {
+        entry: u32,
+    },
+    /// The file is written anew; `delta` when the destination's old version was its basis.
+    Write {
+        entry: u32,
+        delta: bool,
+    },
+    Symlink {
+        entry: u32,
+    },
+}
+
+impl MirrorStep {
+    /// The step for `op` of a plan made from `src`; `None` when `op` names an entry that `src`
+    /// does not have (a planner bug, not something a peer sent).
+    pub fn of(op: &MirrorOp, src: &Manifest) -> Option<MirrorStep> {
+        let entry = |path: &RelPath| {
+            src.entries()
+                .binary_search_by(|e| e.path.cmp(path))
+                .ok()
+                .and_then(|i| u32::try_from(i).ok())
+        };
+        Some(match op {
+            MirrorOp::Remove { path, dir } => MirrorStep::Remove {
+                path: path.clone(),
+                dir: *dir,
+            },
+            MirrorOp::CreateDir { path, .. } => MirrorStep::CreateDir {
+                entry: entry(path)?,
+            },
+            MirrorOp::SetDirMode { path, .. } => MirrorStep::SetDirMode {
+                entry: entry(path)?,
+            },
+            MirrorOp::Write { path, basis, .. } => MirrorStep::Write {
+                entry: entry(path)?,
+                delta: basis.is_some(),
+            },
+            MirrorOp::Symlink { path, .. } => MirrorStep::Symlink {
+                entry: entry(path)?,
+            },
+        })
+    }
+
+    /// The operation this step stands for in a plan made from `src`, or why it cannot be one (an
+    /// index out of range, or naming an entry of another kind).
+    pub fn to_op(&self, src: &Manifest) -> Result<MirrorOp, String> {
+        let entry = |i: u32| {
+            src.entries().get(i as usize).ok_or_else(|| {
+                format!(
+                    "plan names entry {i} but the manifest has {} entries",
+                    src.len()
+                )
+            })
+        };
+        let wrong = |e: &Entry, want: &str| {
+            format!("plan step for {} expects a {want}, which it is not", e.path)
+        };
+        Ok(match self {
+            MirrorStep::Remove { path, dir } => MirrorOp::Remove {
+                path: path.clone(),
+                dir: *dir,
+            },
+            MirrorStep::CreateDir { entry: i } | MirrorStep::SetDirMode { entry: i } => {
+                let e = entry(*i)?;
+                let EntryKind::Dir { mode } = e.kind else {
+                    return Err(wrong(e, "directory"));
+                };
+                let path = e.path.clone();
+                if matches!(self, MirrorStep::CreateDir { .. }) {
+                    MirrorOp::CreateDir { path, mode }
+                } else {
+                    MirrorOp::SetDirMode { path, mode }
+                }
+            }
+            MirrorStep::Write { entry: i, delta } => {
+                let e = entry(*i)?;
+                let EntryKind::File { size, mode, hash } = e.kind else {
+                    return Err(wrong(e, "file"));
+                };
+                MirrorOp::Write {
+                    path: e.path.clone(),
+                    size,
+                    mode,
+                    hash,
+                    basis: delta.then(|| e.path.clone()),
+                }
+            }
+            MirrorStep::Symlink { entry: i } => {
+                let e = entry(*i)?;
+                let EntryKind::Symlink { target } = &e.kind else {
+                    return Err(wrong(e, "symlink"));
+                };
+                MirrorOp::Symlink {
+                    path: e.path.clone(),
+                    target: target.clone(),
+                }
+            }
+        })
+    }
+
+    /// The entry index of a step on the client's manifest; `None` for a removal.
+    pub fn entry(&self) -> Option<u32> {
+        match self {
+            MirrorStep::Remove { .. } => None,
+            MirrorStep::CreateDir { entry }
+            | MirrorStep::SetDirMode { entry }
+            | MirrorStep::Write { entry, .. }
+            | MirrorStep::Symlink { entry } => Some(*entry),
+        }
+    }
+
+    /// A bound on the step's encoded size.
+    pub fn max_encoded_len(&self) -> usize {
+        match self {
+            MirrorStep::Remove { path, .. } => 1 + 10 + path.as_str().len() + 1,
+            _ => 1 + 5 + 1,
+        }
+    }
+}
+
+/// What the daemon reports once a sync is done (or, for a dry run, planned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synced {
+    /// The plan's summary.
+    pub summary: MirrorSummary,
+    /// What applying it did; `None` for a dry run.
+    pub applied: Option<MirrorStats>,
+    /// Steps sent in [`DaemonMsg::MirrorPlan`] pieces before this message.
+    pub steps: u64,
+    /// Files received over the network, and their payload bytes.
+    pub received: u64,
     pub received_bytes: u64,
 }
 
@@ -344,6 +502,12 @@ pub enum DaemonMsg {
     Pruned {
         removed: Vec<ReleaseId>,
     },
+    /// A piece of the plan of a sync, in plan order; any number of pieces precede `Synced`.
+    MirrorPlan {
+        steps: Vec<MirrorStep>,
+    },
+    /// The sync is done (or planned, for a dry run); the daemon's last message.
+    Synced(Synced),
 }
 
 impl DaemonMsg {
@@ -358,6 +522,8 @@ impl DaemonMsg {
             DaemonMsg::Activated { .. } => "Activated",
             DaemonMsg::Releases { .. } => "Releases",
             DaemonMsg::Pruned { .. } => "Pruned",
+            DaemonMsg::MirrorPlan { .. } => "MirrorPlan",
+            DaemonMsg::Synced(_) => "Synced",
         }
     }
 }
@@ -623,6 +789,8 @@ mod tests {
                     export: AppName::new("media").unwrap(),
                     subpath: Some(RelPath::new("img/2024").unwrap()),
                     delete: true,
+                    dry_run: false,
+                    excludes: vec!["*.log".into(), "/tmp/".into()],
                     manifest_len: 9,
                     manifest_digest: hash(2),
                 },
@@ -692,6 +860,38 @@ mod tests {
             DaemonMsg::Pruned {
                 removed: vec![rid("old")],
             },
+            DaemonMsg::MirrorPlan {
+                steps: vec![
+                    MirrorStep::Remove {
+                        path: RelPath::new("old/dir").unwrap(),
+                        dir: true,
+                    },
+                    MirrorStep::CreateDir { entry: 0 },
+                    MirrorStep::SetDirMode { entry: 1 },
+                    MirrorStep::Write {
+                        entry: u32::MAX,
+                        delta: true,
+                    },
+                    MirrorStep::Symlink { entry: 7 },
+                ],
+            },
+            DaemonMsg::Synced(Synced {
+                summary: MirrorSummary {
+                    files: 3,
+                    bytes: 30,
+                    written_files: 1,
+                    ..MirrorSummary::default()
+                },
+                applied: Some(MirrorStats {
+                    removed: 1,
+                    written_files: 1,
+                    written_bytes: 10,
+                    dirs: 0,
+                }),
+                steps: 5,
+                received: 1,
+                received_bytes: 9,
+            }),
         ];
         (client, daemon)
     }
@@ -718,6 +918,68 @@ mod tests {
         let frame = h.frame();
         assert!(frame.len() <= MAX_FILE_HEADER as usize);
         assert_eq!(decode::<FileHeader>(&frame[4..]).unwrap(), h);
+    }
+
+    #[test]
+    fn mirror_steps_stand_for_operations_on_the_clients_manifest() {
+        use crate::manifest::Policy;
+        use crate::plan::plan_mirror;
+        let m = |entries| Manifest::from_unsorted(entries, &Policy::default()).unwrap();
+        let src = m(vec![
+            Entry::dir("a", 0o750).unwrap(),
+            Entry::file("a/f", 3, 0o644, hash(1)).unwrap(),
+            Entry::dir("b", 0o755).unwrap(),
+            Entry::file("b/new", 4, 0o600, hash(2)).unwrap(),
+            Entry::symlink("l", "a/f").unwrap(),
+        ]);
+        let dst = m(vec![
+            Entry::dir("a", 0o755).unwrap(),
+            Entry::file("a/f", 3, 0o644, hash(3)).unwrap(),
+            Entry::file("gone", 1, 0o644, hash(4)).unwrap(),
+        ]);
+        let plan = plan_mirror(&src, &dst, true);
+        let kinds: Vec<&str> = plan
+            .ops
+            .iter()
+            .map(|op| match op {
+                MirrorOp::Remove { .. } => "rm",
+                MirrorOp::CreateDir { .. } => "mkdir",
+                MirrorOp::SetDirMode { .. } => "chmod",
+                MirrorOp::Write { basis: Some(_), .. } => "delta",
+                MirrorOp::Write { .. } => "write",
+                MirrorOp::Symlink { .. } => "symlink",
+            })
+            .collect();
+        assert_eq!(kinds, ["rm", "chmod", "mkdir", "delta", "write", "symlink"]);
+        for op in &plan.ops {
+            let step = MirrorStep::of(op, &src).unwrap();
+            assert_eq!(step.to_op(&src).as_ref(), Ok(op));
+            let frame = encode_frame(&step);
+            assert!(frame.len() - 4 <= step.max_encoded_len(), "{step:?}");
+        }
+        // Only what the client's manifest holds, as the kind it is there.
+        let table = [
+            MirrorStep::Write {
+                entry: 0,
+                delta: false,
+            },
+            MirrorStep::CreateDir { entry: 1 },
+            MirrorStep::SetDirMode { entry: 4 },
+            MirrorStep::Symlink { entry: 3 },
+            MirrorStep::Write {
+                entry: 5,
+                delta: true,
+            },
+            MirrorStep::CreateDir { entry: u32::MAX },
+        ];
+        for step in table {
+            assert!(step.to_op(&src).is_err(), "{step:?}");
+        }
+        let foreign = MirrorOp::CreateDir {
+            path: RelPath::new("zzz").unwrap(),
+            mode: 0o755,
+        };
+        assert_eq!(MirrorStep::of(&foreign, &src), None);
     }
 
     #[test]

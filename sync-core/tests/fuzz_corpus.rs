@@ -32,6 +32,9 @@ const TARGETS: &[(&str, Run)] = &[
     ("client_session", |data| {
         let _ = proto_fuzz::client_session_one(data);
     }),
+    ("client_sync_session", |data| {
+        let _ = proto_fuzz::client_sync_one(data);
+    }),
     ("manifest_decode", sync_core::manifest::fuzz::decode_one),
 ];
 
@@ -197,7 +200,7 @@ fn write_delta_seeds() {
     }
 }
 
-/// Rewrites the protocol seeds (frame decode, daemon and client sessions). Run with
+/// Rewrites the protocol seeds (frame decode, daemon and client sessions, client syncs). Run with
 /// `cargo test -p sync-core --test fuzz_corpus -- --ignored write_proto_seeds`.
 #[test]
 #[ignore = "rewrites fuzz/corpus; run by hand when the input layout changes"]

@@ -12,9 +12,11 @@ use proptest::prelude::*;
 
 use sync_core::delta::{self, Basis, BasisSignature, DeltaError, DeltaFormat};
 use sync_core::manifest::{Entry, Hash, Manifest, Policy};
+use sync_core::plan::{plan_mirror, MirrorOp, MirrorStats};
 use sync_core::proto::client::{
     self, ClientConfig, ClientSession, ClientState, Method, PushJob, PushReport, SendFile,
 };
+use sync_core::proto::client::{SyncJob, SyncReport};
 use sync_core::proto::daemon::{
     self, compute_need, DaemonSession, DaemonState, Event, FileFailure, FileJob,
 };
@@ -132,6 +134,8 @@ struct Daemon {
     /// Requests seen, by name.
     log: Vec<String>,
     most_jobs_at_once: usize,
+    /// The files of a sync's destination.
+    mirror: Tree,
 }
 
 impl Daemon {
@@ -139,6 +143,8 @@ impl Daemon {
         let name = match &r {
             daemon::Request::Open { .. } => "Open".to_string(),
             daemon::Request::ComputeNeed { .. } => "ComputeNeed".into(),
+            daemon::Request::ComputeMirrorNeed { .. } => "ComputeMirrorNeed".into(),
+            daemon::Request::Mirror { dry_run, .. } => format!("Mirror{}", u8::from(*dry_run)),
             daemon::Request::Signatures { files } => format!("Signatures{}", files.len()),
             daemon::Request::Receive(j) => format!("Receive{}", j.file),
             daemon::Request::Stage { .. } => "Stage".into(),
@@ -169,6 +175,29 @@ impl Daemon {
                     self.kept.contains_key(h) || self.objects.contains_key(h)
                 });
                 s.handle_event(Event::Need(need), now);
+            }
+            daemon::Request::ComputeMirrorNeed { manifest, .. } => {
+                // The destination's files are the bases, and its content is present.
+                self.kept.extend(contents(&self.mirror));
+                let dest = manifest_of(&self.mirror);
+                let have: HashSet<Hash> = self.mirror.values().map(|c| Hash::of(c)).collect();
+                let need = compute_need(&manifest, Some(&dest), |h| have.contains(h));
+                s.handle_event(Event::Need(need), now);
+            }
+            daemon::Request::Mirror {
+                manifest,
+                delete,
+                dry_run,
+            } => {
+                let plan = plan_mirror(&manifest, &manifest_of(&self.mirror), delete);
+                let applied = (!dry_run).then(|| self.apply_mirror(&plan.ops));
+                s.handle_event(
+                    Event::Mirrored {
+                        plan: Box::new(plan),
+                        applied,
+                    },
+                    now,
+                );
             }
             daemon::Request::Signatures { files } => {
                 for job in files {
@@ -248,6 +277,39 @@ impl Daemon {
             }
             daemon::Request::Prune { .. } => s.handle_event(Event::Pruned { removed: vec![] }, now),
         }
+    }
+
+    /// Applies a mirror plan to the destination's files, taking content from received objects
+    /// and from what the destination held.
+    fn apply_mirror(&mut self, ops: &[MirrorOp]) -> MirrorStats {
+        let mut stats = MirrorStats::default();
+        for op in ops {
+            match op {
+                MirrorOp::Remove { path, .. } => {
+                    let below = format!("{path}/");
+                    self.mirror
+                        .retain(|p, _| p != path.as_str() && !p.starts_with(&below));
+                    stats.removed += 1;
+                }
+                MirrorOp::Write {
+                    path, hash, size, ..
+                } => {
+                    let content = self
+                        .objects
+                        .get(hash)
+                        .or_else(|| self.kept.get(hash))
+                        .unwrap_or_else(|| panic!("{path}: no content to write"))
+                        .clone();
+                    self.mirror.insert(path.to_string(), content);
+                    stats.written_files += 1;
+                    stats.written_bytes += size;
+                }
+                MirrorOp::CreateDir { .. } => stats.dirs += 1,
+                MirrorOp::SetDirMode { .. } | MirrorOp::Symlink { .. } => {}
+            }
+        }
+        self.objects.clear();
+        stats
     }
 
     /// Rebuilds a payload the way the real driver does: `delta::apply` against the basis, which
@@ -406,6 +468,30 @@ impl Net {
         let mut src = Source::new(tree.clone());
         src.cache = cache;
         Net::new(client, limits, src, d)
+    }
+
+    fn sync(tree: &Tree, delete: bool, dry_run: bool, d: Daemon) -> Net {
+        let cache = contents(&d.mirror);
+        let job = SyncJob {
+            export: app(),
+            subpath: None,
+            delete,
+            dry_run,
+            excludes: vec![],
+            manifest: Arc::new(manifest_of(tree)),
+            cached: cache.keys().copied().collect(),
+        };
+        let client = ClientSession::sync(ClientConfig::default(), job, 0);
+        let mut src = Source::new(tree.clone());
+        src.cache = cache;
+        Net::new(client, Limits::default(), src, d)
+    }
+
+    fn synced(&self) -> &SyncReport {
+        match self.client.outcome() {
+            Some(Ok(client::Outcome::Synced(r))) => r,
+            other => panic!("client did not sync: {other:?}"),
+        }
     }
 
     fn take(&mut self, available: usize) -> usize {
@@ -831,6 +917,64 @@ fn an_unauthorized_app_is_refused_before_any_work() {
         }
     ));
     assert_eq!(net.d.log, ["Open"]);
+}
+
+#[test]
+fn a_sync_mirrors_with_deltas_and_deletes_only_when_asked() {
+    // Into an empty destination: every distinct content (the empty file's too) goes in full.
+    let a = tree_a();
+    let mut net = Net::sync(&a, false, false, Daemon::default());
+    net.run();
+    let r = net.synced().clone();
+    assert_eq!(net.d.log[..3], ["Open", "ComputeMirrorNeed", "Receive0"]);
+    assert_eq!(net.d.log.last().map(String::as_str), Some("Mirror0"));
+    assert_eq!(r.needed, 6, "{r:?}");
+    assert_eq!(r.sent_full, 6);
+    assert_eq!(r.plan.summary.written_files, 7);
+    assert!(matches!(
+        net.daemon_outcome(),
+        daemon::Outcome::Synced(s) if s.received == 6
+    ));
+    assert_eq!(net.d.mirror, a);
+    let d = net.into_daemon();
+
+    // A dry run of the next tree says what would change and changes nothing.
+    let b = tree_b();
+    let mut net = Net::sync(&b, true, true, d);
+    net.run();
+    let r = net.synced().clone();
+    assert!(r.dry_run && r.applied.is_none());
+    assert_eq!(
+        (r.needed, r.sent_full + r.sent_zstd_ref + r.sent_rsync),
+        (3, 0)
+    );
+    assert_eq!(r.plan.summary.removed, 1, "{:?}", r.plan.ops);
+    assert_eq!(net.d.mirror, a, "a dry run changed the destination");
+    assert_eq!(net.d.log.last().map(String::as_str), Some("Mirror1"));
+    let d = net.into_daemon();
+
+    // Without --delete the renamed file's old name stays; its content is not sent again, and
+    // the edits go as deltas against the destination's files, which the cache holds.
+    let mut net = Net::sync(&b, false, false, d);
+    net.run();
+    let r = net.synced().clone();
+    assert_eq!(r.needed, 3, "the two edits and src/New.php: {r:?}");
+    assert_eq!((r.sent_zstd_ref, r.sent_full, r.signatures), (2, 1, 0));
+    assert!(r.payload_bytes < 4_000, "{r:?}");
+    assert_eq!(r.plan.summary.removed, 0);
+    let mut want = b.clone();
+    want.insert("public/app.css".into(), a["public/app.css"].clone());
+    assert_eq!(net.d.mirror, want);
+    let d = net.into_daemon();
+
+    // With --delete it goes, and nothing else is sent.
+    let mut net = Net::sync(&b, true, false, d);
+    net.chunks = vec![1, 7, 3];
+    net.run();
+    let r = net.synced().clone();
+    assert_eq!((r.needed, r.plan.summary.removed), (0, 1));
+    assert_eq!(r.applied.map(|a| a.removed), Some(1));
+    assert_eq!(net.d.mirror, b);
 }
 
 #[test]

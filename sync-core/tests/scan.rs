@@ -635,3 +635,27 @@ fn hashing_a_huge_file_keeps_memory_bounded() {
     );
     assert!(peak < 128 * 1024, "peak RSS {peak} KiB");
 }
+
+#[test]
+fn a_directory_handle_scans_like_its_path_with_excludes_rooted_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(tmp.path()).unwrap();
+    file(&root, "a/keep.php", b"<?php", 0o644);
+    file(&root, "a/skip.log", b"log", 0o644);
+    file(&root, "top.log", b"log", 0o644);
+    file(&root, ".relsync-tmp-1-2", b"temporary", 0o600);
+    symlink("a/keep.php", root.join("link")).unwrap();
+    let opts = ScanOptions {
+        excludes: vec!["*.log".into(), ".relsync-tmp-*".into()],
+        ignore_file: false,
+        ..ScanOptions::default()
+    };
+    let by_path = run(&root, &opts).unwrap().manifest;
+    let dir = cap_std::fs::Dir::open_ambient_dir(&root, cap_std::ambient_authority()).unwrap();
+    let by_dir = sync_core::edge::scan::scan_dir(&dir, &root, &opts, &no_progress)
+        .unwrap()
+        .manifest;
+    assert_eq!(by_dir, by_path);
+    let paths: Vec<&str> = by_dir.entries().iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["a", "a/keep.php", "link"]);
+}

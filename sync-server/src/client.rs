@@ -7,8 +7,9 @@
 //! files the session asks for from the source tree ([`SourceTree`], which refuses anything not in
 //! the pushed manifest), encodes them with `delta` (using the [`Cache`] of what was last pushed
 //! for zstd-reference deltas) and writes each on its own unidirectional stream, several at once.
-//! [`command`] runs `releases`, `activate`, `rollback` and `prune`. Success is reported only when
-//! the session's outcome says so; anything else is a [`ClientError`]. One connection per command.
+//! [`command`] runs `releases`, `activate`, `rollback` and `prune`, and [`sync`] mirrors a tree
+//! into an export the way [`push`] sends a release. Success is reported only when the session's
+//! outcome says so; anything else is a [`ClientError`]. One connection per command.
 
 pub mod cache;
 mod driver;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint};
 use sync_core::manifest::{Hash, Manifest};
-use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob};
+use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob, SyncJob};
 use sync_core::proto::ClientSession;
 use sync_core::wire::{AppName, Command, ErrorKind};
 use sync_core::{RelPath, ReleaseId};
@@ -33,7 +34,7 @@ use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
 pub use source::{SourceError, SourceTree};
-pub use target::{looks_remote, Target, TargetError};
+pub use target::{is_sync_url, looks_remote, SyncTarget, Target, TargetError};
 
 /// Why a remote command failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +53,7 @@ pub enum ClientError {
     /// The daemon's key is not pinned, or changed; the message says what to run.
     #[error(transparent)]
     Pin(crate::tls::PinError),
-    #[error("the daemon at {host_port} does not authorize key {key} for any app; add it to `authorized_keys` of app {app} in relsyncd's config")]
+    #[error("the daemon at {host_port} does not authorize key {key} for any app or export; add it to `authorized_keys` of {app} in relsyncd's config")]
     KeyRefused {
         host_port: String,
         key: Fingerprint,
@@ -292,10 +293,121 @@ pub async fn push(
     cache: Option<&Arc<Cache>>,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
-    let source = open_source(req)?;
+    let source = open_source(&req.source, &req.manifest)?;
     let session = push_session(conn, req, cached(cache, &conn.target).await);
-    // Once every file went out the client only waits for the daemon to build the release: add
-    // this push's contents to the cache meanwhile, and record the push itself once it succeeded.
+    let t = transfer(conn, session, source, cache, &conn.target, true, progress).await?;
+    let Outcome::Pushed(report) = t.outcome else {
+        return Err(ClientError::Internal {
+            target: conn.target.to_string(),
+            message: "the push session ended with another outcome".into(),
+        });
+    };
+    Ok(PushReport {
+        session: report,
+        sent_bytes: t.sent_bytes,
+        cache: t.cache,
+    })
+}
+
+/// A sync to run.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    /// The destination directory itself (the trailing-slash rule already applied, see
+    /// [`SyncTarget::destination_for`]).
+    pub destination: SyncTarget,
+    /// Remove what the destination has and `manifest` does not.
+    pub delete: bool,
+    /// Ask for the plan; change nothing and send no file.
+    pub dry_run: bool,
+    /// The patterns `manifest` was scanned with; the destination's matching paths are left alone.
+    pub excludes: Vec<String>,
+    /// The scanned manifest of `source`.
+    pub manifest: Arc<Manifest>,
+    pub source: std::path::PathBuf,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    /// The session's account: the plan, what the daemon needed and what went out, what it did.
+    pub session: sync_core::proto::client::SyncReport,
+    /// Payload bytes per format.
+    pub sent_bytes: PerFormat,
+    /// What the client cache did after the sync (`None` without a cache, and for a dry run).
+    pub cache: Option<Result<CacheUpdate, String>>,
+}
+
+/// Mirrors `req`'s tree into its destination over `conn` (connected to the destination's daemon
+/// and export): sends what the destination lacks, as deltas against its current files where the
+/// cache or a signature allows, waits until the daemon applied the mirror, then records what the
+/// destination now holds in `cache` (keyed on the destination, apart from pushes). A dry run
+/// only asks for the plan.
+pub async fn sync(
+    conn: &Connection,
+    req: &SyncRequest,
+    cache: Option<&Arc<Cache>>,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<SyncReport, ClientError> {
+    let source = open_source(&req.source, &req.manifest)?;
+    let job = SyncJob {
+        export: req.destination.export().clone(),
+        subpath: req.destination.path().cloned(),
+        delete: req.delete,
+        dry_run: req.dry_run,
+        excludes: req.excludes.clone(),
+        manifest: Arc::clone(&req.manifest),
+        cached: if req.dry_run {
+            HashSet::new()
+        } else {
+            cached(cache, &req.destination).await.hashes
+        },
+    };
+    let session = ClientSession::sync(conn.config, job, 0);
+    let t = transfer(
+        conn,
+        session,
+        source,
+        cache,
+        &req.destination,
+        !req.dry_run,
+        progress,
+    )
+    .await?;
+    let Outcome::Synced(report) = t.outcome else {
+        return Err(ClientError::Internal {
+            target: conn.target.to_string(),
+            message: "the sync session ended with another outcome".into(),
+        });
+    };
+    Ok(SyncReport {
+        session: report,
+        sent_bytes: t.sent_bytes,
+        cache: t.cache,
+    })
+}
+
+/// How a session that sent files ended.
+struct Transferred {
+    outcome: Outcome,
+    sent_bytes: PerFormat,
+    cache: Option<Result<CacheUpdate, String>>,
+}
+
+/// Drives `session`, which sends `source`'s files, to its end. With `record`, the cache then
+/// holds what was sent and notes it as `key`'s last manifest.
+async fn transfer(
+    conn: &Connection,
+    session: ClientSession,
+    source: Arc<SourceTree>,
+    cache: Option<&Arc<Cache>>,
+    key: &(dyn std::fmt::Display + Sync),
+    record: bool,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<Transferred, ClientError> {
+    let cache = cache.filter(|_| record);
+    // Once every file went out the client only waits for the daemon to build the release (or
+    // apply the sync): add this transfer's contents to the cache meanwhile, and record it
+    // itself once it succeeded.
     let storing = Mutex::new(None);
     let start_storing = || {
         if let Some(c) = cache {
@@ -312,7 +424,10 @@ pub async fn push(
         }
     };
     let hook = |p: Progress| {
-        if p == Progress::State(ClientState::Staging) {
+        if matches!(
+            p,
+            Progress::State(ClientState::Staging | ClientState::Mirroring)
+        ) {
             start_storing();
         }
         progress(p);
@@ -328,27 +443,27 @@ pub async fn push(
         &hook,
     )
     .await?;
-    let Some(Outcome::Pushed(report)) = driven.outcome else {
+    let Some(outcome) = driven.outcome else {
         return Err(ClientError::Internal {
             target: conn.target.to_string(),
-            message: "the push session ended with another outcome".into(),
+            message: "the session ended without an outcome".into(),
         });
     };
     start_storing();
     let pending = storing.lock().unwrap_or_else(|p| p.into_inner()).take();
     let cache = match (cache, pending) {
         (Some(c), Some(pending)) => {
-            let (c, target, manifest) = (
+            let (c, key, manifest) = (
                 Arc::clone(c),
-                conn.target.clone(),
-                Arc::clone(&req.manifest),
+                key.to_string(),
+                Arc::clone(source.manifest()),
             );
             let recorded = async move {
                 let stored = pending.await.map_err(|e| e.to_string())?;
                 let stored = stored.map_err(|e| e.to_string())?;
                 tokio::task::spawn_blocking(move || {
                     let t = std::time::Instant::now();
-                    let r = c.commit(stored, &target, &manifest);
+                    let r = c.commit(stored, &key, &manifest);
                     tracing::debug!(ms = t.elapsed().as_millis() as u64, "cache: committed");
                     r
                 })
@@ -360,8 +475,8 @@ pub async fn push(
         }
         _ => None,
     };
-    Ok(PushReport {
-        session: report,
+    Ok(Transferred {
+        outcome,
         sent_bytes: driven.sent_bytes,
         cache,
     })
@@ -415,11 +530,11 @@ pub async fn command(conn: &Connection, command: Command) -> Result<Outcome, Cli
     })
 }
 
-fn open_source(req: &PushRequest) -> Result<Arc<SourceTree>, ClientError> {
-    Ok(Arc::new(SourceTree::open(
-        &req.source,
-        Arc::clone(&req.manifest),
-    )?))
+fn open_source(
+    source: &std::path::Path,
+    manifest: &Arc<Manifest>,
+) -> Result<Arc<SourceTree>, ClientError> {
+    Ok(Arc::new(SourceTree::open(source, Arc::clone(manifest))?))
 }
 
 /// What the cache knows of a target: the contents it can reproduce, and the encoding of the
@@ -430,11 +545,11 @@ struct Cached {
     manifest: Option<Arc<[u8]>>,
 }
 
-async fn cached(cache: Option<&Arc<Cache>>, target: &Target) -> Cached {
+async fn cached(cache: Option<&Arc<Cache>>, target: &(dyn std::fmt::Display + Sync)) -> Cached {
     let Some(c) = cache.cloned() else {
         return Cached::default();
     };
-    let target = target.clone();
+    let target = target.to_string();
     let listed = tokio::task::spawn_blocking(move || {
         let hashes = c.hashes()?;
         let manifest = c

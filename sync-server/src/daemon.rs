@@ -4,7 +4,7 @@
 //! [`serve`] opens and recovers every app root, starts the endpoint and returns a [`Server`]. Each
 //! connection gets a task (`connection`) that feeds its session control bytes, file-stream
 //! headers, finished work and time, and carries out the session's requests: file-system work runs
-//! on tokio's blocking pool (`work`), received files in parallel. Shutdown stops accepting, lets the
+//! on tokio's blocking pool (`work` for apps, `export` for syncs), received files in parallel. Shutdown stops accepting, lets the
 //! sessions in progress run for a grace period, then ends the rest with an error to their clients
 //! and waits for the work they started, so nothing is left half-built: a build in progress either
 //! completes or removes its staging directory, and recovery at the next start covers a crash.
@@ -13,6 +13,7 @@
 
 mod connection;
 mod content;
+mod export;
 mod stream;
 mod work;
 
@@ -30,7 +31,7 @@ use sync_core::wire::Limits;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, ExportConfig};
 use crate::net::{server_endpoint, NetConfig, NetError};
 use crate::tls::{AuthorizedClientVerifier, Identity};
 
@@ -111,6 +112,8 @@ struct App {
 struct Shared {
     limits: Limits,
     apps: HashMap<String, Arc<App>>,
+    /// Directories `relsync sync` may mirror into.
+    exports: HashMap<String, Arc<ExportConfig>>,
     /// Bounds how many received files are rebuilt at once (CPU-bound zstd and rsync work).
     apply_slots: Arc<Semaphore>,
 }
@@ -152,15 +155,31 @@ pub async fn serve(
     let endpoint = server_endpoint(config.listen, &identity, authorized, &net)?;
     let addr = endpoint.local_addr().map_err(DaemonError::LocalAddr)?;
     let slots = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    for e in config.exports.values() {
+        if !e.path.is_dir() {
+            tracing::warn!(
+                export = %e.name,
+                path = %e.path.display(),
+                "export directory does not exist; syncs into it fail until it is created"
+            );
+        }
+    }
+    let exports = config
+        .exports
+        .iter()
+        .map(|(name, e)| (name.clone(), Arc::new(e.clone())))
+        .collect();
     let shared = Arc::new(Shared {
         limits: config.limits,
         apps,
+        exports,
         apply_slots: Arc::new(Semaphore::new(slots)),
     });
     tracing::info!(
         %addr,
         key = %identity.fingerprint(),
         apps = shared.apps.len(),
+        exports = shared.exports.len(),
         "relsyncd listening"
     );
     let task = tokio::spawn(accept_loop(endpoint, shared, shutdown, options.grace));

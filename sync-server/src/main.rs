@@ -116,10 +116,16 @@ fn print_check(path: &Path, config: &Config, identity: &Identity) {
         );
     }
     for export in config.exports.values() {
+        let state = match std::fs::metadata(&export.path) {
+            Ok(m) if m.is_dir() => "directory",
+            Ok(_) => "NOT A DIRECTORY: syncs into it fail",
+            Err(_) => "MISSING: create it, relsyncd does not",
+        };
         println!(
-            "export  {} -> {} (relsync sync is not served by this version)",
+            "export  {} -> {} [{state}], {} authorized key(s)",
             export.name,
-            export.path.display()
+            export.path.display(),
+            export.authorized.len()
         );
     }
 }

@@ -132,6 +132,8 @@ struct Setup {
     keep: usize,
     /// The `shop` app's activation pipeline in relsyncd's config.
     activation: Option<sync_core::activation::ActivationConfig>,
+    /// Declare export `media` (the directory `media` of the test's base), open to the shop key.
+    export: bool,
 }
 
 impl Default for Setup {
@@ -144,6 +146,7 @@ impl Default for Setup {
             },
             keep: 10,
             activation: None,
+            export: false,
         }
     }
 }
@@ -188,7 +191,19 @@ impl Daemon {
                 ("shop".to_string(), app_config("shop", &shop_key)),
                 ("blog".to_string(), app_config("blog", &blog_key)),
             ]),
-            exports: BTreeMap::new(),
+            exports: if setup.export {
+                std::fs::create_dir_all(base.join("media")).unwrap();
+                BTreeMap::from([(
+                    "media".to_string(),
+                    sync_server::config::ExportConfig {
+                        name: "media".into(),
+                        path: base.join("media"),
+                        authorized: HashSet::from([shop_key.fingerprint()]),
+                    },
+                )])
+            } else {
+                BTreeMap::new()
+            },
         };
         let mut d = Daemon {
             _dir: dir,
@@ -1368,4 +1383,77 @@ async fn shutdown_ends_a_stalled_session_after_the_grace_period() {
     }
     wait_lock_free(&d.shop()).await;
     assert!(staging_dirs(&d.shop()).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syncs into an export, with the library's client
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_spools_payloads_that_wait_for_the_budget_inside_the_destination() {
+    use sync_server::client::{self, SyncRequest, SyncTarget};
+    let d = Daemon::start_with(Setup {
+        limits: Limits {
+            max_bytes_in_flight: 64 * 1024,
+            ..Limits::default()
+        },
+        export: true,
+        ..Setup::default()
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let tree: Tree = (0..8)
+        .map(|i| (format!("blob{i}.bin"), noise(i, 300_000)))
+        .collect();
+    for (p, c) in &tree {
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join(p), c).unwrap();
+    }
+    let manifest = sync_core::edge::scan::scan(
+        &src,
+        &sync_core::edge::scan::ScanOptions {
+            ignore_file: false,
+            ..Default::default()
+        },
+        &|_| {},
+    )
+    .unwrap()
+    .manifest;
+    let mut known = sync_server::tls::KnownHosts::load(&tmp.path().join("known_hosts")).unwrap();
+    let host_port = format!("127.0.0.1:{}", d.addr().port());
+    known.add(&host_port, d.identity.fingerprint()).unwrap();
+    let dest = SyncTarget::parse(&format!("relsync://{host_port}/media/site")).unwrap();
+    let conn = client::connect(
+        dest.target(),
+        &d.shop_key,
+        &known,
+        &NetConfig::default(),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let req = SyncRequest {
+        destination: dest.clone(),
+        delete: false,
+        dry_run: false,
+        excludes: vec![],
+        manifest: Arc::new(manifest),
+        source: src.clone(),
+    };
+    let report = client::sync(&conn, &req, None, &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &report.session;
+    // Each payload is larger than the whole budget: admitted one at a time, the rest spooled.
+    assert_eq!((s.needed, s.sent_full), (8, 8), "{s:?}");
+    assert!(s.payload_bytes > 8 * 300_000, "{s:?}");
+    let site = d.base.join("media/site");
+    for (p, c) in &tree {
+        assert!(std::fs::read(site.join(p)).unwrap() == *c, "{p}");
+    }
+    let names: Vec<String> = std::fs::read_dir(&site)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".relsync"))
+        .collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
 }

@@ -120,13 +120,7 @@ async fn serve_one(incoming: quinn::Incoming) -> Result<()> {
     Ok(())
 }
 
-async fn client(
-    addr: SocketAddr,
-    key: &Path,
-    cert: &Path,
-    pin: &str,
-    bytes: u64,
-) -> Result<()> {
+async fn client(addr: SocketAddr, key: &Path, cert: &Path, pin: &str, bytes: u64) -> Result<()> {
     let identity = Identity::load(key, cert).context("loading the client key")?;
     let host_port = addr.to_string();
     let verifier = Arc::new(PinnedServerVerifier::new(

@@ -129,6 +129,8 @@ pub struct DaemonOptions<'a> {
     pub limits: &'a str,
     /// `keep` of every app (5 when unset).
     pub keep: Option<usize>,
+    /// Exports for `relsync sync`: (name, directory, authorized key).
+    pub exports: Vec<(&'a str, &'a Path, &'a str)>,
 }
 
 /// A relsyncd process serving apps `shop` and `blog` on a loopback port that stays the same
@@ -182,6 +184,12 @@ impl Daemon {
                 "\n[apps.{app}]\nroot = \"{}\"\nkeep = {}\nauthorized_keys = [{keys}]\n",
                 base.join(app).display(),
                 o.keep.unwrap_or(5),
+            );
+        }
+        for (name, path, key) in &o.exports {
+            text += &format!(
+                "\n[exports.{name}]\npath = \"{}\"\nauthorized_keys = [\"{key}\"]\n",
+                path.display()
             );
         }
         let config = dir.join("relsyncd.toml");

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +21,7 @@ use super::root::AppRoot;
 use super::{EdgeError, IoContext};
 use crate::layout;
 use crate::manifest::Hash;
+use crate::path::RelPath;
 
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -48,6 +49,72 @@ impl ObjectStore {
             path,
             counter: AtomicU64::new(0),
         })
+    }
+
+    /// A store in an already open directory, such as relsyncd's per-sync work directory inside an
+    /// export; `path` names it in errors.
+    pub fn in_dir(dir: Dir, path: PathBuf) -> ObjectStore {
+        ObjectStore {
+            dir,
+            path,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store's directory handle.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// Hard-links the file at `path` below `from` into the store as the object (`hash`, `mode`),
+    /// so that its content survives whatever later happens to `path`. The parent directory is
+    /// opened through cap-std (never leaving `from`) and the final name is not followed if it is a
+    /// symlink. Nothing is read: whoever uses the object checks its content.
+    ///
+    /// Returns false when no link could be made (another file system, no hard links there, the
+    /// file gone); the caller then treats the content as missing.
+    pub fn link_from(&self, from: &Dir, path: &RelPath, hash: &Hash, mode: u32) -> bool {
+        let parent = match path.parent() {
+            Some(p) => match from.open_dir(p.as_str()) {
+                Ok(d) => Some(d),
+                Err(_) => return false,
+            },
+            None => None,
+        };
+        let at = parent.as_ref().unwrap_or(from);
+        let name = layout::object_name(hash, mode);
+        match rustix::fs::linkat(
+            at,
+            path.file_name(),
+            &self.dir,
+            name.as_str(),
+            rustix::fs::AtFlags::empty(),
+        ) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => true,
+            Err(e) => {
+                tracing::debug!(%path, "cannot link into {}: {e}", self.path.display());
+                false
+            }
+        }
+    }
+
+    /// Opens the object (`hash`, `mode`) for reading, without following a symlink; `None` when
+    /// it is not there.
+    pub fn open_object(&self, hash: &Hash, mode: u32) -> Option<File> {
+        let mut opts = cap_std::fs::OpenOptions::new();
+        opts.read(true);
+        cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
+        let f = self
+            .dir
+            .open_with(layout::object_name(hash, mode), &opts)
+            .ok()?;
+        Some(f.into_std())
     }
 
     /// Every (content, mode) present.
@@ -237,5 +304,45 @@ impl Drop for ObjectWriter<'_> {
         if self.file.is_some() {
             let _ = self.store.dir.remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_linked_in_outlive_their_names_and_symlinks_are_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dest, objects) = (tmp.path().join("dest"), tmp.path().join("objects"));
+        std::fs::create_dir_all(dest.join("a")).unwrap();
+        std::fs::create_dir(&objects).unwrap();
+        std::fs::write(dest.join("a/f"), b"content").unwrap();
+        std::fs::write(tmp.path().join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), dest.join("a/link")).unwrap();
+        let open = |p: &Path| Dir::open_ambient_dir(p, cap_std::ambient_authority()).unwrap();
+        let store = ObjectStore::in_dir(open(&objects), objects.clone());
+        let from = open(&dest);
+        let hash = Hash::of(b"content");
+        let path = |p: &str| RelPath::new(p).unwrap();
+        assert!(store.link_from(&from, &path("a/f"), &hash, 0o644));
+        // Again is fine: the object is there.
+        assert!(store.link_from(&from, &path("a/f"), &hash, 0o644));
+        assert!(!store.link_from(&from, &path("a/missing"), &hash, 0o600));
+        std::fs::remove_file(dest.join("a/f")).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_object(&hash, 0o644).unwrap(), &mut got)
+            .unwrap();
+        assert_eq!(got, b"content");
+        assert!(store.open_object(&hash, 0o600).is_none());
+
+        // A symlink is linked as the symlink itself and never opened as an object.
+        let other = Hash::of(b"secret");
+        store.link_from(&from, &path("a/link"), &other, 0o644);
+        assert!(store.open_object(&other, 0o644).is_none());
+        assert_eq!(
+            store.list().unwrap(),
+            HashSet::from([(hash, 0o644), (other, 0o644)])
+        );
     }
 }

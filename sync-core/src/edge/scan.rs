@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use rayon::prelude::*;
+use rustix::fs::{Mode, OFlags};
+use std::os::fd::OwnedFd;
 
 use crate::manifest::{Entry, EntryKind, Hash, Manifest, ManifestError, Policy};
 use crate::path::{PathError, RelPath};
@@ -176,14 +178,54 @@ pub fn scan(
     if !root_meta.is_dir() {
         return Err(ScanError::RootNotDir { path: root });
     }
+    let fd = rustix::fs::openat(
+        rustix::fs::CWD,
+        &root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("read", &root)(e.into()))?;
+    scan_fd(root, fd, opts, progress, started)
+}
 
+/// Scans the directory open as `dir`, which lies at `path` (absolute, without symlinks: it roots
+/// the exclude patterns and names entries in errors). The walk starts from the descriptor, so
+/// `path` is not resolved again at its top: relsyncd scans an export's destination through the
+/// handle it opened component by component without following symlinks. (Directories nested more
+/// than 64 deep are still opened by their full path, as in [`scan`].)
+pub fn scan_dir(
+    dir: &cap_std::fs::Dir,
+    path: &Path,
+    opts: &ScanOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Scan, ScanError> {
+    let started = SystemTime::now();
+    // A readable descriptor of the same directory: cap-std may hold it as `O_PATH`, which cannot
+    // be listed.
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("read", path)(e.into()))?;
+    scan_fd(path.to_owned(), fd, opts, progress, started)
+}
+
+fn scan_fd(
+    root: PathBuf,
+    fd: OwnedFd,
+    opts: &ScanOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    started: SystemTime,
+) -> Result<Scan, ScanError> {
     let filter = walk::Filter::new(&root, opts)?;
     let cache = match &opts.cache_file {
         Some(path) => HashCache::load(path),
         None => HashCache::default(),
     };
     let t = std::time::Instant::now();
-    let mut scanned = walk::walk(&root, &filter, opts.ignore_file, &cache, progress)?;
+    let mut scanned = walk::walk(&root, fd, &filter, opts.ignore_file, &cache, progress)?;
     tracing::debug!(
         ms = t.elapsed().as_millis() as u64,
         entries = scanned.len(),

@@ -9,6 +9,11 @@
 //! writes it on a file stream. Every message from the daemon is checked against what the client
 //! asked for; anything else (an unknown file, a file needed twice, a malformed signature, a reply
 //! that is not due, absurd limits) ends the session with an error, never with success.
+//!
+//! A sync ([`ClientSession::sync`]) sends its manifest and files the same way; then, instead of
+//! `Staged`, the daemon reports the plan it applied as steps on the client's own manifest (so it
+//! can only name what the client sent, besides removals) and its counts, which the client checks
+//! against those steps.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,11 +21,12 @@ use std::sync::Arc;
 use crate::delta::{block_size_for, BasisSignature, DeltaFormat, STRONG_LEN};
 use crate::manifest::{EntryKind, Hash, Manifest};
 use crate::path::RelPath;
+use crate::plan::{mirror_summary, MirrorOp, MirrorPlan, MirrorStats};
 use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, peek_version, AppName, BasisRef, ClientMsg, Command, DaemonMsg,
-    FileHeader, FrameDecoder, Limits, NeedFile, ReleaseInfo, Staged, MAX_MAX_FRAME, MIN_MAX_FRAME,
-    VERSION,
+    FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, ReleaseInfo, Staged, Synced,
+    MAX_MAX_FRAME, MIN_MAX_FRAME, VERSION,
 };
 
 use super::{Deadlines, ProtoError};
@@ -72,6 +78,24 @@ pub struct PushJob {
     /// The encoding of the manifest last pushed to this daemon: if the daemon still holds it,
     /// the new manifest goes as a zstd delta against it (a few KB instead of ~70 bytes a file).
     pub manifest_basis: Option<Arc<[u8]>>,
+}
+
+/// A tree to mirror into an export (`relsync sync`).
+#[derive(Debug, Clone)]
+pub struct SyncJob {
+    pub export: AppName,
+    /// Where below the export the tree lands; `None` for the export itself.
+    pub subpath: Option<RelPath>,
+    /// Remove what the destination has and the manifest does not.
+    pub delete: bool,
+    /// Ask for the plan only: the daemon changes nothing and no file is sent.
+    pub dry_run: bool,
+    /// The `--exclude` patterns the manifest was scanned with; they protect the destination's
+    /// matching paths too.
+    pub excludes: Vec<String>,
+    pub manifest: Arc<Manifest>,
+    /// Contents the client can reproduce locally (see [`PushJob::cached`]).
+    pub cached: HashSet<Hash>,
 }
 
 /// How the driver may encode a file.
@@ -158,10 +182,32 @@ pub struct PushReport {
     pub activated: bool,
 }
 
+/// What a sync did (or, for a dry run, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub dry_run: bool,
+    /// The daemon's plan, rebuilt from its steps on the client's manifest; its summary is
+    /// recomputed from those steps (and matched the daemon's).
+    pub plan: MirrorPlan,
+    /// What applying the plan did, as the daemon reports it; `None` for a dry run.
+    pub applied: Option<MirrorStats>,
+    /// Files the daemon needed (for a dry run: would have needed), and what it already had.
+    pub needed: u64,
+    pub needed_bytes: u64,
+    pub have_files: u64,
+    pub have_bytes: u64,
+    pub signatures: u64,
+    pub sent_full: u64,
+    pub sent_zstd_ref: u64,
+    pub sent_rsync: u64,
+    pub payload_bytes: u64,
+}
+
 /// How a session ended well.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Pushed(PushReport),
+    Synced(SyncReport),
     Releases(Vec<ReleaseInfo>),
     /// `activate` or `rollback` made `release` current.
     Activated {
@@ -181,16 +227,27 @@ pub enum ClientState {
     Transfer,
     /// `Done` sent; the daemon builds the release.
     Staging,
+    /// The daemon applies (or, for a dry run, plans) a sync.
+    Mirroring,
     Activation,
     /// Waiting for the reply to a command.
     Command,
     Finished,
 }
 
-/// The push in progress.
+/// What a session sends its manifest for.
+#[derive(Debug)]
+enum Goal {
+    Release { release: ReleaseId, activate: bool },
+    Mirror { dry_run: bool },
+}
+
+/// The push (or sync) in progress.
 #[derive(Debug)]
 struct PushCtx {
-    job: PushJob,
+    goal: Goal,
+    manifest: Arc<Manifest>,
+    cached: HashSet<Hash>,
     /// Entry index of each file, by file index.
     files: Vec<u32>,
     encoded: Vec<u8>,
@@ -200,6 +257,7 @@ struct PushCtx {
     chunk: usize,
     manifest_done: bool,
     needed: u64,
+    needed_bytes: u64,
     have_files: u64,
     have_bytes: u64,
     signatures: u64,
@@ -207,12 +265,13 @@ struct PushCtx {
     payload_bytes: u64,
     manifest_bytes: u64,
     manifest_delta: bool,
+    /// The encoding of the manifest the push named as its basis.
+    manifest_basis: Option<Arc<[u8]>>,
 }
 
 impl PushCtx {
     fn file(&self, file: u32) -> Option<(&RelPath, u64, Hash)> {
         let e = self
-            .job
             .manifest
             .entries()
             .get(*self.files.get(file as usize)? as usize)?;
@@ -226,11 +285,18 @@ impl PushCtx {
         self.manifest_done
     }
 
+    fn release(&self) -> &ReleaseId {
+        match &self.goal {
+            Goal::Release { release, .. } => release,
+            Goal::Mirror { .. } => unreachable!("only pushes have a release"),
+        }
+    }
+
     fn report(&self, staged: Staged, activated: bool) -> PushReport {
         PushReport {
-            release: self.job.release.clone(),
+            release: self.release().clone(),
             files: self.files.len() as u64,
-            bytes: self.job.manifest.total_file_bytes(),
+            bytes: self.manifest.total_file_bytes(),
             needed: self.needed,
             have_files: self.have_files,
             have_bytes: self.have_bytes,
@@ -258,6 +324,15 @@ struct Sending {
     total: u64,
 }
 
+/// The plan steps of a sync received so far.
+#[derive(Debug, Default)]
+struct PlanIn {
+    ops: Vec<MirrorOp>,
+    /// Entries of the manifest that a step already named (each may appear once).
+    named: Vec<bool>,
+    removals: u64,
+}
+
 #[derive(Debug)]
 enum State {
     Welcome,
@@ -268,6 +343,8 @@ enum State {
     Sending(Sending),
     AwaitStaged,
     AwaitActivated(Staged),
+    /// A sync's plan, as it arrives, then `Synced`.
+    AwaitSynced(PlanIn),
     Reply,
     Finished,
 }
@@ -283,6 +360,8 @@ pub struct ClientSession {
     clock: Deadlines,
     streams: u32,
     send_frame: usize,
+    /// Most removals a sync's plan may report (set by `Welcome`).
+    max_removals: u64,
     transmit: VecDeque<Vec<u8>>,
     requests: VecDeque<Request>,
     outcome: Option<Result<Outcome, ProtoError>>,
@@ -298,24 +377,84 @@ impl ClientSession {
             manifest_digest: Hash::of(&encoded),
             manifest_basis: job.manifest_basis.as_deref().map(Hash::of),
         };
-        let files = job
-            .manifest
+        let goal = Goal::Release {
+            release: job.release,
+            activate: job.activate,
+        };
+        let mut s = ClientSession::with_manifest(
+            config,
+            app,
+            command,
+            goal,
+            job.manifest,
+            job.cached,
+            encoded,
+            now,
+        );
+        if let Some(p) = &mut s.push {
+            p.manifest_basis = job.manifest_basis;
+        }
+        s
+    }
+
+    /// A session mirroring `job`'s tree into its export, started at `now` (ms).
+    pub fn sync(config: ClientConfig, job: SyncJob, now: u64) -> ClientSession {
+        let encoded = job.manifest.encode();
+        let command = Command::Sync {
+            export: job.export.clone(),
+            subpath: job.subpath,
+            delete: job.delete,
+            dry_run: job.dry_run,
+            excludes: job.excludes,
+            manifest_len: encoded.len() as u64,
+            manifest_digest: Hash::of(&encoded),
+        };
+        let goal = Goal::Mirror {
+            dry_run: job.dry_run,
+        };
+        ClientSession::with_manifest(
+            config,
+            job.export,
+            command,
+            goal,
+            job.manifest,
+            job.cached,
+            encoded,
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_manifest(
+        config: ClientConfig,
+        app: AppName,
+        command: Command,
+        goal: Goal,
+        manifest: Arc<Manifest>,
+        cached: HashSet<Hash>,
+        encoded: Vec<u8>,
+        now: u64,
+    ) -> ClientSession {
+        let files = manifest
             .entries()
             .iter()
             .enumerate()
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
             .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
             .collect();
-        let too_many = job.manifest.len() > u32::MAX as usize;
+        let too_many = manifest.len() > u32::MAX as usize;
         let mut s = ClientSession::start(config, app, command, now);
         s.push = Some(PushCtx {
-            job,
+            goal,
+            manifest,
+            cached,
             files,
             encoded,
             emitted: 0,
             chunk: 0,
             manifest_done: false,
             needed: 0,
+            needed_bytes: 0,
             have_files: 0,
             have_bytes: 0,
             signatures: 0,
@@ -323,6 +462,7 @@ impl ClientSession {
             payload_bytes: 0,
             manifest_bytes: 0,
             manifest_delta: false,
+            manifest_basis: None,
         });
         if too_many {
             s.fail(ProtoError::Limit(
@@ -332,8 +472,8 @@ impl ClientSession {
         s
     }
 
-    /// A session running a command other than a push (`Releases`, `Activate`, `Rollback`,
-    /// `Prune`).
+    /// A session running a command other than a push or a sync (`Releases`, `Activate`,
+    /// `Rollback`, `Prune`).
     pub fn command(
         config: ClientConfig,
         app: AppName,
@@ -371,6 +511,7 @@ impl ClientSession {
             state: State::Welcome,
             streams: 0,
             send_frame: 0,
+            max_removals: 0,
             transmit: VecDeque::from([hello]),
             requests: VecDeque::new(),
             outcome: None,
@@ -490,6 +631,7 @@ impl ClientSession {
             State::Sending(_) => ClientState::Transfer,
             State::AwaitStaged => ClientState::Staging,
             State::AwaitActivated(_) => ClientState::Activation,
+            State::AwaitSynced(_) => ClientState::Mirroring,
             State::Reply => ClientState::Command,
             State::Finished => ClientState::Finished,
         }
@@ -533,18 +675,24 @@ impl ClientSession {
             State::Sending(_) => "signatures",
             State::AwaitStaged => "Staged",
             State::AwaitActivated(_) => "Activated",
+            State::AwaitSynced(_) => "Synced",
             State::Reply => "the command's reply",
             State::Finished => "nothing",
         }
     }
 
     /// What the daemon owes within the message timeout, if anything. Building and activating a
-    /// release, and commands, may take long on the daemon: those waits are bounded by the push
-    /// timeout only.
+    /// release, applying a sync, and commands, may take long on the daemon: those waits are
+    /// bounded by the push timeout only. So is a sync's `Need`, which follows a scan (and hashing)
+    /// of the whole destination.
     fn waiting_for_daemon(&self) -> Option<&'static str> {
         match &self.state {
             State::Welcome => Some("Welcome"),
-            State::Need { .. } if self.push.as_ref().is_some_and(|p| p.manifest_emitted()) => {
+            State::Need { .. }
+                if self.push.as_ref().is_some_and(|p| {
+                    p.manifest_emitted() && matches!(p.goal, Goal::Release { .. })
+                }) =>
+            {
                 Some("Need")
             }
             State::Sending(s) if !s.pending_sig.is_empty() => Some("Signature"),
@@ -593,6 +741,8 @@ impl ClientSession {
                 self.on_signature(file, &data)
             }
             (State::AwaitStaged, DaemonMsg::Staged(staged)) => self.on_staged(staged),
+            (State::AwaitSynced(_), DaemonMsg::MirrorPlan { steps }) => self.on_plan(steps),
+            (State::AwaitSynced(_), DaemonMsg::Synced(synced)) => self.on_synced(synced),
             (State::AwaitActivated(_), DaemonMsg::Activated { release }) => {
                 let State::AwaitActivated(staged) =
                     std::mem::replace(&mut self.state, State::Finished)
@@ -600,10 +750,10 @@ impl ClientSession {
                     unreachable!("matched above")
                 };
                 let p = self.push.as_ref().expect("pushes have a context");
-                if release != p.job.release {
+                if release != *p.release() {
                     return Err(ProtoError::Protocol(format!(
                         "daemon activated release {release} but the client pushed {}",
-                        p.job.release
+                        p.release()
                     )));
                 }
                 let report = p.report(staged, true);
@@ -642,7 +792,7 @@ impl ClientSession {
         self.streams = limits.max_streams.min(self.config.max_streams).max(1);
         match &mut self.push {
             Some(p) => {
-                let entries = p.job.manifest.len() as u64;
+                let entries = p.manifest.len() as u64;
                 if entries > limits.max_manifest_entries {
                     return Err(ProtoError::Limit(format!(
                         "the manifest has {entries} entries but the daemon accepts at most {}; raise max_manifest_entries on the daemon or exclude files",
@@ -656,7 +806,7 @@ impl ClientSession {
                         limits.max_manifest_bytes
                     )));
                 }
-                let basis = match (manifest_basis, &p.job.manifest_basis) {
+                let basis = match (manifest_basis, &p.manifest_basis) {
                     (false, _) => None,
                     (true, Some(b)) => Some(b),
                     (true, None) => {
@@ -677,6 +827,11 @@ impl ClientSession {
                 p.manifest_delta = basis.is_some();
                 p.encoded = wire;
                 p.chunk = (self.send_frame - FRAME_OVERHEAD).min(MAX_MANIFEST_CHUNK);
+                // Removals name the destination's entries, which the daemon caps as it caps
+                // manifests; the client holds no more than that, nor more than its own cap.
+                self.max_removals = limits
+                    .max_manifest_entries
+                    .min(Limits::default().max_manifest_entries);
                 let count = p.files.len();
                 self.state = State::Need {
                     files: Vec::new(),
@@ -735,8 +890,21 @@ impl ClientSession {
             unreachable!("matched above")
         };
         p.needed = files.len() as u64;
+        p.needed_bytes = files
+            .iter()
+            .filter_map(|n| p.file(n.file))
+            .map(|(_, size, _)| size)
+            .sum();
         p.have_files = have_files;
         p.have_bytes = have_bytes;
+        if matches!(p.goal, Goal::Mirror { dry_run: true }) {
+            // Nothing to send: the daemon answers with the plan.
+            self.state = State::AwaitSynced(PlanIn {
+                named: vec![false; p.manifest.len()],
+                ..PlanIn::default()
+            });
+            return Ok(());
+        }
         self.plan(files)
     }
 
@@ -752,7 +920,7 @@ impl ClientSession {
             let (path, size, hash) = p.file(n.file).expect("checked against the file count");
             let method = match n.basis {
                 None => Method::Full,
-                Some(basis) if p.job.cached.contains(&basis.hash) => Method::ZstdRef { basis },
+                Some(basis) if p.cached.contains(&basis.hash) => Method::ZstdRef { basis },
                 Some(basis)
                     if basis.size >= self.config.rsync_min_basis
                         && signature_len(basis.size) + FRAME_OVERHEAD as u64
@@ -783,7 +951,7 @@ impl ClientSession {
         if s.total == 0 {
             self.transmit
                 .push_back(encode_frame(&ClientMsg::Done { files_sent: 0 }));
-            self.state = State::AwaitStaged;
+            self.state = self.after_done();
         } else {
             self.state = State::Sending(s);
         }
@@ -840,17 +1008,124 @@ impl ClientSession {
             self.transmit.push_back(encode_frame(&ClientMsg::Done {
                 files_sent: s.total,
             }));
-            self.state = State::AwaitStaged;
+            self.state = self.after_done();
         }
+        Ok(())
+    }
+
+    /// What the session waits for once every needed file went out.
+    fn after_done(&self) -> State {
+        let p = self.push.as_ref().expect("pushes have a context");
+        match p.goal {
+            Goal::Release { .. } => State::AwaitStaged,
+            Goal::Mirror { .. } => State::AwaitSynced(PlanIn {
+                named: vec![false; p.manifest.len()],
+                ..PlanIn::default()
+            }),
+        }
+    }
+
+    fn on_plan(&mut self, steps: Vec<MirrorStep>) -> Result<(), ProtoError> {
+        let p = self.push.as_ref().expect("syncs have a context");
+        let State::AwaitSynced(plan) = &mut self.state else {
+            unreachable!("checked by the caller")
+        };
+        for step in steps {
+            match step.entry() {
+                None => {
+                    plan.removals += 1;
+                    if plan.removals > self.max_removals {
+                        return Err(ProtoError::Limit(format!(
+                            "daemon reports more than {} removals, more entries than it may scan",
+                            self.max_removals
+                        )));
+                    }
+                }
+                Some(i) => {
+                    let seen = plan.named.get_mut(i as usize).ok_or_else(|| {
+                        ProtoError::Protocol(format!(
+                            "daemon's plan names entry {i} but the manifest has {} entries",
+                            p.manifest.len()
+                        ))
+                    })?;
+                    if std::mem::replace(seen, true) {
+                        return Err(ProtoError::Protocol(format!(
+                            "daemon's plan names {} twice",
+                            p.manifest.entries()[i as usize].path
+                        )));
+                    }
+                }
+            }
+            let op = step
+                .to_op(&p.manifest)
+                .map_err(|e| ProtoError::Protocol(format!("daemon's plan is malformed: {e}")))?;
+            plan.ops.push(op);
+        }
+        Ok(())
+    }
+
+    fn on_synced(&mut self, synced: Synced) -> Result<(), ProtoError> {
+        let p = self.push.as_ref().expect("syncs have a context");
+        let State::AwaitSynced(plan) = std::mem::replace(&mut self.state, State::Finished) else {
+            unreachable!("checked by the caller")
+        };
+        let dry_run = matches!(p.goal, Goal::Mirror { dry_run: true });
+        if synced.steps != plan.ops.len() as u64 {
+            return Err(ProtoError::Protocol(format!(
+                "daemon reports a plan of {} steps but sent {}",
+                synced.steps,
+                plan.ops.len()
+            )));
+        }
+        let summary = mirror_summary(&p.manifest, &plan.ops);
+        if summary != synced.summary {
+            return Err(ProtoError::Protocol(format!(
+                "daemon's summary {:?} does not match the plan it sent ({summary:?})",
+                synced.summary
+            )));
+        }
+        if synced.applied.is_some() == dry_run {
+            return Err(ProtoError::Protocol(if dry_run {
+                "daemon reports a dry run as applied".into()
+            } else {
+                "daemon reports the sync as not applied".into()
+            }));
+        }
+        let received = if dry_run { 0 } else { p.needed };
+        if synced.received != received {
+            return Err(ProtoError::Protocol(format!(
+                "daemon reports {} files received but the client sent {received}",
+                synced.received
+            )));
+        }
+        let report = SyncReport {
+            dry_run,
+            plan: MirrorPlan {
+                ops: plan.ops,
+                summary,
+            },
+            applied: synced.applied,
+            needed: p.needed,
+            needed_bytes: p.needed_bytes,
+            have_files: p.have_files,
+            have_bytes: p.have_bytes,
+            signatures: p.signatures,
+            sent_full: p.sent[0],
+            sent_zstd_ref: p.sent[1],
+            sent_rsync: p.sent[2],
+            payload_bytes: p.payload_bytes,
+        };
+        self.finish(Outcome::Synced(report));
         Ok(())
     }
 
     fn on_staged(&mut self, staged: Staged) -> Result<(), ProtoError> {
         let p = self.push.as_ref().expect("pushes have a context");
-        if staged.release != p.job.release {
+        if staged.release != *p.release() {
             return Err(ProtoError::Protocol(format!(
                 "daemon staged release {} but the client pushed {}",
-                staged.release, p.job.release
+                staged.release,
+                p.release()
             )));
         }
         if staged.files != p.files.len() as u64 {
@@ -860,9 +1135,9 @@ impl ClientSession {
                 p.files.len()
             )));
         }
-        if p.job.activate {
+        if matches!(p.goal, Goal::Release { activate: true, .. }) {
             self.transmit.push_back(encode_frame(&ClientMsg::Activate {
-                release: p.job.release.clone(),
+                release: p.release().clone(),
             }));
             self.state = State::AwaitActivated(staged);
         } else {
@@ -965,6 +1240,8 @@ mod tests {
                 export: AppName::new("x").unwrap(),
                 subpath: None,
                 delete: false,
+                dry_run: false,
+                excludes: vec![],
                 manifest_len: 1,
                 manifest_digest: Hash::of(b""),
             },
@@ -998,5 +1275,249 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.poll_timeout(), Some(30_000));
+    }
+
+    use crate::wire::Message as _;
+
+    /// The manifest of the sync tests: a directory, two files, a symlink.
+    fn sync_manifest() -> Arc<Manifest> {
+        Arc::new(
+            Manifest::from_unsorted(
+                vec![
+                    Entry::dir("d", 0o755).unwrap(),
+                    Entry::file("d/new", 5, 0o644, Hash::of(b"new!!")).unwrap(),
+                    Entry::file("same", 4, 0o644, Hash::of(b"same")).unwrap(),
+                    Entry::symlink("l", "same").unwrap(),
+                ],
+                &Policy::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn frames_of(s: &mut ClientSession) -> Vec<ClientMsg> {
+        std::iter::from_fn(|| s.poll_transmit(0))
+            .map(|f| decode(&f[4..]).unwrap())
+            .collect()
+    }
+
+    /// A sync session that sent its manifest and got a `Need` for `d/new` (file 0); for a real
+    /// sync the file was also sent, so the session waits for the plan.
+    fn sync_awaiting_plan(dry_run: bool) -> ClientSession {
+        let mut s = ClientSession::sync(
+            ClientConfig::default(),
+            SyncJob {
+                export: AppName::new("media").unwrap(),
+                subpath: Some(RelPath::new("img").unwrap()),
+                delete: true,
+                dry_run,
+                excludes: vec!["*.tmp".into()],
+                manifest: sync_manifest(),
+                cached: HashSet::new(),
+            },
+            0,
+        );
+        let welcome = DaemonMsg::Welcome {
+            version: VERSION,
+            limits: Limits::default(),
+            manifest_basis: false,
+        };
+        s.handle_control(&welcome.frame(), 1);
+        let sent = frames_of(&mut s);
+        match &sent[0] {
+            ClientMsg::Hello {
+                app,
+                command:
+                    Command::Sync {
+                        export,
+                        subpath,
+                        delete: true,
+                        dry_run: d,
+                        excludes,
+                        ..
+                    },
+                ..
+            } => {
+                assert_eq!((app.as_str(), export.as_str()), ("media", "media"));
+                assert_eq!(subpath.as_ref().map(RelPath::as_str), Some("img"));
+                assert_eq!(
+                    (*d, excludes.as_slice()),
+                    (dry_run, &["*.tmp".to_string()][..])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            sent.last(),
+            Some(ClientMsg::ManifestChunk { last: true, .. })
+        ));
+        // The daemon scans the destination before it answers: only the push timeout applies.
+        assert_eq!(
+            s.poll_timeout(),
+            Some(ClientConfig::default().push_timeout_ms)
+        );
+        let need = DaemonMsg::Need {
+            files: vec![NeedFile {
+                file: 0,
+                basis: None,
+            }],
+            last: true,
+            have_files: 1,
+            have_bytes: 4,
+        };
+        s.handle_control(&need.frame(), 2);
+        if !dry_run {
+            let Some(Request::SendFile(f)) = s.poll_request() else {
+                panic!("the needed file is sent")
+            };
+            assert_eq!(f.path.as_str(), "d/new");
+            s.file_sent(&f.header(DeltaFormat::Full, 9).unwrap(), 3);
+            assert_eq!(frames_of(&mut s), [ClientMsg::Done { files_sent: 1 }]);
+        } else {
+            assert_eq!(s.poll_request(), None, "a dry run sends no file");
+            assert_eq!(frames_of(&mut s), [], "nor Done");
+        }
+        assert_eq!(s.state(), ClientState::Mirroring);
+        s
+    }
+
+    /// What a daemon that created `d` and wrote `d/new` and `l` says.
+    fn good_plan() -> (Vec<MirrorStep>, Synced) {
+        let steps = vec![
+            MirrorStep::Remove {
+                path: RelPath::new("extra").unwrap(),
+                dir: false,
+            },
+            MirrorStep::CreateDir { entry: 0 },
+            MirrorStep::Write {
+                entry: 1,
+                delta: false,
+            },
+            MirrorStep::Symlink { entry: 2 },
+        ];
+        let ops: Vec<MirrorOp> = steps
+            .iter()
+            .map(|st| st.to_op(&sync_manifest()).unwrap())
+            .collect();
+        let synced = Synced {
+            summary: mirror_summary(&sync_manifest(), &ops),
+            applied: Some(MirrorStats {
+                removed: 1,
+                written_files: 1,
+                written_bytes: 5,
+                dirs: 1,
+            }),
+            steps: 4,
+            received: 1,
+            received_bytes: 9,
+        };
+        (steps, synced)
+    }
+
+    fn answer(s: &mut ClientSession, steps: Vec<MirrorStep>, synced: Synced) {
+        // In two pieces, as a daemon with a small max_frame sends them.
+        let (a, b) = steps.split_at(steps.len() / 2);
+        for piece in [a, b] {
+            let m = DaemonMsg::MirrorPlan {
+                steps: piece.to_vec(),
+            };
+            s.handle_control(&m.frame(), 4);
+        }
+        s.handle_control(&DaemonMsg::Synced(synced).frame(), 5);
+    }
+
+    #[test]
+    fn a_sync_reports_the_plan_rebuilt_from_its_own_manifest() {
+        let mut s = sync_awaiting_plan(false);
+        let (steps, synced) = good_plan();
+        answer(&mut s, steps, synced);
+        let Some(Ok(Outcome::Synced(r))) = s.outcome() else {
+            panic!("{:?}", s.outcome())
+        };
+        assert!(!r.dry_run);
+        assert_eq!((r.needed, r.needed_bytes, r.sent_full), (1, 5, 1));
+        assert_eq!((r.have_files, r.have_bytes), (1, 4));
+        assert_eq!(r.applied.as_ref().map(|a| a.written_files), Some(1));
+        assert_eq!(
+            r.plan.ops[2],
+            MirrorOp::Write {
+                path: RelPath::new("d/new").unwrap(),
+                size: 5,
+                mode: 0o644,
+                hash: Hash::of(b"new!!"),
+                basis: None,
+            }
+        );
+        assert_eq!(
+            (r.plan.summary.written_files, r.plan.summary.unchanged_files),
+            (1, 1)
+        );
+
+        let mut dry = sync_awaiting_plan(true);
+        let (steps, synced) = good_plan();
+        let synced = Synced {
+            applied: None,
+            received: 0,
+            received_bytes: 0,
+            ..synced
+        };
+        answer(&mut dry, steps, synced);
+        let Some(Ok(Outcome::Synced(r))) = dry.outcome() else {
+            panic!("{:?}", dry.outcome())
+        };
+        assert!(r.dry_run && r.applied.is_none());
+        assert_eq!((r.needed, r.sent_full), (1, 0));
+    }
+
+    #[test]
+    fn a_sync_answer_that_does_not_add_up_is_refused() {
+        type Edit = fn(&mut Vec<MirrorStep>, &mut Synced);
+        let table: Vec<(&str, bool, Edit)> = vec![
+            ("entry twice", false, |st, sy| {
+                st.push(MirrorStep::Symlink { entry: 2 });
+                sy.steps += 1;
+            }),
+            ("entry out of range", false, |st, sy| {
+                st.push(MirrorStep::SetDirMode { entry: 4 });
+                sy.steps += 1;
+            }),
+            ("write of a directory", false, |st, _| {
+                st[1] = MirrorStep::Write {
+                    entry: 0,
+                    delta: false,
+                };
+            }),
+            ("step count", false, |_, sy| sy.steps = 3),
+            ("summary", false, |_, sy| sy.summary.written_files = 2),
+            ("not applied", false, |_, sy| sy.applied = None),
+            ("received", false, |_, sy| sy.received = 0),
+            ("dry run applied", true, |_, sy| sy.received = 0),
+        ];
+        for (name, dry_run, edit) in table {
+            let mut s = sync_awaiting_plan(dry_run);
+            let (mut steps, mut synced) = good_plan();
+            if dry_run {
+                synced.received = 0;
+            }
+            edit(&mut steps, &mut synced);
+            answer(&mut s, steps, synced);
+            assert!(
+                matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))),
+                "{name}: {:?}",
+                s.outcome()
+            );
+        }
+        // The daemon's answer to a push is no answer to a sync.
+        let mut s = sync_awaiting_plan(false);
+        let staged = DaemonMsg::Staged(Staged {
+            release: ReleaseId::new("r").unwrap(),
+            files: 2,
+            bytes: 9,
+            linked: 0,
+            received: 1,
+            received_bytes: 9,
+        });
+        s.handle_control(&staged.frame(), 4);
+        assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));
     }
 }

@@ -1,5 +1,6 @@
 //! The daemon's side of a connection: authorize, receive a manifest and the files it lacks, and
-//! ask its driver to build and activate the release.
+//! ask its driver to build and activate the release, or (for `relsync sync`) to mirror the tree
+//! into an export.
 //!
 //! The session decides and the driver acts. The driver authorizes the peer ([`Request::Open`]),
 //! computes what is missing ([`Request::ComputeNeed`], usually with [`compute_need`]), computes
@@ -9,6 +10,12 @@
 //! for a release to be staged unless every needed file arrived and verified, and it admits file
 //! payloads only within the bytes-in-flight budget: a header beyond it waits in a queue until
 //! earlier files finish.
+//!
+//! A sync runs the same exchange up to the last file: the need is computed against the export's
+//! destination ([`Request::ComputeMirrorNeed`]), and instead of staging the session asks for the
+//! mirror to be applied ([`Request::Mirror`]), then reports the plan's steps and the counts
+//! (`MirrorPlan`, `Synced`) and ends. A dry run asks for the plan right after `Need` and receives
+//! no files.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,12 +23,13 @@ use std::sync::Arc;
 use crate::delta::DeltaFormat;
 use crate::manifest::{EntryKind, Hash, Manifest, Policy};
 use crate::path::RelPath;
+use crate::plan::{MirrorPlan, MirrorStats};
 use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, max_payload_len, peek_version, AppName, BasisRef, ClientMsg, Command,
-    DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, NeedFile, ReleaseInfo, Staged,
-    WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_FILE_HEADER, MAX_MAX_FRAME, MIN_MAX_FRAME,
-    VERSION,
+    DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, ReleaseInfo,
+    Staged, Synced, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_EXCLUDES, MAX_EXCLUDE_LEN,
+    MAX_FILE_HEADER, MAX_MAX_FRAME, MIN_MAX_FRAME, VERSION,
 };
 
 use super::{Deadlines, ProtoError};
@@ -35,16 +43,26 @@ const FRAME_OVERHEAD: usize = 64;
 /// or with [`Event::Failed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Check that the peer's key may use `app`, take the app's lock when `command` changes
-    /// anything, and recover the app root; for a push naming a `manifest_basis`, look for a
-    /// kept release whose manifest encodes to that digest. Answer [`Event::Opened`]; refuse with
-    /// [`Event::Failed`] (`Unauthorized`, `Busy`, ...).
+    /// Check that the peer's key may use `app` (for a sync: the export), take the app's (or
+    /// export's) lock when `command` changes anything, and recover what an interrupted run left;
+    /// for a push naming a `manifest_basis`, look for a kept release whose manifest encodes to
+    /// that digest. Answer [`Event::Opened`]; refuse with [`Event::Failed`] (`Unauthorized`,
+    /// `Busy`, ...).
     Open { app: AppName, command: Command },
     /// Find which files of `manifest` the daemon lacks. Answer [`Event::Need`] (see
     /// [`compute_need`]).
     ComputeNeed {
         release: ReleaseId,
         manifest: Arc<Manifest>,
+    },
+    /// For a sync: scan the destination and find which files of `manifest` it lacks (see
+    /// [`compute_need`], with the destination as the current release: a basis is the
+    /// destination's file at the same path). Unless `dry_run`, secure the content the destination
+    /// already holds so that removals of the mirror cannot take it away before it is copied.
+    /// Answer [`Event::Need`].
+    ComputeMirrorNeed {
+        manifest: Arc<Manifest>,
+        dry_run: bool,
     },
     /// Compute rsync signatures of these bases. Answer one [`Event::Signature`] per file.
     Signatures { files: Vec<SignatureJob> },
@@ -59,6 +77,14 @@ pub enum Request {
     Stage {
         release: ReleaseId,
         manifest: Arc<Manifest>,
+    },
+    /// For a sync, once every needed file is stored: plan the mirror of `manifest` into the
+    /// destination (`plan::plan_mirror`) and, unless `dry_run`, apply it. Answer
+    /// [`Event::Mirrored`].
+    Mirror {
+        manifest: Arc<Manifest>,
+        delete: bool,
+        dry_run: bool,
     },
     /// Point `current` at `release` (already current is fine) and fsync. Answer
     /// [`Event::Activated`].
@@ -98,6 +124,11 @@ pub enum Event {
     Releases(Vec<ReleaseInfo>),
     Pruned {
         removed: Vec<ReleaseId>,
+    },
+    /// The mirror's plan, and what applying it did (`None` for a dry run).
+    Mirrored {
+        plan: Box<MirrorPlan>,
+        applied: Option<MirrorStats>,
     },
     /// The request failed; the session ends and tells the client `kind` and `message`.
     Failed {
@@ -171,6 +202,8 @@ pub enum Outcome {
     Pruned {
         removed: Vec<ReleaseId>,
     },
+    /// A sync was applied (or, for a dry run, planned).
+    Synced(Synced),
 }
 
 /// Where a session stands, for logs and tests.
@@ -186,6 +219,8 @@ pub enum DaemonState {
     Transfer,
     /// Waiting for the driver to build the release.
     Staging,
+    /// Waiting for the driver to plan and apply a sync.
+    Mirroring,
     /// Release staged; waiting for `Activate`, or activating.
     Activation,
     /// Waiting for the driver to carry out a command.
@@ -228,10 +263,17 @@ pub fn compute_need(
     out
 }
 
+/// What the received manifest is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Goal {
+    Release(ReleaseId),
+    Mirror { delete: bool, dry_run: bool },
+}
+
 /// The manifest being received: a zstd frame of its encoding, against `basis` if any.
 #[derive(Debug)]
 struct ManifestIn {
-    release: ReleaseId,
+    goal: Goal,
     len: u64,
     digest: Hash,
     basis: Option<Arc<[u8]>>,
@@ -239,10 +281,11 @@ struct ManifestIn {
     policy: Policy,
 }
 
-/// A validated push: the release, its manifest and where each file sits among the entries.
+/// A validated push or sync: what it is for, its manifest and where each file sits among the
+/// entries.
 #[derive(Debug, Clone)]
 struct Push {
-    release: ReleaseId,
+    goal: Goal,
     manifest: Arc<Manifest>,
     /// Entry index of each file, by file index.
     files: Vec<u32>,
@@ -350,6 +393,7 @@ enum State {
     ComputingNeed(Push),
     Receiving(Transfer),
     Staging(Transfer),
+    Mirroring(Transfer),
     Staged { staged: Staged },
     Activating { staged: Staged },
     Command(Awaiting),
@@ -541,6 +585,7 @@ impl DaemonSession {
             State::ComputingNeed(_) => DaemonState::ComputingNeed,
             State::Receiving(_) => DaemonState::Transfer,
             State::Staging(_) => DaemonState::Staging,
+            State::Mirroring(_) => DaemonState::Mirroring,
             State::Staged { .. } | State::Activating { .. } => DaemonState::Activation,
             State::Command(_) => DaemonState::Command,
             State::Finished => DaemonState::Finished,
@@ -605,6 +650,7 @@ impl DaemonSession {
             State::Receiving(t) if !t.done => "files and Done",
             State::Receiving(_) => "files to be stored",
             State::Staging(_) => "the release to be built",
+            State::Mirroring(_) => "the sync to be applied",
             State::Staged { .. } => "Activate or the end of the control stream",
             State::Activating { .. } => "activation",
             State::Command(_) => "the command to complete",
@@ -677,13 +723,30 @@ impl DaemonSession {
             )));
         }
         self.client_max_frame = max_frame.min(MAX_MAX_FRAME);
-        match &command {
-            Command::Sync { .. } => {
-                return Err(ProtoError::Protocol(
-                    "sync is not supported by this daemon yet; upgrade relsyncd".into(),
-                ))
+        if let Command::Sync {
+            export, excludes, ..
+        } = &command
+        {
+            if *export != app {
+                return Err(ProtoError::Protocol(format!(
+                    "Hello names {app} but the sync is for export {export}"
+                )));
             }
-            Command::Push { manifest_len, .. } => {
+            if excludes.len() > MAX_EXCLUDES {
+                return Err(ProtoError::Limit(format!(
+                    "{} exclude patterns, over the limit of {MAX_EXCLUDES}; use fewer, broader patterns",
+                    excludes.len()
+                )));
+            }
+            if let Some(p) = excludes.iter().find(|p| p.len() > MAX_EXCLUDE_LEN) {
+                return Err(ProtoError::Limit(format!(
+                    "an exclude pattern of {} bytes is over the limit of {MAX_EXCLUDE_LEN}",
+                    p.len()
+                )));
+            }
+        }
+        match &command {
+            Command::Push { manifest_len, .. } | Command::Sync { manifest_len, .. } => {
                 if *manifest_len > self.limits.max_manifest_bytes {
                     return Err(ProtoError::Limit(format!(
                         "manifest of {manifest_len} bytes is over the daemon's max_manifest_bytes of {}; raise it in the daemon configuration or split the app",
@@ -691,9 +754,10 @@ impl DaemonSession {
                     )));
                 }
                 if *manifest_len == 0 {
-                    return Err(ProtoError::Protocol(
-                        "push announces an empty manifest encoding".into(),
-                    ));
+                    return Err(ProtoError::Protocol(format!(
+                        "{} announces an empty manifest encoding",
+                        command.name()
+                    )));
                 }
             }
             _ => {}
@@ -761,13 +825,19 @@ impl DaemonSession {
             .map(|(i, _)| i as u32)
             .collect();
         let push = Push {
-            release: m.release.clone(),
+            goal: m.goal.clone(),
             manifest: Arc::new(manifest),
             files,
         };
-        self.requests.push_back(Request::ComputeNeed {
-            release: push.release.clone(),
-            manifest: Arc::clone(&push.manifest),
+        self.requests.push_back(match &push.goal {
+            Goal::Release(release) => Request::ComputeNeed {
+                release: release.clone(),
+                manifest: Arc::clone(&push.manifest),
+            },
+            Goal::Mirror { dry_run, .. } => Request::ComputeMirrorNeed {
+                manifest: Arc::clone(&push.manifest),
+                dry_run: *dry_run,
+            },
         });
         self.state = State::ComputingNeed(push);
         Ok(())
@@ -1014,11 +1084,23 @@ impl DaemonSession {
         let State::Receiving(t) = std::mem::replace(&mut self.state, State::Finished) else {
             unreachable!("checked above")
         };
-        self.requests.push_back(Request::Stage {
-            release: t.push.release.clone(),
-            manifest: Arc::clone(&t.push.manifest),
-        });
-        self.state = State::Staging(t);
+        self.state = match t.push.goal.clone() {
+            Goal::Release(release) => {
+                self.requests.push_back(Request::Stage {
+                    release,
+                    manifest: Arc::clone(&t.push.manifest),
+                });
+                State::Staging(t)
+            }
+            Goal::Mirror { delete, dry_run } => {
+                self.requests.push_back(Request::Mirror {
+                    manifest: Arc::clone(&t.push.manifest),
+                    delete,
+                    dry_run,
+                });
+                State::Mirroring(t)
+            }
+        };
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), ProtoError> {
@@ -1053,10 +1135,24 @@ impl DaemonSession {
                         manifest_digest,
                         ..
                     } => State::Manifest(ManifestIn {
-                        release,
+                        goal: Goal::Release(release),
                         len: manifest_len,
                         digest: manifest_digest,
                         basis,
+                        buf: Vec::new(),
+                        policy,
+                    }),
+                    Command::Sync {
+                        delete,
+                        dry_run,
+                        manifest_len,
+                        manifest_digest,
+                        ..
+                    } => State::Manifest(ManifestIn {
+                        goal: Goal::Mirror { delete, dry_run },
+                        len: manifest_len,
+                        digest: manifest_digest,
+                        basis: None,
                         buf: Vec::new(),
                         policy,
                     }),
@@ -1078,9 +1174,6 @@ impl DaemonSession {
                     Command::Prune { keep } => {
                         self.requests.push_back(Request::Prune { keep });
                         State::Command(Awaiting::Prune)
-                    }
-                    Command::Sync { .. } => {
-                        return Err(ProtoError::Misuse("sync was opened".into()));
                     }
                 };
                 Ok(())
@@ -1109,8 +1202,11 @@ impl DaemonSession {
                 Ok(())
             }
             (State::Staging(t), Event::Staged { linked }) => {
+                let Goal::Release(release) = &t.push.goal else {
+                    unreachable!("only releases are staged")
+                };
                 let staged = Staged {
-                    release: t.push.release.clone(),
+                    release: release.clone(),
                     files: t.push.files.len() as u64,
                     bytes: t.push.manifest.total_file_bytes(),
                     linked,
@@ -1148,6 +1244,9 @@ impl DaemonSession {
                 });
                 self.finish(Outcome::RolledBack { release });
                 Ok(())
+            }
+            (State::Mirroring(t), Event::Mirrored { plan, applied }) => {
+                self.on_mirrored(&t, *plan, applied)
             }
             (State::Command(Awaiting::Releases), Event::Releases(list)) => {
                 self.send_reply(&DaemonMsg::Releases { list }, "release list")?;
@@ -1236,6 +1335,7 @@ impl DaemonSession {
             });
         }
         let n = slots.len();
+        let dry_run = matches!(push.goal, Goal::Mirror { dry_run: true, .. });
         self.state = State::Receiving(Transfer {
             push,
             slots,
@@ -1244,10 +1344,73 @@ impl DaemonSession {
             unarrived: 0,
             in_flight: 0,
             queue: VecDeque::new(),
-            done: false,
+            // A dry run receives nothing: the plan follows the need at once.
+            done: dry_run,
             received: 0,
             received_bytes: 0,
         });
+        if dry_run {
+            let State::Receiving(t) = std::mem::replace(&mut self.state, State::Finished) else {
+                unreachable!("set above")
+            };
+            self.requests.push_back(Request::Mirror {
+                manifest: Arc::clone(&t.push.manifest),
+                delete: matches!(t.push.goal, Goal::Mirror { delete: true, .. }),
+                dry_run: true,
+            });
+            self.state = State::Mirroring(t);
+        }
+        Ok(())
+    }
+
+    /// Reports a sync's plan, in pieces that fit the client's frames, then its counts, and ends.
+    fn on_mirrored(
+        &mut self,
+        t: &Transfer,
+        plan: MirrorPlan,
+        applied: Option<MirrorStats>,
+    ) -> Result<(), ProtoError> {
+        let dry_run = matches!(t.push.goal, Goal::Mirror { dry_run: true, .. });
+        if applied.is_none() != dry_run {
+            return Err(ProtoError::Misuse(format!(
+                "the driver {} a sync that was {}a dry run",
+                if applied.is_some() {
+                    "applied"
+                } else {
+                    "did not apply"
+                },
+                if dry_run { "" } else { "not " }
+            )));
+        }
+        let budget = self.client_max_frame as usize - FRAME_OVERHEAD;
+        let mut piece = Vec::new();
+        let mut size = 0;
+        for op in &plan.ops {
+            let step = MirrorStep::of(op, &t.push.manifest).ok_or_else(|| {
+                ProtoError::Misuse(format!("the mirror plan has {op:?}, not in the manifest"))
+            })?;
+            let n = step.max_encoded_len();
+            if size + n > budget && !piece.is_empty() {
+                self.send(&DaemonMsg::MirrorPlan {
+                    steps: std::mem::take(&mut piece),
+                });
+                size = 0;
+            }
+            size += n;
+            piece.push(step);
+        }
+        if !piece.is_empty() {
+            self.send(&DaemonMsg::MirrorPlan { steps: piece });
+        }
+        let synced = Synced {
+            summary: plan.summary,
+            applied,
+            steps: plan.ops.len() as u64,
+            received: t.received,
+            received_bytes: t.received_bytes,
+        };
+        self.send(&DaemonMsg::Synced(synced.clone()));
+        self.finish(Outcome::Synced(synced));
         Ok(())
     }
 }
@@ -1433,19 +1596,42 @@ mod tests {
             max_frame: 100,
         }
         .frame();
-        let sync = hello(Command::Sync {
-            export: AppName::new("media").unwrap(),
-            subpath: None,
-            delete: false,
-            manifest_len: 10,
-            manifest_digest: h(0),
-        });
+        let sync = |export: &str, excludes: Vec<String>, len| {
+            hello(Command::Sync {
+                export: AppName::new(export).unwrap(),
+                subpath: None,
+                delete: false,
+                dry_run: false,
+                excludes,
+                manifest_len: len,
+                manifest_digest: h(0),
+            })
+        };
         let future = vec![0, 0, 0, 4, 0, 7, 0xAB, 0xCD];
         let table: Vec<(&str, Vec<u8>, ErrorKind)> = vec![
             ("too big", hello(push(u64::MAX)), ErrorKind::Limit),
             ("empty", hello(push(0)), ErrorKind::BadRequest),
             ("tiny max_frame", small_frame, ErrorKind::BadRequest),
-            ("sync", sync, ErrorKind::BadRequest),
+            (
+                "sync into another export than Hello names",
+                sync("media", vec![], 10),
+                ErrorKind::BadRequest,
+            ),
+            (
+                "sync with too many excludes",
+                sync("shop", vec!["x".into(); MAX_EXCLUDES + 1], 10),
+                ErrorKind::Limit,
+            ),
+            (
+                "sync with a huge exclude",
+                sync("shop", vec!["x".repeat(MAX_EXCLUDE_LEN + 1)], 10),
+                ErrorKind::Limit,
+            ),
+            (
+                "sync of an empty manifest",
+                sync("shop", vec![], 0),
+                ErrorKind::BadRequest,
+            ),
             ("future version", future, ErrorKind::Version),
             (
                 "not hello",
@@ -1500,5 +1686,223 @@ mod tests {
         let (_, message) = error_of(&mut s);
         assert!(message.len() <= MAX_ERROR_MESSAGE);
         assert!(message.len() >= MAX_ERROR_MESSAGE - 1);
+    }
+
+    /// A sync session past `Need` for `manifest(files)`, with the requests it made so far.
+    fn sync_until_need(dry_run: bool, files: &[(&str, u8, u64)]) -> (DaemonSession, Manifest) {
+        let m = manifest(files);
+        let encoded = m.encode();
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_control(
+            &hello(Command::Sync {
+                export: AppName::new("shop").unwrap(),
+                subpath: Some(RelPath::new("img").unwrap()),
+                delete: true,
+                dry_run,
+                excludes: vec!["*.log".into()],
+                manifest_len: encoded.len() as u64,
+                manifest_digest: Hash::of(&encoded),
+            }),
+            1,
+        );
+        assert!(matches!(
+            s.poll_request(),
+            Some(Request::Open {
+                command: Command::Sync { .. },
+                ..
+            })
+        ));
+        s.handle_event(
+            Event::Opened {
+                policy: Policy::default(),
+                manifest_basis: None,
+            },
+            2,
+        );
+        let mut packed = Vec::new();
+        crate::delta::encode_full(&encoded, &mut packed).unwrap();
+        let chunk = ClientMsg::ManifestChunk {
+            data: packed,
+            last: true,
+        };
+        s.handle_control(&chunk.frame(), 3);
+        match s.poll_request() {
+            Some(Request::ComputeMirrorNeed {
+                manifest: got,
+                dry_run: d,
+            }) => assert_eq!((&*got, d), (&m, dry_run)),
+            other => panic!("{other:?}"),
+        }
+        let need = compute_need(&m, None, |_| false);
+        s.handle_event(Event::Need(need), 4);
+        (s, m)
+    }
+
+    fn sent(s: &mut DaemonSession) -> Vec<DaemonMsg> {
+        std::iter::from_fn(|| s.poll_transmit(0))
+            .map(|f| {
+                assert!(
+                    f.len() - 4 <= MIN_MAX_FRAME as usize,
+                    "frame over max_frame"
+                );
+                decode(&f[4..]).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sync_is_applied_once_every_file_arrived_and_its_plan_reported_in_pieces() {
+        let (mut s, m) = sync_until_need(false, &[("a", 1, 10), ("b", 2, 20)]);
+        let header = |file| FileHeader {
+            file,
+            format: DeltaFormat::Full,
+            basis: None,
+            payload_len: 7,
+        };
+        for file in [0, 1] {
+            s.accept_file(&header(file).frame()[4..], 5);
+            assert!(matches!(s.poll_request(), Some(Request::Receive(_))));
+        }
+        s.file_finished(0, Ok(()), 6);
+        s.handle_control(&ClientMsg::Done { files_sent: 2 }.frame(), 6);
+        assert_eq!(s.poll_request(), None, "file 1 is still being stored");
+        s.file_finished(1, Ok(()), 7);
+        match s.poll_request() {
+            Some(Request::Mirror {
+                manifest,
+                delete: true,
+                dry_run: false,
+            }) => assert_eq!(*manifest, m),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.state(), DaemonState::Mirroring);
+        // Enough removals of long paths to need several frames.
+        let dst: Vec<Entry> = (0..2000)
+            .map(|i| Entry::file(&format!("{}/{i}", "x".repeat(200)), 1, 0o644, h(9)).unwrap())
+            .chain([Entry::dir(&"x".repeat(200), 0o755).unwrap()])
+            .collect();
+        let dst = Manifest::from_unsorted(dst, &Policy::default()).unwrap();
+        let mut plan = crate::plan::plan_mirror(&m, &manifest(&[]), true);
+        let removals: Vec<_> = dst
+            .entries()
+            .iter()
+            .map(|e| crate::plan::MirrorOp::Remove {
+                path: e.path.clone(),
+                dir: e.is_dir(),
+            })
+            .collect();
+        plan.ops.splice(0..0, removals);
+        plan.summary.removed = 2001;
+        let applied = MirrorStats {
+            removed: 2001,
+            written_files: 2,
+            written_bytes: 30,
+            dirs: 0,
+        };
+        s.handle_event(
+            Event::Mirrored {
+                plan: Box::new(plan.clone()),
+                applied: Some(applied.clone()),
+            },
+            8,
+        );
+        let frames = sent(&mut s);
+        assert!(matches!(frames[0], DaemonMsg::Welcome { .. }));
+        assert!(matches!(frames[1], DaemonMsg::Need { .. }));
+        let pieces: Vec<&Vec<MirrorStep>> = frames
+            .iter()
+            .filter_map(|f| match f {
+                DaemonMsg::MirrorPlan { steps } => Some(steps),
+                _ => None,
+            })
+            .collect();
+        assert!(pieces.len() > 1, "{} pieces", pieces.len());
+        let ops: Vec<_> = pieces
+            .iter()
+            .flat_map(|p| p.iter())
+            .map(|st| st.to_op(&m).unwrap())
+            .collect();
+        assert_eq!(ops, plan.ops);
+        let synced = Synced {
+            summary: plan.summary,
+            applied: Some(applied),
+            steps: 2003,
+            received: 2,
+            received_bytes: 14,
+        };
+        assert_eq!(frames.last(), Some(&DaemonMsg::Synced(synced.clone())));
+        assert_eq!(
+            s.outcome().unwrap().as_ref().unwrap(),
+            &Outcome::Synced(synced)
+        );
+    }
+
+    #[test]
+    fn a_dry_run_plans_right_after_the_need_and_receives_nothing() {
+        let (mut s, m) = sync_until_need(true, &[("a", 1, 10)]);
+        match s.poll_request() {
+            Some(Request::Mirror {
+                manifest,
+                dry_run: true,
+                ..
+            }) => assert_eq!(*manifest, m),
+            other => panic!("{other:?}"),
+        }
+        let header = FileHeader {
+            file: 0,
+            format: DeltaFormat::Full,
+            basis: None,
+            payload_len: 7,
+        };
+        s.accept_file(&header.frame()[4..], 5);
+        assert_eq!(error_of(&mut s).0, ErrorKind::BadRequest);
+
+        // A driver that applies a dry run is a bug, told as an internal error.
+        let (mut s, m) = sync_until_need(true, &[("a", 1, 10)]);
+        let _ = s.poll_request();
+        let plan = crate::plan::plan_mirror(&m, &manifest(&[]), false);
+        s.handle_event(
+            Event::Mirrored {
+                plan: Box::new(plan.clone()),
+                applied: Some(MirrorStats::default()),
+            },
+            6,
+        );
+        assert_eq!(error_of(&mut s).0, ErrorKind::Internal);
+
+        let (mut s, _) = sync_until_need(true, &[("a", 1, 10)]);
+        let _ = s.poll_request();
+        s.handle_event(
+            Event::Mirrored {
+                plan: Box::new(plan),
+                applied: None,
+            },
+            6,
+        );
+        let frames = sent(&mut s);
+        let Some(DaemonMsg::Synced(synced)) = frames.last() else {
+            panic!("{frames:?}")
+        };
+        assert_eq!((synced.applied.as_ref(), synced.steps), (None, 1));
+        assert!(matches!(s.outcome(), Some(Ok(Outcome::Synced(_)))));
+    }
+
+    #[test]
+    fn a_plan_naming_paths_outside_the_manifest_is_a_driver_bug() {
+        let (mut s, m) = sync_until_need(true, &[("a", 1, 10)]);
+        let _ = s.poll_request();
+        let mut plan = crate::plan::plan_mirror(&m, &manifest(&[]), false);
+        plan.ops.push(crate::plan::MirrorOp::Symlink {
+            path: RelPath::new("elsewhere").unwrap(),
+            target: "a".into(),
+        });
+        s.handle_event(
+            Event::Mirrored {
+                plan: Box::new(plan),
+                applied: None,
+            },
+            6,
+        );
+        assert_eq!(error_of(&mut s).0, ErrorKind::Internal);
     }
 }

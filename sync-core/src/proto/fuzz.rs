@@ -8,15 +8,17 @@
 //!
 //! Session inputs are records: `[tag][len: u32 LE][bytes]`, read zero-padded past the end. The
 //! tag's low bit selects the stream (0: control bytes, 1: a file header frame body, daemon side
-//! only) and its other bits advance the simulated clock by that many seconds first.
+//! only) and its other bits advance the simulated clock by that many seconds first. The input of
+//! [`client_sync_one`] starts with one byte choosing a dry run (odd) or a real sync (even).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::client::{self, ClientConfig, ClientSession, PushJob};
+use super::client::{self, ClientConfig, ClientSession, PushJob, SyncJob};
 use super::daemon::{self, compute_need, DaemonSession, Event};
 use crate::delta::{BasisSignature, DeltaFormat};
 use crate::manifest::{Entry, Hash, Manifest, Policy};
+use crate::plan::{plan_mirror, MirrorStats};
 use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, AppName, ClientMsg, DaemonMsg, ErrorKind, FileHeader, FrameDecoder,
@@ -149,15 +151,17 @@ pub struct DaemonRun {
     pub needed: usize,
     pub received: usize,
     pub staged: bool,
+    /// A sync was applied or, for a dry run, planned.
+    pub mirrored: bool,
     pub frames: Vec<DaemonMsg>,
 }
 
 /// Fuzz [`DaemonSession`] with arbitrary client bytes (see the module doc for the layout),
 /// answering every request as a healthy driver would.
 ///
-/// Panics if the session sends a frame that is not a daemon message, asks to stage before every
-/// needed file was received and verified, admits payloads beyond the budget, or ends without
-/// a final `Error` frame on failure.
+/// Panics if the session sends a frame that is not a daemon message, asks to stage or apply a
+/// sync before every needed file was received and verified (or, for a dry run, after receiving
+/// any), admits payloads beyond the budget, or ends without a final `Error` frame on failure.
 pub fn daemon_session_one(data: &[u8]) -> DaemonRun {
     let limits = fuzz_limits();
     let current = fuzz_current();
@@ -207,7 +211,8 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                     },
                     now,
                 ),
-                daemon::Request::ComputeNeed { manifest, .. } => {
+                daemon::Request::ComputeNeed { manifest, .. }
+                | daemon::Request::ComputeMirrorNeed { manifest, .. } => {
                     let need = compute_need(&manifest, Some(current), |h| {
                         current.files().any(|(_, _, _, c)| c == h)
                     });
@@ -232,6 +237,27 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                     );
                     run.staged = true;
                     s.handle_event(Event::Staged { linked: 0 }, now);
+                }
+                daemon::Request::Mirror {
+                    manifest,
+                    delete,
+                    dry_run,
+                } => {
+                    let want = if dry_run { 0 } else { run.needed };
+                    assert_eq!(
+                        run.received, want,
+                        "sync applied before every needed file arrived, or a dry run received files"
+                    );
+                    run.mirrored = true;
+                    let plan = plan_mirror(&manifest, current, delete);
+                    let applied = (!dry_run).then(MirrorStats::default);
+                    s.handle_event(
+                        Event::Mirrored {
+                            plan: Box::new(plan),
+                            applied,
+                        },
+                        now,
+                    );
                 }
                 daemon::Request::Activate { release } => {
                     s.handle_event(Event::Activated { release }, now)
@@ -332,6 +358,81 @@ pub fn client_session_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
     match outcome {
         Ok(o) => Ok(o.clone()),
         Err(e) => Err(e.kind()),
+    }
+}
+
+/// Fuzz [`ClientSession`] syncing [`fuzz_manifest`] into an export with arbitrary daemon bytes;
+/// the first input byte picks a dry run (odd) or a real sync (even), the rest are records.
+///
+/// Panics if the client sends an invalid or oversized frame, hands out a file outside its
+/// manifest (or any file in a dry run), or reports success without the daemon's `Synced`, with a
+/// plan that is not made of its own manifest's entries, or before every needed file was sent.
+pub fn client_sync_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
+    let dry_run = data.first().is_some_and(|b| b & 1 == 1);
+    let manifest = Arc::new(fuzz_manifest());
+    let mut c = ClientSession::sync(fuzz_client_config(), sync_job(&manifest, dry_run), 0);
+    let mut run = ClientRun::default();
+    let mut now = 0u64;
+    client_drive(&mut c, &mut run, &manifest, now);
+    for (tag, body) in Records(data.get(1..).unwrap_or(&[])) {
+        now += u64::from(tag >> 1) * 1000;
+        c.handle_timeout(now);
+        c.handle_control(body, now);
+        client_drive(&mut c, &mut run, &manifest, now);
+    }
+    c.handle_control_end(now);
+    client_drive(&mut c, &mut run, &manifest, now);
+    let outcome = c
+        .outcome()
+        .expect("a closed control stream ends the session");
+    if dry_run {
+        assert_eq!(run.files_sent, 0, "a dry run sent a file");
+    }
+    if let Ok(o) = outcome {
+        let client::Outcome::Synced(r) = o else {
+            panic!("a sync ended with {o:?}")
+        };
+        assert_eq!(r.dry_run, dry_run);
+        assert_eq!(r.applied.is_none(), dry_run, "applied state");
+        if !dry_run {
+            assert_eq!(
+                r.sent_full + r.sent_zstd_ref + r.sent_rsync,
+                r.needed,
+                "success before every needed file was sent"
+            );
+        }
+        for op in &r.plan.ops {
+            if let crate::plan::MirrorOp::Write { path, hash, .. } = op {
+                assert!(
+                    manifest.files().any(|(p, _, _, h)| p == path && h == hash),
+                    "a write of something the client did not send"
+                );
+            }
+        }
+    }
+    match outcome {
+        Ok(o) => Ok(o.clone()),
+        Err(e) => Err(e.kind()),
+    }
+}
+
+fn fuzz_client_config() -> ClientConfig {
+    ClientConfig {
+        max_frame: MIN_MAX_FRAME,
+        max_streams: 4,
+        ..ClientConfig::default()
+    }
+}
+
+fn sync_job(manifest: &Arc<Manifest>, dry_run: bool) -> SyncJob {
+    SyncJob {
+        export: AppName::new("fuzz").expect("valid name"),
+        subpath: Some(crate::path::RelPath::new("mirror").expect("valid path")),
+        delete: true,
+        dry_run,
+        excludes: vec!["*.log".into()],
+        manifest: Arc::clone(manifest),
+        cached: HashSet::from([Hash::of(b"index v1")]),
     }
 }
 
@@ -450,6 +551,33 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     record(&mut lumped, 0, &daemon_bytes);
     out.push(("client_session", "need_before_manifest".into(), lumped));
     out.push(("client_session", "empty".into(), vec![]));
+
+    for (dry_run, name) in [(false, "sync"), (true, "sync_dry_run")] {
+        let (to_daemon, to_client) = sync_conversation(dry_run);
+        out.push(("daemon_session", name.into(), to_daemon));
+        let mut input = vec![u8::from(dry_run)];
+        for f in &to_client {
+            record(&mut input, 0, f);
+        }
+        out.push(("client_sync_session", name.into(), input.clone()));
+        if !dry_run {
+            // The daemon's answer replayed to a client that asked for a dry run: the plan's
+            // applied counts and the needed files no longer fit.
+            let mut mismatched = input.clone();
+            mismatched[0] = 1;
+            out.push((
+                "client_sync_session",
+                "answer_of_another_mode".into(),
+                mismatched,
+            ));
+            let mut cut = vec![0];
+            for f in &to_client[..to_client.len() - 1] {
+                record(&mut cut, 0, f);
+            }
+            out.push(("client_sync_session", "no_synced".into(), cut));
+        }
+    }
+    out.push(("client_sync_session", "empty".into(), vec![]));
     out
 }
 
@@ -464,12 +592,26 @@ pub fn conversation() -> (Vec<u8>, Vec<Vec<u8>>) {
         cached: HashSet::from([Hash::of(b"index v1")]),
         manifest_basis: Some(Arc::from(fuzz_current().encode())),
     };
-    let config = ClientConfig {
-        max_frame: MIN_MAX_FRAME,
-        max_streams: 4,
-        ..ClientConfig::default()
-    };
-    let mut c = ClientSession::push(config, AppName::new("fuzz").expect("valid"), job, 0);
+    let c = ClientSession::push(
+        fuzz_client_config(),
+        AppName::new("fuzz").expect("valid"),
+        job,
+        0,
+    );
+    converse(c)
+}
+
+/// A complete sync (or dry run) of [`fuzz_manifest`], as [`conversation`] gives a push.
+pub fn sync_conversation(dry_run: bool) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let manifest = Arc::new(fuzz_manifest());
+    converse(ClientSession::sync(
+        fuzz_client_config(),
+        sync_job(&manifest, dry_run),
+        0,
+    ))
+}
+
+fn converse(mut c: ClientSession) -> (Vec<u8>, Vec<Vec<u8>>) {
     let mut d = DaemonSession::new(fuzz_limits(), 0);
     let current = fuzz_current();
     let mut drun = DaemonRun::default();
@@ -550,13 +692,43 @@ mod tests {
                 "daemon_session" => {
                     let run = daemon_session_one(&input);
                     assert_eq!(run.staged, name == "push", "{name}");
+                    assert_eq!(run.mirrored, name.starts_with("sync"), "{name}");
                 }
                 "client_session" => {
                     let ok = client_session_one(&input).is_ok();
                     assert_eq!(ok, name == "push" || name == "byte_at_a_time", "{name}");
                 }
+                "client_sync_session" => {
+                    let ok = client_sync_one(&input).is_ok();
+                    assert_eq!(ok, name.starts_with("sync"), "{name}");
+                }
                 other => panic!("unknown target {other}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_seed_syncs_are_complete() {
+        for dry_run in [false, true] {
+            let (to_daemon, to_client) = sync_conversation(dry_run);
+            let run = daemon_session_one(&to_daemon);
+            assert!(run.mirrored && !run.staged, "dry run {dry_run}");
+            assert_eq!(run.received, if dry_run { 0 } else { run.needed });
+            assert!(run.needed > 0);
+            let mut input = vec![u8::from(dry_run)];
+            for f in &to_client {
+                record(&mut input, 0, f);
+            }
+            let client::Outcome::Synced(r) = client_sync_one(&input).unwrap() else {
+                panic!("not a sync")
+            };
+            assert_eq!(r.dry_run, dry_run);
+            // Against fuzz_current: index.php, a.php, big.bin and copy.php are written, the
+            // symlink is new, src exists.
+            assert_eq!(r.plan.summary.written_files, 4, "{:?}", r.plan);
+            assert_eq!(r.plan.summary.symlinks, 1);
+            let sent = r.sent_full + r.sent_zstd_ref + r.sent_rsync;
+            assert_eq!(sent, if dry_run { 0 } else { r.needed });
         }
     }
 

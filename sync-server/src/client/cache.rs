@@ -6,8 +6,9 @@
 //!
 //! ```text
 //! blobs/<blake3 hex>      content, as a plain zstd payload (the `Full` format of `delta`)
-//! targets/<key>.manifest  per `host:port/app`: a header line naming it, then the last pushed
-//!                         manifest in its binary encoding
+//! targets/<key>.manifest  per `host:port/app` (a push) or `relsync://host:port/export/path` (a
+//!                         sync's destination): a header line naming it, then the last manifest
+//!                         sent there, in its binary encoding
 //! lock                    flock held while blobs are added or pruned
 //! ```
 //!
@@ -19,6 +20,7 @@
 //! blobs no target's manifest references are removed.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -125,7 +127,7 @@ impl Cache {
         self.blobs.join(hash.to_hex())
     }
 
-    fn target_path(&self, target: &Target) -> PathBuf {
+    fn target_path(&self, target: &dyn fmt::Display) -> PathBuf {
         let key = blake3::hash(target.to_string().as_bytes()).to_hex();
         self.targets.join(format!("{}.manifest", &key[..32]))
     }
@@ -181,8 +183,9 @@ impl Cache {
         Ok(true)
     }
 
-    /// The manifest last pushed to `target`, if any (and readable).
-    pub fn last_manifest(&self, target: &Target) -> Result<Option<Manifest>, CacheError> {
+    /// The manifest last pushed to `target` (a [`Target`], or a `SyncTarget` naming a sync's
+    /// destination), if any (and readable).
+    pub fn last_manifest(&self, target: &dyn fmt::Display) -> Result<Option<Manifest>, CacheError> {
         let path = self.target_path(target);
         match fs::read(&path) {
             Ok(bytes) => Ok(parse_target_file(&bytes).map(|(_, m)| m)),
@@ -254,7 +257,7 @@ impl Cache {
     pub fn commit(
         &self,
         stored: Stored,
-        target: &Target,
+        target: &dyn fmt::Display,
         manifest: &Manifest,
     ) -> Result<CacheUpdate, CacheError> {
         let mut update = stored.update.clone();

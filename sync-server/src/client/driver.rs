@@ -296,6 +296,7 @@ fn during(state: ClientState) -> &'static str {
         ClientState::Transfer => "sending files",
         ClientState::Staging => "the daemon was building the release",
         ClientState::Activation => "the daemon was activating the release",
+        ClientState::Mirroring => "the daemon was applying the sync",
         ClientState::Command => "waiting for the daemon's reply",
         ClientState::Finished => "finishing",
     }

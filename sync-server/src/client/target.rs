@@ -5,10 +5,14 @@
 //! one `/`, something on each side of it. `/var/www/app`, `./app`, `../app`, `~/app` and `app` are
 //! therefore always local; `web1/shop`, `web1:7171/shop` and `[::1]/shop` are remote. A relative
 //! path of exactly two components that exists locally is ambiguous, and callers refuse it.
+//!
+//! `relsync sync` names its remote destination unambiguously with a scheme instead:
+//! `relsync://HOST[:PORT]/EXPORT[/PATH]` ([`SyncTarget`]).
 
 use std::fmt;
 use std::str::FromStr;
 
+use sync_core::path::{PathError, RelPath};
 use sync_core::wire::{AppName, NameError};
 
 use crate::config::DEFAULT_PORT;
@@ -43,6 +47,120 @@ pub enum TargetError {
         #[source]
         source: NameError,
     },
+    #[error("{0:?} is not a sync destination; write relsync://HOST[:PORT]/EXPORT[/PATH], e.g. relsync://web1.example.com/assets/img")]
+    SyncShape(String),
+    #[error("{text:?}: path below the export: {source}")]
+    Path {
+        text: String,
+        #[source]
+        source: PathError,
+    },
+}
+
+/// The scheme that marks a sync destination.
+pub const SYNC_SCHEME: &str = "relsync://";
+
+/// Whether `text` names a sync destination on a daemon rather than a local directory.
+pub fn is_sync_url(text: &str) -> bool {
+    text.starts_with(SYNC_SCHEME)
+}
+
+/// A directory in an export of a daemon: `relsync://HOST[:PORT]/EXPORT[/PATH]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SyncTarget {
+    /// The daemon, with the export as its app name (what `Hello` and the connection name).
+    target: Target,
+    path: Option<RelPath>,
+}
+
+impl SyncTarget {
+    /// Parses `relsync://HOST[:PORT]/EXPORT[/PATH]`; trailing slashes are ignored.
+    pub fn parse(text: &str) -> Result<SyncTarget, TargetError> {
+        let shape = || TargetError::SyncShape(text.chars().take(300).collect());
+        let rest = text.strip_prefix(SYNC_SCHEME).ok_or_else(shape)?;
+        let (host_port, rest) = rest.split_once('/').ok_or_else(shape)?;
+        let rest = rest.trim_end_matches('/');
+        let (export, path) = match rest.split_once('/') {
+            Some((e, p)) => (e, Some(p)),
+            None => (rest, None),
+        };
+        if host_port.is_empty() || export.is_empty() {
+            return Err(shape());
+        }
+        let export = AppName::new(export).map_err(|source| TargetError::App {
+            text: text.to_owned(),
+            source,
+        })?;
+        let path = path
+            .map(|p| {
+                RelPath::new(p).map_err(|source| TargetError::Path {
+                    text: text.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(SyncTarget {
+            target: Target::with_host_port(host_port, export, text)?,
+            path,
+        })
+    }
+
+    /// The daemon, with the export in place of an app.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn export(&self) -> &AppName {
+        self.target.app()
+    }
+
+    /// The directory below the export; `None` for the export itself.
+    pub fn path(&self) -> Option<&RelPath> {
+        self.path.as_ref()
+    }
+
+    /// Where a sync of `src` lands, rsync-style (as `edge::mirror::mirror_destination` for local
+    /// paths): `src/` fills this directory, `src` without the slash lands in `<this>/<name of
+    /// src>`.
+    pub fn destination_for(&self, src: &str) -> Result<SyncTarget, TargetError> {
+        let name = std::path::Path::new(src).file_name();
+        let path = match name {
+            _ if src.ends_with('/') => self.path.clone(),
+            None => self.path.clone(),
+            Some(name) => {
+                let bad = |source| TargetError::Path {
+                    text: src.to_owned(),
+                    source,
+                };
+                let name = name
+                    .to_str()
+                    .ok_or_else(|| bad(PathError::NotUtf8(name.to_string_lossy().into_owned())))?;
+                let joined = match &self.path {
+                    Some(p) => p.join(name),
+                    None => RelPath::new(name),
+                };
+                Some(joined.map_err(bad)?)
+            }
+        };
+        Ok(SyncTarget {
+            target: self.target.clone(),
+            path,
+        })
+    }
+}
+
+impl fmt::Display for SyncTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SYNC_SCHEME}{}:{}/{}",
+            self.target.host, self.target.port, self.target.app
+        )?;
+        match &self.path {
+            Some(p) => write!(f, "/{p}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Whether `text` has the shape of a remote target (see the module docs). It may still fail to
@@ -267,6 +385,66 @@ mod tests {
             assert!(want(&e), "{text}: {e:?}");
             assert!(e.to_string().contains(text), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn sync_targets_parse_and_follow_the_trailing_slash_rule() {
+        let table = [
+            ("relsync://web1/assets", "web1", 7171, "assets", None),
+            (
+                "relsync://web1:9000/assets/img/2024/",
+                "web1",
+                9000,
+                "assets",
+                Some("img/2024"),
+            ),
+            ("relsync://[::1]:7000/a/b", "[::1]", 7000, "a", Some("b")),
+        ];
+        for (text, host, port, export, path) in table {
+            let t = SyncTarget::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(t.target().host(), host, "{text}");
+            assert_eq!(t.target().port(), port, "{text}");
+            assert_eq!(t.export().as_str(), export, "{text}");
+            assert_eq!(t.path().map(RelPath::as_str), path, "{text}");
+            assert_eq!(SyncTarget::parse(&t.to_string()).unwrap(), t, "{text}");
+        }
+        let bad = [
+            "web1/assets",
+            "relsync://web1",
+            "relsync://web1/",
+            "relsync:///assets",
+            "relsync://web1/.hidden",
+            "relsync://web1/a/../etc",
+            "relsync://web1/a/.relsync",
+            "relsync://web1:0/a",
+            "relsync://web1/a//b",
+        ];
+        for text in bad {
+            assert!(SyncTarget::parse(text).is_err(), "{text}");
+        }
+
+        let t = SyncTarget::parse("relsync://h/media/img").unwrap();
+        let table = [
+            ("site/assets/", "relsync://h:7171/media/img"),
+            ("site/assets", "relsync://h:7171/media/img/assets"),
+            ("/abs/assets", "relsync://h:7171/media/img/assets"),
+            ("assets/.", "relsync://h:7171/media/img/assets"),
+            (".", "relsync://h:7171/media/img"),
+            ("/", "relsync://h:7171/media/img"),
+        ];
+        for (src, want) in table {
+            assert_eq!(t.destination_for(src).unwrap().to_string(), want, "{src}");
+        }
+        let root = SyncTarget::parse("relsync://h/media").unwrap();
+        assert_eq!(
+            root.destination_for("x")
+                .unwrap()
+                .path()
+                .map(RelPath::as_str),
+            Some("x")
+        );
+        assert_eq!(root.destination_for("x/").unwrap().path(), None);
+        assert!(root.destination_for(".relsync-stuff").is_err());
     }
 
     #[test]

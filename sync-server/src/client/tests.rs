@@ -80,6 +80,8 @@ struct Store {
     current: Option<ReleaseId>,
     /// Payload formats received, in order.
     formats: Vec<DeltaFormat>,
+    /// What a sync's destination holds.
+    mirror: Option<Arc<Manifest>>,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -195,6 +197,39 @@ fn answer(
             Event::Need(compute_need(&manifest, current.as_deref(), |h| {
                 st.kept.contains_key(h) || st.objects.contains_key(h)
             }))
+        }
+        daemon::Request::ComputeMirrorNeed { manifest, .. } => {
+            let dest = st.mirror.clone();
+            Event::Need(compute_need(&manifest, dest.as_deref(), |h| {
+                dest.as_ref()
+                    .is_some_and(|d| d.files().any(|(_, _, _, x)| x == h))
+            }))
+        }
+        daemon::Request::Mirror {
+            manifest,
+            delete,
+            dry_run,
+        } => {
+            let dest = st
+                .mirror
+                .clone()
+                .unwrap_or_else(|| Arc::new(Manifest::empty()));
+            let plan = sync_core::plan::plan_mirror(&manifest, &dest, delete);
+            let applied = (!dry_run).then(|| {
+                let objects = std::mem::take(&mut st.objects);
+                st.kept.extend(objects);
+                st.mirror = Some(Arc::clone(&manifest));
+                sync_core::plan::MirrorStats {
+                    removed: plan.summary.removed,
+                    written_files: plan.summary.written_files,
+                    written_bytes: plan.summary.written_bytes,
+                    dirs: plan.summary.dirs_created,
+                }
+            });
+            Event::Mirrored {
+                plan: Box::new(plan),
+                applied,
+            }
         }
         daemon::Request::Signatures { files } => {
             for job in files {
@@ -348,6 +383,82 @@ fn release_b() -> Vec<(&'static str, Vec<u8>)> {
 
 // ---------------------------------------------------------------------------------------------
 // Tests against the well-behaved daemon
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_send_deltas_and_keep_their_own_cache_entry() {
+    let mut k = keys();
+    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+    let store = Shared::default();
+    spawn_daemon(ep, Arc::clone(&store));
+    let dest =
+        SyncTarget::parse(&format!("relsync://127.0.0.1:{}/media/site", addr.port())).unwrap();
+    k.known
+        .add(&dest.target().host_port(), k.daemon.fingerprint())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
+    let src = tmp.path().join("src");
+    let request = |files: Vec<(&str, Vec<u8>)>, dry_run| {
+        let p = tree(&src, "unused", &files);
+        SyncRequest {
+            destination: dest.clone(),
+            delete: true,
+            dry_run,
+            excludes: vec![],
+            manifest: p.manifest,
+            source: p.source,
+        }
+    };
+
+    let a = request(release_a(), false);
+    let conn = dial(&k, dest.target()).await.unwrap();
+    let states = Mutex::new(Vec::new());
+    let first = sync(&conn, &a, Some(&cache), &|p| {
+        if let Progress::State(s) = p {
+            states.lock().unwrap().push(s);
+        }
+    })
+    .await
+    .unwrap();
+    conn.close().await;
+    let s = &first.session;
+    assert!(!s.dry_run);
+    assert_eq!((s.needed, s.sent_full, s.have_files), (42, 42, 1), "{s:?}");
+    assert_eq!(s.plan.summary.written_files, 43);
+    assert_eq!(s.applied.as_ref().map(|a| a.written_files), Some(43));
+    assert!(states.lock().unwrap().contains(&ClientState::Mirroring));
+    assert!(first.cache.clone().unwrap().is_ok());
+    // The cache records the destination, not the daemon's app of the same name.
+    let recorded = cache.last_manifest(&dest).unwrap().unwrap();
+    assert_eq!(recorded.digest(), a.manifest.digest());
+    assert!(cache.last_manifest(dest.target()).unwrap().is_none());
+
+    // A dry run of the next tree: the plan, nothing sent, the cache untouched.
+    let b = request(release_b(), true);
+    let conn = dial(&k, dest.target()).await.unwrap();
+    let plan = sync(&conn, &b, Some(&cache), &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &plan.session;
+    assert!(s.dry_run && s.applied.is_none() && plan.cache.is_none());
+    assert_eq!((s.needed, s.payload_bytes), (4, 0));
+    assert_eq!(s.plan.summary.written_files, 4);
+    assert_eq!(
+        store.lock().unwrap().mirror.as_ref().unwrap().digest(),
+        a.manifest.digest()
+    );
+
+    let b = request(release_b(), false);
+    let conn = dial(&k, dest.target()).await.unwrap();
+    let second = sync(&conn, &b, Some(&cache), &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &second.session;
+    assert_eq!((s.needed, s.sent_zstd_ref, s.sent_full), (4, 3, 1), "{s:?}");
+    assert!(s.payload_bytes * 20 < first.session.payload_bytes);
+    assert_eq!(
+        cache.last_manifest(&dest).unwrap().unwrap().digest(),
+        b.manifest.digest()
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_then_delta_push_then_commands() {

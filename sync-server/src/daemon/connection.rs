@@ -4,8 +4,9 @@
 //! headers from the stream readers, finished work and the clock. After every input it writes the
 //! frames the session produced and starts the work it asked for, never waiting on that work
 //! itself, so a slow build never stops the driver from noticing a timeout or a vanished client.
-//! The app's lock lives in the [`Opened`] context that work items share: it is released when the
-//! session is over and the last of its work has finished, however the connection ended.
+//! The app's (or export's) lock lives in the [`Held`] context that work items share: it is
+//! released when the session is over and the last of its work has finished, however the
+//! connection ended.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +21,9 @@ use sync_core::wire::{self, Command, ErrorKind, FileHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
 
+use super::export::{self, Destination};
 use super::stream::{self, Payload, ReadPlan};
-use super::work::{self, BasisRelease, Opened};
+use super::work::{self, Basis, Opened};
 use super::{App, Shared};
 use crate::net::peer_fingerprint;
 use crate::tls::Fingerprint;
@@ -69,12 +71,29 @@ impl Clock {
     }
 }
 
+/// What a session opened: an app (push and commands) or a sync's destination in an export.
+#[derive(Clone)]
+pub(super) enum Held {
+    App(Arc<Opened>),
+    Export(Arc<Destination>),
+}
+
+impl Held {
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Held::App(o) => Some(o.spool_dir()),
+            Held::Export(d) => d.spool_dir(),
+        }
+    }
+}
+
 /// Something that happened off the driver's task.
 pub(super) enum Work {
     /// Answer to [`Request::Open`].
-    Opened(Result<Arc<Opened>, Event>),
-    /// Answer to [`Request::ComputeNeed`], with the release the bases come from.
-    Need(Result<(Event, Option<Arc<BasisRelease>>), Event>),
+    Opened(Result<Held, Event>),
+    /// Answer to [`Request::ComputeNeed`] and [`Request::ComputeMirrorNeed`], with where the
+    /// bases are.
+    Need(Result<(Event, Option<Arc<Basis>>), Event>),
     /// Answers to any other request.
     Events(Vec<Event>),
     /// A [`Request::Receive`] ended.
@@ -145,10 +164,10 @@ struct Driver {
     send: Option<SendStream>,
     recv: Option<RecvStream>,
     control_seen: bool,
-    opened: Option<Arc<Opened>>,
+    opened: Option<Held>,
     /// The session is a push (an activation then also prunes, as a local deploy does).
     push: bool,
-    basis: Option<Arc<BasisRelease>>,
+    basis: Option<Arc<Basis>>,
     /// Payloads announced by a header and not yet handed to a receive job.
     payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
     /// Files whose receive job runs.
@@ -277,7 +296,10 @@ impl Driver {
         let now = self.clock.now();
         match work {
             Work::Opened(Ok(opened)) => {
-                let manifest_basis = opened.manifest_basis.clone();
+                let manifest_basis = match &opened {
+                    Held::App(o) => o.manifest_basis.clone(),
+                    Held::Export(_) => None,
+                };
                 self.opened = Some(opened);
                 self.session.handle_event(
                     Event::Opened {
@@ -329,7 +351,7 @@ impl Driver {
                 // unread: unread stream data holds the connection's flow-control window, and
                 // with enough of it the admitted files could not arrive either.
                 let spool = (!admitted || h.payload_len > MEMORY_PAYLOAD_MAX)
-                    .then(|| self.opened.as_ref().map(|o| o.spool_dir()))
+                    .then(|| self.opened.as_ref().and_then(Held::spool_dir))
                     .flatten();
                 Some(ReadPlan {
                     file: h.file,
@@ -358,15 +380,15 @@ impl Driver {
         if let Request::Open { app, command } = request {
             return self.open(app.as_str(), command);
         }
-        let Some(opened) = self.opened.clone() else {
+        let Some(held) = self.opened.clone() else {
             return self.fail_now(
                 ErrorKind::Internal,
                 "the session asked for work before the app was opened".into(),
             );
         };
-        match request {
-            Request::Open { .. } => unreachable!("handled above"),
-            Request::ComputeNeed { release, manifest } => {
+        match (request, held) {
+            (Request::Open { .. }, _) => unreachable!("handled above"),
+            (Request::ComputeNeed { release, manifest }, Held::App(opened)) => {
                 tracing::info!(
                     files = manifest.file_count(),
                     bytes = manifest.total_file_bytes(),
@@ -377,7 +399,18 @@ impl Driver {
                     Work::Need(Err(panicked("computing the need"))),
                 );
             }
-            Request::Signatures { files } => {
+            (Request::ComputeMirrorNeed { manifest, .. }, Held::Export(dest)) => {
+                tracing::info!(
+                    files = manifest.file_count(),
+                    bytes = manifest.total_file_bytes(),
+                    "manifest received"
+                );
+                self.spawn_work(
+                    move || Work::Need(export::compute_need(&dest, &manifest)),
+                    Work::Need(Err(panicked("scanning the destination"))),
+                );
+            }
+            (Request::Signatures { files }, _) => {
                 let basis = self.basis.clone();
                 let count = files.len();
                 self.spawn_work(
@@ -396,78 +429,109 @@ impl Driver {
                 );
                 tracing::debug!(count, "signatures requested");
             }
-            Request::Receive(job) => {
-                let file = job.file;
-                self.receiving.insert(file);
-                let payload = self.payloads.remove(&file);
-                let basis = self.basis.clone();
-                let slots = self.shared.apply_slots.clone();
-                let tx = self.tx.clone();
-                let span = Span::current();
-                self.pending += 1;
-                tokio::spawn(
-                    async move {
-                        let payload = match payload {
-                            Some(rx) => rx
-                                .await
-                                .unwrap_or(Err(FileFailure::Truncated { received: 0 })),
-                            None => Err(FileFailure::Local {
-                                kind: ErrorKind::Internal,
-                                message: "no file stream announced this file".into(),
-                            }),
-                        };
-                        let result = match payload {
-                            Ok(payload) => {
-                                let permit = slots.acquire_owned().await;
-                                tokio::task::spawn_blocking(move || {
-                                    let _permit = permit;
-                                    let _entered = span.enter();
-                                    work::store(&opened, basis.as_deref(), &job, &payload)
-                                })
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(FileFailure::Local {
-                                        kind: ErrorKind::Internal,
-                                        message: "storing the file failed unexpectedly".into(),
-                                    })
-                                })
-                            }
-                            Err(failure) => Err(failure),
-                        };
-                        let _ = tx.send(Work::File { file, result });
-                    }
-                    .in_current_span(),
-                );
-            }
-            Request::Stage { release, manifest } => self.spawn_work(
+            (Request::Receive(job), held) => self.receive(job, held),
+            (Request::Stage { release, manifest }, Held::App(opened)) => self.spawn_work(
                 move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
                 Work::Events(vec![panicked("building the release")]),
             ),
-            Request::Activate { release } => {
+            (
+                Request::Mirror {
+                    manifest,
+                    delete,
+                    dry_run,
+                },
+                Held::Export(dest),
+            ) => self.spawn_work(
+                move || {
+                    let event = export::mirror(&dest, &manifest, delete, dry_run);
+                    Work::Events(vec![event.unwrap_or_else(|e| e)])
+                },
+                Work::Events(vec![panicked("applying the sync")]),
+            ),
+            (Request::Activate { release }, Held::App(opened)) => {
                 let prune = self.push;
                 self.spawn_work(
                     move || Work::Events(vec![work::activate(&opened, &release, prune)]),
                     Work::Events(vec![panicked("activating the release")]),
                 );
             }
-            Request::ListReleases => self.spawn_work(
+            (Request::ListReleases, Held::App(opened)) => self.spawn_work(
                 move || Work::Events(vec![work::list(&opened)]),
                 Work::Events(vec![panicked("listing releases")]),
             ),
-            Request::Rollback { to } => self.spawn_work(
+            (Request::Rollback { to }, Held::App(opened)) => self.spawn_work(
                 move || Work::Events(vec![work::rollback(&opened, to.as_ref())]),
                 Work::Events(vec![panicked("rolling back")]),
             ),
-            Request::Prune { keep } => self.spawn_work(
+            (Request::Prune { keep }, Held::App(opened)) => self.spawn_work(
                 move || Work::Events(vec![work::prune(&opened, keep)]),
                 Work::Events(vec![panicked("pruning")]),
             ),
+            (request, _) => self.fail_now(
+                ErrorKind::Internal,
+                format!(
+                    "the session asked for {}, which does not apply to what it opened",
+                    request_name(&request)
+                ),
+            ),
         }
+    }
+
+    /// Stores a file once its payload has arrived.
+    fn receive(&mut self, job: sync_core::proto::daemon::FileJob, held: Held) {
+        let file = job.file;
+        self.receiving.insert(file);
+        let payload = self.payloads.remove(&file);
+        let basis = self.basis.clone();
+        let slots = self.shared.apply_slots.clone();
+        let tx = self.tx.clone();
+        let span = Span::current();
+        self.pending += 1;
+        tokio::spawn(
+            async move {
+                let payload = match payload {
+                    Some(rx) => rx
+                        .await
+                        .unwrap_or(Err(FileFailure::Truncated { received: 0 })),
+                    None => Err(FileFailure::Local {
+                        kind: ErrorKind::Internal,
+                        message: "no file stream announced this file".into(),
+                    }),
+                };
+                let result = match payload {
+                    Ok(payload) => {
+                        let permit = slots.acquire_owned().await;
+                        tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            let _entered = span.enter();
+                            let objects = match &held {
+                                Held::App(o) => o.objects(),
+                                Held::Export(d) => d.objects(),
+                            };
+                            work::store(objects, basis.as_deref(), &job, &payload)
+                        })
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(FileFailure::Local {
+                                kind: ErrorKind::Internal,
+                                message: "storing the file failed unexpectedly".into(),
+                            })
+                        })
+                    }
+                    Err(failure) => Err(failure),
+                };
+                let _ = tx.send(Work::File { file, result });
+            }
+            .in_current_span(),
+        );
     }
 
     /// Authorizes the peer for `app` before anything touches the disk, then takes the lock and
     /// recovers on the blocking pool.
     fn open(&mut self, name: &str, command: Command) {
+        if matches!(command, Command::Sync { .. }) {
+            return self.open_export(name, command);
+        }
         let app: Option<Arc<App>> = self
             .shared
             .apps
@@ -496,8 +560,43 @@ impl Driver {
         }
         tracing::info!(command = command.name(), "opening");
         self.spawn_work(
-            move || Work::Opened(work::open(app, &command).map(Arc::new)),
+            move || Work::Opened(work::open(app, &command).map(|o| Held::App(Arc::new(o)))),
             Work::Opened(Err(panicked("opening the app"))),
+        );
+    }
+
+    /// Authorizes the peer for export `name` before anything touches the disk, then locks the
+    /// export and opens the destination on the blocking pool.
+    fn open_export(&mut self, name: &str, command: Command) {
+        let Some(export) = self.shared.exports.get(name).cloned() else {
+            tracing::warn!(export = name, "refused: no such export");
+            return self.fail_now(
+                ErrorKind::NotFound,
+                format!(
+                    "this daemon has no export {name}; declare it as [exports.{name}] in relsyncd's configuration, or check the name"
+                ),
+            );
+        };
+        if !export.authorized.contains(&self.peer) {
+            tracing::warn!(export = name, "refused: key not authorized for this export");
+            return self.fail_now(
+                ErrorKind::Unauthorized,
+                format!(
+                    "key {} may not sync into export {name} on this daemon; add it to exports.{name}.authorized_keys in the daemon configuration",
+                    self.peer
+                ),
+            );
+        }
+        Span::current().record("app", name);
+        tracing::info!(command = command.name(), "opening export");
+        let limits = self.shared.limits;
+        self.spawn_work(
+            move || {
+                Work::Opened(
+                    export::open(&export, &command, &limits).map(|d| Held::Export(Arc::new(d))),
+                )
+            },
+            Work::Opened(Err(panicked("opening the export"))),
         );
     }
 
@@ -551,6 +650,16 @@ impl Driver {
                 activated,
                 "push complete"
             ),
+            Some(Ok(Outcome::Synced(s))) => tracing::info!(
+                files = s.summary.files,
+                written = s.summary.written_files,
+                unchanged = s.summary.unchanged_files,
+                removed = s.summary.removed,
+                received = s.received,
+                received_bytes = s.received_bytes,
+                dry_run = s.applied.is_none(),
+                "sync complete"
+            ),
             Some(Ok(other)) => tracing::info!(outcome = ?other, "command complete"),
             Some(Err(e)) => tracing::warn!(kind = %e.kind(), "session failed: {e}"),
             None => {}
@@ -594,6 +703,23 @@ async fn read_control(
     match recv {
         Some(r) => r.read_chunk(CONTROL_CHUNK, true).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A request's name for messages (its contents may be a whole manifest).
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Open { .. } => "Open",
+        Request::ComputeNeed { .. } => "ComputeNeed",
+        Request::ComputeMirrorNeed { .. } => "ComputeMirrorNeed",
+        Request::Signatures { .. } => "Signatures",
+        Request::Receive(_) => "Receive",
+        Request::Stage { .. } => "Stage",
+        Request::Mirror { .. } => "Mirror",
+        Request::Activate { .. } => "Activate",
+        Request::ListReleases => "ListReleases",
+        Request::Rollback { .. } => "Rollback",
+        Request::Prune { .. } => "Prune",
     }
 }
 

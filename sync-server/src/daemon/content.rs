@@ -253,7 +253,7 @@ fn open_nofollow(dir: &Dir, path: &str) -> Option<File> {
 
 /// Copies `src` to `out` (from its start) while hashing it. `Ok(false)` when the source is
 /// unreadable or is not exactly `size` bytes with content `hash`; `Err` only when writing fails.
-fn copy_verified(src: File, size: u64, hash: &Hash, out: &mut File) -> io::Result<bool> {
+pub(super) fn copy_verified(src: File, size: u64, hash: &Hash, out: &mut File) -> io::Result<bool> {
     out.set_len(0)?;
     out.rewind()?;
     let mut src = src.take(size.saturating_add(1));

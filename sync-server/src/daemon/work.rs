@@ -56,6 +56,11 @@ impl Opened {
         &self.app.config.name
     }
 
+    /// The object store, for pushes.
+    pub(super) fn objects(&self) -> Option<&ObjectStore> {
+        self.objects.as_ref()
+    }
+
     fn lock(&self) -> Result<&LockGuard, Event> {
         self.lock
             .as_ref()
@@ -63,18 +68,19 @@ impl Opened {
     }
 }
 
-/// The release whose files are the bases of a push: `current` when the need was computed.
+/// Where the bases of a transfer are: the `current` release when a push's need was computed, or
+/// a sync's destination. `name` says which in messages.
 #[derive(Debug)]
-pub(super) struct BasisRelease {
-    id: ReleaseId,
-    dir: Dir,
+pub(super) struct Basis {
+    pub(super) name: String,
+    pub(super) dir: Dir,
 }
 
-fn failed(kind: ErrorKind, message: String) -> Event {
+pub(super) fn failed(kind: ErrorKind, message: String) -> Event {
     Event::Failed { kind, message }
 }
 
-fn edge_failed(e: &EdgeError) -> Event {
+pub(super) fn edge_failed(e: &EdgeError) -> Event {
     failed(edge_kind(e), error_chain(e))
 }
 
@@ -204,7 +210,7 @@ pub(super) fn compute_need(
     opened: &Opened,
     release: &ReleaseId,
     manifest: &Manifest,
-) -> Result<(Event, Option<Arc<BasisRelease>>), Event> {
+) -> Result<(Event, Option<Arc<Basis>>), Event> {
     let root = &opened.app.root;
     let records = root.records().map_err(|e| edge_failed(&e))?;
     if let Some(existing) = records.iter().find(|r| &r.id == release) {
@@ -286,8 +292,8 @@ pub(super) fn compute_need(
             .open_dir(format!("{}/{}", layout::RELEASES, r.id))
             .ok()
             .map(|dir| {
-                Arc::new(BasisRelease {
-                    id: r.id.clone(),
+                Arc::new(Basis {
+                    name: format!("release {}", r.id),
                     dir,
                 })
             }),
@@ -305,8 +311,8 @@ pub(super) fn compute_need(
     Ok((Event::Need(need), basis))
 }
 
-/// A basis file of the current release, mapped and checked against the content it should have.
-fn open_basis(basis: &BasisRelease, path: &RelPath, want: &BasisRef) -> Result<Mmap, String> {
+/// A basis file, mapped and checked against the content it should have.
+fn open_basis(basis: &Basis, path: &RelPath, want: &BasisRef) -> Result<Mmap, String> {
     let mut opts = OpenOptions::new();
     opts.read(true);
     cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
@@ -324,11 +330,12 @@ fn open_basis(basis: &BasisRelease, path: &RelPath, want: &BasisRef) -> Result<M
             want.size
         ));
     }
-    // SAFETY: files of a complete release are never written by relsync (new content always goes
-    // to a new inode). If someone edits one in place anyway, the mapping may change under us:
-    // the hash check below and the blake3 check of every rebuilt file catch that, and reading a
-    // mapping of a regular file cannot fault short of truncation, which the size check above
-    // makes unlikely rather than impossible; the daemon accepts that window for files it owns.
+    // SAFETY: files of a complete release, and of a sync's destination while its lock is held,
+    // are never written in place by relsync (new content always goes to a new inode). If someone
+    // edits one in place anyway, the mapping may change under us: the hash check below and the
+    // blake3 check of every rebuilt file catch that, and reading a mapping of a regular file
+    // cannot fault short of truncation, which the size check above makes unlikely rather than
+    // impossible; the daemon accepts that window for files it owns.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
     let actual = Hash::from(blake3::hash(&map));
     if actual != want.hash {
@@ -342,15 +349,15 @@ fn open_basis(basis: &BasisRelease, path: &RelPath, want: &BasisRef) -> Result<M
 
 /// The rsync signature of a basis, or `None` (the client then sends the file in full) when the
 /// basis cannot be read or no longer has the recorded content.
-pub(super) fn signature(basis: Option<&BasisRelease>, job: &SignatureJob) -> Option<Vec<u8>> {
+pub(super) fn signature(basis: Option<&Basis>, job: &SignatureJob) -> Option<Vec<u8>> {
     let Some(basis) = basis else {
-        tracing::warn!(path = %job.path, "no current release to take a basis from; the file will be sent in full");
+        tracing::warn!(path = %job.path, "nothing to take a basis from; the file will be sent in full");
         return None;
     };
     match open_basis(basis, &job.path, &job.basis) {
         Ok(map) => Some(BasisSignature::calculate(&map).as_bytes().to_vec()),
         Err(why) => {
-            tracing::warn!(path = %job.path, release = %basis.id, "basis unusable, the file will be sent in full: {why}");
+            tracing::warn!(path = %job.path, basis = %basis.name, "basis unusable, the file will be sent in full: {why}");
             None
         }
     }
@@ -358,16 +365,14 @@ pub(super) fn signature(basis: Option<&BasisRelease>, job: &SignatureJob) -> Opt
 
 /// Rebuilds a received file into the object store and verifies it.
 pub(super) fn store(
-    opened: &Opened,
-    basis: Option<&BasisRelease>,
+    objects: Option<&ObjectStore>,
+    basis: Option<&Basis>,
     job: &FileJob,
     payload: &Payload,
 ) -> Result<(), FileFailure> {
     let local = |kind, message: String| FileFailure::Local { kind, message };
-    let objects = opened
-        .objects
-        .as_ref()
-        .ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
+    let objects =
+        objects.ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
     if let (Payload::Spool { file, len }, DeltaFormat::Full) = (payload, job.format) {
         if *len > 0 {
             return store_spooled_full(objects, job, file);
@@ -398,17 +403,14 @@ pub(super) fn store(
         }
         (true, Some(want)) => {
             let basis = basis.ok_or_else(|| {
-                local(
-                    ErrorKind::Internal,
-                    "no current release to take the basis from".into(),
-                )
+                local(ErrorKind::Internal, "nothing to take the basis from".into())
             })?;
             Some(open_basis(basis, &job.path, &want).map_err(|why| {
                 local(
                     ErrorKind::Internal,
                     format!(
-                        "basis in release {} is unusable ({why}); push again to send the file in full",
-                        basis.id
+                        "basis in {} is unusable ({why}); run the command again to send the file in full",
+                        basis.name
                     ),
                 )
             })?)

@@ -225,18 +225,12 @@ struct Walker<'a> {
 /// particular order.
 pub(super) fn walk(
     root: &Path,
+    fd: OwnedFd,
     filter: &Filter,
     ignore_file: bool,
     cache: &HashCache,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<Scanned>, ScanError> {
-    let fd = rustix::fs::openat(
-        rustix::fs::CWD,
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("read", root)(e.into()))?;
     let w = Walker {
         filter,
         ignore_file,
