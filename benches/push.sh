@@ -9,9 +9,9 @@
 #          Tools: relsync push; quic-baseline (one bare QUIC stream, same quinn, TLS and
 #          transport tuning as relsync, no files).
 #
-# Every run starts from the same state (node roots and the client cache restored, daemons
-# restarted for relsync). Measured per run: wall time of the client command, bytes on the link
-# each way (veth counters, so packet headers included for both tools), CPU seconds of the client
+# Every run starts from the same state (the run's release removed from the node, the client cache
+# restored; relsyncd keeps running, as on a real node). Measured per run: wall time of the client
+# command, bytes on the link each way (veth counters, so packet headers included for both tools), CPU seconds of the client
 # and of the daemon (relsyncd: its own; rsync: the daemon's reaped children), and relsyncd's peak
 # RSS (VmHWM). Reported: median, min, max over RUNS (>= 5). Needs root (netns, veth) and tmpfs.
 set -euo pipefail
@@ -194,20 +194,21 @@ summarize() { # key jsonl
 }
 
 # The node is put back to "holds the snapshot" after each run by removing what the run added
-# (release dir, its record, any leftover objects) and pointing `current` back, with the daemon
-# stopped. Copying a saved root instead would give every file a new inode, and relsyncd, which
-# trusts a kept file only while it is the inode it recorded, would rightly resend everything.
+# (release dir, its record, any leftover objects) and pointing `current` back. relsyncd keeps
+# running, as on a real node (it received the snapshot's release itself, so it starts the timed
+# runs as warm as after that push); nothing else is connected while the files are put back.
+# Copying a saved root instead would give every file a new inode, and relsyncd, which trusts a
+# kept file only while it is the inode it recorded, would rightly resend everything.
 relsync_runs() { # key source node-root client-cache release-id previous-release-id|-
 	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 out="$WORK/$1.jsonl" i
 	log "$key: $RUNS runs"
 	cp -a "$cache" "$WORK/cache-saved"
+	[[ -n $DAEMON_PID ]] || start_relsyncd "$node"
 	for i in $(seq "$RUNS"); do
 		rm -rf "$cache"
 		cp -a "$WORK/cache-saved" "$cache"
-		start_relsyncd "$node"
 		RELSYNC_CACHE_DIR="$cache" timed "$out" \
 			"$RELSYNC" push "$src" "$NODE_IP:$PORT/app" --release-id "$id"
-		stop_daemon
 		same_tree "$src" "$node/releases/$id" "$key"
 		rm -rf "$node/releases/$id" "$node/.relsync/releases/$id.rec" "$node/.relsync/objects"
 		if [[ $prev == - ]]; then
@@ -216,6 +217,7 @@ relsync_runs() { # key source node-root client-cache release-id previous-release
 			ln -sfn "releases/$prev" "$node/current"
 		fi
 	done
+	stop_daemon
 	rm -rf "$WORK/cache-saved"
 	summarize "$key" "$out"
 }
@@ -264,7 +266,6 @@ if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
 	mkdir -p "$WORK/node" "$WORK/cache"
 	start_relsyncd "$WORK/node"
 	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$A" "$NODE_IP:$PORT/app" --release-id a >/dev/null
-	stop_daemon
 	relsync_runs patch-relsync "$B" "$WORK/node" "$WORK/cache" b a
 	rm -rf "$WORK/node" "$WORK/cache"
 
