@@ -12,6 +12,7 @@
 
 pub mod cache;
 mod driver;
+pub mod memo;
 pub mod source;
 pub mod target;
 
@@ -32,6 +33,7 @@ use crate::net::{self, ConnectError, NetConfig, NetError};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
+pub use memo::{MemoStats, PayloadMemo};
 pub use source::{SourceError, SourceTree};
 pub use target::{looks_remote, Target, TargetError};
 
@@ -128,6 +130,33 @@ pub async fn connect(
     net: &NetConfig,
     timeout: Duration,
 ) -> Result<Connection, ClientError> {
+    let host_port = target.host_port();
+    // Checks the host the way the pin lookup does, so a bad one is reported as such.
+    PinnedServerVerifier::from_known_hosts(known_hosts, &host_port).map_err(|e| {
+        TargetError::Host {
+            text: host_port.clone(),
+            source: e,
+        }
+    })?;
+    connect_pinned(
+        target,
+        identity,
+        known_hosts.lookup(&host_port),
+        net,
+        timeout,
+    )
+    .await
+}
+
+/// [`connect`] with the daemon's key given (`None`: not known, so any key is refused with a
+/// message saying how to pin it): what a fleet file's `key` does.
+pub async fn connect_pinned(
+    target: &Target,
+    identity: &Identity,
+    pin: Option<Fingerprint>,
+    net: &NetConfig,
+    timeout: Duration,
+) -> Result<Connection, ClientError> {
     let host = target.bare_host();
     let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, target.port()))
         .await
@@ -152,14 +181,12 @@ pub async fn connect(
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = net::client_endpoint(bind, net)?;
-        let verifier = Arc::new(
-            PinnedServerVerifier::from_known_hosts(known_hosts, &host_port).map_err(|e| {
-                TargetError::Host {
-                    text: host_port.clone(),
-                    source: e,
-                }
-            })?,
-        );
+        let verifier = Arc::new(PinnedServerVerifier::new(&host_port, pin).map_err(|e| {
+            TargetError::Host {
+                text: host_port.clone(),
+                source: e,
+            }
+        })?);
         let attempt = net::connect(&endpoint, addr, host, verifier, identity, net);
         let err = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(conn)) => {
@@ -284,6 +311,21 @@ pub enum Progress {
     Sent { bytes: u64, payload: u64 },
 }
 
+/// How a push uses the client cache and shares work with concurrent pushes.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    pub cache: Option<Arc<Cache>>,
+    /// Record the push in the cache once it succeeded. A fleet push leaves this off and records
+    /// all its hosts at once ([`Cache::store_missing`], [`Cache::commit_all`]).
+    pub record: bool,
+    /// The contents the cache holds, when the caller listed them already.
+    pub cached: Option<Arc<HashSet<Hash>>>,
+    /// Payloads encoded once for every push of the same release.
+    pub memo: Option<Arc<PayloadMemo>>,
+    /// Payload bytes (KiB) encoded and waiting to be written at once (default 512 MiB).
+    pub memory_kib: Option<u32>,
+}
+
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
 /// `activate`, activated) the release, then records the push in `cache`.
 pub async fn push(
@@ -292,13 +334,33 @@ pub async fn push(
     cache: Option<&Arc<Cache>>,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
+    let opts = PushOptions {
+        cache: cache.cloned(),
+        record: true,
+        ..PushOptions::default()
+    };
+    push_with(conn, req, &opts, progress).await
+}
+
+/// [`push`] with the options spelled out.
+pub async fn push_with(
+    conn: &Connection,
+    req: &PushRequest,
+    opts: &PushOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<PushReport, ClientError> {
     let source = open_source(req)?;
-    let session = push_session(conn, req, cached_hashes(cache).await);
+    let cache = opts.cache.as_ref();
+    let cached = match &opts.cached {
+        Some(c) => HashSet::clone(c),
+        None => cached_hashes(cache).await,
+    };
+    let session = push_session(conn, req, cached);
     // Once every file went out the client only waits for the daemon to build the release: add
     // this push's contents to the cache meanwhile, and record the push itself once it succeeded.
     let storing = Mutex::new(None);
     let start_storing = || {
-        if let Some(c) = cache {
+        if let Some(c) = cache.filter(|_| opts.record) {
             let mut slot = storing.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
                 let (c, s) = (Arc::clone(c), Arc::clone(&source));
@@ -323,6 +385,8 @@ pub async fn push(
         Some(driver::Files {
             source: Arc::clone(&source),
             cache: cache.cloned(),
+            memo: opts.memo.clone(),
+            memory_kib: opts.memory_kib.unwrap_or(driver::MEMORY_BUDGET_KIB),
         }),
         false,
         &hook,
