@@ -263,7 +263,7 @@ pub async fn push(
     let mut millis = vec![0u64; n];
     let mut recording = None;
     loop {
-        match rollout.next() {
+        match rollout.next_action() {
             Action::Stage(hosts) => {
                 let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
                     let (req, push_opts) = (Arc::clone(&staged_req), push_opts.clone());
@@ -360,7 +360,7 @@ pub async fn push(
             &ctx,
             &doubtful,
             opts.host_timeout.min(Duration::from_secs(30)),
-            { |ctx, host| async move { ctx.current(host).await } },
+            |ctx, host| async move { ctx.current(host).await },
         )
         .await;
         for (host, r) in asked {

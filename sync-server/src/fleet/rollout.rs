@@ -7,7 +7,7 @@
 //!    rolled back to the release they ran before, and later waves are never activated. Earlier
 //!    waves stay on the new release (they passed their own checks).
 //!
-//! The driver asks [`Rollout::next`] for an [`Action`], carries it out on every host it names,
+//! The driver asks [`Rollout::next_action`] for an [`Action`], carries it out on every host it names,
 //! reports each host's result, and asks again until [`Action::Done`]. Nothing here does I/O or
 //! reads a clock; times and byte counts are data the driver passes in.
 
@@ -254,7 +254,7 @@ impl Rollout {
     }
 
     /// What to do next. Hosts of the previous action with no reported result count as failed.
-    pub fn next(&mut self) -> Action {
+    pub fn next_action(&mut self) -> Action {
         match self.phase.clone() {
             Phase::Start => {
                 self.phase = Phase::Staging;
@@ -380,7 +380,7 @@ impl Rollout {
         self.hosts.get(host)
     }
 
-    /// The report; complete once [`Rollout::next`] returned [`Action::Done`].
+    /// The report; complete once [`Rollout::next_action`] returned [`Action::Done`].
     pub fn report(&self) -> RolloutReport {
         RolloutReport {
             release: self.release.clone(),
@@ -430,7 +430,7 @@ mod tests {
         );
         let mut actions = Vec::new();
         loop {
-            let a = r.next();
+            let a = r.next_action();
             actions.push(a.clone());
             match a {
                 Action::Stage(hs) => {
@@ -473,7 +473,7 @@ mod tests {
                 Action::Done => break,
             }
         }
-        assert_eq!(r.next(), Action::Done, "done stays done");
+        assert_eq!(r.next_action(), Action::Done, "done stays done");
         (actions, r.report())
     }
 
@@ -631,10 +631,10 @@ mod tests {
     #[test]
     fn missing_results_count_as_failures() {
         let mut r = Rollout::new(rid("new"), 2, Waves::all_at_once(), MaxFailed::None, true);
-        assert_eq!(r.next(), Action::Stage(vec![0, 1]));
+        assert_eq!(r.next_action(), Action::Stage(vec![0, 1]));
         r.staged(0, Ok(Staged::default()));
         // Host 1 never reported: too many failures, nothing activated.
-        assert_eq!(r.next(), Action::Done);
+        assert_eq!(r.next_action(), Action::Done);
         let rep = r.report();
         assert_eq!(
             rep.ending,

@@ -34,15 +34,13 @@ pub enum SelectionError {
         name: String,
         groups: String,
     },
-    #[error("{file}: groups {first} and {second} set different {setting} ({first_value} and {second_value}); pass --{flag} to choose")]
+    #[error("{file}: groups {groups} set different {setting}; pass --{flag} to choose")]
     Conflict {
         file: String,
         setting: &'static str,
         flag: &'static str,
-        first: String,
-        first_value: String,
-        second: String,
-        second_value: String,
+        /// The two groups that differ, with their values.
+        groups: String,
     },
 }
 
@@ -184,10 +182,7 @@ fn agree<T: PartialEq + std::fmt::Display + Default>(
                 file: file.to_owned(),
                 setting,
                 flag,
-                first: first.name.clone(),
-                first_value: v.to_string(),
-                second: g.name.clone(),
-                second_value: other.to_string(),
+                groups: format!("{} ({v}) and {} ({other})", first.name, g.name),
             });
         }
     }
