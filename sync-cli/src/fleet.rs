@@ -219,6 +219,10 @@ impl Display {
         };
         match e {
             Event::Begin { host, step } => {
+                if step == Step::Rollback && !self.total.prefix().starts_with("rollback") {
+                    self.total.set_prefix("rollback");
+                    self.total.set_position(0);
+                }
                 let pb = multi.insert_before(&self.total, ProgressBar::new_spinner());
                 pb.set_style(
                     ProgressStyle::with_template("{prefix:>12} {spinner} {msg}")
@@ -289,8 +293,9 @@ impl Display {
                 }
                 self.total.inc(1);
             }
-            Event::Wave { wave, waves } => {
+            Event::Wave { wave, waves, hosts } => {
                 self.total.set_prefix(format!("wave {wave}/{waves}"));
+                self.total.set_length(hosts as u64);
                 self.total.set_position(0);
             }
         }
@@ -358,6 +363,11 @@ fn print_push(
                     "seconds": report.millis[i] as f64 / 1000.0,
                     "result": h.summary(r.activate, &r.ending),
                     "ok": h.succeeded(r.activate),
+                    "pruned": match &report.pruned[i] {
+                        None => Value::Null,
+                        Some(Ok(ids)) => json!(ids),
+                        Some(Err(e)) => json!({ "error": e }),
+                    },
                 })
             })
             .collect();

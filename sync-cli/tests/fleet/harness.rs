@@ -78,6 +78,8 @@ pub struct Spec {
     /// `waves` of the fleet file's group (all nodes, in order).
     pub waves: String,
     pub max_failed: u32,
+    /// Releases each daemon keeps (`keep` of app `shop`).
+    pub keep: u32,
 }
 
 impl Spec {
@@ -89,6 +91,7 @@ impl Spec {
             node_rates: Vec::new(),
             waves: "100%".into(),
             max_failed: 0,
+            keep: 10,
         }
     }
 }
@@ -147,6 +150,7 @@ pub struct Fleet {
     pub nodes: Vec<Node>,
     client_fp: String,
     src_ns: String,
+    keep: u32,
 }
 
 fn relsyncd() -> PathBuf {
@@ -215,6 +219,7 @@ impl Fleet {
             namespaces: Vec::new(),
             nodes: Vec::new(),
             client_fp: client.fingerprint().to_string(),
+            keep: spec.keep,
         };
         // Built on a value whose Drop cleans up, so a failure halfway leaves nothing behind.
         fleet.build(spec);
@@ -311,11 +316,11 @@ impl Fleet {
     /// Starts node `i`'s relsyncd, with `activation` (a TOML table body) as app `shop`'s
     /// activation pipeline, and waits until it listens.
     pub fn start_daemon(&mut self, i: usize, activation: Option<&str>) {
-        let client_fp = self.client_fp.clone();
+        let (client_fp, keep) = (self.client_fp.clone(), self.keep);
         let n = &mut self.nodes[i];
         let config = n.dir.join("relsyncd.toml");
         let mut text = format!(
-            "listen = \"{}:{PORT}\"\nkey = \"daemon.key\"\ncert = \"daemon.crt\"\n\n[limits]\nmessage_timeout_secs = 20\n\n[apps.shop]\nroot = \"{}\"\nkeep = 10\nauthorized_keys = [\"{client_fp}\"]\n",
+            "listen = \"{}:{PORT}\"\nkey = \"daemon.key\"\ncert = \"daemon.crt\"\n\n[limits]\nmessage_timeout_secs = 20\n\n[apps.shop]\nroot = \"{}\"\nkeep = {keep}\nauthorized_keys = [\"{client_fp}\"]\n",
             n.ip,
             n.root.display()
         );

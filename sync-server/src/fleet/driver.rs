@@ -8,7 +8,8 @@
 //! Staging one host is two connections: `Releases`, to learn which release it runs (the one a
 //! failing wave returns it to), then the push without activation. All pushes share one
 //! [`PayloadMemo`] (hosts with the same basis get the same bytes, encoded once) and one listing of
-//! the client cache; the cache is updated once for every host that staged, after staging.
+//! the client cache; the cache is updated once for every host that staged, after staging. Hosts
+//! that end on the new release are then pruned to their app's `keep`, as a single push does.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -84,8 +85,12 @@ pub enum Event {
         step: Step,
         result: StepResult,
     },
-    /// Activation of wave `wave` (of `waves`) starts.
-    Wave { wave: usize, waves: usize },
+    /// Activation of wave `wave` (of `waves`), with `hosts` hosts, starts.
+    Wave {
+        wave: usize,
+        waves: usize,
+        hosts: usize,
+    },
 }
 
 /// Callback for [`Event`]s; called from several tasks.
@@ -97,6 +102,8 @@ pub struct FleetReport {
     pub rollout: RolloutReport,
     /// Milliseconds each host spent, over all its steps.
     pub millis: Vec<u64>,
+    /// Releases removed after activation beyond the app's `keep`, per host that activated.
+    pub pruned: Vec<Option<Result<Vec<ReleaseId>, String>>>,
     /// What the client cache did (`None` without a cache or when nothing staged).
     pub cache: Option<Result<CacheUpdate, String>>,
     pub memo: MemoStats,
@@ -296,6 +303,7 @@ pub async fn push(
                 (ctx.on_event)(Event::Wave {
                     wave,
                     waves: rollout.report().waves.len(),
+                    hosts: hosts.len(),
                 });
                 let release = req.release.clone();
                 let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
@@ -370,6 +378,31 @@ pub async fn push(
             }
         }
     }
+    // As a single push does after activating: keep only the app's configured number of
+    // releases, on the hosts now running the new one. A failure here is reported, not fatal.
+    let mut pruned = vec![None; n];
+    if req.activate {
+        let report = rollout.report();
+        let live: Vec<usize> = (0..n)
+            .filter(|&h| report.hosts[h].succeeded(true))
+            .collect();
+        let results = each(&ctx, &live, opts.host_timeout, |ctx, host| async move {
+            match ctx.command(host, Command::Prune { keep: None }).await? {
+                Outcome::Pruned { removed } => Ok(removed),
+                o => Err(unexpected(&o)),
+            }
+        })
+        .await;
+        for (host, r) in results {
+            if let Err(e) = &r {
+                tracing::warn!(
+                    "{}: pruning old releases failed: {e}",
+                    ctx.hosts[host].target
+                );
+            }
+            pruned[host] = Some(r);
+        }
+    }
     let cache = match recording {
         Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
         None => None,
@@ -377,6 +410,7 @@ pub async fn push(
     FleetReport {
         rollout: rollout.report(),
         millis,
+        pruned,
         cache,
         memo: memo.stats(),
     }
