@@ -301,6 +301,20 @@ fn full_and_patch_pushes_reach_every_node_whatever_it_ran_before() {
         let want = if node.name == "n5" { "r1b" } else { "r1" };
         assert_eq!(node.current().as_deref(), Some(want), "{}", node.name);
     }
+
+    // Staging alone succeeds when every host staged; nothing moves.
+    let staged = ok_json(&push(&f, &src, "r3", &["--no-activate"]));
+    assert_eq!(staged["activate"], false);
+    for (i, (name, current, result)) in hosts(&staged).into_iter().enumerate() {
+        let want = if name == "n5" { "r1b" } else { "r1" };
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            (want, "staged"),
+            "{name}"
+        );
+        assert_eq!(f.nodes[i].current().as_deref(), Some(want), "{name}");
+        assert!(f.nodes[i].releases().contains(&"r3".to_string()), "{name}");
+    }
     eprintln!(
         "fleet full/patch test took {:.1}s",
         started.elapsed().as_secs_f64()
