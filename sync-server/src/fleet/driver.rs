@@ -321,8 +321,12 @@ pub async fn push(
                         result: result.clone(),
                     });
                     // A daemon that refused the activation put the previous release back; a
-                    // lost connection leaves the host's state unknown until asked.
-                    let current = daemon_said.then(|| rollout.previous(host).cloned());
+                    // lost connection (or a host with no previous release to go back to) leaves
+                    // the host's state unknown until asked.
+                    let current = rollout
+                        .previous(host)
+                        .filter(|_| daemon_said)
+                        .map(|p| Some(p.clone()));
                     rollout.activated(host, result, current);
                 }
             }
