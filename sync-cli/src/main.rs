@@ -4,6 +4,7 @@
 //! by `sync_core`'s planner and all file-system work by its edge.
 
 mod demo;
+mod fleet;
 mod output;
 mod remote;
 
@@ -77,11 +78,24 @@ enum Command {
         #[arg(long)]
         no_rollback: bool,
     },
-    /// Push SRC as a new release of APP to a relsyncd daemon, and activate it.
+    /// Push SRC as a new release of APP to a relsyncd daemon, and activate it; with --fleet, to
+    /// many daemons: stage on every host first, then activate wave by wave.
+    #[command(after_help = FLEET_HELP)]
     Push {
         src: PathBuf,
-        /// The daemon and app: HOST[:PORT]/APP (port 7171 by default).
-        target: String,
+        /// The daemon and app: HOST[:PORT]/APP (port 7171 by default). Not with --fleet.
+        #[arg(required_unless_present = "fleet", conflicts_with = "fleet")]
+        target: Option<String>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
+        /// Activation waves as cumulative marks: host counts or percentages of the hosts
+        /// [default: the group's `waves`, else 1,10%,100%].
+        #[arg(long, value_name = "1,10%,100%", requires = "fleet")]
+        waves: Option<sync_server::fleet::Waves>,
+        /// Hosts (N) or share of them (P%, rounded down) that may fail staging while the others
+        /// still activate [default: the group's `max_failed`, else 0].
+        #[arg(long, value_name = "N|P%", requires = "fleet")]
+        max_failed: Option<sync_server::fleet::MaxFailed>,
         /// Release id (default: the UTC time, e.g. 20261127T031840Z).
         #[arg(long)]
         release_id: Option<String>,
@@ -109,9 +123,13 @@ enum Command {
     },
     /// Pin a daemon's key: trust HOST[:PORT] when it presents FINGERPRINT (SHA256:…).
     Trust { host: String, fingerprint: String },
-    /// List the kept releases of ROOT (a local app root, or HOST[:PORT]/APP on a daemon).
+    /// List the kept releases of ROOT (a local app root, or HOST[:PORT]/APP on a daemon), or of
+    /// every host of a fleet file (--fleet).
     Releases {
-        root: PathBuf,
+        #[arg(required_unless_present = "fleet", conflicts_with = "fleet")]
+        root: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
         #[arg(long)]
         json: bool,
     },
@@ -123,9 +141,13 @@ enum Command {
         #[arg(long)]
         no_rollback: bool,
     },
-    /// Go back to the previous good release (or to --to ID); ROOT may be HOST[:PORT]/APP.
+    /// Go back to the previous good release (or to --to ID); ROOT may be HOST[:PORT]/APP, or
+    /// --fleet rolls back every selected host of a fleet file.
     Rollback {
-        root: PathBuf,
+        #[arg(required_unless_present = "fleet", conflicts_with = "fleet")]
+        root: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
         #[arg(long)]
         to: Option<String>,
         /// Keep the release live (marked bad) when its activation checks fail (local roots).
@@ -181,6 +203,18 @@ enum Command {
         json: bool,
     },
 }
+
+const FLEET_HELP: &str = "\
+Fleet pushes (--fleet FILE, see fleet.example.toml):
+  1. SRC is scanned once and staged on every selected host in parallel (--fanout at once, each
+     within --host-timeout); nothing is activated yet. Hosts with the same previous release get
+     the same encoded bytes.
+  2. Only if at most --max-failed hosts failed, the staged hosts are activated wave by wave
+     (--waves). Each daemon runs its app's activation pipeline (health checks included) and puts
+     its previous release back when that fails. A wave in which any host fails stops the
+     rollout: its activated hosts are rolled back, later waves are not activated.
+  The final table (or --json) says which hosts run which release. Exit code 0 only when every
+  selected host activated (staged, with --no-activate), 1 otherwise, 2 for usage errors.";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -423,26 +457,48 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
         Command::Push {
             src,
             target,
+            fleet,
+            waves,
+            max_failed,
             release_id,
             no_activate,
             dry_run,
             json,
             exclude,
-        } => remote::push(
-            keys,
-            remote::PushArgs {
-                src,
-                target,
-                release_id,
-                no_activate,
-                dry_run,
-                json,
-                exclude,
-            },
-        ),
+        } => match target {
+            Some(target) => remote::push(
+                keys,
+                remote::PushArgs {
+                    src,
+                    target,
+                    release_id,
+                    no_activate,
+                    dry_run,
+                    json,
+                    exclude,
+                },
+            ),
+            None => fleet::push(
+                keys,
+                fleet::PushArgs {
+                    src,
+                    fleet,
+                    waves,
+                    max_failed,
+                    release_id,
+                    no_activate,
+                    dry_run,
+                    json,
+                    exclude,
+                },
+            ),
+        },
         Command::Keygen { dir, name } => remote::keygen(dir, &name),
         Command::Trust { host, fingerprint } => remote::trust(keys, &host, &fingerprint),
-        Command::Releases { root, json } => {
+        Command::Releases { root, fleet, json } => {
+            let Some(root) = root else {
+                return fleet::releases(keys, &fleet, json);
+            };
             if let Some(target) = remote::target_of(&root)? {
                 return remote::releases(keys, &target, json);
             }
@@ -466,10 +522,14 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
         }
         Command::Rollback {
             root,
+            fleet,
             to,
             no_rollback,
         } => {
             let to = to.as_deref().map(release_id).transpose()?;
+            let Some(root) = root else {
+                return fleet::rollback(keys, &fleet, to);
+            };
             if let Some(target) = remote::target_of(&root)? {
                 return remote::rollback(keys, &target, to);
             }

@@ -101,7 +101,12 @@ impl KeyArgs {
         }
     }
 
-    fn identity(&self) -> Result<Identity> {
+    /// How long to wait for a daemon to answer a connection.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout.max(1))
+    }
+
+    pub(crate) fn identity(&self) -> Result<Identity> {
         let (key, cert) = self.identity_paths()?;
         if !key.exists() {
             return Err(UsageError(format!(
@@ -143,7 +148,7 @@ fn target_in(arg: &Path, base: &Path) -> Result<Option<Target>> {
         .map_err(|e| UsageError(e.to_string()).into())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -637,7 +642,7 @@ pub fn releases(keys: &KeyArgs, target: &Target, json: bool) -> Result<()> {
     print_releases(list, json)
 }
 
-fn status_name(s: ReleaseStatus) -> &'static str {
+pub(crate) fn status_name(s: ReleaseStatus) -> &'static str {
     match s {
         ReleaseStatus::Current => "current",
         ReleaseStatus::Rollback => "rollback",

@@ -13,6 +13,7 @@
 
 pub mod cache;
 mod driver;
+pub mod memo;
 pub mod source;
 pub mod target;
 
@@ -33,6 +34,7 @@ use crate::net::{self, ConnectError, NetConfig, NetError};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
+pub use memo::{MemoStats, PayloadMemo};
 pub use source::{SourceError, SourceTree};
 pub use target::{is_sync_url, looks_remote, SyncTarget, Target, TargetError};
 
@@ -129,6 +131,33 @@ pub async fn connect(
     net: &NetConfig,
     timeout: Duration,
 ) -> Result<Connection, ClientError> {
+    let host_port = target.host_port();
+    // Checks the host the way the pin lookup does, so a bad one is reported as such.
+    PinnedServerVerifier::from_known_hosts(known_hosts, &host_port).map_err(|e| {
+        TargetError::Host {
+            text: host_port.clone(),
+            source: e,
+        }
+    })?;
+    connect_pinned(
+        target,
+        identity,
+        known_hosts.lookup(&host_port),
+        net,
+        timeout,
+    )
+    .await
+}
+
+/// [`connect`] with the daemon's key given (`None`: not known, so any key is refused with a
+/// message saying how to pin it): what a fleet file's `key` does.
+pub async fn connect_pinned(
+    target: &Target,
+    identity: &Identity,
+    pin: Option<Fingerprint>,
+    net: &NetConfig,
+    timeout: Duration,
+) -> Result<Connection, ClientError> {
     let host = target.bare_host();
     let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, target.port()))
         .await
@@ -153,14 +182,12 @@ pub async fn connect(
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = net::client_endpoint(bind, net)?;
-        let verifier = Arc::new(
-            PinnedServerVerifier::from_known_hosts(known_hosts, &host_port).map_err(|e| {
-                TargetError::Host {
-                    text: host_port.clone(),
-                    source: e,
-                }
-            })?,
-        );
+        let verifier = Arc::new(PinnedServerVerifier::new(&host_port, pin).map_err(|e| {
+            TargetError::Host {
+                text: host_port.clone(),
+                source: e,
+            }
+        })?);
         let attempt = net::connect(&endpoint, addr, host, verifier, identity, net);
         let err = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(conn)) => {
@@ -285,6 +312,21 @@ pub enum Progress {
     Sent { bytes: u64, payload: u64 },
 }
 
+/// How a push uses the client cache and shares work with concurrent pushes.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    pub cache: Option<Arc<Cache>>,
+    /// Record the push in the cache once it succeeded. A fleet push leaves this off and records
+    /// all its hosts at once ([`Cache::store_missing`], [`Cache::commit_all`]).
+    pub record: bool,
+    /// The contents the cache holds, when the caller listed them already.
+    pub cached: Option<Arc<HashSet<Hash>>>,
+    /// Payloads encoded once for every push of the same release.
+    pub memo: Option<Arc<PayloadMemo>>,
+    /// Payload bytes (KiB) encoded and waiting to be written at once (default 512 MiB).
+    pub memory_kib: Option<u32>,
+}
+
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
 /// `activate`, activated) the release, then records the push in `cache`.
 pub async fn push(
@@ -293,9 +335,25 @@ pub async fn push(
     cache: Option<&Arc<Cache>>,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
+    let opts = PushOptions {
+        cache: cache.cloned(),
+        record: true,
+        ..PushOptions::default()
+    };
+    push_with(conn, req, &opts, progress).await
+}
+
+/// [`push`] with the options spelled out.
+pub async fn push_with(
+    conn: &Connection,
+    req: &PushRequest,
+    opts: &PushOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<PushReport, ClientError> {
     let source = open_source(&req.source, &req.manifest)?;
-    let session = push_session(conn, req, cached(cache, &conn.target).await);
-    let t = transfer(conn, session, source, cache, &conn.target, true, progress).await?;
+    let cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
+    let session = push_session(conn, req, cached);
+    let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {
         return Err(ClientError::Internal {
             target: conn.target.to_string(),
@@ -359,20 +417,16 @@ pub async fn sync(
         cached: if req.dry_run {
             HashSet::new()
         } else {
-            cached(cache, &req.destination).await.hashes
+            cached(cache, &req.destination, None).await.hashes
         },
     };
     let session = ClientSession::sync(conn.config, job, 0);
-    let t = transfer(
-        conn,
-        session,
-        source,
-        cache,
-        &req.destination,
-        !req.dry_run,
-        progress,
-    )
-    .await?;
+    let opts = PushOptions {
+        cache: cache.cloned(),
+        record: !req.dry_run,
+        ..PushOptions::default()
+    };
+    let t = transfer(conn, session, source, &req.destination, &opts, progress).await?;
     let Outcome::Synced(report) = t.outcome else {
         return Err(ClientError::Internal {
             target: conn.target.to_string(),
@@ -393,24 +447,23 @@ struct Transferred {
     cache: Option<Result<CacheUpdate, String>>,
 }
 
-/// Drives `session`, which sends `source`'s files, to its end. With `record`, the cache then
+/// Drives `session`, which sends `source`'s files, to its end. With `opts.record`, the cache then
 /// holds what was sent and notes it as `key`'s last manifest.
 async fn transfer(
     conn: &Connection,
     session: ClientSession,
     source: Arc<SourceTree>,
-    cache: Option<&Arc<Cache>>,
     key: &(dyn std::fmt::Display + Sync),
-    record: bool,
+    opts: &PushOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<Transferred, ClientError> {
-    let cache = cache.filter(|_| record);
+    let cache = opts.cache.as_ref();
     // Once every file went out the client only waits for the daemon to build the release (or
     // apply the sync): add this transfer's contents to the cache meanwhile, and record it
     // itself once it succeeded.
     let storing = Mutex::new(None);
     let start_storing = || {
-        if let Some(c) = cache {
+        if let Some(c) = cache.filter(|_| opts.record) {
             let mut slot = storing.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
                 let (c, s) = (Arc::clone(c), Arc::clone(&source));
@@ -438,6 +491,8 @@ async fn transfer(
         Some(driver::Files {
             source: Arc::clone(&source),
             cache: cache.cloned(),
+            memo: opts.memo.clone(),
+            memory_kib: opts.memory_kib.unwrap_or(driver::MEMORY_BUDGET_KIB),
         }),
         false,
         &hook,
@@ -489,7 +544,7 @@ pub async fn dry_run(
     req: &PushRequest,
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
-    let cached = cached(cache, &conn.target).await;
+    let cached = cached(cache, &conn.target, None).await;
     let session = push_session(conn, req, cached.clone());
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
@@ -545,13 +600,25 @@ struct Cached {
     manifest: Option<Arc<[u8]>>,
 }
 
-async fn cached(cache: Option<&Arc<Cache>>, target: &(dyn std::fmt::Display + Sync)) -> Cached {
+/// `known`: the contents the cache holds, when the caller listed them already.
+async fn cached(
+    cache: Option<&Arc<Cache>>,
+    target: &(dyn std::fmt::Display + Sync),
+    known: Option<&HashSet<Hash>>,
+) -> Cached {
     let Some(c) = cache.cloned() else {
-        return Cached::default();
+        return Cached {
+            hashes: known.cloned().unwrap_or_default(),
+            manifest: None,
+        };
     };
     let target = target.to_string();
+    let known = known.cloned();
     let listed = tokio::task::spawn_blocking(move || {
-        let hashes = c.hashes()?;
+        let hashes = match known {
+            Some(h) => h,
+            None => c.hashes()?,
+        };
         let manifest = c
             .last_manifest(&target)?
             .map(|m| Arc::<[u8]>::from(m.encode()));

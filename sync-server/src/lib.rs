@@ -4,5 +4,6 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod net;
 pub mod tls;

@@ -268,6 +268,24 @@ impl Cache {
         Ok(update)
     }
 
+    /// [`Cache::commit`] for many targets that received the same manifest (a fleet push): one
+    /// prune at the end instead of one per target.
+    pub fn commit_all(
+        &self,
+        stored: Stored,
+        targets: &[Target],
+        manifest: &Manifest,
+    ) -> Result<CacheUpdate, CacheError> {
+        let mut update = stored.update.clone();
+        let encoded = manifest.encode();
+        for target in targets {
+            let head = format!("{TARGET_MAGIC}\n{target}\n").into_bytes();
+            write_atomic(&self.targets, &self.target_path(target), &[&head, &encoded])?;
+        }
+        update.pruned_files = self.prune_locked()?;
+        Ok(update)
+    }
+
     /// Removes blobs that no target's last manifest references, and stale temporary files.
     pub fn prune(&self) -> Result<u64, CacheError> {
         let _lock = self.lock()?;
@@ -449,6 +467,25 @@ mod tests {
         assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b, c]));
         assert_eq!(fx.cache.load(&Hash::of(c), 5).unwrap().as_deref(), Some(c));
         assert_eq!(fx.cache.load(&Hash::of(a), a.len() as u64).unwrap(), None);
+    }
+
+    #[test]
+    fn one_commit_records_many_targets() {
+        let fx = fixture();
+        let (a, b): (&[u8], &[u8]) = (b"alpha content", b"beta content");
+        let hosts = [target("web1/shop"), target("web2/shop")];
+        let t = tree(&fx, &[("a", a)]);
+        fx.cache.record(&hosts[0], &t).unwrap();
+        let t2 = tree(&fx, &[("b", b)]);
+        let stored = fx.cache.store_missing(&t2).unwrap();
+        let u = fx.cache.commit_all(stored, &hosts, t2.manifest()).unwrap();
+        // `a` was only web1's, which now has `b` like web2.
+        assert_eq!((u.stored_files, u.pruned_files), (1, 1));
+        for h in &hosts {
+            let m = fx.cache.last_manifest(h).unwrap().unwrap();
+            assert_eq!(m.digest(), t2.manifest().digest(), "{h}");
+        }
+        assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b]));
     }
 
     #[test]

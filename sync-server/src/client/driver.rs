@@ -23,11 +23,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::cache::{Cache, MAX_CACHED_FILE};
+use super::memo::{Key, Payload, PayloadMemo};
 use super::source::{SourceError, SourceTree};
 use super::{ClientError, Connection, PerFormat, Progress};
 
 /// Payload bytes (in KiB) that may be encoded and waiting to be written at once.
-const MEMORY_BUDGET_KIB: u32 = 512 * 1024;
+pub(super) const MEMORY_BUDGET_KIB: u32 = 512 * 1024;
 /// How long to wait for the daemon's reason after a file stream failed.
 const GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the daemon to acknowledge the end of the control stream.
@@ -39,6 +40,10 @@ const NEED_VARIANT: u8 = 2;
 pub(super) struct Files {
     pub source: Arc<SourceTree>,
     pub cache: Option<Arc<Cache>>,
+    /// Payloads shared with concurrent pushes of the same release, and their CPU budget.
+    pub memo: Option<Arc<PayloadMemo>>,
+    /// Payload memory budget of this push, in KiB.
+    pub memory_kib: u32,
 }
 
 /// The daemon's need, as announced (and checked by the session).
@@ -61,8 +66,10 @@ struct Ctx {
     conn: quinn::Connection,
     source: Arc<SourceTree>,
     cache: Option<Arc<Cache>>,
+    memo: Option<Arc<PayloadMemo>>,
     cpu: Arc<Semaphore>,
     memory: Arc<Semaphore>,
+    memory_kib: u32,
 }
 
 struct Sent {
@@ -107,12 +114,18 @@ pub(super) async fn drive(
         .unwrap_or_default();
     let ctx = files.map(|f| {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cpu = match &f.memo {
+            Some(m) => Arc::clone(m.cpu()),
+            None => Arc::new(Semaphore::new(cores)),
+        };
         Arc::new(Ctx {
             conn: conn.conn.clone(),
             source: f.source,
             cache: f.cache,
-            cpu: Arc::new(Semaphore::new(cores)),
-            memory: Arc::new(Semaphore::new(MEMORY_BUDGET_KIB as usize)),
+            memo: f.memo,
+            cpu,
+            memory: Arc::new(Semaphore::new(f.memory_kib.max(1) as usize)),
+            memory_kib: f.memory_kib.max(1),
         })
     });
     let mut tasks: JoinSet<Result<Sent, FileError>> = JoinSet::new();
@@ -343,10 +356,10 @@ fn weight(f: &SendFile) -> u32 {
 async fn send_file(ctx: Arc<Ctx>, f: SendFile) -> Result<Sent, FileError> {
     let closed = |_| FileError::Internal("a semaphore was closed".into());
     let _memory = Arc::clone(&ctx.memory)
-        .acquire_many_owned(weight(&f))
+        .acquire_many_owned(weight(&f).min(ctx.memory_kib))
         .await
         .map_err(closed)?;
-    let encoded = {
+    let encode = || async {
         let _cpu = Arc::clone(&ctx.cpu).acquire_owned().await.map_err(closed)?;
         let (source, cache, job) = (Arc::clone(&ctx.source), ctx.cache.clone(), f.clone());
         tokio::task::spawn_blocking(move || {
@@ -361,28 +374,38 @@ async fn send_file(ctx: Arc<Ctx>, f: SendFile) -> Result<Sent, FileError> {
                     }
                 }
             }
-            Ok::<_, SourceError>(enc)
+            Ok::<_, SourceError>(Payload {
+                format: enc.header.format,
+                bytes: enc.payload,
+            })
         })
         .await
         .map_err(|e| FileError::Internal(format!("encoding {} failed: {e}", f.path)))?
-        .map_err(FileError::Source)?
+        .map_err(FileError::Source)
     };
+    let payload = match &ctx.memo {
+        Some(memo) => memo.get_or_encode(Key::of(&f), encode).await?,
+        None => Arc::new(encode().await?),
+    };
+    let header = f
+        .header(payload.format, payload.bytes.len() as u64)
+        .map_err(|e| FileError::Internal(e.to_string()))?;
     let net = |message: String| FileError::Net {
         path: f.path.clone(),
         message,
     };
     let mut stream = ctx.conn.open_uni().await.map_err(|e| net(e.to_string()))?;
     stream
-        .write_all(&encoded.header.frame())
+        .write_all(&header.frame())
         .await
         .map_err(|e| net(e.to_string()))?;
     stream
-        .write_all(&encoded.payload)
+        .write_all(&payload.bytes)
         .await
         .map_err(|e| net(e.to_string()))?;
     stream.finish().map_err(|e| net(e.to_string()))?;
     Ok(Sent {
-        header: encoded.header,
+        header,
         size: f.size,
     })
 }

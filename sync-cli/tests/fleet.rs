@@ -1,0 +1,522 @@
+//! `relsync push|releases|rollback --fleet` against an emulated fleet: real `relsyncd`s in network
+//! namespaces behind shaped links (see `fleet/harness.rs`). Tests that need namespaces skip, with
+//! a message, when not run as root or without iproute2; CI runs them as root.
+//!
+//! Like `remote.rs`, these use the `relsyncd` binary next to the test binary: `cargo test
+//! --workspace` builds it; with `-p sync-cli` alone run `cargo build -p sync-server --bin relsyncd`.
+
+#[macro_use]
+#[path = "fleet/harness.rs"]
+mod harness;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use harness::{Fleet, Spec};
+use serde_json::Value;
+
+type Tree = Vec<(String, Vec<u8>)>;
+
+/// Deterministic PHP-like text.
+fn php(seed: u64, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 64);
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut line = 0u64;
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(
+            format!("    $v{line} = f({}, '{:x}');\n", line * 7, x % 99_999).as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+/// Deterministic bytes that do not compress.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn release_a() -> Tree {
+    let mut t: Tree = (0..40)
+        .map(|i| {
+            (
+                format!("src/Module{}/F{i}.php", i % 4),
+                php(i, 1_500 + (i as usize) * 97),
+            )
+        })
+        .collect();
+    t.push(("vendor/lib/big.php".into(), php(900, 300_000)));
+    t.push(("public/index.php".into(), php(901, 700)));
+    t
+}
+
+/// `base` with a line inserted into the files whose names end with one of `edits`, plus `new`.
+fn edited(base: &Tree, edits: &[&str], new: &str, seed: u64) -> Tree {
+    let mut t = base.clone();
+    for (p, c) in t.iter_mut() {
+        if edits.iter().any(|e| p.ends_with(e)) {
+            let at = c.len() / 3;
+            c.splice(at..at, format!("    // edit {seed}\n").bytes());
+        }
+    }
+    t.push((new.into(), php(seed, 3_000)));
+    t
+}
+
+fn write_tree(dir: &Path, tree: &Tree) {
+    let _ = std::fs::remove_dir_all(dir);
+    for (p, c) in tree {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, c).unwrap();
+    }
+}
+
+/// The node's live release holds exactly `tree`'s files.
+fn assert_live(node: &harness::Node, tree: &Tree) {
+    let live = node.root.join("current");
+    for (p, c) in tree {
+        let got = std::fs::read(live.join(p)).unwrap_or_else(|e| panic!("{}: {p}: {e}", node.name));
+        assert!(got == *c, "{}: {p} differs in the live release", node.name);
+    }
+}
+
+fn stdout_json(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {text}\nstderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn ok_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_json(out)
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Per host of a push report: (name, current release, result).
+fn hosts(report: &Value) -> Vec<(String, String, String)> {
+    report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_owned(),
+                h["current"].as_str().unwrap_or("?").to_owned(),
+                h["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn push(f: &Fleet, src: &Path, release: &str, extra: &[&str]) -> Output {
+    let file = f.fleet_file();
+    let mut args = vec![
+        "push",
+        src.to_str().unwrap(),
+        "--fleet",
+        file.to_str().unwrap(),
+        "--release-id",
+        release,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    f.relsync(&args)
+}
+
+/// A full push to every node, a node moved to another release, then a patch push that brings
+/// every node (whatever it ran) to the new release, sending little; then the fleet-wide
+/// `releases` and `rollback`, which returns each node to its own previous release.
+#[test]
+fn full_and_patch_pushes_reach_every_node_whatever_it_ran_before() {
+    require_netns!();
+    let started = Instant::now();
+    let mut spec = Spec::new(6);
+    spec.waves = "1,50%,100%".into();
+    spec.keep = 2;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let fleet_file = f.fleet_file();
+    let file = fleet_file.to_str().unwrap();
+
+    let a = release_a();
+    write_tree(&src, &a);
+    let first = ok_json(&push(&f, &src, "r1", &[]));
+    assert_eq!(first["success"], true, "{first}");
+    for (name, current, result) in hosts(&first) {
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            ("r1", "activated"),
+            "{name}"
+        );
+    }
+    let waves: Vec<usize> = first["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_array().unwrap().len())
+        .collect();
+    assert_eq!(waves, [1, 2, 3], "{first}");
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &a);
+    }
+    // Every distinct content was encoded once and its payload reused for the other hosts.
+    let files = a.len() as u64;
+    assert!(n(&first["encoded_payloads"]) <= files, "{first}");
+    assert!(
+        n(&first["shared_payloads"]) >= 5 * n(&first["encoded_payloads"]),
+        "{first}"
+    );
+    let full_per_host = n(&first["hosts"][0]["sent_bytes"]);
+
+    // n5 moves to its own release r1b.
+    let b = edited(&a, &["/F3.php", "/F9.php"], "src/Module1/Hotfix.php", 7);
+    write_tree(&src, &b);
+    let hotfix = f.relsync(&[
+        "push",
+        src.to_str().unwrap(),
+        "--fleet",
+        file,
+        "--hosts",
+        "n5",
+        "--release-id",
+        "r1b",
+    ]);
+    let table = String::from_utf8_lossy(&hotfix.stdout);
+    assert!(hotfix.status.success(), "{table}");
+    eprintln!("{table}");
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..3], ["HOST", "WAVE", "RELEASE"], "{table}");
+    let last = *rows[1].last().unwrap();
+    assert_eq!(
+        (rows[1][0], rows[1][2], last),
+        ("n5", "r1b", "activated"),
+        "{table}"
+    );
+    let summary = table.lines().nth(2).unwrap_or_default();
+    assert!(
+        summary.starts_with("release r1b activated on 1 of 1 hosts"),
+        "{table}"
+    );
+    assert_eq!(f.nodes[5].current().as_deref(), Some("r1b"));
+    assert_eq!(f.nodes[4].current().as_deref(), Some("r1"));
+
+    // The patch: every node ends on r2, n5 included, each sending a small share of the first.
+    let c = edited(
+        &a,
+        &["/F5.php", "/F17.php", "big.php"],
+        "src/Module2/New.php",
+        11,
+    );
+    write_tree(&src, &c);
+    let second = ok_json(&push(&f, &src, "r2", &[]));
+    for (name, current, result) in hosts(&second) {
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            ("r2", "activated"),
+            "{name}"
+        );
+    }
+    for (i, node) in f.nodes.iter().enumerate() {
+        assert_eq!(node.current().as_deref(), Some("r2"), "{}", node.name);
+        assert_live(node, &c);
+        let sent = n(&second["hosts"][i]["sent_bytes"]);
+        assert!(
+            sent * 10 < full_per_host,
+            "{}: sent {sent} of {full_per_host}",
+            node.name
+        );
+        let previous = if i == 5 { "r1b" } else { "r1" };
+        assert_eq!(second["hosts"][i]["previous"], previous, "{second}");
+    }
+    assert!(n(&second["shared_payloads"]) > 0, "{second}");
+    // Activated hosts are pruned to `keep` (2): only n5 had a third release.
+    assert_eq!(
+        second["hosts"][5]["pruned"],
+        serde_json::json!(["r1"]),
+        "{second}"
+    );
+    assert_eq!(
+        second["hosts"][0]["pruned"],
+        serde_json::json!([]),
+        "{second}"
+    );
+    assert_eq!(f.nodes[5].releases(), ["r1b", "r2"]);
+
+    // A dry run asks every host and changes nothing.
+    let mut d = c.clone();
+    d.push(("src/Module3/Extra.php".into(), php(99, 900)));
+    write_tree(&src, &d);
+    let plan = ok_json(&push(&f, &src, "r3", &["--dry-run"]));
+    for h in plan["hosts"].as_array().unwrap() {
+        assert_eq!(n(&h["needed_files"]), 1, "{plan}");
+    }
+    assert!(f.nodes.iter().all(|n| n.releases().len() == 2));
+
+    let list = ok_json(&f.relsync(&["releases", "--fleet", file, "--json"]));
+    for h in list.as_array().unwrap() {
+        assert_eq!(h["current"], "r2", "{list}");
+    }
+    let table = f.relsync(&["releases", "--fleet", file, "--group", "all"]);
+    assert!(table.status.success());
+    assert!(String::from_utf8_lossy(&table.stdout).contains("n5"));
+
+    // Each node goes back to what it ran before r2.
+    let back = f.relsync(&["rollback", "--fleet", file]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    for node in &f.nodes {
+        let want = if node.name == "n5" { "r1b" } else { "r1" };
+        assert_eq!(node.current().as_deref(), Some(want), "{}", node.name);
+    }
+
+    // Staging alone succeeds when every host staged; nothing moves.
+    let staged = ok_json(&push(&f, &src, "r3", &["--no-activate"]));
+    assert_eq!(staged["activate"], false);
+    for (i, (name, current, result)) in hosts(&staged).into_iter().enumerate() {
+        let want = if name == "n5" { "r1b" } else { "r1" };
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            (want, "staged"),
+            "{name}"
+        );
+        assert_eq!(f.nodes[i].current().as_deref(), Some(want), "{name}");
+        assert!(f.nodes[i].releases().contains(&"r3".to_string()), "{name}");
+    }
+    eprintln!(
+        "fleet full/patch test took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A node whose daemon dies while the release is on its way fails alone: the others stage and
+/// activate, and the report and the exit code name it.
+#[test]
+fn a_node_killed_mid_push_is_reported_and_the_others_activate() {
+    require_netns!();
+    let mut spec = Spec::new(6);
+    spec.max_failed = 1;
+    // n5's link is slow, so the push is surely still sending to it when it is killed.
+    spec.node_rates = vec![(5, "4mbit".into())];
+    let mut f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree: Tree = (0..8)
+        .map(|i| (format!("assets/blob{i}.bin"), noise(i + 1, 400_000)))
+        .chain([("index.php".to_string(), php(1, 2_000))])
+        .collect();
+    write_tree(&src, &tree);
+    let file = f.fleet_file();
+    let child = f
+        .command(&[
+            "push",
+            src.to_str().unwrap(),
+            "--fleet",
+            file.to_str().unwrap(),
+            "--release-id",
+            "r1",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.nodes[5].objects() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(f.nodes[5].objects() > 0, "n5 never received anything");
+    f.kill(5);
+    assert!(!f.nodes[5].is_running());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("n5 (stage failed)"), "{stderr}");
+    let report = stdout_json(&out);
+    assert_eq!(report["success"], false);
+    let rows = hosts(&report);
+    for (name, current, result) in &rows[..5] {
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            ("r1", "activated"),
+            "{name}"
+        );
+    }
+    assert_eq!(rows[5].0, "n5");
+    assert_eq!(rows[5].2, "stage failed", "{report}");
+    assert_eq!(report["hosts"][5]["stage"]["ok"], false);
+    for node in &f.nodes[..5] {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+    assert_eq!(f.nodes[5].current(), None);
+}
+
+/// Waves 1, 2, 3 hosts; one host of the second wave fails its health check. Its daemon puts the
+/// previous release back, the other host of that wave is rolled back by the client, the third
+/// wave is never activated (its hosts keep r2 staged only), and the report says who runs what.
+#[test]
+fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
+    require_netns!();
+    let mut spec = Spec::new(6);
+    spec.waves = "1,3,100%".into();
+    let mut f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    ok_json(&push(&f, &src, "r1", &[]));
+    assert!(f.nodes.iter().all(|n| n.current().as_deref() == Some("r1")));
+
+    // n2 (in wave 2) now checks a port nothing listens on.
+    f.kill(2);
+    f.start_daemon(
+        2,
+        Some("health_check = [{ url = \"http://127.0.0.1:1/health\", timeout = \"1s\", interval = \"200ms\" }]"),
+    );
+    let b = edited(&a, &["/F2.php"], "src/Module0/New.php", 3);
+    write_tree(&src, &b);
+    let out = push(&f, &src, "r2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report = stdout_json(&out);
+    assert_eq!(report["ending"]["kind"], "wave_failed", "{report}");
+    assert_eq!(report["ending"]["wave"], 2, "{report}");
+    let rows = hosts(&report);
+    let want = [
+        ("n0", "r2", "activated"),
+        ("n1", "r1", "rolled back"),
+        ("n2", "r1", "activation failed"),
+        ("n3", "r1", "staged, not activated (wave 2 failed)"),
+        ("n4", "r1", "staged, not activated (wave 2 failed)"),
+        ("n5", "r1", "staged, not activated (wave 2 failed)"),
+    ];
+    for ((name, current, result), (wn, wc, wr)) in rows.iter().zip(want) {
+        assert_eq!(
+            (name.as_str(), current.as_str(), result.as_str()),
+            (wn, wc, wr),
+            "{report}"
+        );
+    }
+    let health = report["hosts"][2]["activate"]["error"].as_str().unwrap();
+    assert!(health.contains("health"), "{health}");
+    assert_eq!(report["hosts"][1]["rollback"]["ok"], true);
+    assert!(report["hosts"][3]["activate"].is_null());
+    for (i, node) in f.nodes.iter().enumerate() {
+        let want = if i == 0 { "r2" } else { "r1" };
+        assert_eq!(node.current().as_deref(), Some(want), "{}", node.name);
+        // Staging happened everywhere before any activation.
+        assert!(node.releases().contains(&"r2".to_string()), "{}", node.name);
+    }
+    assert_live(&f.nodes[0], &b);
+    assert_live(&f.nodes[3], &a);
+}
+
+/// Mistakes in the fleet file or the selection are usage errors (exit 2) naming what is wrong,
+/// reported before anything is scanned or sent. Needs no namespaces.
+#[test]
+fn fleet_usage_errors_exit_with_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_relsync"))
+            .args(args)
+            .env("RELSYNC_CONFIG_DIR", tmp.path().join("client"))
+            .env("RELSYNC_CACHE_DIR", tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let fp = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+    let good = format!(
+        "[hosts.web1]\naddress = \"198.18.0.10\"\nkey = \"{fp}\"\n[groups.web]\nhosts = [\"web1\"]\napp = \"shop\"\n"
+    );
+    let file = tmp.path().join("fleet.toml");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let (f, s) = (file.to_str().unwrap(), src.to_str().unwrap());
+    let table: Vec<(String, Vec<&str>, &str)> = vec![
+        (
+            good.replace("198.18.0.10", "198.18.0.10:0"),
+            vec!["push", s, "--fleet", f],
+            "`hosts.web1.address`",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "--group", "db"],
+            "no group \"db\"",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "--hosts", "web9"],
+            "no host \"web9\"",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "--waves", "0"],
+            "0 hosts",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "--max-failed", "x"],
+            "failure threshold",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "--fanout", "0"],
+            "--fanout",
+        ),
+        (
+            good.clone(),
+            vec!["push", s, "--fleet", f, "web1/shop"],
+            "cannot be used",
+        ),
+        (good.clone(), vec!["push", s, "--waves", "1"], "--fleet"),
+        (
+            good.clone(),
+            vec!["releases", "--fleet", f, "--group", "x"],
+            "no group",
+        ),
+        (
+            good.clone(),
+            vec!["rollback", "--fleet", f, "--hosts", "nope"],
+            "no host",
+        ),
+        (good.clone(), vec!["releases"], "<ROOT>"),
+    ];
+    for (text, args, want) in table {
+        std::fs::write(&file, text).unwrap();
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,622 @@
+//! Carries out a [`Rollout`] (and the other fleet commands) over QUIC, many hosts at once.
+//!
+//! Every host runs in its own task, at most `fanout` at a time, each step under the per-host
+//! deadline, so an unreachable or stuck host only ever costs its own slot. The decisions are the
+//! rollout's; this module connects (pinning each daemon to its fleet-file key), runs the client
+//! functions, turns their errors into report lines and feeds the results back.
+//!
+//! Staging one host is two connections: `Releases`, to learn which release it runs (the one a
+//! failing wave returns it to), then the push without activation. All pushes share one
+//! [`PayloadMemo`] (hosts with the same basis get the same bytes, encoded once) and one listing of
+//! the client cache; the cache is updated once for every host that staged, after staging. Hosts
+//! that end on the new release are then pruned to their app's `keep`, as a single push does.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sync_core::proto::client::Outcome;
+use sync_core::wire::{Command, ReleaseInfo, ReleaseStatus};
+use sync_core::ReleaseId;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::rollout::{Action, RolloutReport, Staged, Step, StepResult};
+use super::select::{Selected, Selection};
+use super::Rollout;
+use crate::client::{
+    self, Cache, CacheUpdate, ClientError, Connection, MemoStats, NeedReport, PayloadMemo,
+    Progress, PushOptions, PushRequest, SourceTree,
+};
+use crate::net::NetConfig;
+use crate::tls::Identity;
+
+/// Payload bytes the memo keeps for pushes to catch up with each other.
+const MEMO_BUDGET: u64 = 256 << 20;
+/// Payload memory (KiB) of all concurrent pushes together; each gets its share.
+const MEMORY_TOTAL_KIB: u32 = 1024 * 1024;
+/// Smallest per-push payload memory (KiB), whatever the fan-out.
+const MEMORY_MIN_KIB: u32 = 32 * 1024;
+
+/// How the fleet is driven.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Hosts worked on at once.
+    pub fanout: usize,
+    /// Longest a host may take for one step (staging, activating, rolling back, a query).
+    pub host_timeout: Duration,
+    /// Longest wait for a daemon to answer a connection attempt.
+    pub connect_timeout: Duration,
+    pub net: NetConfig,
+}
+
+impl Default for FleetOptions {
+    fn default() -> FleetOptions {
+        FleetOptions {
+            fanout: 16,
+            host_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(10),
+            net: fleet_net(),
+        }
+    }
+}
+
+/// Transport settings for fleet commands: a dead host is given up after 10 s of silence rather
+/// than 30 (keep-alives every 2 s keep a live but busy daemon's connection open).
+pub fn fleet_net() -> NetConfig {
+    NetConfig {
+        idle_timeout: Duration::from_secs(10),
+        keep_alive_interval: Some(Duration::from_secs(2)),
+        ..NetConfig::default()
+    }
+}
+
+/// Something that happened on one host, for progress display.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A step started on a host.
+    Begin { host: usize, step: Step },
+    /// Progress of a host's push.
+    Push { host: usize, progress: Progress },
+    /// A step ended on a host.
+    End {
+        host: usize,
+        step: Step,
+        result: StepResult,
+    },
+    /// Activation of wave `wave` (of `waves`), with `hosts` hosts, starts.
+    Wave {
+        wave: usize,
+        waves: usize,
+        hosts: usize,
+    },
+}
+
+/// Callback for [`Event`]s; called from several tasks.
+pub type OnEvent = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// What a fleet push did.
+#[derive(Debug, Clone)]
+pub struct FleetReport {
+    pub rollout: RolloutReport,
+    /// Milliseconds each host spent, over all its steps.
+    pub millis: Vec<u64>,
+    /// Releases removed after activation beyond the app's `keep`, per host that activated.
+    pub pruned: Vec<Option<Result<Vec<ReleaseId>, String>>>,
+    /// What the client cache did (`None` without a cache or when nothing staged).
+    pub cache: Option<Result<CacheUpdate, String>>,
+    pub memo: MemoStats,
+}
+
+/// What every task of a fleet command shares.
+struct Ctx {
+    hosts: Vec<Selected>,
+    identity: Arc<Identity>,
+    opts: FleetOptions,
+    on_event: OnEvent,
+}
+
+impl Ctx {
+    async fn connect(&self, host: usize) -> Result<Connection, ClientError> {
+        let h = &self.hosts[host];
+        client::connect_pinned(
+            &h.target,
+            &self.identity,
+            Some(h.host.key),
+            &self.opts.net,
+            self.opts.connect_timeout,
+        )
+        .await
+    }
+
+    /// Runs one command on `host` on its own connection.
+    async fn command(&self, host: usize, cmd: Command) -> Result<Outcome, String> {
+        let conn = self.connect(host).await.map_err(|e| chain(&e))?;
+        let outcome = client::command(&conn, cmd).await;
+        conn.close().await;
+        outcome.map_err(|e| chain(&e))
+    }
+
+    /// What `host` runs now.
+    async fn current(&self, host: usize) -> Result<Option<ReleaseId>, String> {
+        match self.command(host, Command::Releases).await? {
+            Outcome::Releases(list) => Ok(current_of(&list)),
+            o => Err(unexpected(&o)),
+        }
+    }
+}
+
+/// The release `list` marks current.
+pub fn current_of(list: &[ReleaseInfo]) -> Option<ReleaseId> {
+    list.iter()
+        .find(|r| r.status == ReleaseStatus::Current)
+        .map(|r| r.id.clone())
+}
+
+fn unexpected(o: &Outcome) -> String {
+    format!("the daemon answered with an unexpected {o:?}")
+}
+
+/// An error and its causes on one line, each cause once.
+pub fn chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = String::new();
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&s);
+        }
+        cur = c.source();
+    }
+    text
+}
+
+/// Runs `f` for every host in `hosts`, at most `fanout` at once, each under `deadline`.
+async fn each<T, F, Fut>(
+    ctx: &Arc<Ctx>,
+    hosts: &[usize],
+    deadline: Duration,
+    f: F,
+) -> Vec<(usize, Result<T, String>)>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Ctx>, usize) -> Fut,
+    Fut: Future<Output = Result<T, String>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(ctx.opts.fanout.max(1)));
+    let mut tasks = JoinSet::new();
+    for &host in hosts {
+        let work = f(Arc::clone(ctx), host);
+        let slots = Arc::clone(&slots);
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let r = match tokio::time::timeout(deadline, work).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "no result within {} s (--host-timeout); the host was given up",
+                    deadline.as_secs()
+                )),
+            };
+            (host, r)
+        });
+    }
+    let mut out = Vec::with_capacity(hosts.len());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::warn!("a fleet task failed: {e}"),
+        }
+    }
+    out.sort_by_key(|(h, _)| *h);
+    out
+}
+
+/// Pushes `req` to every host of `sel`: stages everywhere, then (with `req.activate`) activates
+/// wave by wave as the rollout decides.
+pub async fn push(
+    sel: &Selection,
+    identity: Arc<Identity>,
+    req: &PushRequest,
+    cache: Option<Arc<Cache>>,
+    opts: &FleetOptions,
+    on_event: OnEvent,
+) -> FleetReport {
+    let ctx = Arc::new(Ctx {
+        hosts: sel.hosts.clone(),
+        identity,
+        opts: opts.clone(),
+        on_event,
+    });
+    let n = ctx.hosts.len();
+    let mut rollout = Rollout::new(
+        req.release.clone(),
+        n,
+        sel.settings.waves.clone(),
+        sel.settings.max_failed,
+        req.activate,
+    );
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let memo = Arc::new(PayloadMemo::new(MEMO_BUDGET, cores));
+    let cached = match &cache {
+        Some(c) => {
+            let c = Arc::clone(c);
+            match tokio::task::spawn_blocking(move || c.hashes()).await {
+                Ok(Ok(h)) => Some(Arc::new(h)),
+                Ok(Err(e)) => {
+                    tracing::warn!("{e}; pushing without the cache");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let fanout = u32::try_from(opts.fanout.max(1)).unwrap_or(u32::MAX);
+    let push_opts = PushOptions {
+        cache: cached.as_ref().and(cache.clone()),
+        record: false,
+        cached: Some(cached.clone().unwrap_or_default()),
+        memo: Some(Arc::clone(&memo)),
+        memory_kib: Some((MEMORY_TOTAL_KIB / fanout).max(MEMORY_MIN_KIB)),
+    };
+    let staged_req = Arc::new(PushRequest {
+        activate: false,
+        ..req.clone()
+    });
+    let mut millis = vec![0u64; n];
+    let mut recording = None;
+    loop {
+        match rollout.next_action() {
+            Action::Stage(hosts) => {
+                let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+                    let (req, push_opts) = (Arc::clone(&staged_req), push_opts.clone());
+                    async move { stage(&ctx, host, &req, &push_opts).await }
+                })
+                .await;
+                let mut staged_targets = Vec::new();
+                for (host, r) in results {
+                    let (result, previous, ms) = r.unwrap_or_else(|e| (Err(e), None, 0));
+                    millis[host] += ms;
+                    (ctx.on_event)(Event::End {
+                        host,
+                        step: Step::Stage,
+                        result: result.as_ref().map(|_| ()).map_err(Clone::clone),
+                    });
+                    if result.is_ok() {
+                        staged_targets.push(ctx.hosts[host].target.clone());
+                    }
+                    let failed = result.is_err();
+                    rollout.staged(host, result);
+                    if let (true, Some(p)) = (failed, previous) {
+                        rollout.observed(host, p);
+                    }
+                }
+                if let (Some(c), false) = (&cache, staged_targets.is_empty()) {
+                    recording = Some(record(Arc::clone(c), req, staged_targets));
+                }
+            }
+            Action::Activate { wave, hosts } => {
+                (ctx.on_event)(Event::Wave {
+                    wave,
+                    waves: rollout.report().waves.len(),
+                    hosts: hosts.len(),
+                });
+                let release = req.release.clone();
+                let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+                    let release = release.clone();
+                    async move { Ok(activate(&ctx, host, &release).await) }
+                })
+                .await;
+                for (host, r) in results {
+                    let (result, daemon_said, ms) =
+                        r.unwrap_or_else(|e| (Err(e), false, opts.host_timeout.as_millis() as u64));
+                    millis[host] += ms;
+                    (ctx.on_event)(Event::End {
+                        host,
+                        step: Step::Activate,
+                        result: result.clone(),
+                    });
+                    // A daemon that refused the activation put the previous release back; a
+                    // lost connection (or a host with no previous release to go back to) leaves
+                    // the host's state unknown until asked.
+                    let current = rollout
+                        .previous(host)
+                        .filter(|_| daemon_said)
+                        .map(|p| Some(p.clone()));
+                    rollout.activated(host, result, current);
+                }
+            }
+            Action::Rollback { hosts, .. } => {
+                let targets: Vec<(usize, Option<ReleaseId>)> = hosts
+                    .iter()
+                    .map(|&h| (h, rollout.previous(h).cloned()))
+                    .collect();
+                let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+                    let to = targets
+                        .iter()
+                        .find(|(h, _)| *h == host)
+                        .and_then(|(_, p)| p.clone());
+                    let release = req.release.clone();
+                    async move { Ok(rollback_one(&ctx, host, to, &release).await) }
+                })
+                .await;
+                for (host, r) in results {
+                    let (result, ms) = r.unwrap_or_else(|e| (Err(e), 0));
+                    millis[host] += ms;
+                    (ctx.on_event)(Event::End {
+                        host,
+                        step: Step::Rollback,
+                        result: result.clone(),
+                    });
+                    rollout.rolled_back(host, result);
+                }
+            }
+            Action::Done => break,
+        }
+    }
+    // Ask the hosts whose live release is in doubt (a lost connection during activation or
+    // rollback) what they run now.
+    let report = rollout.report();
+    let doubtful: Vec<usize> = (0..n)
+        .filter(|&h| {
+            let r = &report.hosts[h];
+            r.current.is_none() && (r.activate.is_some() || r.rollback.is_some())
+        })
+        .collect();
+    if !doubtful.is_empty() {
+        let asked = each(
+            &ctx,
+            &doubtful,
+            opts.host_timeout.min(Duration::from_secs(30)),
+            |ctx, host| async move { ctx.current(host).await },
+        )
+        .await;
+        for (host, r) in asked {
+            match r {
+                Ok(current) => rollout.observed(host, current),
+                Err(e) => tracing::debug!("{}: {e}", ctx.hosts[host].target),
+            }
+        }
+    }
+    // As a single push does after activating: keep only the app's configured number of
+    // releases, on the hosts now running the new one. A failure here is reported, not fatal.
+    let mut pruned = vec![None; n];
+    if req.activate {
+        let report = rollout.report();
+        let live: Vec<usize> = (0..n)
+            .filter(|&h| report.hosts[h].succeeded(true))
+            .collect();
+        let results = each(&ctx, &live, opts.host_timeout, |ctx, host| async move {
+            match ctx.command(host, Command::Prune { keep: None }).await? {
+                Outcome::Pruned { removed } => Ok(removed),
+                o => Err(unexpected(&o)),
+            }
+        })
+        .await;
+        for (host, r) in results {
+            if let Err(e) = &r {
+                tracing::warn!(
+                    "{}: pruning old releases failed: {e}",
+                    ctx.hosts[host].target
+                );
+            }
+            pruned[host] = Some(r);
+        }
+    }
+    let cache = match recording {
+        Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
+        None => None,
+    };
+    FleetReport {
+        rollout: rollout.report(),
+        millis,
+        pruned,
+        cache,
+        memo: memo.stats(),
+    }
+}
+
+type StageResult = (Result<Staged, String>, Option<Option<ReleaseId>>, u64);
+
+/// Stages `req` on `host`: asks what it runs, then pushes without activating. Returns the
+/// result, what the host runs (when it was learned, also for a failed push) and the time taken.
+async fn stage(
+    ctx: &Ctx,
+    host: usize,
+    req: &PushRequest,
+    push_opts: &PushOptions,
+) -> Result<StageResult, String> {
+    let started = Instant::now();
+    (ctx.on_event)(Event::Begin {
+        host,
+        step: Step::Stage,
+    });
+    let ms = || started.elapsed().as_millis() as u64;
+    let previous = match ctx.current(host).await {
+        Ok(p) => p,
+        Err(e) => return Ok((Err(e), None, ms())),
+    };
+    let conn = match ctx.connect(host).await {
+        Ok(c) => c,
+        Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+    };
+    let on_event = Arc::clone(&ctx.on_event);
+    let pushed = client::push_with(&conn, req, push_opts, &move |p| {
+        on_event(Event::Push { host, progress: p })
+    })
+    .await;
+    conn.close().await;
+    let result = pushed
+        .map(|r| Staged {
+            previous: previous.clone(),
+            sent_bytes: r.session.payload_bytes,
+            millis: ms(),
+        })
+        .map_err(|e| chain(&e));
+    Ok((result, Some(previous), ms()))
+}
+
+/// Activates `release` on `host`. Returns the result, whether the daemon itself answered (so
+/// it ran its pipeline, and on failure put the previous release back), and the time taken.
+async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> (StepResult, bool, u64) {
+    let started = Instant::now();
+    (ctx.on_event)(Event::Begin {
+        host,
+        step: Step::Activate,
+    });
+    let ms = || started.elapsed().as_millis() as u64;
+    let conn = match ctx.connect(host).await {
+        // Never reached the daemon: nothing changed there.
+        Err(e) => return (Err(chain(&e)), true, ms()),
+        Ok(c) => c,
+    };
+    let outcome = client::command(
+        &conn,
+        Command::Activate {
+            release: release.clone(),
+        },
+    )
+    .await;
+    conn.close().await;
+    match outcome {
+        Ok(Outcome::Activated { release: r }) if &r == release => (Ok(()), true, ms()),
+        Ok(o) => (Err(unexpected(&o)), false, ms()),
+        Err(e @ ClientError::Session { .. }) => (Err(chain(&e)), true, ms()),
+        Err(e) => (Err(chain(&e)), false, ms()),
+    }
+}
+
+/// Puts `host` back on `to` (the release it ran before this push).
+async fn rollback_one(
+    ctx: &Ctx,
+    host: usize,
+    to: Option<ReleaseId>,
+    release: &ReleaseId,
+) -> (StepResult, u64) {
+    let started = Instant::now();
+    (ctx.on_event)(Event::Begin {
+        host,
+        step: Step::Rollback,
+    });
+    let Some(to) = to else {
+        return (
+            Err(format!(
+                "the host ran no release before {release}, so there is nothing to go back to; {release} stays live"
+            )),
+            0,
+        );
+    };
+    let result = match ctx
+        .command(
+            host,
+            Command::Rollback {
+                to: Some(to.clone()),
+            },
+        )
+        .await
+    {
+        Ok(Outcome::Activated { release: r }) if r == to => Ok(()),
+        Ok(o) => Err(unexpected(&o)),
+        Err(e) => Err(e),
+    };
+    (result, started.elapsed().as_millis() as u64)
+}
+
+/// Adds the release's contents to the cache and records it for every target that staged it.
+fn record(
+    cache: Arc<Cache>,
+    req: &PushRequest,
+    targets: Vec<client::Target>,
+) -> tokio::task::JoinHandle<Result<CacheUpdate, String>> {
+    let (dir, manifest) = (req.source.clone(), Arc::clone(&req.manifest));
+    tokio::task::spawn_blocking(move || {
+        let source = SourceTree::open(&dir, Arc::clone(&manifest)).map_err(|e| chain(&e))?;
+        let stored = cache.store_missing(&source).map_err(|e| chain(&e))?;
+        cache
+            .commit_all(stored, &targets, &manifest)
+            .map_err(|e| chain(&e))
+    })
+}
+
+fn context(sel: &Selection, identity: Arc<Identity>, opts: &FleetOptions) -> Arc<Ctx> {
+    Arc::new(Ctx {
+        hosts: sel.hosts.clone(),
+        identity,
+        opts: opts.clone(),
+        on_event: Arc::new(|_| {}),
+    })
+}
+
+/// Asks every host what it would need for `req`; nothing is sent or staged.
+pub async fn dry_run(
+    sel: &Selection,
+    identity: Arc<Identity>,
+    req: &PushRequest,
+    cache: Option<Arc<Cache>>,
+    opts: &FleetOptions,
+) -> Vec<Result<NeedReport, String>> {
+    let ctx = context(sel, identity, opts);
+    let hosts: Vec<usize> = (0..sel.hosts.len()).collect();
+    let req = Arc::new(req.clone());
+    each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+        let (req, cache) = (Arc::clone(&req), cache.clone());
+        async move {
+            let conn = ctx.connect(host).await.map_err(|e| chain(&e))?;
+            let need = client::dry_run(&conn, &req, cache.as_ref()).await;
+            conn.close().await;
+            need.map_err(|e| chain(&e))
+        }
+    })
+    .await
+    .into_iter()
+    .map(|(_, r)| r)
+    .collect()
+}
+
+/// The kept releases of every host.
+pub async fn releases(
+    sel: &Selection,
+    identity: Arc<Identity>,
+    opts: &FleetOptions,
+) -> Vec<Result<Vec<ReleaseInfo>, String>> {
+    let ctx = context(sel, identity, opts);
+    let hosts: Vec<usize> = (0..sel.hosts.len()).collect();
+    each(&ctx, &hosts, opts.host_timeout, |ctx, host| async move {
+        match ctx.command(host, Command::Releases).await? {
+            Outcome::Releases(list) => Ok(list),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
+    .into_iter()
+    .map(|(_, r)| r)
+    .collect()
+}
+
+/// Rolls every host back to `to`, or to its own previous good release.
+pub async fn rollback(
+    sel: &Selection,
+    identity: Arc<Identity>,
+    to: Option<ReleaseId>,
+    opts: &FleetOptions,
+) -> Vec<Result<ReleaseId, String>> {
+    let ctx = context(sel, identity, opts);
+    let hosts: Vec<usize> = (0..sel.hosts.len()).collect();
+    each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+        let to = to.clone();
+        async move {
+            match ctx.command(host, Command::Rollback { to }).await? {
+                Outcome::Activated { release } => Ok(release),
+                o => Err(unexpected(&o)),
+            }
+        }
+    })
+    .await
+    .into_iter()
+    .map(|(_, r)| r)
+    .collect()
+}
