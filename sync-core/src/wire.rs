@@ -90,7 +90,7 @@ impl Default for Limits {
             max_manifest_entries: 4_000_000,
             max_manifest_bytes: 1 << 30,
             max_streams: 64,
-            max_bytes_in_flight: 256 << 20,
+            max_bytes_in_flight: 64 << 20,
             message_timeout_ms: 30_000,
             push_timeout_ms: 3_600_000,
         }

@@ -1342,6 +1342,54 @@ fn receiving() -> (DaemonSession, Vec<NeedFile>, Manifest) {
     (s, files, mb)
 }
 
+/// Payloads the driver spools weigh only the spool threshold in the budget: large files are
+/// received side by side, while memory payloads still fill the budget with their full length.
+#[test]
+fn spooled_payloads_weigh_the_spool_threshold_in_the_budget() {
+    let enc = manifest_of(&tree_b()).encode();
+    for (spool_above, payload_len, want) in [
+        // Without a threshold a payload over the budget goes alone.
+        (None, 1000, 1),
+        // Spooled (over 40): each weighs 40, and 40 + 40 fit a budget of 100.
+        (Some(40), 1000, 2),
+        // Held in memory (not over 40): full weight, 30 + 30 + 30 fit, a fourth does not.
+        (Some(40), 30, 3),
+    ] {
+        let limits = Limits {
+            max_bytes_in_flight: 100,
+            ..Limits::default()
+        };
+        let mut s = opened(limits, &hello_push(&enc, "r2"));
+        if let Some(n) = spool_above {
+            s.set_spool_above(n);
+        }
+        s.handle_control(&manifest_chunk(&enc), 0);
+        s.poll_request();
+        let mb = manifest_of(&tree_b());
+        let need = compute_need(&mb, None, |_| false);
+        let files: Vec<u32> = need.files.iter().map(|n| n.file).collect();
+        assert!(files.len() >= 4);
+        s.handle_event(Event::Need(need), 0);
+        for &file in &files[..4] {
+            let h = FileHeader {
+                file,
+                format: DeltaFormat::Full,
+                basis: None,
+                payload_len,
+            };
+            s.accept_file(&h.frame()[4..], 1);
+        }
+        let admitted = std::iter::from_fn(|| s.poll_request())
+            .filter(|r| matches!(r, daemon::Request::Receive(_)))
+            .count();
+        assert_eq!(
+            admitted, want,
+            "spool_above {spool_above:?}, payloads of {payload_len}"
+        );
+        assert!(s.bytes_in_flight() <= 100.max(payload_len));
+    }
+}
+
 #[test]
 fn file_headers_must_match_what_was_needed_and_offered() {
     let (_, files, mb) = receiving();

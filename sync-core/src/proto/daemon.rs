@@ -404,6 +404,10 @@ enum State {
 #[derive(Debug)]
 pub struct DaemonSession {
     limits: Limits,
+    /// Payloads larger than this are written to disk by the driver as they arrive (see
+    /// [`DaemonSession::set_spool_above`]); each counts against the bytes-in-flight budget with
+    /// this much only, the memory it can occupy at once.
+    spool_above: u64,
     decoder: FrameDecoder,
     state: State,
     clock: Deadlines,
@@ -420,12 +424,21 @@ impl DaemonSession {
             decoder: FrameDecoder::new(limits.max_frame),
             clock: Deadlines::new(now, limits.message_timeout_ms, limits.push_timeout_ms),
             limits,
+            spool_above: u64::MAX,
             state: State::Hello,
             client_max_frame: MIN_MAX_FRAME,
             transmit: VecDeque::new(),
             requests: VecDeque::new(),
             outcome: None,
         }
+    }
+
+    /// Tells the session that its driver writes every admitted payload over `bytes` to disk
+    /// rather than memory: such a payload then weighs `bytes` in the bytes-in-flight budget, so
+    /// large files are received side by side while the memory they hold stays within the budget.
+    /// Without it every payload weighs its full length.
+    pub fn set_spool_above(&mut self, bytes: u64) {
+        self.spool_above = bytes.max(1);
     }
 
     /// A decoder for the [`FileHeader`] frame at the start of every file payload.
@@ -973,6 +986,7 @@ impl DaemonSession {
     /// Hands queued files to the driver, oldest first, while the budget has room. A payload
     /// larger than the whole budget goes alone, so every file can be received.
     fn admit(&mut self) {
+        let spool_above = self.spool_above;
         let State::Receiving(t) = &mut self.state else {
             return;
         };
@@ -985,13 +999,14 @@ impl DaemonSession {
             else {
                 unreachable!("queued files are in the Queued state")
             };
+            let weight = payload_len.min(spool_above);
             let room = t.in_flight == 0
-                || t.in_flight.saturating_add(payload_len) <= self.limits.max_bytes_in_flight;
+                || t.in_flight.saturating_add(weight) <= self.limits.max_bytes_in_flight;
             if !room {
                 break;
             }
             t.queue.pop_front();
-            t.in_flight += payload_len;
+            t.in_flight += weight;
             slot.progress = Progress::Receiving { payload_len };
             let (path, size, mode, hash) = t.push.file(file).expect("slots hold manifest files");
             let job = FileJob {
@@ -1034,6 +1049,7 @@ impl DaemonSession {
             )));
         };
         let payload_len = *payload_len;
+        let weight = payload_len.min(self.spool_above);
         let path = t
             .push
             .file(file)
@@ -1044,7 +1060,7 @@ impl DaemonSession {
                 // A stored file was read whole, whether or not the driver said so.
                 t.mark_arrived(file);
                 t.slots.get_mut(&file).expect("checked").progress = Progress::Received;
-                t.in_flight -= payload_len;
+                t.in_flight -= weight;
                 t.remaining -= 1;
                 t.received += 1;
                 t.received_bytes += payload_len;

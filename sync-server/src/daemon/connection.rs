@@ -186,7 +186,8 @@ impl Driver {
         stop: watch::Receiver<bool>,
     ) -> Driver {
         let clock = Arc::new(Clock::new());
-        let session = DaemonSession::new(shared.limits, clock.now());
+        let mut session = DaemonSession::new(shared.limits, clock.now());
+        session.set_spool_above(MEMORY_PAYLOAD_MAX);
         let (tx, rx) = mpsc::unbounded_channel();
         Driver {
             shared,
