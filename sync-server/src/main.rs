@@ -131,9 +131,15 @@ fn print_check(path: &Path, config: &Config, identity: &Identity) {
 }
 
 fn run(config: Config, identity: Identity, grace: Duration) -> anyhow::Result<()> {
+    // File-system work (storing received files, spooling, building releases) runs on the
+    // blocking pool. Each of its threads keeps a zstd context and buffers warm, so tokio's default
+    // of up to 512 threads would let a push of many small files grow memory with the thread
+    // count rather than with the in-flight budget; the work is CPU- and disk-bound anyway.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("relsyncd")
+        .max_blocking_threads((2 * cores).clamp(4, 32))
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
