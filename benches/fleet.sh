@@ -1,0 +1,343 @@
+#!/usr/bin/env bash
+# Fleet benchmark: `relsync push --fleet` against one rsync per node, on an emulated fleet.
+#
+# The fleet: a hub namespace with a bridge, a source namespace whose uplink is shaped to
+# SOURCE_RATE (tc tbf, default 1gbit), and N node namespaces, each link shaped to NODE_RATE, each
+# node running relsyncd (own root on tmpfs) and an rsync daemon. Addresses are in 198.18.0.0/24,
+# the benchmarking range, inside those namespaces only. For each N in NODES and each scenario:
+#
+#   initial  empty nodes receive release A (15k files, 110 MB);
+#   patch    nodes holding A receive release B.
+#
+# Tools: relsync (`relsync push SRC --fleet FILE`, client in the source namespace: stage
+# everywhere, then activate in one wave) and rsync (one `rsync -rlpgoD -c -z --delete
+# [--link-dest=../a]` per node, all started at once, into a new release directory). Measured per
+# run: wall time until the last node is done, bytes sent by the source (its veth counter), CPU
+# seconds of the client side and of all node daemons. Reported: median, min, max over RUNS (>= 3).
+# Needs root and tmpfs. Tears everything down on exit, also on failure.
+set -euo pipefail
+
+RUNS="${RUNS:-3}"
+NODES="${NODES:-4 8 16}"
+FLEET_SCENARIOS="${FLEET_SCENARIOS:-patch initial}"
+SOURCE_RATE="${SOURCE_RATE:-1gbit}"
+NODE_RATE="${NODE_RATE:-1gbit}"
+SEED="${SEED:-1}"
+FILES="${FILES:-15000}"
+BYTES="${BYTES:-110MB}"
+SHM="${SHM:-/dev/shm}"
+RESULTS_DIR="${RESULTS_DIR:-}"
+TAG="rfb$$"
+PORT=7171
+RSYNC_PORT=873
+
+die() {
+	echo "fleet-bench: $*" >&2
+	exit 2
+}
+log() { echo "== $*" >&2; }
+
+[[ $EUID -eq 0 ]] || die "needs root for network namespaces"
+[[ $(stat -f -c %T "$SHM") == tmpfs ]] || die "$SHM is not tmpfs: mount one or set SHM"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS=$RUNS is not a positive number"
+((RUNS >= 3)) || log "warning: RUNS=$RUNS; report medians of at least 3"
+max_nodes=0
+for n in $NODES; do
+	[[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= 200)) || die "NODES: $n is not a node count from 1 to 200"
+	((n > max_nodes)) && max_nodes=$n
+done
+for s in $FLEET_SCENARIOS; do
+	[[ $s == patch || $s == initial ]] || die "unknown scenario '$s': use patch and/or initial"
+done
+for tool in ip tc jq rsync /usr/bin/time; do
+	command -v "$tool" >/dev/null || die "$tool is missing (Debian packages iproute2, jq, rsync, time)"
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z ${BIN_DIR:-} ]]; then
+	log "building relsync, relsyncd and relsync-testdata in release mode"
+	(cd "$REPO" && cargo build --release --quiet -p sync-cli -p sync-server -p relsync-testdata \
+		--bin relsync --bin relsyncd --bin relsync-testdata)
+	BIN_DIR="$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release"
+fi
+RELSYNC="$BIN_DIR/relsync"
+
+WORK="$(mktemp -d "$SHM/relsync-fleet.XXXXXX")"
+declare -a DAEMONS=()
+cleanup() {
+	for pid in "${DAEMONS[@]}"; do kill "$pid" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	for ns in $(ip netns list | awk '{print $1}' | grep "^$TAG-" || true); do
+		ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+		ip netns del "$ns" 2>/dev/null || true
+	done
+	[[ -n ${KEEP_WORK:-} ]] || rm -rf -- "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+in_ns() { ip netns exec "$TAG-$1" "${@:2}"; }
+node_ip() { echo "198.18.0.$((10 + $1))"; }
+
+# The fabric for the largest N; smaller runs use the first N nodes.
+log "building a fleet of $max_nodes nodes (source uplink $SOURCE_RATE, node links $NODE_RATE)"
+ip netns add "$TAG-hub"
+in_ns hub ip link add br0 type bridge
+in_ns hub ip link set br0 up
+in_ns hub ip link set lo up
+attach() { # namespace address rate(shaped on the side given by $4: inside|hub)
+	local ns=$1 addr=$2 rate=$3 side=$4 hub_if="h-${1##*-}"
+	ip netns add "$TAG-$ns"
+	ip link add "$TAG-x" type veth peer name "$TAG-y"
+	ip link set "$TAG-x" netns "$TAG-$ns"
+	ip link set "$TAG-y" netns "$TAG-hub"
+	in_ns "$ns" ip link set "$TAG-x" name eth0
+	in_ns hub ip link set "$TAG-y" name "$hub_if"
+	in_ns "$ns" ip addr add "$addr/24" dev eth0
+	in_ns "$ns" ip link set eth0 up
+	in_ns "$ns" ip link set lo up
+	in_ns hub ip link set "$hub_if" master br0 up
+	if [[ $side == inside ]]; then
+		in_ns "$ns" tc qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 50ms
+	else
+		in_ns hub tc qdisc add dev "$hub_if" root tbf rate "$rate" burst 256kb latency 50ms
+	fi
+	for dir in rmem_max wmem_max; do
+		in_ns "$ns" sysctl -qw "net.core.$dir=8388608" 2>/dev/null || true
+	done
+}
+attach src 198.18.0.1 "$SOURCE_RATE" inside
+for i in $(seq "$max_nodes"); do
+	attach "n$i" "$(node_ip "$i")" "$NODE_RATE" hub
+done
+
+export RELSYNC_CONFIG_DIR="$WORK/client"
+keygen() { "$RELSYNC" keygen --dir "$1" --name "$2" | awk '$1 == "fingerprint" { print $2 }'; }
+CLIENT_FP="$(keygen "$WORK/client" id)"
+DAEMON_FP="$(keygen "$WORK/daemon" daemon)"
+
+log "starting relsyncd and an rsync daemon on every node"
+for i in $(seq "$max_nodes"); do
+	d="$WORK/node$i"
+	mkdir -p "$d/app" "$d/rsync"
+	cat >"$d/relsyncd.toml" <<-EOF
+		listen = "$(node_ip "$i"):$PORT"
+		key = "$WORK/daemon/daemon.key"
+		cert = "$WORK/daemon/daemon.crt"
+		[apps.app]
+		root = "$d/app"
+		keep = 5
+		authorized_keys = ["$CLIENT_FP"]
+	EOF
+	ip netns exec "$TAG-n$i" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$d/relsyncd.toml" \
+		2>"$d/relsyncd.log" &
+	DAEMONS+=($!)
+	cat >"$d/rsyncd.conf" <<-EOF
+		pid file = $d/rsyncd.pid
+		use chroot = no
+		munge symlinks = no
+		uid = root
+		gid = root
+		[node]
+		path = $d/rsync
+		read only = false
+	EOF
+	ip netns exec "$TAG-n$i" rsync --daemon --no-detach --address="$(node_ip "$i")" \
+		--port="$RSYNC_PORT" --config="$d/rsyncd.conf" --log-file="$d/rsyncd.log" &
+	DAEMONS+=($!)
+done
+for i in $(seq "$max_nodes"); do
+	for _ in $(seq 200); do
+		in_ns "n$i" ss -uln | grep -q ":$PORT " && in_ns "n$i" ss -tln | grep -q ":$RSYNC_PORT " && break
+		sleep 0.05
+	done
+done
+
+fleet_file() { # N
+	local f="$WORK/fleet-$1.toml" i
+	: >"$f"
+	for i in $(seq "$1"); do
+		printf '[hosts.n%d]\naddress = "%s:%d"\nkey = "%s"\n\n' "$i" "$(node_ip "$i")" "$PORT" "$DAEMON_FP" >>"$f"
+	done
+	printf '[groups.all]\nhosts = [%s]\napp = "app"\nwaves = "100%%"\n' \
+		"$(seq "$1" | sed 's/^/"n/; s/$/"/' | paste -sd, -)" >>"$f"
+	echo "$f"
+}
+
+src_tx() { in_ns src cat /sys/class/net/eth0/statistics/tx_bytes; }
+cpu_of() {
+	awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13 + $14 + $15) / hz }' "/proc/$1/stat"
+}
+daemons_cpu() { # N: relsyncd and rsync daemons of the first N nodes
+	local total=0 pid
+	for pid in "${DAEMONS[@]:0:$((2 * $1))}"; do
+		total=$(awk -v a="$total" -v b="$(cpu_of "$pid")" 'BEGIN { print a + b }')
+	done
+	echo "$total"
+}
+
+# One timed run of "$@" in the source namespace; appends a JSON line to $1. $2 is N.
+timed() {
+	local out=$1 n=$2
+	shift 2
+	local tx0 d0 t0 t1
+	sleep 0.3
+	tx0=$(src_tx) d0=$(daemons_cpu "$n")
+	t0=$(date +%s%N)
+	/usr/bin/time -f '%U %S' -o "$WORK/time" ip netns exec "$TAG-src" "$@" \
+		>"$WORK/client.out" 2>"$WORK/client.err" || die "client failed: $* : $(tail -5 "$WORK/client.err")"
+	t1=$(date +%s%N)
+	sleep 0.5
+	jq -nc --argjson s "$(awk -v n=$((t1 - t0)) 'BEGIN { print n / 1e9 }')" \
+		--argjson tx "$(($(src_tx) - tx0))" \
+		--argjson ccpu "$(awk '{ print $1 + $2 }' "$WORK/time")" \
+		--argjson dcpu "$(awk -v a="$d0" -v b="$(daemons_cpu "$n")" 'BEGIN { print b - a }')" \
+		'{seconds: $s, source_bytes: $tx, client_cpu: $ccpu, daemons_cpu: $dcpu}' >>"$out"
+}
+
+# rsync to every node at once; the client side runs in the source namespace.
+rsync_all() { # N dest-subdir link-dest|- source
+	local n=$1 dest=$2 link=$3 src=$4 i pids=()
+	for i in $(seq "$n"); do
+		if [[ $link == - ]]; then
+			rsync -rlpgoD -c -z --delete "$src/" "rsync://$(node_ip "$i"):$RSYNC_PORT/node/$dest/" &
+		else
+			rsync -rlpgoD -c -z --delete --link-dest="$link" "$src/" \
+				"rsync://$(node_ip "$i"):$RSYNC_PORT/node/$dest/" &
+		fi
+		pids+=($!)
+	done
+	local failed=0
+	for p in "${pids[@]}"; do wait "$p" || failed=1; done
+	return $failed
+}
+export -f rsync_all node_ip
+export RSYNC_PORT
+
+# Puts relsync's nodes back to "holds $2" (or empty with -) by removing release $1 (daemons keep
+# running; nothing is connected meanwhile).
+relsync_reset() { # N release previous|-
+	local i d
+	for i in $(seq "$1"); do
+		d="$WORK/node$i/app"
+		rm -rf "$d/releases/$2" "$d/.relsync/releases/$2.rec" "$d/.relsync/objects"
+		if [[ $3 == - ]]; then rm -f "$d/current"; else ln -sfn "releases/$3" "$d/current"; fi
+	done
+}
+
+# Checks that a node's copy equals a corpus tree: paths, types, modes, symlink targets, contents.
+tree_digest() {
+	(cd "$1" && find . -mindepth 1 -printf '%p %y %m %l\n' | LC_ALL=C sort &&
+		find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha1sum)
+}
+same_tree() { # source copy what
+	diff -q <(tree_digest "$1") <(tree_digest "$2") >/dev/null || die "$3: $2 differs from $1"
+}
+
+declare -A RESULT
+summarize() { # key jsonl
+	RESULT[$1]=$(jq -s '
+		def med: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+		{ runs: length, median: (map(.seconds) | med), min: (map(.seconds) | min),
+		  max: (map(.seconds) | max), source_bytes: (map(.source_bytes) | med | floor),
+		  client_cpu: (map(.client_cpu) | med), daemons_cpu: (map(.daemons_cpu) | med) }' "$2")
+	[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && cp "$2" "$RESULTS_DIR/$1.jsonl"; }
+}
+
+log "generating the release pair (seed $SEED, $FILES files, $BYTES)"
+"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
+A="$WORK/corpus/a" B="$WORK/corpus/b"
+
+for n in $NODES; do
+	fleet=$(fleet_file "$n")
+	push() { # source release
+		timed "$WORK/$key.jsonl" "$n" env RELSYNC_CONFIG_DIR="$WORK/client" RELSYNC_CACHE_DIR="$WORK/cache" \
+			"$RELSYNC" push "$1" --fleet "$fleet" --release-id "$2" --fanout "$n"
+	}
+	for scenario in $FLEET_SCENARIOS; do
+		key="$scenario-relsync-$n"
+		log "$key: $RUNS runs"
+		relsync_reset "$n" b -
+		relsync_reset "$n" a -
+		rm -rf "$WORK/cache" "$WORK/cache-a"
+		if [[ $scenario == patch ]]; then
+			# Every node holds A, pushed by this client, whose cache then knows it.
+			ip netns exec "$TAG-src" env RELSYNC_CACHE_DIR="$WORK/cache" \
+				"$RELSYNC" push "$A" --fleet "$fleet" --release-id a --fanout "$n" >/dev/null
+			cp -a "$WORK/cache" "$WORK/cache-a"
+		fi
+		for _ in $(seq "$RUNS"); do
+			rm -rf "$WORK/cache"
+			if [[ $scenario == initial ]]; then
+				relsync_reset "$n" a -
+				push "$A" a
+			else
+				relsync_reset "$n" b a
+				cp -a "$WORK/cache-a" "$WORK/cache"
+				push "$B" b
+			fi
+		done
+		if [[ $scenario == initial ]]; then
+			same_tree "$A" "$WORK/node$n/app/releases/a" "$key"
+		else
+			same_tree "$B" "$WORK/node$n/app/releases/b" "$key"
+		fi
+		summarize "$key" "$WORK/$key.jsonl"
+
+		key="$scenario-rsync-$n"
+		log "$key: $RUNS runs"
+		for _ in $(seq "$RUNS"); do
+			for i in $(seq "$n"); do
+				rm -rf "$WORK/node$i/rsync/releases"
+				mkdir -p "$WORK/node$i/rsync/releases"
+				[[ $scenario == patch ]] && cp -a "$A" "$WORK/node$i/rsync/releases/a"
+			done
+			if [[ $scenario == initial ]]; then
+				timed "$WORK/$key.jsonl" "$n" bash -c "rsync_all $n releases/a - '$A'"
+			else
+				timed "$WORK/$key.jsonl" "$n" bash -c "rsync_all $n releases/b ../a '$B'"
+			fi
+		done
+		if [[ $scenario == initial ]]; then
+			same_tree "$A" "$WORK/node$n/rsync/releases/a" "$key"
+		else
+			same_tree "$B" "$WORK/node$n/rsync/releases/b" "$key"
+		fi
+		summarize "$key" "$WORK/$key.jsonl"
+	done
+done
+
+field() { jq -r ".$2" <<<"${RESULT[$1]}"; }
+report() {
+	local scenario n
+	echo
+	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each"
+	for scenario in $FLEET_SCENARIOS; do
+		echo
+		echo "## $scenario ($([[ $scenario == patch ]] && echo "nodes hold A, push B" || echo "empty nodes, push A"))"
+		echo
+		echo "| N | tool | median s | min s | max s | source bytes | client CPU s | node daemons CPU s |"
+		echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+		for n in $NODES; do
+			for tool in relsync rsync; do
+				local k="$scenario-$tool-$n"
+				[[ -n ${RESULT[$k]:-} ]] || continue
+				printf '| %s | %s | %.3f | %.3f | %.3f | %s | %.2f | %.2f |\n' "$n" "$tool" \
+					"$(field "$k" median)" "$(field "$k" min)" "$(field "$k" max)" \
+					"$(field "$k" source_bytes)" "$(field "$k" client_cpu)" "$(field "$k" daemons_cpu)"
+			done
+		done
+		echo
+		for n in $NODES; do
+			printf -- '- N = %s: rsync ÷ relsync %.2f×\n' "$n" \
+				"$(awk -v a="$(field "$scenario-rsync-$n" median)" -v b="$(field "$scenario-relsync-$n" median)" 'BEGIN { print a / b }')"
+		done
+		local first last
+		first=$(echo "$NODES" | awk '{ print $1 }') last=$(echo "$NODES" | awk '{ print $NF }')
+		printf -- '- relsync time from N = %s to N = %s: %+.0f%%\n' "$first" "$last" \
+			"$(awk -v a="$(field "$scenario-relsync-$first" median)" -v b="$(field "$scenario-relsync-$last" median)" 'BEGIN { print 100 * (b / a - 1) }')"
+	done
+}
+[[ -z $RESULTS_DIR ]] || mkdir -p "$RESULTS_DIR"
+report | tee ${RESULTS_DIR:+"$RESULTS_DIR/fleet-report.md"}
