@@ -287,6 +287,33 @@ fn generate_big(
     })
 }
 
+/// Parses a size as the command lines of this workspace take it: `1048576`, `64K`, `512M`, `1G`,
+/// `1GiB`, `110MB`, `2GB` (K/M/G are binary, KB/MB/GB decimal).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: write e.g. 4096, 64K, 110MB or 1G"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown size unit `{unit}`: use K, M, G, KB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 /// Path of a checked-in fixture tree, e.g. `fixture_dir("php-app-v1")`.
 pub fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -432,3 +432,23 @@ fn fixture_pair_differs_as_documented() {
         assert!(tree.contains_key("storage/cache/.keep"), "{name}");
     }
 }
+
+#[test]
+fn sizes_parse_with_binary_and_decimal_units() {
+    let cases = [
+        ("4096", Some(4096)),
+        ("64K", Some(64 << 10)),
+        ("512M", Some(512 << 20)),
+        ("1G", Some(1 << 30)),
+        ("1GiB", Some(1 << 30)),
+        ("110MB", Some(110_000_000)),
+        ("2gb", Some(2_000_000_000)),
+        ("", None),
+        ("12X", None),
+        ("M", None),
+        ("99999999999999999999G", None),
+    ];
+    for (input, want) in cases {
+        assert_eq!(parse_size(input).ok(), want, "{input}");
+    }
+}
