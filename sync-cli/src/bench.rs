@@ -131,6 +131,11 @@ fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
 }
 
 fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) -> Result<()> {
+    // A daemon is checked before the corpus is made, which takes a while.
+    let remote = target
+        .as_ref()
+        .map(|t| Remote::connect(keys, t, work))
+        .transpose()?;
     let corpus = corpus(a, work)?;
     let now = crate::now_unix();
     let node = match target {
@@ -141,13 +146,11 @@ fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) ->
     let a_scan = phase::scan_untimed(&corpus.a, None)?;
     let b_scan = phase::scan_untimed(&corpus.b, Some(warm_cache.clone()))?;
     let changed = phase::changed_files(&corpus.a, &a_scan.manifest, &corpus.b, &b_scan.manifest)?;
-    let remote = match &node {
-        Node::Local(root) => {
-            phase::node_with_a(root, &corpus.a, now)?;
-            None
-        }
-        Node::Remote(t) => Some(Remote::start(keys, t, work, &corpus, a_scan.manifest)?),
-    };
+    match (&node, &remote) {
+        (Node::Local(root), _) => phase::node_with_a(root, &corpus.a, now)?,
+        (Node::Remote(_), Some(r)) => r.push_a(&corpus.a, a_scan.manifest)?,
+        (Node::Remote(_), None) => unreachable!("a remote node is connected above"),
+    }
     let mut logs = Vec::new();
     let measured = (|| -> Result<()> {
         for run in 1..=a.runs {
@@ -271,15 +274,9 @@ struct Remote {
 }
 
 impl Remote {
-    /// Checks that the app holds no release (the benchmark prunes, so it must not run on an app
-    /// in use), then pushes A and makes it current.
-    fn start(
-        keys: &KeyArgs,
-        target: &Target,
-        work: &Path,
-        corpus: &Corpus,
-        a: sync_core::manifest::Manifest,
-    ) -> Result<Remote> {
+    /// Connects to `target` and checks that its app holds no release: the benchmark activates
+    /// and prunes, so it must not run on an app in use.
+    fn connect(keys: &KeyArgs, target: &Target, work: &Path) -> Result<Remote> {
         let cache_dir = work.join("client-cache");
         std::fs::create_dir_all(&cache_dir)
             .with_context(|| format!("creating {}", cache_dir.display()))?;
@@ -291,31 +288,34 @@ impl Remote {
             rt: crate::remote::runtime()?,
         };
         match r.command(WireCommand::Releases)? {
-            Outcome::Releases(list) if list.is_empty() => {}
-            Outcome::Releases(list) => {
-                return Err(UsageError(format!(
-                    "{target} already has {} release(s): relsync bench activates and prunes releases, so give it an app set aside for benchmarking (an empty app root in relsyncd's config)",
-                    list.len()
-                ))
-                .into())
-            }
+            Outcome::Releases(list) if list.is_empty() => Ok(r),
+            Outcome::Releases(list) => Err(UsageError(format!(
+                "{target} already has {} release(s): relsync bench activates and prunes releases, so give it an app set aside for benchmarking (an empty app root in relsyncd's config)",
+                list.len()
+            ))
+            .into()),
             o => anyhow::bail!("{target}: the daemon answered with an unexpected {o:?}"),
         }
-        progress(&format!("pushing release A to {target}"));
+    }
+
+    /// Pushes release A and makes it current; the client cache records it.
+    fn push_a(&self, a_dir: &Path, a: sync_core::manifest::Manifest) -> Result<()> {
+        progress(&format!("pushing release A to {}", self.target));
         let req = PushRequest {
             release: ReleaseId::new(RELEASE_A)?,
             manifest: Arc::new(a),
-            source: corpus.a.clone(),
+            source: a_dir.to_owned(),
             activate: true,
         };
-        r.rt.block_on(async {
-            let conn = crate::remote::dial(&r.keys, &r.target).await?;
-            let res = client::push(&conn, &req, Some(&r.cache), &|_| {}).await;
-            conn.close().await;
-            anyhow::Ok(res?)
-        })
-        .with_context(|| format!("pushing release A to {target}"))?;
-        Ok(r)
+        self.rt
+            .block_on(async {
+                let conn = crate::remote::dial(&self.keys, &self.target).await?;
+                let res = client::push(&conn, &req, Some(&self.cache), &|_| {}).await;
+                conn.close().await;
+                anyhow::Ok(res?)
+            })
+            .with_context(|| format!("pushing release A to {}", self.target))?;
+        Ok(())
     }
 
     fn command(&self, cmd: WireCommand) -> Result<Outcome> {

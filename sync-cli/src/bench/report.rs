@@ -324,7 +324,7 @@ mod tests {
             (None, "-"),
             (Some(1234.4), "1234"),
             (Some(45.67), "45.7"),
-            (Some(3.14159), "3.14"),
+            (Some(2.71), "2.71"),
         ];
         for (r, want) in rates {
             assert_eq!(rate_text(r), want, "{r:?}");
