@@ -215,8 +215,7 @@ enum Command {
         /// Also write an SVG bar chart of the phases (median, whiskers from min to max).
         #[arg(long, value_name = "FILE.svg")]
         chart: Option<PathBuf>,
-        /// Leave the generated corpus and the temporary node in place (and, on a daemon, the
-        /// releases it pushed).
+        /// Leave the generated corpus and the temporary node (holding A and B) in place.
         #[arg(long)]
         keep: bool,
     },
