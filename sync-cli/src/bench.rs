@@ -143,8 +143,8 @@ fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) ->
         Some(t) => Node::Remote(t),
     };
     let warm_cache = work.join("scan.cache");
-    let a_scan = phase::scan_untimed(&corpus.a, None)?;
-    let b_scan = phase::scan_untimed(&corpus.b, Some(warm_cache.clone()))?;
+    let a_scan = phase::scan_cold(&corpus.a)?;
+    let b_scan = phase::fill_cache(&corpus.b, &warm_cache)?;
     let changed = phase::changed_files(&corpus.a, &a_scan.manifest, &corpus.b, &b_scan.manifest)?;
     match (&node, &remote) {
         (Node::Local(root), _) => phase::node_with_a(root, &corpus.a, now)?,
@@ -335,7 +335,7 @@ impl Remote {
     /// not the rollback target). The client cache keeps knowing A only.
     fn push_b(&self, log: &mut RunLog, b: &Path) -> Result<()> {
         let (report, sample) = phase::measure(|| {
-            let scanned = phase::scan_untimed(b, None)?;
+            let scanned = phase::scan_cold(b)?;
             let req = PushRequest {
                 release: ReleaseId::new(RELEASE_B)?,
                 manifest: Arc::new(scanned.manifest),

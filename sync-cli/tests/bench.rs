@@ -107,6 +107,8 @@ fn local_bench_reports_every_phase_writes_a_chart_and_cleans_up() {
     assert_eq!(report["runs"], 2);
     assert_eq!(report["target"], "local target");
     check_phases(&report, LOCAL_PHASES, 2);
+    // A just-generated corpus is too fresh for the hash cache; bench waits until it is warm.
+    assert_eq!(report["phases"][0]["state"], "hash cache warm");
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.contains("<svg") && svg.contains("</svg>"), "{svg}");
     assert!(svg.contains("end to end: deploy"));
