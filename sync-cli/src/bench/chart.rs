@@ -38,6 +38,13 @@ pub fn svg(title: &str, phases: &[PhaseStats]) -> Result<String, String> {
             .disable_y_axis()
             .y_labels(0)
             .x_desc("milliseconds (median; whiskers: min to max)")
+            .x_label_formatter(&|v| {
+                if x_end >= 10.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
+            })
             .draw()
             .map_err(err)?;
         // The first phase at the top.
