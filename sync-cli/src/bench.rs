@@ -111,8 +111,13 @@ fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
         a.size as f64 / 1e6,
         a.change * 100.0
     ));
-    let s = relsync_testdata::generate(&out, &opts)
-        .map_err(|e| UsageError(format!("cannot generate the corpus: {e}")))?;
+    let s = match relsync_testdata::generate(&out, &opts) {
+        Ok(s) => s,
+        Err(e @ relsync_testdata::GenerateError::InvalidOptions { .. }) => {
+            return Err(UsageError(format!("cannot generate the corpus: {e}")).into())
+        }
+        Err(e) => return Err(e).context("generating the corpus"),
+    };
     Ok(Corpus {
         a: out.join("a"),
         b: out.join("b"),

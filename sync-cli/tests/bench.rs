@@ -112,6 +112,8 @@ fn local_bench_reports_every_phase_writes_a_chart_and_cleans_up() {
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.contains("<svg") && svg.contains("</svg>"), "{svg}");
     assert!(svg.contains("end to end: deploy"));
+    let deploy = &report["phases"][LOCAL_PHASES.len() - 1];
+    assert!(deploy["out_bytes"].as_u64().unwrap() > 0, "{deploy}");
     assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
 
     // --keep leaves the corpus and the node, holding A and B.
@@ -145,6 +147,7 @@ fn bad_arguments_are_usage_errors() {
         &["bench", "--size", "lots"],
         &["bench", "--corpus", "/nonexistent/corpus"],
         &["bench", "--target", "no-app-here"],
+        &["bench", "--files", "300", "--size", "1000"],
     ] {
         let stderr = env.fails(args, 2);
         assert!(!stderr.is_empty(), "{args:?}");

@@ -466,12 +466,12 @@ pub fn build_by_phase(
 /// `relsync deploy B` end to end on a node holding A: scan with no hash cache, plan, build,
 /// verify, record, activate.
 pub fn deploy_end_to_end(log: &mut RunLog, root: &Path, b_dir: &Path, now_unix: i64) -> Result<()> {
-    let (stats, sample) = measure(|| {
+    let ((stats, report), sample) = measure(|| {
         let app = AppRoot::open(root)?;
         let lock = app.lock(|_| {})?;
         let scanned = scan_tree(b_dir, None)?;
         let source = LocalSource::open(b_dir)?;
-        deploy::deploy(
+        let report = deploy::deploy(
             &app,
             &lock,
             &scanned.manifest,
@@ -480,13 +480,15 @@ pub fn deploy_end_to_end(log: &mut RunLog, root: &Path, b_dir: &Path, now_unix: 
             &|_| {},
         )
         .with_context(|| format!("deploying release B into {}", root.display()))?;
-        Ok(scanned.stats)
+        Ok((scanned.stats, report))
     })?;
-    log.push(
+    // The deploy report's own account: what the executor wrote (the rest is hard links).
+    log.push_out(
         "end to end: deploy",
         "no hash cache, node holds A",
         stats.files,
         stats.bytes,
+        Some(report.exec.bytes_written),
         sample,
     );
     Ok(())
