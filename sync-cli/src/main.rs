@@ -3,6 +3,7 @@
 //! A thin binary: argument parsing, progress display and output formatting. All decisions are made
 //! by `sync_core`'s planner and all file-system work by its edge.
 
+mod bench;
 mod demo;
 mod fleet;
 mod output;
@@ -179,6 +180,45 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         daemons: usize,
     },
+    /// Measure each phase of a release on this machine (scan, hash, plan, both delta engines,
+    /// compression, staging, sync, activation, end to end) and print median, min and max over
+    /// the runs, with throughput, CPU seconds and peak memory.
+    #[command(after_help = BENCH_HELP)]
+    Bench {
+        /// `generated` (a corpus pair made with --files, --size, --change, --seed) or a
+        /// directory holding release A in PATH/a and release B in PATH/b.
+        #[arg(long, default_value = "generated", value_name = "generated|PATH")]
+        corpus: String,
+        /// `local` (a temporary app root) or HOST[:PORT]/APP, an app on relsyncd set aside for
+        /// benchmarking (it must hold no release).
+        #[arg(long, default_value = "local", value_name = "local|HOST[:PORT]/APP")]
+        target: String,
+        /// Approximate total size of the generated release A (K/M/G binary, KB/MB/GB decimal).
+        #[arg(long, default_value = "110MB", value_name = "S", value_parser = relsync_testdata::parse_size)]
+        size: u64,
+        /// Files in the generated release A.
+        #[arg(long, default_value_t = 15_000, value_name = "N")]
+        files: usize,
+        /// Share of A's files edited in the generated B (added, removed and moved files stay
+        /// at 0.5%, 0.3% and a handful).
+        #[arg(long, default_value = "3.5%", value_name = "P%", value_parser = bench::report::parse_percent)]
+        change: f64,
+        /// Seed of the generated corpus.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Runs per phase.
+        #[arg(long, default_value_t = 5, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+        /// Machine-readable output on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Also write an SVG bar chart of the phases (median, whiskers from min to max).
+        #[arg(long, value_name = "FILE.svg")]
+        chart: Option<PathBuf>,
+        /// Leave the generated corpus and the temporary node (holding A and B) in place.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself. DST
     /// is a local directory or relsync://HOST[:PORT]/EXPORT[/PATH], a directory of an export on
     /// a relsyncd daemon.
@@ -215,6 +255,26 @@ Fleet pushes (--fleet FILE, see fleet.example.toml):
      rollout: its activated hosts are rolled back, later waves are not activated.
   The final table (or --json) says which hosts run which release. Exit code 0 only when every
   selected host activated (staged, with --no-activate), 1 otherwise, 2 for usage errors.";
+
+const BENCH_HELP: &str = "\
+Phases, each timed on its own:
+  scan (walk + stat)   the scanner with a warm hash cache: no file content is read
+  scan + hash          the scanner with no hash cache: every file read and blake3-hashed
+  hash (blake3)        blake3 of every file of B alone, in parallel
+  delta ...            zstd with A's file as reference, and fast_rsync (signature, diff,
+                       apply), on the files B edited, in memory; every output verified
+  compress (zstd)      plain zstd of the same files
+  plan                 read the node's release records and plan B
+  stage directories    create the directories and set their modes
+  stage files          hard links, writes, symlinks
+  sync (syncfs)        one syncfs of the node's file system
+  verify               check the staged tree against the manifest
+  record + complete    write the release record, rename staging into place
+  activate (swap)      the activation pipeline (without [activation] config: the swap)
+  end to end           `relsync deploy B` (or `relsync push B` to a daemon) on a node holding A
+Before each build of B the node is reset to hold only A, current. With a daemon as target the
+local node phases are replaced by the push; A stays on the daemon as current release at the
+end (the protocol cannot remove the current release). --fleet is not supported yet.";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -565,6 +625,32 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             bytes,
             daemons,
         } => demo::run(dir, keep, files, bytes, daemons.max(1)),
+        Command::Bench {
+            corpus,
+            target,
+            size,
+            files,
+            change,
+            seed,
+            runs,
+            json,
+            chart,
+            keep,
+        } => bench::run(
+            keys,
+            bench::BenchArgs {
+                corpus,
+                target,
+                size,
+                files,
+                change,
+                seed,
+                runs,
+                json,
+                chart,
+                keep,
+            },
+        ),
         Command::Sync {
             src,
             dst,

@@ -156,7 +156,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn dial(keys: &KeyArgs, target: &Target) -> Result<Connection> {
+pub(crate) async fn dial(keys: &KeyArgs, target: &Target) -> Result<Connection> {
     let identity = keys.identity()?;
     let known = keys.known_hosts()?;
     let timeout = Duration::from_secs(keys.connect_timeout.max(1));

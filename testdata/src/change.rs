@@ -23,6 +23,7 @@ pub(crate) struct Changes {
     pub mode_changed: Vec<String>,
 }
 
+/// Default share of files edited; [`crate::Options::edited_share`] overrides it.
 pub(crate) const EDITED_SHARE: f64 = 0.035;
 pub(crate) const ADDED_SHARE: f64 = 0.005;
 pub(crate) const REMOVED_SHARE: f64 = 0.003;
@@ -47,8 +48,9 @@ fn is_editable(kind: Kind) -> bool {
     )
 }
 
-/// Builds b from a. `a` must come from [`crate::layout::plan`].
-pub(crate) fn derive(rng: &mut ChaCha8Rng, a: &Tree) -> (Tree, Changes) {
+/// Builds b from a, editing about `edited_share` of a's files (capped by how many files are of an
+/// editable kind). `a` must come from [`crate::layout::plan`].
+pub(crate) fn derive(rng: &mut ChaCha8Rng, a: &Tree, edited_share: f64) -> (Tree, Changes) {
     let files: Vec<(&String, &FileSpec)> = a
         .iter()
         .filter_map(|(p, e)| match e {
@@ -57,7 +59,7 @@ pub(crate) fn derive(rng: &mut ChaCha8Rng, a: &Tree) -> (Tree, Changes) {
         })
         .collect();
     let n = files.len();
-    let edit_count = (n as f64 * EDITED_SHARE).round() as usize;
+    let edit_count = (n as f64 * edited_share).round() as usize;
     let add_count = ((n as f64 * ADDED_SHARE).round() as usize).max(1);
     let remove_count = ((n as f64 * REMOVED_SHARE).round() as usize).max(1);
     let rename_count = (5 + n / 5000).min(10);
@@ -180,7 +182,7 @@ mod tests {
     fn pair(seed: u64, files: usize) -> (Tree, Tree, Changes) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let a = plan(&mut rng, files, files as u64 * 5000);
-        let (b, changes) = derive(&mut rng, &a);
+        let (b, changes) = derive(&mut rng, &a, EDITED_SHARE);
         (a, b, changes)
     }
 

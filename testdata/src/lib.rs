@@ -32,7 +32,7 @@ pub const DEFAULT_BIG_FILE: u64 = 1 << 30;
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// What to generate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Options {
     /// Seed of every random choice; the same seed gives the same trees.
@@ -44,6 +44,10 @@ pub struct Options {
     /// When set, generate the big-file pair instead: one file of this many bytes at
     /// [`BIG_FILE_PATH`] in a, and in b the same file with ten small edits.
     pub big_file: Option<u64>,
+    /// Share of a's files (0.0 to 1.0) edited in b; the default is 3.5%. Only text-like files
+    /// (PHP, templates, JavaScript) are edited, so a share above theirs edits all of them.
+    /// Added, removed, moved and chmodded files do not depend on it.
+    pub edited_share: f64,
 }
 
 impl Default for Options {
@@ -54,6 +58,7 @@ impl Default for Options {
             files: 15_000,
             bytes: 110_000_000,
             big_file: None,
+            edited_share: change::EDITED_SHARE,
         }
     }
 }
@@ -66,6 +71,7 @@ impl Options {
             files: 300,
             bytes: 2_000_000,
             big_file: None,
+            edited_share: change::EDITED_SHARE,
         }
     }
 
@@ -160,6 +166,12 @@ fn check(options: &Options) -> Result<(), GenerateError> {
         }
         return Ok(());
     }
+    if !(0.0..=1.0).contains(&options.edited_share) {
+        return invalid(format!(
+            "edited share {} is out of range: use a value from 0.0 to 1.0",
+            options.edited_share
+        ));
+    }
     if options.files < layout::MIN_FILES {
         return invalid(format!(
             "{} files is too few for the application layout: use at least {}",
@@ -196,7 +208,7 @@ pub fn generate(out: &Path, options: &Options) -> Result<Summary, GenerateError>
         None => {
             let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
             let a = layout::plan(&mut rng, options.files, options.bytes);
-            let (b, changes) = change::derive(&mut rng, &a);
+            let (b, changes) = change::derive(&mut rng, &a, options.edited_share);
             let bytes = output::write_trees([&ra, &rb], [&a, &b], mtimes)?;
             Summary {
                 seed: options.seed,
@@ -273,6 +285,33 @@ fn generate_big(
         renamed: Vec::new(),
         mode_changed: Vec::new(),
     })
+}
+
+/// Parses a size as the command lines of this workspace take it: `1048576`, `64K`, `512M`, `1G`,
+/// `1GiB`, `110MB`, `2GB` (K/M/G are binary, KB/MB/GB decimal).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: write e.g. 4096, 64K, 110MB or 1G"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown size unit `{unit}`: use K, M, G, KB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// Path of a checked-in fixture tree, e.g. `fixture_dir("php-app-v1")`.

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use relsync_testdata::{generate, Options, Summary, SUMMARY_FILE};
+use relsync_testdata::{generate, parse_size, Options, Summary, SUMMARY_FILE};
 
 /// Generate a PHP-application-like release pair: OUT/a, OUT/b (the next deploy) and
 /// OUT/summary.json listing what changed.
@@ -30,32 +30,6 @@ struct Args {
     big_file: Option<u64>,
     /// Output directory; must not contain a/ or b/ yet
     out: PathBuf,
-}
-
-/// Parses `1048576`, `64K`, `512M`, `1G`, `1GiB`, `110MB`, `2GB`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: write e.g. 4096, 64K, 110MB or 1G"))?;
-    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KIB" => 1 << 10,
-        "M" | "MIB" => 1 << 20,
-        "G" | "GIB" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "unknown size unit `{unit}`: use K, M, G, KB, MB or GB"
-            ))
-        }
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn report(out: &mut impl Write, dir: &std::path::Path, s: &Summary, secs: f64) -> io::Result<()> {
@@ -120,26 +94,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_and_decimal_units() {
-        let cases = [
-            ("4096", Some(4096)),
-            ("64K", Some(64 << 10)),
-            ("512M", Some(512 << 20)),
-            ("1G", Some(1 << 30)),
-            ("1GiB", Some(1 << 30)),
-            ("110MB", Some(110_000_000)),
-            ("2gb", Some(2_000_000_000)),
-            ("", None),
-            ("12X", None),
-            ("M", None),
-            ("99999999999999999999G", None),
-        ];
-        for (input, want) in cases {
-            assert_eq!(parse_size(input).ok(), want, "{input}");
-        }
-    }
 
     #[test]
     fn arguments_parse() {

@@ -350,13 +350,37 @@ fn big_file_pair_differs_by_small_edits() {
 }
 
 #[test]
+fn edited_share_sets_how_many_files_change() {
+    for (share, tolerance) in [(0.0, 0.0), (0.01, 0.2), (0.10, 0.1), (0.25, 0.1)] {
+        let mut options = Options::tiny(6);
+        options.files = 2000;
+        options.bytes = 8_000_000;
+        options.edited_share = share;
+        let (_dir, s) = gen(&options);
+        let ratio = s.edited.len() as f64 / s.a.files as f64;
+        assert!(
+            (ratio - share).abs() <= share * tolerance,
+            "share {share}: edited {ratio}"
+        );
+        assert!(
+            !s.added.is_empty() && !s.removed.is_empty(),
+            "share {share}"
+        );
+    }
+}
+
+#[test]
 fn bad_options_and_used_output_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut few = Options::tiny(1);
     few.files = 10;
     let mut thin = Options::tiny(1);
     thin.bytes = 1000;
-    for options in [few, thin, Options::big(1, 100)] {
+    let mut negative = Options::tiny(1);
+    negative.edited_share = -0.1;
+    let mut over = Options::tiny(1);
+    over.edited_share = 1.5;
+    for options in [few, thin, negative, over, Options::big(1, 100)] {
         let err = generate(dir.path(), &options).unwrap_err();
         assert!(matches!(err, GenerateError::InvalidOptions { .. }), "{err}");
     }
@@ -406,5 +430,25 @@ fn fixture_pair_differs_as_documented() {
             "{name}"
         );
         assert!(tree.contains_key("storage/cache/.keep"), "{name}");
+    }
+}
+
+#[test]
+fn sizes_parse_with_binary_and_decimal_units() {
+    let cases = [
+        ("4096", Some(4096)),
+        ("64K", Some(64 << 10)),
+        ("512M", Some(512 << 20)),
+        ("1G", Some(1 << 30)),
+        ("1GiB", Some(1 << 30)),
+        ("110MB", Some(110_000_000)),
+        ("2gb", Some(2_000_000_000)),
+        ("", None),
+        ("12X", None),
+        ("M", None),
+        ("99999999999999999999G", None),
+    ];
+    for (input, want) in cases {
+        assert_eq!(parse_size(input).ok(), want, "{input}");
     }
 }

@@ -1,0 +1,395 @@
+//! `relsync bench`: where the time of a release goes on this machine, phase by phase.
+//!
+//! Works with no set-up: a generated corpus pair (release A and the next deploy B, from
+//! `relsync-testdata`) in a temporary directory, and a temporary app root as the node. Each run
+//! resets the node to "holds A, current" and then measures every phase on fresh state; `--target
+//! HOST/APP` pushes B to a daemon instead of building it locally. [`report`] holds the pure
+//! statistics and formatting, [`phase`] runs and times the phases, [`chart`] draws the SVG.
+
+pub mod chart;
+pub mod phase;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use sync_core::proto::client::Outcome;
+use sync_core::wire::Command as WireCommand;
+use sync_core::ReleaseId;
+use sync_server::client::{self, Cache, PushOptions, PushRequest, Target};
+
+use crate::remote::KeyArgs;
+use crate::UsageError;
+use phase::{RunLog, RELEASE_A, RELEASE_B};
+use report::{Phase, PhaseStats, Sample};
+
+/// What `relsync bench` was asked to do.
+pub struct BenchArgs {
+    pub corpus: String,
+    pub target: String,
+    pub size: u64,
+    pub files: usize,
+    pub change: f64,
+    pub seed: u64,
+    pub runs: u32,
+    pub json: bool,
+    pub chart: Option<PathBuf>,
+    pub keep: bool,
+}
+
+/// Where release B goes.
+enum Node {
+    /// A temporary app root on this machine.
+    Local(PathBuf),
+    /// An app on a relsyncd daemon.
+    Remote(Target),
+}
+
+/// The release pair: `DIR/a` and `DIR/b`, and what we know of how they were made.
+struct Corpus {
+    a: PathBuf,
+    b: PathBuf,
+    description: String,
+}
+
+/// Progress goes to stderr, so that stdout holds only the table or the JSON.
+fn progress(text: &str) {
+    eprintln!("relsync bench: {text}");
+}
+
+pub fn run(keys: &KeyArgs, a: BenchArgs) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("relsync-bench-")
+        .tempdir()
+        .context("creating a temporary directory for the benchmark")?;
+    let target = if a.target == "local" {
+        None
+    } else {
+        Some(Target::parse(&a.target).map_err(|e| UsageError(format!("--target: {e}")))?)
+    };
+    let result = run_in(keys, &a, work.path(), target);
+    if a.keep {
+        let kept = work.keep();
+        eprintln!(
+            "relsync bench: kept the corpus and node under {}",
+            kept.display()
+        );
+    }
+    result
+}
+
+fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
+    if a.corpus != "generated" {
+        let dir = PathBuf::from(&a.corpus);
+        let (ra, rb) = (dir.join("a"), dir.join("b"));
+        if !ra.is_dir() || !rb.is_dir() {
+            return Err(UsageError(format!(
+                "--corpus {}: expected the directories {} and {} (release A and B), e.g. from relsync-testdata",
+                dir.display(),
+                ra.display(),
+                rb.display()
+            ))
+            .into());
+        }
+        return Ok(Corpus {
+            a: ra,
+            b: rb,
+            description: format!("corpus {}", dir.display()),
+        });
+    }
+    let out = work.join("corpus");
+    let mut opts = relsync_testdata::Options::default();
+    opts.seed = a.seed;
+    opts.files = a.files;
+    opts.bytes = a.size;
+    opts.edited_share = a.change;
+    progress(&format!(
+        "generating a corpus pair ({} files, {:.1} MB, {:.1}% of files edited)",
+        a.files,
+        a.size as f64 / 1e6,
+        a.change * 100.0
+    ));
+    let s = match relsync_testdata::generate(&out, &opts) {
+        Ok(s) => s,
+        Err(e @ relsync_testdata::GenerateError::InvalidOptions { .. }) => {
+            return Err(UsageError(format!("cannot generate the corpus: {e}")).into())
+        }
+        Err(e) => return Err(e).context("generating the corpus"),
+    };
+    Ok(Corpus {
+        a: out.join("a"),
+        b: out.join("b"),
+        description: format!(
+            "generated corpus (seed {}): A {} files {:.1} MB; B {} edited, {} added, {} removed, {} moved, {} chmod",
+            s.seed,
+            s.a.files,
+            s.a.bytes as f64 / 1e6,
+            s.edited.len(),
+            s.added.len(),
+            s.removed.len(),
+            s.renamed.len(),
+            s.mode_changed.len()
+        ),
+    })
+}
+
+fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) -> Result<()> {
+    // A daemon is checked before the corpus is made, which takes a while.
+    let remote = target
+        .as_ref()
+        .map(|t| Remote::connect(keys, t, work))
+        .transpose()?;
+    let corpus = corpus(a, work)?;
+    let now = crate::now_unix();
+    let node = match target {
+        None => Node::Local(work.join("node")),
+        Some(t) => Node::Remote(t),
+    };
+    let warm_cache = work.join("scan.cache");
+    let a_scan = phase::scan_cold(&corpus.a)?;
+    let b_scan = phase::fill_cache(&corpus.b, &warm_cache)?;
+    let changed = phase::changed_files(&corpus.a, &a_scan.manifest, &corpus.b, &b_scan.manifest)?;
+    match (&node, &remote) {
+        (Node::Local(root), _) => phase::node_with_a(root, &corpus.a, now)?,
+        (Node::Remote(_), Some(r)) => r.push_a(&corpus.a, a_scan.manifest)?,
+        (Node::Remote(_), None) => unreachable!("a remote node is connected above"),
+    }
+    let mut logs = Vec::new();
+    let measured = (|| -> Result<()> {
+        for run in 1..=a.runs {
+            progress(&format!("run {run}/{}", a.runs));
+            let mut log = RunLog::default();
+            phase::scan_and_hash(&mut log, &corpus.b, &warm_cache)?;
+            phase::deltas(&mut log, &changed)?;
+            match (&node, &remote) {
+                (Node::Local(root), _) => {
+                    phase::reset(root)?;
+                    phase::build_by_phase(&mut log, root, &corpus.b, &b_scan.manifest, now)?;
+                    phase::reset(root)?;
+                    phase::deploy_end_to_end(&mut log, root, &corpus.b, now)?;
+                }
+                (Node::Remote(_), Some(r)) => r.push_b(&mut log, &corpus.b)?,
+                (Node::Remote(_), None) => unreachable!("a remote node is started above"),
+            }
+            logs.push(log);
+        }
+        Ok(())
+    })();
+    let left = match &remote {
+        Some(r) if !a.keep => r.finish(),
+        _ => Ok(None),
+    };
+    measured?;
+    let left = left?;
+
+    let phases = collect(&logs);
+    let (target_text, notes) = describe(&node, &left, a.keep);
+    let mut title = vec![
+        format!("relsync bench: {target_text}, {}", corpus.description),
+        format!(
+            "{} run(s); {}; machine: {} cores, load average {} (shared machines skew absolute times)",
+            a.runs,
+            "each phase on fresh state: before each build of B the node is reset to hold only A, current",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_average()
+        ),
+    ];
+    title.extend(notes.iter().cloned());
+    if let Some(path) = &a.chart {
+        let svg = chart::svg(&format!("relsync bench: {target_text}"), &phases)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        std::fs::write(path, svg).with_context(|| format!("writing chart {}", path.display()))?;
+    }
+    if a.json {
+        let v = json!({
+            "target": target_text,
+            "corpus": corpus.description,
+            "runs": a.runs,
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "load_average": load_average(),
+            "notes": notes,
+            "phases": phases,
+        });
+        return crate::output::line(&serde_json::to_string_pretty(&v)?);
+    }
+    crate::output::line(report::table(&title, &phases).trim_end())
+}
+
+/// Merges the runs' logs into one entry per phase, in the order of the first run.
+fn collect(logs: &[RunLog]) -> Vec<PhaseStats> {
+    let mut order: Vec<(Phase, Vec<Sample>)> = Vec::new();
+    for log in logs {
+        for (p, s) in &log.entries {
+            match order.iter_mut().find(|(q, _)| q.name == p.name) {
+                Some((_, samples)) => samples.push(*s),
+                None => order.push((p.clone(), vec![*s])),
+            }
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|(p, s)| report::summarize(p, &s))
+        .collect()
+}
+
+fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<String>) {
+    let mut notes = vec![
+        "scan, hash, delta and compress read the corpus from the page cache (warm); \
+         'no hash cache' is a deploy of a fresh checkout"
+            .to_string(),
+        "CPU s: user + system of this process and its children (median); RSS: the process's \
+         peak so far (ru_maxrss)"
+            .to_string(),
+    ];
+    let text = match node {
+        Node::Local(_) => {
+            notes.push(
+                "node: a temporary app root on this machine; sync is one syncfs of its file system"
+                    .into(),
+            );
+            "local target".to_string()
+        }
+        Node::Remote(t) => {
+            if let Some(l) = left {
+                notes.push(l.clone());
+            } else if keep {
+                notes.push(format!("kept releases {RELEASE_A} (current) on {t}"));
+            }
+            format!("daemon {t}")
+        }
+    };
+    (text, notes)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A daemon's app that holds A: pushes of B, and the reset after each.
+struct Remote {
+    keys: KeyArgs,
+    target: Target,
+    cache: Arc<Cache>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Remote {
+    /// Connects to `target` and checks that its app holds no release: the benchmark activates
+    /// and prunes, so it must not run on an app in use.
+    fn connect(keys: &KeyArgs, target: &Target, work: &Path) -> Result<Remote> {
+        let cache_dir = work.join("client-cache");
+        std::fs::create_dir_all(&cache_dir)
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        let cache = Arc::new(Cache::open(&cache_dir)?);
+        let r = Remote {
+            keys: keys.clone(),
+            target: target.clone(),
+            cache,
+            rt: crate::remote::runtime()?,
+        };
+        match r.command(WireCommand::Releases)? {
+            Outcome::Releases(list) if list.is_empty() => Ok(r),
+            Outcome::Releases(list) => Err(UsageError(format!(
+                "{target} already has {} release(s): relsync bench activates and prunes releases, so give it an app set aside for benchmarking (an empty app root in relsyncd's config)",
+                list.len()
+            ))
+            .into()),
+            o => anyhow::bail!("{target}: the daemon answered with an unexpected {o:?}"),
+        }
+    }
+
+    /// Pushes release A and makes it current; the client cache records it.
+    fn push_a(&self, a_dir: &Path, a: sync_core::manifest::Manifest) -> Result<()> {
+        progress(&format!("pushing release A to {}", self.target));
+        let req = PushRequest {
+            release: ReleaseId::new(RELEASE_A)?,
+            manifest: Arc::new(a),
+            source: a_dir.to_owned(),
+            activate: true,
+        };
+        self.rt
+            .block_on(async {
+                let conn = crate::remote::dial(&self.keys, &self.target).await?;
+                let res = client::push(&conn, &req, Some(&self.cache), &|_| {}).await;
+                conn.close().await;
+                anyhow::Ok(res?)
+            })
+            .with_context(|| format!("pushing release A to {}", self.target))?;
+        Ok(())
+    }
+
+    fn command(&self, cmd: WireCommand) -> Result<Outcome> {
+        let what = cmd.name();
+        self.rt
+            .block_on(async {
+                let conn = crate::remote::dial(&self.keys, &self.target).await?;
+                let outcome = client::command(&conn, cmd).await;
+                conn.close().await;
+                anyhow::Ok(outcome?)
+            })
+            .with_context(|| format!("running {what} on {}", self.target))
+    }
+
+    /// `relsync push B HOST/APP` end to end (scan with no hash cache, connect, transfer, stage,
+    /// activate), then back to A: activate A and prune, which removes B (newer than current, so
+    /// not the rollback target). The client cache keeps knowing A only.
+    fn push_b(&self, log: &mut RunLog, b: &Path) -> Result<()> {
+        let (report, sample) = phase::measure(|| {
+            let scanned = phase::scan_cold(b)?;
+            let req = PushRequest {
+                release: ReleaseId::new(RELEASE_B)?,
+                manifest: Arc::new(scanned.manifest),
+                source: b.to_owned(),
+                activate: true,
+            };
+            let opts = PushOptions {
+                cache: Some(Arc::clone(&self.cache)),
+                record: false,
+                ..PushOptions::default()
+            };
+            let report = self.rt.block_on(async {
+                let conn = crate::remote::dial(&self.keys, &self.target).await?;
+                let res = client::push_with(&conn, &req, &opts, &|_| {}).await;
+                conn.close().await;
+                anyhow::Ok(res?)
+            })?;
+            Ok((report, scanned.stats))
+        })?;
+        let (pushed, stats) = report;
+        let sent = pushed.sent_bytes.full + pushed.sent_bytes.zstd_ref + pushed.sent_bytes.rsync;
+        log.entries.push((
+            Phase {
+                name: "end to end: push".into(),
+                state: "no hash cache, daemon holds A",
+                files: stats.files,
+                bytes: stats.bytes,
+                out_bytes: Some(sent),
+            },
+            sample,
+        ));
+        self.back_to_a()
+    }
+
+    fn back_to_a(&self) -> Result<()> {
+        self.command(WireCommand::Activate {
+            release: ReleaseId::new(RELEASE_A)?,
+        })?;
+        self.command(WireCommand::Prune { keep: Some(1) })?;
+        Ok(())
+    }
+
+    /// Removes what can be removed over the protocol; returns a note on what stays.
+    fn finish(&self) -> Result<Option<String>> {
+        // A is current and nothing removes the current release over the wire.
+        self.back_to_a()?;
+        Ok(Some(format!(
+            "left on {}: release {RELEASE_A} (current; no command removes the current release over the network, remove it on the daemon)",
+            self.target
+        )))
+    }
+}

@@ -1,0 +1,199 @@
+//! `relsync bench` on a tiny corpus: every phase is reported with its counts, the chart is
+//! written, and nothing is left behind, locally and against a real relsyncd. Times are never
+//! checked.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::path::Path;
+
+use harness::{s, Daemon, Env};
+
+const LOCAL_PHASES: &[&str] = &[
+    "scan (walk + stat)",
+    "scan + hash",
+    "hash (blake3)",
+    "delta zstd-ref encode",
+    "delta zstd-ref apply",
+    "delta rsync signature",
+    "delta rsync encode",
+    "delta rsync apply",
+    "compress (zstd)",
+    "plan",
+    "stage directories",
+    "stage files",
+    "sync (syncfs)",
+    "verify",
+    "record + complete",
+    "activate (swap)",
+    "end to end: deploy",
+];
+
+/// Phases whose file or byte count is meaningless and reported as 0.
+const NO_FILES: &[&str] = &["sync (syncfs)", "record + complete", "activate (swap)"];
+const NO_BYTES: &[&str] = &[
+    "scan (walk + stat)",
+    "plan",
+    "stage directories",
+    "verify",
+    "record + complete",
+    "activate (swap)",
+];
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn check_phases(report: &serde_json::Value, want: &[&str], runs: u64) {
+    let phases = report["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, want, "{report:#}");
+    for p in phases {
+        let name = p["name"].as_str().unwrap();
+        assert_eq!(p["runs"], runs, "{name}");
+        assert_eq!(p["samples_s"].as_array().unwrap().len() as u64, runs);
+        let (files, bytes) = (p["files"].as_u64().unwrap(), p["bytes"].as_u64().unwrap());
+        if NO_FILES.contains(&name) {
+            assert_eq!(files, 0, "{name}");
+        } else {
+            assert!(files > 0, "{name}: {p}");
+        }
+        if NO_BYTES.contains(&name) {
+            assert_eq!(bytes, 0, "{name}");
+        } else {
+            assert!(bytes > 0, "{name}: {p}");
+        }
+        let (min, med, max) = (
+            p["min_s"].as_f64().unwrap(),
+            p["median_s"].as_f64().unwrap(),
+            p["max_s"].as_f64().unwrap(),
+        );
+        assert!(min <= med && med <= max, "{name}: {min} {med} {max}");
+        assert!(p["peak_rss_mib"].as_f64().unwrap() > 0.0, "{name}");
+        assert!(p["state"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+}
+
+#[test]
+fn local_bench_reports_every_phase_writes_a_chart_and_cleans_up() {
+    let env = Env::new();
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let chart = env.path("out.svg");
+    let out = env
+        .command(&[
+            "bench",
+            "--files",
+            "200",
+            "--size",
+            "2MB",
+            "--runs",
+            "2",
+            "--json",
+            "--chart",
+            s(&chart),
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "relsync bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["runs"], 2);
+    assert_eq!(report["target"], "local target");
+    check_phases(&report, LOCAL_PHASES, 2);
+    // A just-generated corpus is too fresh for the hash cache; bench waits until it is warm.
+    assert_eq!(report["phases"][0]["state"], "hash cache warm");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("</svg>"), "{svg}");
+    assert!(svg.contains("end to end: deploy"));
+    let deploy = &report["phases"][LOCAL_PHASES.len() - 1];
+    assert!(deploy["out_bytes"].as_u64().unwrap() > 0, "{deploy}");
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
+
+    // --keep leaves the corpus and the node, holding A and B.
+    let out = env
+        .command(&[
+            "bench", "--files", "200", "--size", "2MB", "--runs", "1", "--keep",
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("end to end: deploy"), "{text}");
+    let kept = entries(&tmp);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let work = tmp.join(&kept[0]);
+    assert_eq!(entries(&work.join("node/releases")), ["bench-a", "bench-b"]);
+    assert!(work.join("corpus/a").is_dir() && work.join("corpus/b").is_dir());
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    let env = Env::new();
+    for args in [
+        &["bench", "--change", "150%"][..],
+        &["bench", "--runs", "0"],
+        &["bench", "--size", "lots"],
+        &["bench", "--corpus", "/nonexistent/corpus"],
+        &["bench", "--target", "no-app-here"],
+        &["bench", "--files", "300", "--size", "1000"],
+    ] {
+        let stderr = env.fails(args, 2);
+        assert!(!stderr.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn bench_against_a_daemon_pushes_and_leaves_only_release_a() {
+    let env = Env::new();
+    let client = env.client_key();
+    let d = Daemon::start(&env, &client);
+    env.ok(&["trust", &d.host_port(), &d.fingerprint]);
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = env
+        .command(&[
+            "bench",
+            "--target",
+            &d.target(),
+            "--files",
+            "200",
+            "--size",
+            "2MB",
+            "--runs",
+            "2",
+            "--json",
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut want: Vec<&str> = LOCAL_PHASES[..9].to_vec();
+    want.push("end to end: push");
+    check_phases(&report, &want, 2);
+    let push = &report["phases"][9];
+    assert!(push["out_bytes"].as_u64().unwrap() > 0, "{push}");
+    assert_eq!(d.release_dirs(), ["bench-a"]);
+    assert_eq!(d.current().as_deref(), Some("bench-a"));
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
+
+    // The app now holds a release: a second bench refuses to touch it.
+    let stderr = env.fails(&["bench", "--target", &d.target(), "--runs", "1"], 2);
+    assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
+}
