@@ -8,6 +8,8 @@
 #[macro_use]
 #[path = "fleet/harness.rs"]
 mod harness;
+#[path = "support/harness.rs"]
+mod support;
 
 use std::path::Path;
 use std::process::Output;
@@ -15,39 +17,9 @@ use std::time::{Duration, Instant};
 
 use harness::{Fleet, Spec};
 use serde_json::Value;
+use support::{noise, php};
 
 type Tree = Vec<(String, Vec<u8>)>;
-
-/// Deterministic PHP-like text.
-fn php(seed: u64, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n + 64);
-    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let mut line = 0u64;
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(
-            format!("    $v{line} = f({}, '{:x}');\n", line * 7, x % 99_999).as_bytes(),
-        );
-        line += 1;
-    }
-    out.truncate(n);
-    out
-}
-
-/// Deterministic bytes that do not compress.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn release_a() -> Tree {
     let mut t: Tree = (0..40)

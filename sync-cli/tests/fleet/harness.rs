@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use sync_server::tls::Identity;
 
+use crate::support::relsyncd;
+
 /// Namespace names start with this; the pid that follows tells whether the owner still runs.
 const PREFIX: &str = "rsf-";
 /// Port every node's relsyncd listens on (each in its own namespace).
@@ -151,21 +153,6 @@ pub struct Fleet {
     client_fp: String,
     src_ns: String,
     keep: u32,
-}
-
-fn relsyncd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("relsyncd"))
-        .unwrap();
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p sync-server --bin relsyncd` (cargo test --workspace builds it)",
-        path.display()
-    );
-    path
 }
 
 /// Runs `ip`/`tc` with `args`; panics with its stderr when it fails.
