@@ -61,6 +61,8 @@ pub struct PushArgs {
     pub dry_run: bool,
     pub json: bool,
     pub exclude: Vec<String>,
+    /// Bytes per second of file data to all hosts together, at most.
+    pub bwlimit: Option<u64>,
 }
 
 fn selection(
@@ -110,7 +112,10 @@ fn host_names(sel: &Selection) -> Vec<String> {
 pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     let started = Instant::now();
     let sel = selection(&a.fleet, a.waves.clone(), a.max_failed)?;
-    let opts = options(keys, &a.fleet)?;
+    let opts = FleetOptions {
+        bwlimit: a.bwlimit,
+        ..options(keys, &a.fleet)?
+    };
     let release = match &a.release_id {
         Some(id) => crate::release_id(id)?,
         None => ReleaseId::from_unix_time(crate::now_unix()),

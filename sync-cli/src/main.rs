@@ -112,6 +112,10 @@ enum Command {
         /// Leave out paths matching this gitignore-style pattern (repeatable).
         #[arg(long, value_name = "PAT")]
         exclude: Vec<String>,
+        /// Limit the file data sent to RATE, like rsync: KiB/s, or with a unit (500K, 12M, 1G;
+        /// bytes per second). With --fleet the limit is for all hosts together. 0: no limit.
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
     },
     /// Create a key pair for talking to relsyncd (client or daemon) and print its fingerprint.
     Keygen {
@@ -525,34 +529,44 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             dry_run,
             json,
             exclude,
-        } => match target {
-            Some(target) => remote::push(
-                keys,
-                remote::PushArgs {
-                    src,
-                    target,
-                    release_id,
-                    no_activate,
-                    dry_run,
-                    json,
-                    exclude,
-                },
-            ),
-            None => fleet::push(
-                keys,
-                fleet::PushArgs {
-                    src,
-                    fleet,
-                    waves,
-                    max_failed,
-                    release_id,
-                    no_activate,
-                    dry_run,
-                    json,
-                    exclude,
-                },
-            ),
-        },
+            bwlimit,
+        } => {
+            let bwlimit = match bwlimit {
+                Some(text) => sync_server::client::parse_rate(&text)
+                    .map_err(|e| UsageError(format!("--bwlimit: {e}")))?,
+                None => None,
+            };
+            match target {
+                Some(target) => remote::push(
+                    keys,
+                    remote::PushArgs {
+                        src,
+                        target,
+                        release_id,
+                        no_activate,
+                        dry_run,
+                        json,
+                        exclude,
+                        bwlimit,
+                    },
+                ),
+                None => fleet::push(
+                    keys,
+                    fleet::PushArgs {
+                        src,
+                        fleet,
+                        waves,
+                        max_failed,
+                        release_id,
+                        no_activate,
+                        dry_run,
+                        json,
+                        exclude,
+                        bwlimit,
+                    },
+                ),
+            }
+        }
         Command::Keygen { dir, name } => remote::keygen(dir, &name),
         Command::Trust { host, fingerprint } => remote::trust(keys, &host, &fingerprint),
         Command::Releases { root, fleet, json } => {

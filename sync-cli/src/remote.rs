@@ -220,6 +220,8 @@ pub struct PushArgs {
     pub dry_run: bool,
     pub json: bool,
     pub exclude: Vec<String>,
+    /// Bytes per second of file data, at most.
+    pub bwlimit: Option<u64>,
 }
 
 pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
@@ -256,7 +258,13 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     let report = rt.block_on(async {
         bars.connecting(&target);
         let conn = dial(keys, &target).await?;
-        let report = client::push(&conn, &req, cache.as_ref(), &|p| bars.update(p)).await;
+        let opts = client::PushOptions {
+            cache: cache.clone(),
+            record: true,
+            rate: a.bwlimit.map(|r| Arc::new(client::RateLimit::new(r))),
+            ..client::PushOptions::default()
+        };
+        let report = client::push_with(&conn, &req, &opts, &|p| bars.update(p)).await;
         conn.close().await;
         anyhow::Ok(report?)
     });

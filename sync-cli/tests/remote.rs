@@ -77,7 +77,17 @@ fn push_delta_push_releases_rollback_activate() {
 
     let b = release_b();
     write_tree(&src, &b);
-    let second = env.json(&["push", s(&src), &target, "--release-id", "r2", "--json"]);
+    // With a bandwidth limit (high enough not to slow the test), the push is the same.
+    let second = env.json(&[
+        "push",
+        s(&src),
+        &target,
+        "--release-id",
+        "r2",
+        "--json",
+        "--bwlimit",
+        "200M",
+    ]);
     assert_eq!(n(&second["needed"]), 4, "{second}");
     // The three edited files go as zstd deltas against what the cache says r1 holds.
     assert_eq!(n(&second["sent"]["zstd_ref"]), 3, "{second}");
@@ -201,6 +211,11 @@ fn configuration_mistakes_exit_with_2() {
     for bad in ["127.0.0.1:0/shop", "./shop", "host/bad name", "::1/shop"] {
         env.fails(&["push", s(&src), bad], 2);
     }
+    let err = env.fails(
+        &["push", s(&src), "127.0.0.1:9/shop", "--bwlimit", "fast"],
+        2,
+    );
+    assert!(err.contains("--bwlimit") && err.contains("500K"), "{err}");
     env.fails(&["trust", "host", "SHA256:tooshort"], 2);
     env.fails(
         &[

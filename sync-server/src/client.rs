@@ -14,6 +14,7 @@
 pub mod cache;
 mod driver;
 pub mod memo;
+pub mod rate;
 pub mod source;
 pub mod target;
 
@@ -35,6 +36,7 @@ use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
 pub use memo::{MemoStats, PayloadMemo};
+pub use rate::{parse_rate, RateError, RateLimit};
 pub use source::{SourceError, SourceTree};
 pub use target::{is_sync_url, looks_remote, SyncTarget, Target, TargetError};
 
@@ -325,6 +327,8 @@ pub struct PushOptions {
     pub memo: Option<Arc<PayloadMemo>>,
     /// Payload bytes (KiB) encoded and waiting to be written at once (default 512 MiB).
     pub memory_kib: Option<u32>,
+    /// `--bwlimit`: the payload bytes of every push sharing it together keep to its rate.
+    pub rate: Option<Arc<RateLimit>>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -493,6 +497,7 @@ async fn transfer(
             cache: cache.cloned(),
             memo: opts.memo.clone(),
             memory_kib: opts.memory_kib.unwrap_or(driver::MEMORY_BUDGET_KIB),
+            rate: opts.rate.clone(),
         }),
         false,
         &hook,

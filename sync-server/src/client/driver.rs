@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::cache::{Cache, MAX_CACHED_FILE};
 use super::memo::{Key, Payload, PayloadMemo};
+use super::rate::RateLimit;
 use super::source::{SourceError, SourceTree};
 use super::{ClientError, Connection, PerFormat, Progress};
 
@@ -44,6 +45,8 @@ pub(super) struct Files {
     pub memo: Option<Arc<PayloadMemo>>,
     /// Payload memory budget of this push, in KiB.
     pub memory_kib: u32,
+    /// `--bwlimit`, shared with concurrent pushes.
+    pub rate: Option<Arc<RateLimit>>,
 }
 
 /// The daemon's need, as announced (and checked by the session).
@@ -70,6 +73,7 @@ struct Ctx {
     cpu: Arc<Semaphore>,
     memory: Arc<Semaphore>,
     memory_kib: u32,
+    rate: Option<Arc<RateLimit>>,
 }
 
 struct Sent {
@@ -126,6 +130,7 @@ pub(super) async fn drive(
             cpu,
             memory: Arc::new(Semaphore::new(f.memory_kib.max(1) as usize)),
             memory_kib: f.memory_kib.max(1),
+            rate: f.rate,
         })
     });
     let mut tasks: JoinSet<Result<Sent, FileError>> = JoinSet::new();
@@ -399,10 +404,21 @@ async fn send_file(ctx: Arc<Ctx>, f: SendFile) -> Result<Sent, FileError> {
         .write_all(&header.frame())
         .await
         .map_err(|e| net(e.to_string()))?;
-    stream
-        .write_all(&payload.bytes)
-        .await
-        .map_err(|e| net(e.to_string()))?;
+    match &ctx.rate {
+        None => stream
+            .write_all(&payload.bytes)
+            .await
+            .map_err(|e| net(e.to_string()))?,
+        Some(rate) => {
+            for chunk in payload.bytes.chunks(rate.chunk()) {
+                rate.acquire(chunk.len()).await;
+                stream
+                    .write_all(chunk)
+                    .await
+                    .map_err(|e| net(e.to_string()))?;
+            }
+        }
+    }
     stream.finish().map_err(|e| net(e.to_string()))?;
     Ok(Sent {
         header,

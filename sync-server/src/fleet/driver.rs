@@ -27,7 +27,7 @@ use super::select::{Selected, Selection};
 use super::Rollout;
 use crate::client::{
     self, Cache, CacheUpdate, ClientError, Connection, MemoStats, NeedReport, PayloadMemo,
-    Progress, PushOptions, PushRequest, SourceTree,
+    Progress, PushOptions, PushRequest, RateLimit, SourceTree,
 };
 use crate::net::NetConfig;
 use crate::tls::Identity;
@@ -49,6 +49,8 @@ pub struct FleetOptions {
     /// Longest wait for a daemon to answer a connection attempt.
     pub connect_timeout: Duration,
     pub net: NetConfig,
+    /// `--bwlimit`: bytes per second the source sends to all hosts together.
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for FleetOptions {
@@ -58,6 +60,7 @@ impl Default for FleetOptions {
             host_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(10),
             net: fleet_net(),
+            bwlimit: None,
         }
     }
 }
@@ -262,6 +265,7 @@ pub async fn push(
         cached: Some(cached.clone().unwrap_or_default()),
         memo: Some(Arc::clone(&memo)),
         memory_kib: Some((MEMORY_TOTAL_KIB / fanout).max(MEMORY_MIN_KIB)),
+        rate: opts.bwlimit.map(|r| Arc::new(RateLimit::new(r))),
     };
     let staged_req = Arc::new(PushRequest {
         activate: false,
