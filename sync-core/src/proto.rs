@@ -16,7 +16,7 @@ pub use client::{ClientConfig, ClientSession};
 pub use daemon::DaemonSession;
 
 use crate::manifest::ManifestError;
-use crate::wire::{ErrorKind, WireError};
+use crate::wire::{ErrorKind, FrameDecoder, WireError};
 
 /// Why a session ended without success.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,36 @@ impl Deadlines {
                 after_ms: self.message_timeout,
             },
         )
+    }
+}
+
+/// What both sessions expose to [`read_control`], the one loop that reads a control stream.
+trait ControlStream {
+    fn finished(&self) -> bool;
+    fn reader(&mut self) -> (&mut FrameDecoder, &mut Deadlines);
+    fn frame(&mut self, frame: &[u8]) -> Result<(), ProtoError>;
+    fn failed(&mut self, e: ProtoError);
+}
+
+/// Feeds control-stream bytes, in any chunking, to `s` frame by frame until they run out or the
+/// session ends; a frame the session refuses, or bytes that are no frame, end it.
+fn read_control(s: &mut impl ControlStream, mut bytes: &[u8], now: u64) {
+    if s.finished() {
+        return;
+    }
+    if !bytes.is_empty() {
+        s.reader().1.progress(now);
+    }
+    while !s.finished() {
+        match s.reader().0.decode(&mut bytes) {
+            Ok(Some(frame)) => {
+                if let Err(e) = s.frame(&frame) {
+                    s.failed(e);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => s.failed(e.into()),
+        }
     }
 }
 

@@ -519,24 +519,8 @@ impl ClientSession {
     }
 
     /// Bytes as they arrive on the control stream, in any chunking.
-    pub fn handle_control(&mut self, mut bytes: &[u8], now: u64) {
-        if self.is_finished() {
-            return;
-        }
-        if !bytes.is_empty() {
-            self.clock.progress(now);
-        }
-        while !self.is_finished() {
-            match self.decoder.decode(&mut bytes) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = self.on_frame(&frame) {
-                        self.fail(e);
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => self.fail(e.into()),
-            }
-        }
+    pub fn handle_control(&mut self, bytes: &[u8], now: u64) {
+        super::read_control(self, bytes, now);
     }
 
     /// The daemon finished its side of the control stream (or the connection dropped).
@@ -1178,6 +1162,24 @@ impl ClientSession {
 fn signature_len(len: u64) -> u64 {
     let block = u64::from(block_size_for(len));
     12 + len.div_ceil(block) * (4 + u64::from(STRONG_LEN))
+}
+
+impl super::ControlStream for ClientSession {
+    fn finished(&self) -> bool {
+        self.is_finished()
+    }
+
+    fn reader(&mut self) -> (&mut FrameDecoder, &mut super::Deadlines) {
+        (&mut self.decoder, &mut self.clock)
+    }
+
+    fn frame(&mut self, frame: &[u8]) -> Result<(), ProtoError> {
+        self.on_frame(frame)
+    }
+
+    fn failed(&mut self, e: ProtoError) {
+        self.fail(e);
+    }
 }
 
 #[cfg(test)]
