@@ -123,6 +123,11 @@ impl RelPath {
         self.0.rfind('/').map(|i| RelPath(Arc::from(&self.0[..i])))
     }
 
+    /// [`RelPath::parent`] as text, without allocating.
+    pub fn parent_str(&self) -> Option<&str> {
+        self.0.rfind('/').map(|i| &self.0[..i])
+    }
+
     /// The last component.
     pub fn file_name(&self) -> &str {
         match self.0.rfind('/') {

@@ -286,8 +286,14 @@ pub fn plan_release(
         }
     }
     if let Some(prev) = previous {
+        // Both manifests are in canonical order: one merge walk instead of a search per file.
+        let mut next = target.entries().iter().peekable();
         for (p, size, _, _) in prev.manifest.files() {
-            if !matches!(target.get(p).map(|e| &e.kind), Some(EntryKind::File { .. })) {
+            while next.next_if(|e| e.path < *p).is_some() {}
+            if !next
+                .peek()
+                .is_some_and(|e| e.path == *p && matches!(e.kind, EntryKind::File { .. }))
+            {
                 s.deleted_files += 1;
                 s.deleted_bytes += size;
             }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ahash::AHashMap;
 use cap_fs_ext::DirExt as _;
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, Permissions};
 use rayon::prelude::*;
@@ -256,7 +257,7 @@ impl<'a> Stager<'a> {
                 // each file costs a couple of `*at` calls on a single name instead of a full path
                 // resolution per call.
                 let chunks: Vec<&[Op]> = ops[i..end]
-                    .chunk_by(|a, b| op_path(a).parent() == op_path(b).parent())
+                    .chunk_by(|a, b| op_path(a).parent_str() == op_path(b).parent_str())
                     .collect();
                 let linked: Vec<Vec<(RelPath, u64)>> = chunks
                     .par_iter()
@@ -323,13 +324,13 @@ impl<'a> Stager<'a> {
         for depth in depths {
             let level = &levels[&depth];
             let chunks: Vec<&[&Op]> = level
-                .chunk_by(|a, b| op_path(a).parent() == op_path(b).parent())
+                .chunk_by(|a, b| op_path(a).parent_str() == op_path(b).parent_str())
                 .collect();
             chunks.par_iter().try_for_each(|chunk| {
                 let mut dirs = DirCache::new(self);
                 for op in chunk.iter() {
                     let path = op_path(op);
-                    let parent = dirs.staging(path.parent())?;
+                    let parent = dirs.staging(path.parent_str())?;
                     match op {
                         Op::CreateDir { .. } => rustix::fs::mkdirat(
                             parent,
@@ -434,7 +435,8 @@ impl<'a> Stager<'a> {
                 ..
             } => {
                 if let Some(ino) = self.link_source_ok(dirs, from, from_path, *size, *mode) {
-                    let (bdir, sdir) = dirs.link_pair(from, from_path.parent(), path.parent())?;
+                    let (bdir, sdir) =
+                        dirs.link_pair(from, from_path.parent_str(), path.parent_str())?;
                     let bdir = bdir.expect("checked by link_source_ok");
                     rustix::fs::linkat(
                         bdir,
@@ -460,7 +462,7 @@ impl<'a> Stager<'a> {
                 mode,
                 hash,
             } => {
-                let (odir, sdir) = dirs.object_pair(path.parent())?;
+                let (odir, sdir) = dirs.object_pair(path.parent_str())?;
                 rustix::fs::linkat(
                     odir,
                     crate::layout::object_name(hash, *mode).as_str(),
@@ -489,7 +491,7 @@ impl<'a> Stager<'a> {
                 .write_file_in(dirs, path, *size, *mode, Some((basis, basis_path)))
                 .map(|()| None),
             Op::Symlink { path, target } => {
-                let sdir = dirs.staging(path.parent())?;
+                let sdir = dirs.staging(path.parent_str())?;
                 rustix::fs::symlinkat(target.as_str(), sdir, path.file_name())
                     .map_err(io::Error::from)
                     .ctx("create symlink", self.staged(path))?;
@@ -511,7 +513,7 @@ impl<'a> Stager<'a> {
         mode: u32,
     ) -> Option<u64> {
         let stamp = *self.bases.get(from)?.stamps.get(p)?;
-        let bdir = dirs.basis(from, p.parent()).ok()??;
+        let bdir = dirs.basis(from, p.parent_str()).ok()??;
         let st =
             rustix::fs::statat(bdir, p.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
         let ok = rustix::fs::FileType::from_raw_mode(st.st_mode)
@@ -549,7 +551,7 @@ impl<'a> Stager<'a> {
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = format!(".relsync-tmp-{n}");
-        let sdir = dirs.staging(path.parent())?;
+        let sdir = dirs.staging(path.parent_str())?;
         // O_EXCL + O_NOFOLLOW: always a fresh inode of our own, never an existing file or a link.
         let mut out = File::from(
             rustix::fs::openat(
@@ -583,7 +585,7 @@ impl<'a> Stager<'a> {
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .ctx("chmod", &dest)?;
         drop(out);
-        let sdir = dirs.staging(path.parent())?;
+        let sdir = dirs.staging(path.parent_str())?;
         rustix::fs::renameat(sdir, tmp.as_str(), sdir, path.file_name())
             .map_err(io::Error::from)
             .ctx("rename", &dest)?;
@@ -622,7 +624,7 @@ impl<'a> Stager<'a> {
         let chunks: Vec<&[crate::manifest::Entry]> = this
             .target
             .entries()
-            .chunk_by(|a, b| a.path.parent() == b.path.parent())
+            .chunk_by(|a, b| a.path.parent_str() == b.path.parent_str())
             .collect();
         let stamps: Vec<FileStamp> = chunks
             .par_iter()
@@ -655,7 +657,7 @@ impl<'a> Stager<'a> {
             path: path.clone(),
             reason,
         };
-        let sdir = dirs.staging(path.parent())?;
+        let sdir = dirs.staging(path.parent_str())?;
         let st = rustix::fs::statat(
             sdir,
             path.file_name(),
@@ -824,8 +826,10 @@ fn op_path(op: &Op) -> &RelPath {
 struct DirCache<'s> {
     stager: &'s Stager<'s>,
     objects: Option<Dir>,
-    staging: HashMap<Option<RelPath>, Dir>,
-    basis: HashMap<(ReleaseId, Option<RelPath>), Option<Dir>>,
+    // Keyed by the parent's text ("" for the top level): looked up once per operation, so
+    // without allocating a key.
+    staging: AHashMap<Box<str>, Dir>,
+    basis: AHashMap<ReleaseId, AHashMap<Box<str>, Option<Dir>>>,
 }
 
 impl<'s> DirCache<'s> {
@@ -833,32 +837,33 @@ impl<'s> DirCache<'s> {
         DirCache {
             stager,
             objects: None,
-            staging: HashMap::new(),
-            basis: HashMap::new(),
+            staging: AHashMap::new(),
+            basis: AHashMap::new(),
         }
     }
 
-    fn staging(&mut self, parent: Option<RelPath>) -> Result<&Dir, EdgeError> {
-        if !self.staging.contains_key(&parent) {
-            let d = match &parent {
+    fn staging(&mut self, parent: Option<&str>) -> Result<&Dir, EdgeError> {
+        let key = parent.unwrap_or("");
+        if !self.staging.contains_key(key) {
+            let d = match parent {
                 Some(p) => self
                     .stager
                     .staging
-                    .open_dir_nofollow(p.as_str())
-                    .ctx("open", self.stager.staged(p))?,
+                    .open_dir_nofollow(p)
+                    .ctx("open", self.stager.staging_path.join(p))?,
                 None => self
                     .stager
                     .staging
                     .try_clone()
                     .ctx("open", &self.stager.staging_path)?,
             };
-            self.staging.insert(parent.clone(), d);
+            self.staging.insert(key.into(), d);
         }
-        Ok(&self.staging[&parent])
+        Ok(&self.staging[key])
     }
 
     /// The object store and staging directories for linking a received object.
-    fn object_pair(&mut self, parent: Option<RelPath>) -> Result<(&Dir, &Dir), EdgeError> {
+    fn object_pair(&mut self, parent: Option<&str>) -> Result<(&Dir, &Dir), EdgeError> {
         if self.objects.is_none() {
             let rel = format!("{}/{}", crate::layout::META, crate::layout::OBJECTS);
             let d = self
@@ -869,10 +874,10 @@ impl<'s> DirCache<'s> {
                 .ctx("open", self.stager.root.path().join(&rel))?;
             self.objects = Some(d);
         }
-        self.staging(parent.clone())?;
+        self.staging(parent)?;
         Ok((
             self.objects.as_ref().expect("opened above"),
-            &self.staging[&parent],
+            &self.staging[parent.unwrap_or("")],
         ))
     }
 
@@ -880,32 +885,32 @@ impl<'s> DirCache<'s> {
     fn link_pair(
         &mut self,
         id: &ReleaseId,
-        from_parent: Option<RelPath>,
-        parent: Option<RelPath>,
+        from_parent: Option<&str>,
+        parent: Option<&str>,
     ) -> Result<(Option<&Dir>, &Dir), EdgeError> {
-        self.basis(id, from_parent.clone())?;
-        self.staging(parent.clone())?;
+        self.basis(id, from_parent)?;
+        self.staging(parent)?;
         Ok((
-            self.basis[&(id.clone(), from_parent)].as_ref(),
-            &self.staging[&parent],
+            self.basis[id][from_parent.unwrap_or("")].as_ref(),
+            &self.staging[parent.unwrap_or("")],
         ))
     }
 
     /// `None` when the basis release or directory is gone or is not a real directory.
-    fn basis(
-        &mut self,
-        id: &ReleaseId,
-        parent: Option<RelPath>,
-    ) -> Result<Option<&Dir>, EdgeError> {
-        let key = (id.clone(), parent);
-        if !self.basis.contains_key(&key) {
-            let d = self.stager.bases.get(id).and_then(|b| match &key.1 {
-                Some(p) => b.dir.open_dir_nofollow(p.as_str()).ok(),
+    fn basis(&mut self, id: &ReleaseId, parent: Option<&str>) -> Result<Option<&Dir>, EdgeError> {
+        let key = parent.unwrap_or("");
+        if !self.basis.contains_key(id) {
+            self.basis.insert(id.clone(), AHashMap::new());
+        }
+        let dirs = self.basis.get_mut(id).expect("inserted above");
+        if !dirs.contains_key(key) {
+            let d = self.stager.bases.get(id).and_then(|b| match parent {
+                Some(p) => b.dir.open_dir_nofollow(p).ok(),
                 None => b.dir.try_clone().ok(),
             });
-            self.basis.insert(key.clone(), d);
+            dirs.insert(key.into(), d);
         }
-        Ok(self.basis[&key].as_ref())
+        Ok(dirs[key].as_ref())
     }
 }
 
