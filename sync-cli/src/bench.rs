@@ -15,10 +15,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use std::time::Instant;
 use sync_core::proto::client::Outcome;
 use sync_core::wire::Command as WireCommand;
 use sync_core::ReleaseId;
-use sync_server::client::{self, Cache, PushOptions, PushRequest, Target};
+
+use sync_core::proto::client::ClientState;
+use sync_server::client::{self, Cache, Progress, PushOptions, PushRequest, Target};
 
 use crate::remote::KeyArgs;
 use crate::UsageError;
@@ -338,9 +341,23 @@ impl Remote {
     /// `relsync push B HOST/APP` end to end (scan with no hash cache, connect, transfer, stage,
     /// activate), then back to A: activate A and prune, which removes B (newer than current, so
     /// not the rollback target). The client cache keeps knowing A only.
+    ///
+    /// Besides the end-to-end time it logs the client's own steps (from the session's state
+    /// changes) and the phases the daemon timed and reported in `Staged`.
     fn push_b(&self, log: &mut RunLog, b: &Path) -> Result<()> {
+        let marks: std::sync::Mutex<Vec<(ClientState, Instant)>> = Default::default();
+        let on_progress = |p: Progress| {
+            if let Progress::State(state) = p {
+                marks
+                    .lock()
+                    .expect("not poisoned")
+                    .push((state, Instant::now()));
+            }
+        };
+        let started = Instant::now();
         let (report, sample) = phase::measure(|| {
             let scanned = phase::scan_cold(b)?;
+            let scanned_at = Instant::now();
             let req = PushRequest {
                 release: ReleaseId::new(RELEASE_B)?,
                 manifest: Arc::new(scanned.manifest),
@@ -352,16 +369,73 @@ impl Remote {
                 record: false,
                 ..PushOptions::default()
             };
-            let report = self.rt.block_on(async {
+            let (report, connected_at) = self.rt.block_on(async {
                 let conn = crate::remote::dial(&self.keys, &self.target).await?;
-                let res = client::push_with(&conn, &req, &opts, &|_| {}).await;
+                let connected_at = Instant::now();
+                let res = client::push_with(&conn, &req, &opts, &on_progress).await;
                 conn.close().await;
-                anyhow::Ok(res?)
+                anyhow::Ok((res?, connected_at))
             })?;
-            Ok((report, scanned.stats))
+            Ok((
+                report,
+                scanned.stats,
+                scanned_at,
+                connected_at,
+                Instant::now(),
+            ))
         })?;
-        let (pushed, stats) = report;
+        let (pushed, stats, scanned_at, connected_at, ended_at) = report;
         let sent = pushed.sent_bytes.full + pushed.sent_bytes.zstd_ref + pushed.sent_bytes.rsync;
+        let session = &pushed.session;
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        log.push_wall(
+            "client: scan + hash",
+            "no hash cache",
+            stats.files,
+            stats.bytes,
+            secs(started, scanned_at),
+        );
+        log.push_wall(
+            "client: connect",
+            "QUIC + TLS handshake",
+            0,
+            0,
+            secs(scanned_at, connected_at),
+        );
+        let marks = marks.into_inner().expect("not poisoned");
+        for (k, (state, at)) in marks.iter().enumerate() {
+            let until = marks.get(k + 1).map_or(ended_at, |(_, t)| *t);
+            let (name, files, bytes) = match state {
+                ClientState::Handshake => ("client: hello", 0, 0),
+                ClientState::Manifest => (
+                    "client: manifest + need",
+                    stats.files,
+                    session.manifest_bytes,
+                ),
+                ClientState::Transfer => ("client: transfer", session.needed, sent),
+                ClientState::Staging => ("client: wait for staged", 0, 0),
+                ClientState::Activation => ("client: activate", 0, 0),
+                _ => continue,
+            };
+            log.push_wall(name, "daemon holds A", files, bytes, secs(*at, until));
+        }
+        let staged = &session.staged;
+        for ph in &staged.phases {
+            let (files, bytes) = match ph.name.as_str() {
+                "need" => (staged.files, 0),
+                "receive" => (staged.received, staged.received_bytes),
+                "stage files" => (staged.files, staged.bytes),
+                "verify" => (staged.files, 0),
+                _ => (0, 0),
+            };
+            log.push_wall(
+                &format!("daemon: {}", ph.name),
+                "timed by the daemon",
+                files,
+                bytes,
+                ph.micros as f64 / 1e6,
+            );
+        }
         log.entries.push((
             Phase {
                 name: "end to end: push".into(),
@@ -369,6 +443,7 @@ impl Remote {
                 files: stats.files,
                 bytes: stats.bytes,
                 out_bytes: Some(sent),
+                wall_only: false,
             },
             sample,
         ));

@@ -108,6 +108,23 @@ impl Op {
             Op::Prune { .. } => "prune",
         }
     }
+
+    /// The phase of a release build this operation belongs to, as timings report it.
+    pub fn phase(&self) -> &'static str {
+        match self {
+            Op::CreateDir { .. } | Op::SetDirMode { .. } => "stage directories",
+            Op::Link { .. }
+            | Op::LinkObject { .. }
+            | Op::WriteFull { .. }
+            | Op::WriteDelta { .. }
+            | Op::Symlink { .. } => "stage files",
+            Op::SyncTree => "sync (syncfs)",
+            Op::Verify => "verify",
+            Op::WriteRecord | Op::MarkComplete => "record + complete",
+            Op::Activate => "activate (swap)",
+            Op::Prune { .. } => "prune",
+        }
+    }
 }
 
 /// Counts and bytes of a plan, for people and for `--json`.

@@ -105,6 +105,11 @@ impl Deadlines {
         self.last_progress = self.last_progress.max(now);
     }
 
+    /// The latest time the session was given.
+    fn now(&self) -> u64 {
+        self.last_progress
+    }
+
     fn next(&self, waiting: Option<&'static str>) -> u64 {
         match waiting {
             Some(_) => self

@@ -24,8 +24,8 @@ use crate::plan::{MirrorOp, MirrorStats, MirrorSummary};
 use crate::release::ReleaseId;
 
 /// The protocol version this crate speaks (2: manifests travel compressed, against a basis
-/// manifest when both sides hold one).
-pub const VERSION: u16 = 2;
+/// manifest when both sides hold one; 3: `Staged` reports the daemon's time per phase).
+pub const VERSION: u16 = 3;
 /// The QUIC ALPN of the protocol family; the exact version is checked in `Hello`/`Welcome`.
 pub const ALPN: &[u8] = b"relsync/1";
 /// Bytes of the length prefix of every frame.
@@ -45,6 +45,9 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_EXCLUDES: usize = 1024;
 /// Longest exclude pattern in a [`Command::Sync`], in bytes.
 pub const MAX_EXCLUDE_LEN: usize = 4096;
+/// Most entries of [`Staged::phases`], and the longest phase name, in bytes.
+pub const MAX_PHASES: usize = 32;
+pub const MAX_PHASE_NAME: usize = 64;
 
 /// Why bytes from a peer could not be read as a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,6 +260,26 @@ pub struct Staged {
     pub received: u64,
     /// Payload bytes received over the network in this push.
     pub received_bytes: u64,
+    /// Where the daemon's time went, phase by phase (at most [`MAX_PHASES`]), for
+    /// `relsync bench` and `--json`; the client checks only the bounds.
+    pub phases: Vec<PhaseTime>,
+}
+
+/// Wall time of one phase of work on a daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// At most [`MAX_PHASE_NAME`] bytes.
+    pub name: String,
+    pub micros: u64,
+}
+
+impl PhaseTime {
+    pub fn new(name: &str, d: std::time::Duration) -> PhaseTime {
+        PhaseTime {
+            name: name.to_owned(),
+            micros: u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// One operation of a mirror plan (`plan::MirrorOp`) as a daemon reports it. Every operation but
@@ -845,6 +868,10 @@ mod tests {
                 linked: 8,
                 received: 2,
                 received_bytes: 99,
+                phases: vec![PhaseTime::new(
+                    "verify",
+                    std::time::Duration::from_micros(1500),
+                )],
             }),
             DaemonMsg::Activated { release: rid("r1") },
             DaemonMsg::Releases {

@@ -24,7 +24,7 @@ use sync_core::proto::{fuzz as proto_fuzz, ProtoError};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     self, AppName, BasisRef, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, Limits, Message,
-    NeedFile, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
+    NeedFile, PhaseTime, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -237,7 +237,13 @@ impl Daemon {
                     }
                 }
                 self.releases.insert(release, manifest);
-                s.handle_event(Event::Staged { linked }, now);
+                s.handle_event(
+                    Event::Staged {
+                        linked,
+                        phases: vec![],
+                    },
+                    now,
+                );
             }
             daemon::Request::Activate { release } => {
                 let event = if self.releases.contains_key(&release) {
@@ -1533,10 +1539,69 @@ fn activate_must_name_the_staged_release() {
         s.poll_request(),
         Some(daemon::Request::Stage { .. })
     ));
-    s.handle_event(Event::Staged { linked: 7 }, 0);
+    s.handle_event(
+        Event::Staged {
+            linked: 7,
+            phases: vec![],
+        },
+        0,
+    );
     s.handle_control(&ClientMsg::Activate { release: rid("r9") }.frame(), 0);
     assert_eq!(daemon_error_kind(&mut s), ErrorKind::BadRequest);
     assert!(s.poll_request().is_none(), "no Activate request");
+}
+
+#[test]
+fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
+    let enc = manifest_of(&tree_a()).encode();
+    let mut s = opened(Limits::default(), &hello_push(&enc, "r1"));
+    s.handle_control(&manifest_chunk(&enc), 10);
+    assert!(matches!(
+        s.poll_request(),
+        Some(daemon::Request::ComputeNeed { .. })
+    ));
+    s.handle_event(
+        Event::Need(daemon::NeedList {
+            files: vec![],
+            have_files: 3,
+            have_bytes: 0,
+        }),
+        25,
+    );
+    s.handle_control(&ClientMsg::Done { files_sent: 0 }.frame(), 100);
+    assert!(matches!(
+        s.poll_request(),
+        Some(daemon::Request::Stage { .. })
+    ));
+    let build = vec![
+        PhaseTime::new("stage files", std::time::Duration::from_micros(30_500)),
+        PhaseTime::new(&"x".repeat(100), std::time::Duration::from_millis(1)),
+    ];
+    s.handle_event(
+        Event::Staged {
+            linked: 3,
+            phases: build,
+        },
+        131,
+    );
+    let mut staged = None;
+    while let Some(f) = s.poll_transmit(131) {
+        if let DaemonMsg::Staged(st) = wire::decode::<DaemonMsg>(&f[4..]).unwrap() {
+            staged = Some(st);
+        }
+    }
+    let phases = staged.expect("a Staged frame").phases;
+    let got: Vec<(&str, u64)> = phases.iter().map(|p| (p.name.as_str(), p.micros)).collect();
+    let long = "x".repeat(wire::MAX_PHASE_NAME);
+    assert_eq!(
+        got,
+        [
+            ("need", 15_000),
+            ("receive", 75_000),
+            ("stage files", 30_500),
+            (long.as_str(), 1_000)
+        ]
+    );
 }
 
 #[test]
@@ -1766,6 +1831,7 @@ impl Scripted {
             linked: 0,
             received: 0,
             received_bytes: 0,
+            phases: vec![],
         })
     }
 
@@ -1919,6 +1985,25 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
             }
             s.feed(&m);
         }),
+        ("staged with too many phases", |s| {
+            s.welcome();
+            s.feed(&s.need(&[], true));
+            let mut m = s.staged("r2");
+            if let DaemonMsg::Staged(st) = &mut m {
+                st.phases = vec![PhaseTime::new("p", Default::default()); wire::MAX_PHASES + 1];
+            }
+            s.feed(&m);
+        }),
+        ("staged with a phase name too long", |s| {
+            s.welcome();
+            s.feed(&s.need(&[], true));
+            let mut m = s.staged("r2");
+            if let DaemonMsg::Staged(st) = &mut m {
+                let name = "p".repeat(wire::MAX_PHASE_NAME + 1);
+                st.phases = vec![PhaseTime::new(&name, Default::default())];
+            }
+            s.feed(&m);
+        }),
         ("activated before staged", |s| {
             s.welcome();
             s.feed(&s.need(&[], true));
@@ -1976,7 +2061,9 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
             });
         }),
         ("newer version with another layout", |s| {
-            s.client.handle_control(&[0, 0, 0, 3, 0, 3, 0xFF], 0);
+            // Variant 0 (`Welcome`), then the version as a one-byte varint.
+            let newer = u8::try_from(VERSION + 1).expect("a one-byte varint");
+            s.client.handle_control(&[0, 0, 0, 3, 0, newer, 0xFF], 0);
         }),
         ("garbage", |s| {
             s.client.handle_control(&[0, 0, 0, 2, 0xFF, 0xFF], 0);

@@ -105,6 +105,7 @@ mod tests {
             files: 1,
             bytes: 1,
             out_bytes: None,
+            wall_only: false,
         };
         summarize(phase, &samples).unwrap()
     }

@@ -74,7 +74,14 @@ pub struct RunLog {
 }
 
 impl RunLog {
-    fn push(&mut self, name: &str, state: &'static str, files: u64, bytes: u64, sample: Sample) {
+    pub fn push(
+        &mut self,
+        name: &str,
+        state: &'static str,
+        files: u64,
+        bytes: u64,
+        sample: Sample,
+    ) {
         self.push_out(name, state, files, bytes, None, sample);
     }
 
@@ -94,8 +101,35 @@ impl RunLog {
                 files,
                 bytes,
                 out_bytes,
+                wall_only: false,
             },
             sample,
+        ));
+    }
+
+    /// A phase of which only the wall time is known.
+    pub fn push_wall(
+        &mut self,
+        name: &str,
+        state: &'static str,
+        files: u64,
+        bytes: u64,
+        secs: f64,
+    ) {
+        self.entries.push((
+            Phase {
+                name: name.into(),
+                state,
+                files,
+                bytes,
+                out_bytes: None,
+                wall_only: true,
+            },
+            Sample {
+                secs,
+                cpu_secs: 0.0,
+                maxrss_kib: 0,
+            },
         ));
     }
 
@@ -364,23 +398,6 @@ pub fn reset(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Which phase an operation of the plan belongs to.
-fn stage_phase(op: &Op) -> &'static str {
-    match op {
-        Op::CreateDir { .. } | Op::SetDirMode { .. } => "stage directories",
-        Op::Link { .. }
-        | Op::LinkObject { .. }
-        | Op::WriteFull { .. }
-        | Op::WriteDelta { .. }
-        | Op::Symlink { .. } => "stage files",
-        Op::SyncTree => "sync (syncfs)",
-        Op::Verify => "verify",
-        Op::WriteRecord | Op::MarkComplete => "record + complete",
-        Op::Activate => "activate (swap)",
-        Op::Prune { .. } => "prune",
-    }
-}
-
 /// Plans and builds B on the node phase by phase, then activates it.
 pub fn build_by_phase(
     log: &mut RunLog,
@@ -419,10 +436,10 @@ pub fn build_by_phase(
     let ops = &prep.plan.ops;
     let mut i = 0;
     while i < ops.len() {
-        let phase = stage_phase(&ops[i]);
+        let phase = ops[i].phase();
         let end = ops[i..]
             .iter()
-            .position(|o| stage_phase(o) != phase)
+            .position(|o| o.phase() != phase)
             .map_or(ops.len(), |n| i + n);
         let run = &ops[i..end];
         let result = if matches!(run[0], Op::Activate) {

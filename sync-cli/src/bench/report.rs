@@ -28,6 +28,10 @@ pub struct Phase {
     pub bytes: u64,
     /// Bytes the phase produced per run (payloads of encoders), when that is worth reporting.
     pub out_bytes: Option<u64>,
+    /// Only the wall time is known: a phase the daemon timed (reported in its `Staged`
+    /// answer), or a step of a push timed from the session's state changes. The CPU and memory
+    /// columns are left empty.
+    pub wall_only: bool,
 }
 
 /// A phase with the statistics over its runs.
@@ -43,10 +47,10 @@ pub struct PhaseStats {
     pub mb_per_s: Option<f64>,
     /// `files` over the median time; absent when `files` is 0.
     pub files_per_s: Option<f64>,
-    /// Median CPU seconds over the runs.
-    pub cpu_s: f64,
-    /// Highest peak RSS seen after this phase, in MiB.
-    pub peak_rss_mib: f64,
+    /// Median CPU seconds over the runs (absent for a wall-time-only phase).
+    pub cpu_s: Option<f64>,
+    /// Highest peak RSS seen after this phase, in MiB (absent for a wall-time-only phase).
+    pub peak_rss_mib: Option<f64>,
     /// Every run's wall time, in run order.
     pub samples_s: Vec<f64>,
 }
@@ -81,6 +85,8 @@ pub fn summarize(phase: Phase, samples: &[Sample]) -> Option<PhaseStats> {
     let max_s = secs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let peak = samples.iter().map(|s| s.maxrss_kib).max().unwrap_or(0);
     Some(PhaseStats {
+        cpu_s: (!phase.wall_only).then(|| median(&cpu).unwrap_or(0.0)),
+        peak_rss_mib: (!phase.wall_only).then_some(peak as f64 / 1024.0),
         mb_per_s: rate(phase.bytes, median_s).map(|r| r / 1e6),
         files_per_s: rate(phase.files, median_s),
         phase,
@@ -88,8 +94,6 @@ pub fn summarize(phase: Phase, samples: &[Sample]) -> Option<PhaseStats> {
         median_s,
         min_s,
         max_s,
-        cpu_s: median(&cpu).unwrap_or(0.0),
-        peak_rss_mib: peak as f64 / 1024.0,
         samples_s: secs,
     })
 }
@@ -166,7 +170,7 @@ pub fn table(title: &[String], phases: &[PhaseStats]) -> String {
             "-".into()
         };
         out += &format!(
-            "{:<name_w$}  {:<state_w$}  {:>7}  {:>9}  {:>10}  {:>10}  {:>10}  {:>7}  {:>9}  {:>7.3}  {:>8.1}\n",
+            "{:<name_w$}  {:<state_w$}  {:>7}  {:>9}  {:>10}  {:>10}  {:>10}  {:>7}  {:>9}  {:>7}  {:>8}\n",
             p.phase.name,
             p.phase.state,
             files,
@@ -176,8 +180,8 @@ pub fn table(title: &[String], phases: &[PhaseStats]) -> String {
             duration(p.max_s),
             rate_text(p.mb_per_s),
             rate_text(p.files_per_s),
-            p.cpu_s,
-            p.peak_rss_mib,
+            p.cpu_s.map_or("-".into(), |c| format!("{c:.3}")),
+            p.peak_rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
         );
     }
     out
@@ -202,6 +206,7 @@ mod tests {
             files,
             bytes,
             out_bytes: None,
+            wall_only: false,
         }
     }
 
@@ -278,8 +283,8 @@ mod tests {
                 s.max_s,
                 s.mb_per_s,
                 s.files_per_s,
-                s.cpu_s,
-                s.peak_rss_mib,
+                s.cpu_s.unwrap(),
+                s.peak_rss_mib.unwrap(),
             );
             assert_eq!(got, c.want, "{:?}", c.secs);
             assert_eq!(s.runs, c.secs.len());

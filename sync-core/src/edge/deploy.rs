@@ -45,6 +45,8 @@ pub struct DeployReport {
     pub pruned: Vec<ReleaseId>,
     pub recovered: Recovery,
     pub exec: ExecStats,
+    /// Wall time of planning and of each phase of the build (see [`crate::plan::Op::phase`]).
+    pub timings: Vec<crate::wire::PhaseTime>,
     pub manifest_digest: String,
     /// The activation pipeline's steps (when activated).
     pub activation: Option<ActivationReport>,
@@ -173,8 +175,9 @@ pub fn deploy(
     let recovered = root.recover(lock)?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "recovered");
     let prep = prepare(root, target, opts)?;
+    let planned = started.elapsed();
     tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
+        ms = planned.as_millis() as u64,
         ops = prep.plan.ops.len(),
         "planned"
     );
@@ -270,7 +273,15 @@ pub fn deploy(
             _ => None,
         })
         .collect();
+    let timings = std::iter::once(crate::wire::PhaseTime::new("plan", planned))
+        .chain(
+            exec.timings
+                .iter()
+                .map(|(p, d)| crate::wire::PhaseTime::new(p, *d)),
+        )
+        .collect();
     Ok(DeployReport {
+        timings,
         release: prep.plan.release.clone(),
         previous: prep.previous,
         summary: prep.plan.summary.clone(),

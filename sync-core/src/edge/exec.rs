@@ -13,6 +13,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use cap_fs_ext::DirExt as _;
@@ -114,6 +115,9 @@ pub struct ExecStats {
     pub link_fallbacks: u64,
     pub bytes_written: u64,
     pub files_verified: u64,
+    /// Wall time per [`Op::phase`], in the order the phases first ran.
+    #[serde(skip)]
+    pub timings: Vec<(&'static str, Duration)>,
 }
 
 struct BasisFiles<'a> {
@@ -143,6 +147,7 @@ pub struct Stager<'a> {
     fallbacks: AtomicU64,
     written: AtomicU64,
     tmp_counter: AtomicU64,
+    timings: Vec<(&'static str, Duration)>,
     progress: &'a (dyn Fn(u64) + Sync),
 }
 
@@ -216,6 +221,7 @@ impl<'a> Stager<'a> {
             fallbacks: AtomicU64::new(0),
             written: AtomicU64::new(0),
             tmp_counter: AtomicU64::new(0),
+            timings: Vec::new(),
             progress,
         })
     }
@@ -225,6 +231,14 @@ impl<'a> Stager<'a> {
             link_fallbacks: self.fallbacks.load(Ordering::Relaxed),
             bytes_written: self.written.load(Ordering::Relaxed),
             files_verified: self.stamps.len() as u64,
+            timings: self.timings.clone(),
+        }
+    }
+
+    fn time(&mut self, phase: &'static str, took: Duration) {
+        match self.timings.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, d)) => *d += took,
+            None => self.timings.push((phase, took)),
         }
     }
 
@@ -252,7 +266,7 @@ impl<'a> Stager<'a> {
                     .position(|o| !parallel(o))
                     .map_or(ops.len(), |n| i + n);
                 let this = &*self;
-                let t = std::time::Instant::now();
+                let t = Instant::now();
                 // Ops of one directory share its handle (and their link sources' directories), so
                 // each file costs a couple of `*at` calls on a single name instead of a full path
                 // resolution per call.
@@ -273,6 +287,7 @@ impl<'a> Stager<'a> {
                     })
                     .collect::<Result<_, EdgeError>>()?;
                 self.linked.extend(linked.into_iter().flatten());
+                self.time(ops[i].phase(), t.elapsed());
                 tracing::debug!(
                     ops = end - i,
                     ms = t.elapsed().as_millis() as u64,
@@ -285,8 +300,9 @@ impl<'a> Stager<'a> {
                     .iter()
                     .position(|o| !same(o))
                     .map_or(ops.len(), |n| i + n);
-                let t = std::time::Instant::now();
+                let t = Instant::now();
                 self.apply_dir_ops(&ops[i..end])?;
+                self.time(ops[i].phase(), t.elapsed());
                 tracing::debug!(
                     op = ops[i].name(),
                     ops = end - i,
@@ -295,8 +311,9 @@ impl<'a> Stager<'a> {
                 );
                 i = end;
             } else {
-                let t = std::time::Instant::now();
+                let t = Instant::now();
                 self.apply_one(&ops[i])?;
+                self.time(ops[i].phase(), t.elapsed());
                 tracing::debug!(
                     op = ops[i].name(),
                     ms = t.elapsed().as_millis() as u64,

@@ -26,7 +26,7 @@ use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, peek_version, AppName, BasisRef, ClientMsg, Command, DaemonMsg,
     FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, ReleaseInfo, Staged, Synced,
-    MAX_MAX_FRAME, MIN_MAX_FRAME, VERSION,
+    MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME, MIN_MAX_FRAME, VERSION,
 };
 
 use super::{Deadlines, ProtoError};
@@ -1119,6 +1119,17 @@ impl ClientSession {
                 p.files.len()
             )));
         }
+        if staged.phases.len() > MAX_PHASES
+            || staged
+                .phases
+                .iter()
+                .any(|ph| ph.name.len() > MAX_PHASE_NAME)
+        {
+            return Err(ProtoError::Protocol(format!(
+                "daemon reported {} phases (at most {MAX_PHASES}, names of at most {MAX_PHASE_NAME} bytes)",
+                staged.phases.len()
+            )));
+        }
         if matches!(p.goal, Goal::Release { activate: true, .. }) {
             self.transmit.push_back(encode_frame(&ClientMsg::Activate {
                 release: p.release().clone(),
@@ -1518,6 +1529,7 @@ mod tests {
             linked: 0,
             received: 1,
             received_bytes: 9,
+            phases: vec![],
         });
         s.handle_control(&staged.frame(), 4);
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));

@@ -27,9 +27,10 @@ use crate::plan::{MirrorPlan, MirrorStats};
 use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, max_payload_len, peek_version, AppName, BasisRef, ClientMsg, Command,
-    DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, ReleaseInfo,
-    Staged, Synced, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_EXCLUDES, MAX_EXCLUDE_LEN,
-    MAX_FILE_HEADER, MAX_MAX_FRAME, MIN_MAX_FRAME, VERSION,
+    DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, PhaseTime,
+    ReleaseInfo, Staged, Synced, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_EXCLUDES,
+    MAX_EXCLUDE_LEN, MAX_FILE_HEADER, MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME, MIN_MAX_FRAME,
+    VERSION,
 };
 
 use super::{Deadlines, ProtoError};
@@ -114,9 +115,11 @@ pub enum Event {
         file: u32,
         data: Option<Vec<u8>>,
     },
-    /// The release is complete; `linked` files came from kept releases by hard link.
+    /// The release is complete; `linked` files came from kept releases by hard link. `phases`
+    /// is where building it took its time (the session adds its own need and receive phases).
     Staged {
         linked: u64,
+        phases: Vec<PhaseTime>,
     },
     Activated {
         release: ReleaseId,
@@ -289,6 +292,11 @@ struct Push {
     manifest: Arc<Manifest>,
     /// Entry index of each file, by file index.
     files: Vec<u32>,
+    /// Session times (ms) at which the manifest was complete, the need was sent and the last
+    /// needed file was stored: reported as phases in `Staged`.
+    manifest_at: u64,
+    need_at: u64,
+    received_at: u64,
 }
 
 impl Push {
@@ -821,10 +829,14 @@ impl DaemonSession {
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
             .map(|(i, _)| i as u32)
             .collect();
+        let now = self.clock.now();
         let push = Push {
             goal: m.goal.clone(),
             manifest: Arc::new(manifest),
             files,
+            manifest_at: now,
+            need_at: now,
+            received_at: now,
         };
         self.requests.push_back(match &push.goal {
             Goal::Release(release) => Request::ComputeNeed {
@@ -1081,9 +1093,10 @@ impl DaemonSession {
         if !ready {
             return;
         }
-        let State::Receiving(t) = std::mem::replace(&mut self.state, State::Finished) else {
+        let State::Receiving(mut t) = std::mem::replace(&mut self.state, State::Finished) else {
             unreachable!("checked above")
         };
+        t.push.received_at = self.clock.now();
         self.state = match t.push.goal.clone() {
             Goal::Release(release) => {
                 self.requests.push_back(Request::Stage {
@@ -1178,7 +1191,10 @@ impl DaemonSession {
                 };
                 Ok(())
             }
-            (State::ComputingNeed(push), Event::Need(need)) => self.on_need(push, need),
+            (State::ComputingNeed(mut push), Event::Need(need)) => {
+                push.need_at = self.clock.now();
+                self.on_need(push, need)
+            }
             (State::Receiving(mut t), Event::Signature { file, data }) => {
                 let slot = t.slots.get_mut(&file).filter(|s| s.sig == Sig::Requested);
                 let Some(slot) = slot else {
@@ -1201,10 +1217,27 @@ impl DaemonSession {
                 self.state = State::Receiving(t);
                 Ok(())
             }
-            (State::Staging(t), Event::Staged { linked }) => {
+            (State::Staging(t), Event::Staged { linked, phases }) => {
                 let Goal::Release(release) = &t.push.goal else {
                     unreachable!("only releases are staged")
                 };
+                let p = &t.push;
+                let ms = |name: &str, from: u64, to: u64| PhaseTime {
+                    name: name.into(),
+                    micros: to.saturating_sub(from).saturating_mul(1000),
+                };
+                let phases = [
+                    ms("need", p.manifest_at, p.need_at),
+                    ms("receive", p.need_at, p.received_at),
+                ]
+                .into_iter()
+                .chain(phases.into_iter().map(|mut ph| {
+                    ph.name
+                        .truncate(ph.name.floor_char_boundary(MAX_PHASE_NAME));
+                    ph
+                }))
+                .take(MAX_PHASES)
+                .collect();
                 let staged = Staged {
                     release: release.clone(),
                     files: t.push.files.len() as u64,
@@ -1212,6 +1245,7 @@ impl DaemonSession {
                     linked,
                     received: t.received,
                     received_bytes: t.received_bytes,
+                    phases,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };
@@ -1683,7 +1717,13 @@ mod tests {
     #[test]
     fn driver_misuse_is_an_internal_error_not_a_panic() {
         let mut s = DaemonSession::new(Limits::default(), 0);
-        s.handle_event(Event::Staged { linked: 0 }, 1);
+        s.handle_event(
+            Event::Staged {
+                linked: 0,
+                phases: vec![],
+            },
+            1,
+        );
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Misuse(_)))));
         let mut s = DaemonSession::new(Limits::default(), 0);
         s.file_finished(3, Ok(()), 1);
