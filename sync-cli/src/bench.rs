@@ -7,6 +7,7 @@
 //! statistics and formatting, [`phase`] runs and times the phases, [`chart`] draws the SVG.
 
 pub mod chart;
+pub mod fleet;
 pub mod phase;
 pub mod report;
 
@@ -40,6 +41,8 @@ pub struct BenchArgs {
     pub json: bool,
     pub chart: Option<PathBuf>,
     pub keep: bool,
+    /// `--fleet FILE` and the hosts it selects, instead of `target`.
+    pub fleet: crate::fleet::FleetArgs,
 }
 
 /// Where release B goes.
@@ -47,7 +50,9 @@ enum Node {
     /// A temporary app root on this machine.
     Local(PathBuf),
     /// An app on a relsyncd daemon.
-    Remote(Target),
+    Remote(Remote),
+    /// The selected hosts of a fleet file.
+    Fleet(fleet::FleetNode),
 }
 
 /// The release pair: `DIR/a` and `DIR/b`, and what we know of how they were made.
@@ -67,12 +72,7 @@ pub fn run(keys: &KeyArgs, a: BenchArgs) -> Result<()> {
         .prefix("relsync-bench-")
         .tempdir()
         .context("creating a temporary directory for the benchmark")?;
-    let target = if a.target == "local" {
-        None
-    } else {
-        Some(Target::parse(&a.target).map_err(|e| UsageError(format!("--target: {e}")))?)
-    };
-    let result = run_in(keys, &a, work.path(), target);
+    let result = run_in(keys, &a, work.path());
     if a.keep {
         let kept = work.keep();
         eprintln!(
@@ -81,6 +81,20 @@ pub fn run(keys: &KeyArgs, a: BenchArgs) -> Result<()> {
         );
     }
     result
+}
+
+/// Connects to the daemon or fleet asked for (before the corpus is made, which takes a while).
+fn node(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<Node> {
+    if a.fleet.fleet.is_some() {
+        return Ok(Node::Fleet(fleet::FleetNode::connect(
+            keys, &a.fleet, work,
+        )?));
+    }
+    if a.target == "local" {
+        return Ok(Node::Local(work.join("node")));
+    }
+    let target = Target::parse(&a.target).map_err(|e| UsageError(format!("--target: {e}")))?;
+    Ok(Node::Remote(Remote::connect(keys, &target, work)?))
 }
 
 fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
@@ -138,26 +152,18 @@ fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
     })
 }
 
-fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) -> Result<()> {
-    // A daemon is checked before the corpus is made, which takes a while.
-    let remote = target
-        .as_ref()
-        .map(|t| Remote::connect(keys, t, work))
-        .transpose()?;
+fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<()> {
+    let node = node(keys, a, work)?;
     let corpus = corpus(a, work)?;
     let now = crate::now_unix();
-    let node = match target {
-        None => Node::Local(work.join("node")),
-        Some(t) => Node::Remote(t),
-    };
     let warm_cache = work.join("scan.cache");
     let a_scan = phase::scan_cold(&corpus.a)?;
     let b_scan = phase::fill_cache(&corpus.b, &warm_cache)?;
     let changed = phase::changed_files(&corpus.a, &a_scan.manifest, &corpus.b, &b_scan.manifest)?;
-    match (&node, &remote) {
-        (Node::Local(root), _) => phase::node_with_a(root, &corpus.a, now)?,
-        (Node::Remote(_), Some(r)) => r.push_a(&corpus.a, a_scan.manifest)?,
-        (Node::Remote(_), None) => unreachable!("a remote node is connected above"),
+    match &node {
+        Node::Local(root) => phase::node_with_a(root, &corpus.a, now)?,
+        Node::Remote(r) => r.push_a(&corpus.a, a_scan.manifest)?,
+        Node::Fleet(f) => f.push_a(&corpus.a, a_scan.manifest)?,
     }
     let mut logs = Vec::new();
     let measured = (|| -> Result<()> {
@@ -166,22 +172,23 @@ fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path, target: Option<Target>) ->
             let mut log = RunLog::default();
             phase::scan_and_hash(&mut log, &corpus.b, &warm_cache)?;
             phase::deltas(&mut log, &changed)?;
-            match (&node, &remote) {
-                (Node::Local(root), _) => {
+            match &node {
+                Node::Local(root) => {
                     phase::reset(root)?;
                     phase::build_by_phase(&mut log, root, &corpus.b, &b_scan.manifest, now)?;
                     phase::reset(root)?;
                     phase::deploy_end_to_end(&mut log, root, &corpus.b, now)?;
                 }
-                (Node::Remote(_), Some(r)) => r.push_b(&mut log, &corpus.b)?,
-                (Node::Remote(_), None) => unreachable!("a remote node is started above"),
+                Node::Remote(r) => r.push_b(&mut log, &corpus.b)?,
+                Node::Fleet(f) => f.push_b(&mut log, &corpus.b)?,
             }
             logs.push(log);
         }
         Ok(())
     })();
-    let left = match &remote {
-        Some(r) if !a.keep => r.finish(),
+    let left = match &node {
+        Node::Remote(r) if !a.keep => r.finish().map(Some),
+        Node::Fleet(f) if !a.keep => f.finish().map(Some),
         _ => Ok(None),
     };
     measured?;
@@ -254,13 +261,25 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
             );
             "local target".to_string()
         }
-        Node::Remote(t) => {
+        Node::Remote(r) => {
             if let Some(l) = left {
                 notes.push(l.clone());
             } else if keep {
-                notes.push(format!("kept releases {RELEASE_A} (current) on {t}"));
+                notes.push(format!(
+                    "kept releases {RELEASE_A} (current) on {}",
+                    r.target
+                ));
             }
-            format!("daemon {t}")
+            format!("daemon {}", r.target)
+        }
+        Node::Fleet(f) => {
+            if let Some(l) = left {
+                notes.push(l.clone());
+            } else if keep {
+                notes.push(format!("kept releases {RELEASE_A} (current) on every host"));
+            }
+            notes.push("daemons (slowest): per phase, the longest time any host reported".into());
+            f.describe()
         }
     };
     (text, notes)
@@ -459,12 +478,12 @@ impl Remote {
     }
 
     /// Removes what can be removed over the protocol; returns a note on what stays.
-    fn finish(&self) -> Result<Option<String>> {
+    fn finish(&self) -> Result<String> {
         // A is current and nothing removes the current release over the wire.
         self.back_to_a()?;
-        Ok(Some(format!(
+        Ok(format!(
             "left on {}: release {RELEASE_A} (current; no command removes the current release over the network, remove it on the daemon)",
             self.target
-        )))
+        ))
     }
 }

@@ -65,7 +65,7 @@ pub struct PushArgs {
     pub bwlimit: Option<u64>,
 }
 
-fn selection(
+pub(crate) fn selection(
     a: &FleetArgs,
     waves: Option<Waves>,
     max_failed: Option<MaxFailed>,
@@ -76,7 +76,7 @@ fn selection(
         .map_err(|e| UsageError(e.to_string()).into())
 }
 
-fn options(keys: &KeyArgs, a: &FleetArgs) -> Result<FleetOptions> {
+pub(crate) fn options(keys: &KeyArgs, a: &FleetArgs) -> Result<FleetOptions> {
     if a.fanout == 0 {
         return Err(UsageError("--fanout must be at least 1".into()).into());
     }
@@ -91,7 +91,7 @@ fn options(keys: &KeyArgs, a: &FleetArgs) -> Result<FleetOptions> {
     })
 }
 
-fn host_names(sel: &Selection) -> Vec<String> {
+pub(crate) fn host_names(sel: &Selection) -> Vec<String> {
     let apps: std::collections::HashSet<_> = sel.hosts.iter().map(|h| &h.app).collect();
     sel.hosts
         .iter()

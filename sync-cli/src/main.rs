@@ -195,7 +195,12 @@ enum Command {
         corpus: String,
         /// `local` (a temporary app root) or HOST[:PORT]/APP, an app on relsyncd set aside for
         /// benchmarking (it must hold no release).
-        #[arg(long, default_value = "local", value_name = "local|HOST[:PORT]/APP")]
+        #[arg(
+            long,
+            default_value = "local",
+            value_name = "local|HOST[:PORT]/APP",
+            conflicts_with = "fleet"
+        )]
         target: String,
         /// Approximate total size of the generated release A (K/M/G binary, KB/MB/GB decimal).
         #[arg(long, default_value = "110MB", value_name = "S", value_parser = relsync_testdata::parse_size)]
@@ -222,6 +227,10 @@ enum Command {
         /// Leave the generated corpus and the temporary node (holding A and B) in place.
         #[arg(long)]
         keep: bool,
+        /// With --fleet FILE: push to every selected host of the fleet at once instead of
+        /// --target (their apps must hold no release).
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
     },
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself. DST
     /// is a local directory or relsync://HOST[:PORT]/EXPORT[/PATH], a directory of an export on
@@ -276,9 +285,17 @@ Phases, each timed on its own:
   record + complete    write the release record, rename staging into place
   activate (swap)      the activation pipeline (without [activation] config: the swap)
   end to end           `relsync deploy B` (or `relsync push B` to a daemon) on a node holding A
-Before each build of B the node is reset to hold only A, current. With a daemon as target the
-local node phases are replaced by the push; A stays on the daemon as current release at the
-end (the protocol cannot remove the current release). --fleet is not supported yet.";
+Before each build of B the node is reset to hold only A, current.
+With --target HOST/APP the local node phases are replaced by the push to the daemon:
+  client: ...          the client's steps (scan, connect, hello, manifest + need, transfer,
+                       wait for staged, activate), timed from the session's state changes
+  daemon: ...          the phases the daemon timed and reported with `staged` (need,
+                       receive, plan, stage directories, stage files, sync, verify, record)
+With --fleet FILE every selected host gets B at once, as `relsync push --fleet` does:
+  fleet: ...           until every host staged, activation in waves, fastest/slowest host
+  daemons (slowest)    per daemon phase, the longest time any host reported
+A stays on the daemons as current release at the end (the protocol cannot remove the
+current release).";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -650,6 +667,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             json,
             chart,
             keep,
+            fleet,
         } => bench::run(
             keys,
             bench::BenchArgs {
@@ -663,6 +681,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                 json,
                 chart,
                 keep,
+                fleet,
             },
         ),
         Command::Sync {

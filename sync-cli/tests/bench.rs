@@ -251,3 +251,89 @@ fn bench_against_a_daemon_pushes_and_leaves_only_release_a() {
     let stderr = env.fails(&["bench", "--target", &d.target(), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
 }
+
+#[test]
+fn bench_against_a_fleet_pushes_to_every_host_and_leaves_only_release_a() {
+    let env = Env::new();
+    let client = env.client_key();
+    let d = Daemon::start(&env, &client);
+    // One daemon, two apps: the fleet's two "hosts".
+    let fleet = env.path("fleet.toml");
+    std::fs::write(
+        &fleet,
+        format!(
+            "[hosts.n1]\naddress = \"{}\"\nkey = \"{}\"\n\n\
+             [groups.one]\nhosts = [\"n1\"]\napp = \"shop\"\nwaves = \"100%\"\n\n\
+             [groups.two]\nhosts = [\"n1\"]\napp = \"blog\"\nwaves = \"100%\"\n",
+            d.host_port(),
+            d.fingerprint
+        ),
+    )
+    .unwrap();
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = env
+        .command(&[
+            "bench",
+            "--fleet",
+            s(&fleet),
+            "--files",
+            "200",
+            "--size",
+            "2MB",
+            "--runs",
+            "2",
+            "--json",
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    for want in [
+        "client: scan + hash",
+        "fleet: every host staged",
+        "fleet: activate in waves",
+        "fleet: stage, fastest host",
+        "fleet: stage, slowest host",
+        "daemons (slowest): receive",
+        "daemons (slowest): stage files",
+        "daemons (slowest): verify",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let end = phases.last().unwrap();
+    assert_eq!(end["name"], "end to end: fleet push");
+    assert_eq!(end["runs"], 2);
+    // Both apps were sent B's changed content: twice what one needs, and more than nothing.
+    assert!(end["out_bytes"].as_u64().unwrap() > 0, "{end}");
+    let staged = phases
+        .iter()
+        .find(|p| p["name"] == "fleet: every host staged")
+        .unwrap();
+    assert_eq!(staged["bytes"], end["out_bytes"], "{staged}");
+    assert!(
+        report["target"].as_str().unwrap().contains("2 hosts"),
+        "{report}"
+    );
+    for app in ["shop", "blog"] {
+        let root = d.root_of(app);
+        assert_eq!(
+            harness::current_of(&root).as_deref(),
+            Some("bench-a"),
+            "{app}"
+        );
+        assert_eq!(entries(&root.join("releases")), ["bench-a"], "{app}");
+    }
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
+
+    // The apps now hold a release: a second bench refuses to touch them.
+    let stderr = env.fails(&["bench", "--fleet", s(&fleet), "--runs", "1"], 2);
+    assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
+}

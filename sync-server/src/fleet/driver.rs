@@ -459,6 +459,7 @@ async fn stage(
             previous: previous.clone(),
             sent_bytes: r.session.payload_bytes,
             millis: ms(),
+            phases: r.session.staged.phases.clone(),
         })
         .map_err(|e| chain(&e));
     Ok((result, Some(previous), ms()))
@@ -594,6 +595,25 @@ pub async fn releases(
             Outcome::Releases(list) => Ok(list),
             o => Err(unexpected(&o)),
         }
+    })
+    .await
+    .into_iter()
+    .map(|(_, r)| r)
+    .collect()
+}
+
+/// Runs `command` on every host (`relsync bench --fleet` resets its hosts with it).
+pub async fn command(
+    sel: &Selection,
+    identity: Arc<Identity>,
+    command: Command,
+    opts: &FleetOptions,
+) -> Vec<Result<Outcome, String>> {
+    let ctx = context(sel, identity, opts);
+    let hosts: Vec<usize> = (0..sel.hosts.len()).collect();
+    each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+        let command = command.clone();
+        async move { ctx.command(host, command).await }
     })
     .await
     .into_iter()

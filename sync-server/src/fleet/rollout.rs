@@ -51,6 +51,8 @@ pub struct Staged {
     /// Payload bytes sent to the host.
     pub sent_bytes: u64,
     pub millis: u64,
+    /// The daemon's time per phase, as it reported them.
+    pub phases: Vec<sync_core::wire::PhaseTime>,
 }
 
 /// Result of one step on one host: `Err` holds the message to report.
@@ -440,6 +442,7 @@ mod tests {
                                 previous: Some(rid("old")),
                                 sent_bytes: 10,
                                 millis: 5,
+                                phases: vec![],
                             })
                         } else {
                             Err(format!("host {h} unreachable"))
