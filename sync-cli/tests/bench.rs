@@ -78,6 +78,7 @@ const NO_BYTES: &[&str] = &[
     "daemon: need",
     "daemon: plan",
     "daemon: stage directories",
+    "daemon: stage files",
     "daemon: sync (syncfs)",
     "daemon: verify",
     "daemon: record + complete",
