@@ -233,10 +233,21 @@ pub enum ManifestError {
 }
 
 /// A validated manifest in canonical order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Manifest {
     entries: Vec<Entry>,
+    /// [`Manifest::digest`], computed once: a manifest never changes after validation, and the
+    /// daemon compares kept manifests' digests on every push and listing.
+    digest: std::sync::OnceLock<Hash>,
 }
+
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Manifest) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Manifest {}
 
 const MAGIC: [u8; 4] = *b"RSMF";
 const VERSION: u16 = 1;
@@ -252,6 +263,7 @@ impl Manifest {
     pub fn empty() -> Manifest {
         Manifest {
             entries: Vec::new(),
+            digest: std::sync::OnceLock::new(),
         }
     }
 
@@ -310,7 +322,10 @@ impl Manifest {
                 }
             }
         }
-        let m = Manifest { entries };
+        let m = Manifest {
+            entries,
+            digest: std::sync::OnceLock::new(),
+        };
         // Canonical order is depth-first, so the directories enclosing an entry are exactly a stack
         // of the directories seen on the way down to it: its parent must be the top.
         let mut dirs: Vec<&str> = Vec::new();
@@ -459,7 +474,7 @@ impl Manifest {
 
     /// blake3 of the canonical encoding: identifies a manifest.
     pub fn digest(&self) -> Hash {
-        Hash::of(&self.encode())
+        *self.digest.get_or_init(|| Hash::of(&self.encode()))
     }
 
     /// Human-readable JSON form.

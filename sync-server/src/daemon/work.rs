@@ -193,10 +193,10 @@ fn kept_manifest(app: &App, digest: &Hash) -> Option<Arc<[u8]>> {
     };
     let mut order: Vec<_> = records.iter().collect();
     order.sort_by_key(|r| (Some(&r.id) != current.as_ref(), std::cmp::Reverse(r.seq)));
-    let found = order.into_iter().find_map(|r| {
-        let encoded = r.manifest.encode();
-        (Hash::of(&encoded) == *digest).then(|| Arc::from(encoded))
-    });
+    let found = order
+        .into_iter()
+        .find(|r| r.digest() == *digest)
+        .map(|r| Arc::from(r.manifest.encode()));
     if found.is_none() {
         tracing::info!(%digest, "the client's basis manifest is not kept here; it is sent whole");
     }
