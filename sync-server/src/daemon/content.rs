@@ -11,7 +11,12 @@
 //! that failed its identity check. Those are copied from any local file with the same content,
 //! hashed while copying, so a damaged copy is passed over rather than built into the release.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
+
+/// Content hashes and paths hashed with aHash: these maps hold every file of every kept release
+/// and are rebuilt for each push.
+type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
+type HashSet<T> = StdHashSet<T, ahash::RandomState>;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::sync::Arc;
@@ -55,7 +60,7 @@ impl<'r> KeptContent<'r> {
             .iter()
             .map(|r| releases.open_dir(r.id.as_str()).ok())
             .collect();
-        let mut by_hash: HashMap<Hash, Vec<_>> = HashMap::new();
+        let mut by_hash: HashMap<Hash, Vec<_>> = HashMap::default();
         for i in order {
             let r = &records[i];
             for ((path, _, _, hash), stamp) in r.manifest.files().zip(r.stamps.iter()) {
@@ -88,11 +93,11 @@ impl<'r> KeptContent<'r> {
     pub(super) fn held<'h>(&self, hashes: impl Iterator<Item = &'h Hash>) -> HashSet<Hash> {
         // Keyed by (record, parent directory).
         type Candidates<'p> = Vec<(Hash, &'p RelPath, FileStamp)>;
-        let mut by_dir: HashMap<(usize, Option<RelPath>), Candidates<'_>> = HashMap::new();
+        let mut by_dir: HashMap<(usize, Option<&str>), Candidates<'_>> = HashMap::default();
         for h in hashes {
             if let Some((i, path, stamp)) = self.by_hash.get(h).and_then(|c| c.first()) {
                 by_dir
-                    .entry((*i, path.parent()))
+                    .entry((*i, path.parent_str()))
                     .or_default()
                     .push((*h, path, *stamp));
             }
@@ -107,7 +112,7 @@ impl<'r> KeptContent<'r> {
                     .and_then(Option::as_ref)
                     .and_then(|d| match parent {
                         None => d.try_clone().ok(),
-                        Some(p) => d.open_dir(p.as_str()).ok(),
+                        Some(p) => d.open_dir(p).ok(),
                     });
                 files.iter().map(move |(h, path, stamp)| {
                     let ok = dir
@@ -179,7 +184,7 @@ impl<'r> LocalContent<'r> {
     ) -> Result<LocalContent<'r>, EdgeError> {
         let wanted: HashSet<Hash> = target.files().map(|(_, _, _, h)| *h).collect();
         let objects = open_dir(root, &format!("{}/{}", layout::META, layout::OBJECTS)).ok();
-        let mut object_names: HashMap<Hash, Vec<String>> = HashMap::new();
+        let mut object_names: HashMap<Hash, Vec<String>> = HashMap::default();
         if let Some(dir) = &objects {
             if let Ok(entries) = dir.entries() {
                 for e in entries.flatten() {

@@ -2,7 +2,9 @@
 //! delta decoding) and runs on tokio's blocking pool; each answers with the session [`Event`] (or
 //! file result) its request expects, with messages that name the app, release or file.
 
-use std::collections::HashSet;
+use std::collections::HashSet as StdHashSet;
+
+type HashSet<T> = StdHashSet<T, ahash::RandomState>;
 use std::io::{self, Seek as _};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -242,7 +244,7 @@ pub(super) fn compute_need(
         .objects
         .as_ref()
         .ok_or_else(|| failed(ErrorKind::Internal, "the object store is not open".into()))?;
-    let candidates: HashSet<(Hash, u32)> = objects
+    let candidates: StdHashSet<(Hash, u32)> = objects
         .list()
         .map_err(|e| edge_failed(&e))?
         .into_iter()
@@ -263,7 +265,7 @@ pub(super) fn compute_need(
     });
 
     let paths: Vec<&RelPath> = manifest.files().map(|(p, ..)| p).collect();
-    let stamps: std::collections::HashMap<&RelPath, _> = current_record
+    let stamps: ahash::AHashMap<&RelPath, _> = current_record
         .map(|r| {
             r.manifest
                 .files()
