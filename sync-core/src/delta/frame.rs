@@ -6,6 +6,7 @@
 //! a frame claiming a huge window or expanding far beyond its size ("zstd bomb") is refused up
 //! front.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 
 use zstd::stream::{read, write};
@@ -82,6 +83,9 @@ pub(super) fn compress(
     prefix: Option<&[u8]>,
     w: &mut (impl Write + ?Sized),
 ) -> io::Result<()> {
+    if prefix.is_none() && data.len() < SAMPLE_FROM {
+        return compress_small(data, w);
+    }
     let mut enc = match prefix {
         Some(prefix) => write::Encoder::with_ref_prefix(&mut *w, LEVEL, prefix)?,
         None if looks_incompressible(data) => write::Encoder::new(&mut *w, INCOMPRESSIBLE_LEVEL)?,
@@ -105,6 +109,43 @@ pub(super) fn compress(
     enc.write_all(data)?;
     enc.finish()?;
     Ok(())
+}
+
+/// [`compress`] of a small file with no prefix, in one call through this thread's reused
+/// compression context: creating one costs more than compressing a typical source file, and an
+/// initial push is mostly such files. Same frame parameters as the streaming encoder.
+fn compress_small(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> {
+    thread_local! {
+        static SMALL: RefCell<Option<(zstd_safe::CCtx<'static>, Vec<u8>)>> =
+            const { RefCell::new(None) };
+    }
+    let zstd_err = |code: zstd_safe::ErrorCode| io::Error::other(zstd_safe::get_error_name(code));
+    let (mut cctx, mut out) = SMALL
+        .with(|cell| cell.borrow_mut().take())
+        .unwrap_or_else(|| (zstd_safe::CCtx::create(), Vec::new()));
+    let result = (|| {
+        use zstd_safe::CParameter;
+        cctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
+            .map_err(zstd_err)?;
+        for p in [
+            CParameter::CompressionLevel(LEVEL),
+            CParameter::ContentSizeFlag(true),
+            CParameter::ChecksumFlag(false),
+            CParameter::WindowLog(PLAIN_WINDOW_LOG),
+        ] {
+            cctx.set_parameter(p).map_err(zstd_err)?;
+        }
+        out.clear();
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        cctx.compress2(&mut out, data).map_err(zstd_err)?;
+        w.write_all(&out)
+    })();
+    // Large buffers are not kept: memory stays at one small file per thread.
+    if out.capacity() > 2 * SAMPLE_FROM {
+        out = Vec::new();
+    }
+    SMALL.with(|cell| *cell.borrow_mut() = Some((cctx, out)));
+    result
 }
 
 /// A payload that passed the structural checks: one complete frame with an acceptable declared
@@ -192,6 +233,9 @@ impl<'a> Frame<'a> {
         prefix: Option<&[u8]>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), DeltaError>,
     ) -> Result<(), DeltaError> {
+        if prefix.is_none() {
+            return self.decode_plain(sink);
+        }
         let mut decoder = self.decoder(prefix)?;
         let mut buf = vec![0u8; CHUNK.min(self.content_size as usize).max(1)];
         loop {
@@ -203,6 +247,56 @@ impl<'a> Frame<'a> {
             };
             sink(&buf[..n])?;
         }
+    }
+
+    /// [`Frame::decode`] without a prefix, through this thread's reused decompression context:
+    /// creating and freeing one costs about as much as decoding a small file, and an initial
+    /// push is mostly small files.
+    fn decode_plain(
+        &self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), DeltaError>,
+    ) -> Result<(), DeltaError> {
+        thread_local! {
+            static PLAIN: RefCell<Option<zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+        }
+        let zstd_err = |code: zstd_safe::ErrorCode| {
+            self.corrupt(io::Error::other(zstd_safe::get_error_name(code)))
+        };
+        PLAIN.with(|cell| {
+            // Taken out while in use: a sink that decoded another frame would get its own.
+            let mut dctx = cell
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(zstd_safe::DCtx::create);
+            dctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
+                .map_err(zstd_err)?;
+            // Exactly the window the encoder was told to use, as for the streaming decoder.
+            dctx.set_parameter(zstd_safe::DParameter::WindowLogMax(PLAIN_WINDOW_LOG))
+                .map_err(zstd_err)?;
+            let mut buf = vec![0u8; CHUNK.min(self.content_size as usize).max(1)];
+            let mut input = zstd_safe::InBuffer::around(self.payload);
+            let result = loop {
+                let mut out = zstd_safe::OutBuffer::around(&mut buf[..]);
+                let left = match dctx.decompress_stream(&mut out, &mut input) {
+                    Ok(left) => left,
+                    Err(code) => break Err(zstd_err(code)),
+                };
+                let n = out.pos();
+                if n > 0 {
+                    if let Err(e) = sink(&buf[..n]) {
+                        break Err(e);
+                    }
+                }
+                if left == 0 {
+                    break Ok(());
+                }
+                if n == 0 && input.pos() == self.payload.len() {
+                    break Err(self.corrupt(io::Error::other("the frame ends early")));
+                }
+            };
+            *cell.borrow_mut() = Some(dctx);
+            result
+        })
     }
 
     /// Decode the frame into memory (exactly its declared, already bounded, size).

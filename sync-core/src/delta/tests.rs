@@ -859,3 +859,32 @@ fn streamed_full_payloads_agree_with_apply() {
         assert!(got.len() <= target.len(), "case {i}: wrote past the size");
     }
 }
+
+#[test]
+fn a_failed_plain_decode_leaves_the_reused_context_good_for_the_next_payload() {
+    // Plain payloads share one decompression context per thread: a frame refused halfway (by
+    // its window, then by its content) must not leak state into the next decode.
+    let big = php(200 * 1024, 11);
+    let small = b"sixteen bytes!!!".to_vec();
+    let good = zstd_frame(&big);
+    for bad in [
+        handmade_frame(0x60, big.len() as u32, &big),
+        handmade_frame(0x00, 100, &small),
+    ] {
+        let size = bad[6..10].try_into().map(u32::from_le_bytes).unwrap() as u64;
+        let mut out = Vec::new();
+        let hash = blake3::hash(b"whatever");
+        assert!(apply(DeltaFormat::Full, None, &bad, size, &hash, &mut out).is_err());
+        let mut out = Vec::new();
+        apply(
+            DeltaFormat::Full,
+            None,
+            &good,
+            big.len() as u64,
+            &blake3::hash(&big),
+            &mut out,
+        )
+        .unwrap();
+        assert!(out == big);
+    }
+}
