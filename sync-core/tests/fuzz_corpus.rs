@@ -36,6 +36,7 @@ const TARGETS: &[(&str, Run)] = &[
         let _ = proto_fuzz::client_sync_one(data);
     }),
     ("manifest_decode", sync_core::manifest::fuzz::decode_one),
+    ("ticket_decode", sync_core::relay::fuzz::ticket_decode_one),
 ];
 
 fn fuzz_dir() -> PathBuf {

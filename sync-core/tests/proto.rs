@@ -237,7 +237,13 @@ impl Daemon {
                     }
                 }
                 self.releases.insert(release, manifest);
-                s.handle_event(Event::Staged { linked }, now);
+                s.handle_event(
+                    Event::Staged {
+                        linked,
+                        relayed: Vec::new(),
+                    },
+                    now,
+                );
             }
             daemon::Request::Activate { release } => {
                 let event = if self.releases.contains_key(&release) {
@@ -1063,6 +1069,7 @@ fn hello_push(manifest: &[u8], release: &str) -> Vec<u8> {
             manifest_len: manifest.len() as u64,
             manifest_digest: Hash::of(manifest),
             manifest_basis: None,
+            relay: None,
         },
         max_frame: MIN_MAX_FRAME,
     }
@@ -1130,6 +1137,7 @@ fn the_manifest_goes_as_a_delta_when_the_daemon_holds_the_named_basis() {
             manifest_len: b.len() as u64,
             manifest_digest: Hash::of(&b),
             manifest_basis: Some(Hash::of(&a)),
+            relay: None,
         },
         max_frame: MIN_MAX_FRAME,
     }
@@ -1533,7 +1541,13 @@ fn activate_must_name_the_staged_release() {
         s.poll_request(),
         Some(daemon::Request::Stage { .. })
     ));
-    s.handle_event(Event::Staged { linked: 7 }, 0);
+    s.handle_event(
+        Event::Staged {
+            linked: 7,
+            relayed: Vec::new(),
+        },
+        0,
+    );
     s.handle_control(&ClientMsg::Activate { release: rid("r9") }.frame(), 0);
     assert_eq!(daemon_error_kind(&mut s), ErrorKind::BadRequest);
     assert!(s.poll_request().is_none(), "no Activate request");
@@ -1766,6 +1780,7 @@ impl Scripted {
             linked: 0,
             received: 0,
             received_bytes: 0,
+            relayed: Vec::new(),
         })
     }
 
@@ -1976,7 +1991,8 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
             });
         }),
         ("newer version with another layout", |s| {
-            s.client.handle_control(&[0, 0, 0, 3, 0, 3, 0xFF], 0);
+            s.client
+                .handle_control(&[0, 0, 0, 3, 0, VERSION as u8 + 1, 0xFF], 0);
         }),
         ("garbage", |s| {
             s.client.handle_control(&[0, 0, 0, 2, 0xFF, 0xFF], 0);

@@ -511,6 +511,7 @@ fn push_command(tree: &Tree, release: &str) -> Command {
         manifest_len: encoded.len() as u64,
         manifest_digest: Hash::of(&encoded),
         manifest_basis: None,
+        relay: None,
     }
 }
 

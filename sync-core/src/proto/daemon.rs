@@ -114,9 +114,11 @@ pub enum Event {
         file: u32,
         data: Option<Vec<u8>>,
     },
-    /// The release is complete; `linked` files came from kept releases by hard link.
+    /// The release is complete; `linked` files came from kept releases by hard link. For a
+    /// relayed push, `relayed` says what became of each node of the relay plan.
     Staged {
         linked: u64,
+        relayed: Vec<crate::relay::Relayed>,
     },
     Activated {
         release: ReleaseId,
@@ -742,6 +744,13 @@ impl DaemonSession {
                 )));
             }
         }
+        if let Command::Push {
+            relay: Some(plan), ..
+        } = &command
+        {
+            plan.validate()
+                .map_err(|e| ProtoError::Protocol(e.to_string()))?;
+        }
         match &command {
             Command::Push { manifest_len, .. } | Command::Sync { manifest_len, .. } => {
                 if *manifest_len > self.limits.max_manifest_bytes {
@@ -1201,7 +1210,7 @@ impl DaemonSession {
                 self.state = State::Receiving(t);
                 Ok(())
             }
-            (State::Staging(t), Event::Staged { linked }) => {
+            (State::Staging(t), Event::Staged { linked, relayed }) => {
                 let Goal::Release(release) = &t.push.goal else {
                     unreachable!("only releases are staged")
                 };
@@ -1212,6 +1221,7 @@ impl DaemonSession {
                     linked,
                     received: t.received,
                     received_bytes: t.received_bytes,
+                    relayed,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };
@@ -1606,7 +1616,24 @@ mod tests {
             manifest_len: len,
             manifest_digest: h(0),
             manifest_basis: None,
+            relay: None,
         };
+        let bad_relay = hello(Command::Push {
+            release: r.clone(),
+            manifest_len: 10,
+            manifest_digest: h(0),
+            manifest_basis: None,
+            relay: Some(crate::relay::RelayPlan {
+                ticket: Vec::new(),
+                nodes: vec![crate::relay::RelayNode {
+                    host: "n1:7171".into(),
+                    key: [0; 32],
+                    // A node that is its own parent would make the tree a cycle.
+                    parent: Some(0),
+                    ticket: vec![1],
+                }],
+            }),
+        });
         let small_frame = ClientMsg::Hello {
             version: VERSION,
             app: AppName::new("shop").unwrap(),
@@ -1629,6 +1656,7 @@ mod tests {
         let table: Vec<(&str, Vec<u8>, ErrorKind)> = vec![
             ("too big", hello(push(u64::MAX)), ErrorKind::Limit),
             ("empty", hello(push(0)), ErrorKind::BadRequest),
+            ("relay plan with a cycle", bad_relay, ErrorKind::BadRequest),
             ("tiny max_frame", small_frame, ErrorKind::BadRequest),
             (
                 "sync into another export than Hello names",
@@ -1683,7 +1711,13 @@ mod tests {
     #[test]
     fn driver_misuse_is_an_internal_error_not_a_panic() {
         let mut s = DaemonSession::new(Limits::default(), 0);
-        s.handle_event(Event::Staged { linked: 0 }, 1);
+        s.handle_event(
+            Event::Staged {
+                linked: 0,
+                relayed: Vec::new(),
+            },
+            1,
+        );
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Misuse(_)))));
         let mut s = DaemonSession::new(Limits::default(), 0);
         s.file_finished(3, Ok(()), 1);

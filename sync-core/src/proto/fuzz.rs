@@ -236,7 +236,13 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                         "stage requested before every needed file arrived"
                     );
                     run.staged = true;
-                    s.handle_event(Event::Staged { linked: 0 }, now);
+                    s.handle_event(
+                        Event::Staged {
+                            linked: 0,
+                            relayed: Vec::new(),
+                        },
+                        now,
+                    );
                 }
                 daemon::Request::Mirror {
                     manifest,

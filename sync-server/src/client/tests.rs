@@ -276,7 +276,10 @@ fn answer(
                 }
             }
             st.releases.insert(release, manifest);
-            Event::Staged { linked }
+            Event::Staged {
+                linked,
+                relayed: Vec::new(),
+            }
         }
         daemon::Request::Activate { release } => {
             st.current = Some(release.clone());
@@ -765,6 +768,7 @@ async fn hostile_daemons_never_get_a_success() {
             linked: 0,
             received: 0,
             received_bytes: 0,
+            relayed: Vec::new(),
         }))
     };
     let cases: Vec<(&str, Vec<Step>, &str)> = vec![

@@ -516,6 +516,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             }
             return Ok(Event::Staged {
                 linked: manifest.file_count() as u64,
+                relayed: Vec::new(),
             });
         }
         let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
@@ -543,6 +544,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
         );
         Ok(Event::Staged {
             linked: s.linked_files,
+            relayed: Vec::new(),
         })
     };
     build().unwrap_or_else(|e| {
