@@ -28,6 +28,7 @@ use quinn::{ConnectionError, Endpoint};
 use sync_core::manifest::{Hash, Manifest};
 use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob, SyncJob};
 use sync_core::proto::ClientSession;
+use sync_core::relay::RelayPlan;
 use sync_core::wire::{AppName, Command, ErrorKind};
 use sync_core::{RelPath, ReleaseId};
 
@@ -329,6 +330,9 @@ pub struct PushOptions {
     pub memory_kib: Option<u32>,
     /// `--bwlimit`: the payload bytes of every push sharing it together keep to its rate.
     pub rate: Option<Arc<RateLimit>>,
+    /// Daemons the receiving daemon forwards the release to once staged (a relayed fleet
+    /// push); its `Staged` then reports each of them.
+    pub relay: Option<RelayPlan>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -356,7 +360,7 @@ pub async fn push_with(
 ) -> Result<PushReport, ClientError> {
     let source = open_source(&req.source, &req.manifest)?;
     let cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
-    let session = push_session(conn, req, cached);
+    let session = push_session(conn, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {
         return Err(ClientError::Internal {
@@ -550,7 +554,7 @@ pub async fn dry_run(
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
     let cached = cached(cache, &conn.target, None).await;
-    let session = push_session(conn, req, cached.clone());
+    let session = push_session(conn, req, cached.clone(), None);
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
         target: conn.target.to_string(),
@@ -640,7 +644,12 @@ async fn cached(
     }
 }
 
-fn push_session(conn: &Connection, req: &PushRequest, cached: Cached) -> ClientSession {
+fn push_session(
+    conn: &Connection,
+    req: &PushRequest,
+    cached: Cached,
+    relay: Option<RelayPlan>,
+) -> ClientSession {
     let job = PushJob {
         release: req.release.clone(),
         manifest: Arc::clone(&req.manifest),
@@ -648,7 +657,7 @@ fn push_session(conn: &Connection, req: &PushRequest, cached: Cached) -> ClientS
         cached: cached.hashes,
         manifest_basis: cached.manifest,
     };
-    ClientSession::push(conn.config, conn.target.app().clone(), job, 0)
+    ClientSession::push_relayed(conn.config, conn.target.app().clone(), job, relay, 0)
 }
 
 #[cfg(test)]

@@ -180,6 +180,7 @@ impl Daemon {
             keep: Some(setup.keep),
             shared: Vec::new(),
             authorized: HashSet::from([key.fingerprint()]),
+            accept_relayed: false,
             activation: (name == "shop").then(|| setup.activation.clone()).flatten(),
         };
         let config = Config {

@@ -17,16 +17,17 @@ use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use sync_core::manifest::Policy;
 use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
 use sync_core::proto::DaemonSession;
-use sync_core::wire::{self, Command, ErrorKind, FileHeader};
+use sync_core::relay::RelayPlan;
+use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
 
 use super::export::{self, Destination};
 use super::stream::{self, Payload, ReadPlan};
 use super::work::{self, Basis, Opened};
-use super::{App, Shared};
+use super::{relay, App, Shared};
 use crate::net::peer_fingerprint;
-use crate::tls::Fingerprint;
+use crate::tls::{ticket, Fingerprint};
 
 /// Largest control-stream read at once.
 const CONTROL_CHUNK: usize = 64 * 1024;
@@ -167,6 +168,10 @@ struct Driver {
     opened: Option<Held>,
     /// The session is a push (an activation then also prunes, as a local deploy does).
     push: bool,
+    /// The peer is a relay admitted by its ticket, not an authorized key: it may stage only.
+    relayed_peer: bool,
+    /// Where to forward the release once it is staged, and for which app.
+    relay: Option<(AppName, RelayPlan)>,
     basis: Option<Arc<Basis>>,
     /// Payloads announced by a header and not yet handed to a receive job.
     payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
@@ -201,6 +206,8 @@ impl Driver {
             control_seen: false,
             opened: None,
             push: false,
+            relayed_peer: false,
+            relay: None,
             basis: None,
             payloads: HashMap::new(),
             receiving: HashSet::new(),
@@ -431,9 +438,23 @@ impl Driver {
                 tracing::debug!(count, "signatures requested");
             }
             (Request::Receive(job), held) => self.receive(job, held),
-            (Request::Stage { release, manifest }, Held::App(opened)) => self.spawn_work(
-                move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
-                Work::Events(vec![panicked("building the release")]),
+            (Request::Stage { release, manifest }, Held::App(opened)) => {
+                match self.relay.take() {
+                    Some((app, plan)) if !plan.nodes.is_empty() => {
+                        self.stage_and_forward(opened, release, manifest, app, plan);
+                    }
+                    _ => self.spawn_work(
+                        move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
+                        Work::Events(vec![panicked("building the release")]),
+                    ),
+                }
+            }
+            (Request::Activate { .. }, Held::App(_)) if self.relayed_peer => self.fail_now(
+                ErrorKind::Unauthorized,
+                format!(
+                    "key {} relays pushes only; activation is the originating client's",
+                    self.peer
+                ),
             ),
             (
                 Request::Mirror {
@@ -533,12 +554,9 @@ impl Driver {
         if matches!(command, Command::Sync { .. }) {
             return self.open_export(name, command);
         }
-        let app: Option<Arc<App>> = self
-            .shared
-            .apps
-            .get(name)
-            .filter(|a| a.config.authorized.contains(&self.peer))
-            .cloned();
+        let app: Option<Arc<App>> = self.shared.apps.get(name).cloned().filter(|a| {
+            a.config.authorized.contains(&self.peer) || self.relay_admitted(a, name, &command)
+        });
         let Some(app) = app else {
             tracing::warn!(
                 app = name,
@@ -555,14 +573,104 @@ impl Driver {
         };
         let span = Span::current();
         span.record("app", name);
-        if let Command::Push { release, .. } = &command {
+        if let Command::Push { release, relay, .. } = &command {
             span.record("release", release.as_str());
             self.push = true;
+            if let (Some(plan), Ok(app)) = (relay, AppName::new(name)) {
+                self.relay = Some((app, plan.clone()));
+            }
         }
         tracing::info!(command = command.name(), "opening");
         self.spawn_work(
             move || Work::Opened(work::open(app, &command).map(|o| Held::App(Arc::new(o)))),
             Work::Opened(Err(panicked("opening the app"))),
+        );
+    }
+
+    /// Whether a peer that `app` does not authorize may push anyway: the app takes relayed
+    /// pushes and the push carries a ticket, signed by a key the app authorizes, for this very
+    /// release, manifest and peer key. Checked from `Hello` alone, before any file-system work.
+    fn relay_admitted(&mut self, app: &App, name: &str, command: &Command) -> bool {
+        let Command::Push {
+            release,
+            manifest_digest,
+            relay: Some(plan),
+            ..
+        } = command
+        else {
+            return false;
+        };
+        if !app.config.accept_relayed || plan.ticket.is_empty() {
+            return false;
+        }
+        let Ok(app_name) = AppName::new(name) else {
+            return false;
+        };
+        let expect = ticket::Expected {
+            app: &app_name,
+            release,
+            manifest_digest,
+            peer: self.peer,
+            authorized: &app.config.authorized,
+        };
+        match ticket::verify(&plan.ticket, &expect) {
+            Ok(_) => {
+                tracing::info!(app = name, "relayed push admitted by its ticket");
+                self.relayed_peer = true;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(app = name, "refused a relayed push: {e}");
+                false
+            }
+        }
+    }
+
+    /// Builds the release, then pushes it to the children of `plan`; the `Staged` event carries
+    /// what became of every node. Holding the app's lock throughout keeps the release directory
+    /// the children are fed from in place.
+    fn stage_and_forward(
+        &mut self,
+        opened: Arc<Opened>,
+        release: sync_core::ReleaseId,
+        manifest: Arc<sync_core::Manifest>,
+        app: AppName,
+        plan: RelayPlan,
+    ) {
+        self.pending += 1;
+        let tx = self.tx.clone();
+        let span = Span::current();
+        let relayer = Arc::clone(&self.shared.relayer);
+        tokio::spawn(
+            async move {
+                let built = {
+                    let (opened, release, manifest) =
+                        (Arc::clone(&opened), release.clone(), Arc::clone(&manifest));
+                    let span = span.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        work::stage(&opened, &release, &manifest)
+                    })
+                    .await
+                    .unwrap_or_else(|_| panicked("building the release"))
+                };
+                let event = match built {
+                    Event::Staged { linked, .. } => {
+                        let f = relay::Forward {
+                            app,
+                            dir: opened.release_dir(&release),
+                            release,
+                            manifest,
+                            plan,
+                        };
+                        let relayed = relay::forward(relayer, f).await;
+                        Event::Staged { linked, relayed }
+                    }
+                    other => other,
+                };
+                let _ = tx.send(Work::Events(vec![event]));
+            }
+            .in_current_span(),
         );
     }
 

@@ -56,6 +56,15 @@ impl Opened {
         &self.app.config.name
     }
 
+    /// Where release `release` lives once complete.
+    pub(super) fn release_dir(&self, release: &ReleaseId) -> PathBuf {
+        self.app
+            .root
+            .path()
+            .join(layout::RELEASES)
+            .join(release.as_str())
+    }
+
     /// The object store, for pushes.
     pub(super) fn objects(&self) -> Option<&ObjectStore> {
         self.objects.as_ref()

@@ -48,9 +48,11 @@ pub enum Action {
 pub struct Staged {
     /// The release that was current before the push (`None`: the app had none).
     pub previous: Option<ReleaseId>,
-    /// Payload bytes sent to the host.
+    /// Payload bytes the source sent to the host (0 when a relay fed it).
     pub sent_bytes: u64,
     pub millis: u64,
+    /// The host that relayed the release to this one (`None`: the source sent it).
+    pub relayed_by: Option<usize>,
 }
 
 /// Result of one step on one host: `Err` holds the message to report.
@@ -440,6 +442,7 @@ mod tests {
                                 previous: Some(rid("old")),
                                 sent_bytes: 10,
                                 millis: 5,
+                                relayed_by: None,
                             })
                         } else {
                             Err(format!("host {h} unreachable"))
