@@ -438,17 +438,15 @@ impl Driver {
                 tracing::debug!(count, "signatures requested");
             }
             (Request::Receive(job), held) => self.receive(job, held),
-            (Request::Stage { release, manifest }, Held::App(opened)) => {
-                match self.relay.take() {
-                    Some((app, plan)) if !plan.nodes.is_empty() => {
-                        self.stage_and_forward(opened, release, manifest, app, plan);
-                    }
-                    _ => self.spawn_work(
-                        move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
-                        Work::Events(vec![panicked("building the release")]),
-                    ),
+            (Request::Stage { release, manifest }, Held::App(opened)) => match self.relay.take() {
+                Some((app, plan)) if !plan.nodes.is_empty() => {
+                    self.stage_and_forward(opened, release, manifest, app, plan);
                 }
-            }
+                _ => self.spawn_work(
+                    move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
+                    Work::Events(vec![panicked("building the release")]),
+                ),
+            },
             (Request::Activate { .. }, Held::App(_)) if self.relayed_peer => self.fail_now(
                 ErrorKind::Unauthorized,
                 format!(

@@ -582,10 +582,8 @@ async fn stage_relayed(
             }
             Err(e) => {
                 for &h in below.unwrap_or_default() {
-                    relay_errors.insert(
-                        h,
-                        format!("its relay {} failed", ctx.hosts[root].host.name),
-                    );
+                    relay_errors
+                        .insert(h, format!("its relay {} failed", ctx.hosts[root].host.name));
                 }
                 out.push((root, Ok((Err(e), Some(prev), ms(started)))));
             }

@@ -101,7 +101,13 @@ mod tests {
     #[test]
     fn breadth_first_layout() {
         // (hosts, fanout, roots, parent of each host in order, depth)
-        type Row = (usize, usize, &'static [usize], &'static [Option<usize>], usize);
+        type Row = (
+            usize,
+            usize,
+            &'static [usize],
+            &'static [Option<usize>],
+            usize,
+        );
         let cases: &[Row] = &[
             (0, 2, &[], &[], 0),
             (1, 4, &[0], &[None], 1),
@@ -125,7 +131,16 @@ mod tests {
                 8,
                 3,
                 &[0, 1, 2],
-                &[None, None, None, Some(0), Some(0), Some(0), Some(1), Some(1)],
+                &[
+                    None,
+                    None,
+                    None,
+                    Some(0),
+                    Some(0),
+                    Some(0),
+                    Some(1),
+                    Some(1),
+                ],
                 2,
             ),
         ];

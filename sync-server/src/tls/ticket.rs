@@ -64,7 +64,7 @@ pub fn sign(
     relay: Fingerprint,
 ) -> Result<Vec<u8>, TicketError> {
     let key = rustls::crypto::ring::sign::any_eddsa_type(identity.key_der())
-    .map_err(|e| TicketError::Sign(e.to_string()))?;
+        .map_err(|e| TicketError::Sign(e.to_string()))?;
     let spki = key
         .public_key()
         .ok_or_else(|| TicketError::Sign("the key has no public key".into()))?;
@@ -178,20 +178,31 @@ mod tests {
     #[test]
     fn raw_key_fingerprint_matches_the_certificate_fingerprint() {
         let c = case();
-        let t = sign(&c.client, &c.app, &c.release, c.digest, c.relay.fingerprint()).unwrap();
+        let t = sign(
+            &c.client,
+            &c.app,
+            &c.release,
+            c.digest,
+            c.relay.fingerprint(),
+        )
+        .unwrap();
         let t = Ticket::decode(&t).unwrap();
         assert_eq!(fingerprint_of_raw(&t.body.signer), c.client.fingerprint());
-        assert_eq!(
-            Fingerprint::from(t.body.relay_key),
-            c.relay.fingerprint()
-        );
+        assert_eq!(Fingerprint::from(t.body.relay_key), c.relay.fingerprint());
     }
 
     #[test]
     fn only_a_matching_ticket_from_an_authorized_signer_passes() {
         let c = case();
         let stranger = Identity::generate("stranger").unwrap();
-        let good = sign(&c.client, &c.app, &c.release, c.digest, c.relay.fingerprint()).unwrap();
+        let good = sign(
+            &c.client,
+            &c.app,
+            &c.release,
+            c.digest,
+            c.relay.fingerprint(),
+        )
+        .unwrap();
         let authorized: HashSet<Fingerprint> = [c.client.fingerprint()].into();
         let other_app = AppName::new("blog").unwrap();
         let other_release = ReleaseId::new("r2").unwrap();
@@ -214,8 +225,14 @@ mod tests {
             t.signature[10] ^= 1;
             t.encode()
         };
-        let by_stranger = sign(&stranger, &c.app, &c.release, c.digest, c.relay.fingerprint())
-            .unwrap();
+        let by_stranger = sign(
+            &stranger,
+            &c.app,
+            &c.release,
+            c.digest,
+            c.relay.fingerprint(),
+        )
+        .unwrap();
         type Check = fn(&TicketError) -> bool;
         let cases: Vec<(&str, Vec<u8>, Expected<'_>, Option<Check>)> = vec![
             ("good", good.clone(), expect, None),
