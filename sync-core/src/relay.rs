@@ -300,7 +300,9 @@ mod tests {
         };
         plan.validate().unwrap();
         assert_eq!(plan.children(), [0, 1]);
-        let cases: &[(usize, &[&str], &[Option<u32>], &[usize])] = &[
+        // (child, hosts of its subtree, their parents, their indices in the full plan)
+        type Row = (usize, &'static [&'static str], &'static [Option<u32>], &'static [usize]);
+        let cases: &[Row] = &[
             (0, &["c", "d", "f"], &[None, None, Some(0)], &[2, 3, 5]),
             (1, &["e"], &[None], &[4]),
             (5, &[], &[], &[]),
@@ -323,7 +325,8 @@ mod tests {
             ticket: Vec::new(),
             nodes: vec![node(None, "a"), node(Some(0), "b")],
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut RelayPlan)>, RelayError)> = vec![
+        type Change = Box<dyn Fn(&mut RelayPlan)>;
+        let cases: Vec<(&str, Change, RelayError)> = vec![
             (
                 "parent after child",
                 Box::new(|p| p.nodes[1].parent = Some(1)),
