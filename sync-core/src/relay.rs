@@ -301,7 +301,12 @@ mod tests {
         plan.validate().unwrap();
         assert_eq!(plan.children(), [0, 1]);
         // (child, hosts of its subtree, their parents, their indices in the full plan)
-        type Row = (usize, &'static [&'static str], &'static [Option<u32>], &'static [usize]);
+        type Row = (
+            usize,
+            &'static [&'static str],
+            &'static [Option<u32>],
+            &'static [usize],
+        );
         let cases: &[Row] = &[
             (0, &["c", "d", "f"], &[None, None, Some(0)], &[2, 3, 5]),
             (1, &["e"], &[None], &[4]),

@@ -395,6 +395,12 @@ mod tests {
         assert_eq!(shop.shared[0].as_str(), "storage");
         assert_eq!(c.all_keys().len(), 1);
         assert_eq!(c.limits, Limits::default());
+        assert!(!shop.accept_relayed && !c.accepts_relayed());
+        let relayed = base().replace("authorized_keys", "accept_relayed = true\nauthorized_keys");
+        let c = Config::parse(&relayed, Path::new("r.toml")).unwrap();
+        assert!(c.apps["shop"].accept_relayed && c.accepts_relayed());
+        let bad = base().replace("authorized_keys", "accept_relayed = 1\nauthorized_keys");
+        assert!(Config::parse(&bad, Path::new("r.toml")).is_err());
     }
 
     #[test]
