@@ -478,8 +478,10 @@ fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
     );
 }
 
-/// A relay killed while the source still sends it the release: it is reported as failed,
-/// the hosts below it are pushed to directly by the source, and every other node activates.
+/// A relay killed while the source still sends it the release, and while it already forwards
+/// what it has to its children (pipelined: they hold content before the relay has built its own
+/// release). The relay is reported as failed; the hosts below it are pushed to directly by the
+/// source, which sends them only what they still miss; every other node activates.
 #[test]
 fn a_relay_killed_mid_push_fails_alone_and_its_subtree_still_completes() {
     require_netns!();
@@ -511,10 +513,16 @@ fn a_relay_killed_mid_push_fails_alone_and_its_subtree_still_completes() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while f.nodes[0].objects() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let forwarded = || f.nodes[2].objects() > 0 && f.nodes[3].objects() > 0;
+    while !forwarded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(f.nodes[0].objects() > 0, "n0 never received anything");
+    assert!(forwarded(), "n0 never forwarded anything to n2 and n3");
+    assert_eq!(
+        f.nodes[0].releases(),
+        Vec::<String>::new(),
+        "n0 built its release before its children got anything: not pipelined"
+    );
     f.kill(0);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -532,10 +540,15 @@ fn a_relay_killed_mid_push_fails_alone_and_its_subtree_still_completes() {
         );
     }
     let h = &report["hosts"];
+    let share = n(&h[1]["sent_bytes"]);
     for i in [2, 3] {
-        // Re-parented to the source.
+        // Re-parented to the source, which resumed what n0 had begun.
         assert!(h[i]["relayed_by"].is_null(), "n{i}: {report}");
-        assert!(n(&h[i]["sent_bytes"]) > 0, "n{i}: {report}");
+        let sent = n(&h[i]["sent_bytes"]);
+        assert!(
+            sent > 0 && sent < share,
+            "n{i}: {sent} of {share}: {report}"
+        );
     }
     for i in [4, 5] {
         assert_eq!(h[i]["relayed_by"], "n1", "n{i}: {report}");

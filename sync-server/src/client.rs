@@ -38,7 +38,7 @@ use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
 pub use memo::{MemoStats, PayloadMemo};
 pub use rate::{parse_rate, RateError, RateLimit};
-pub use source::{SourceError, SourceTree};
+pub use source::{Locate, SourceError, SourceTree};
 pub use target::{is_sync_url, looks_remote, SyncTarget, Target, TargetError};
 
 /// Why a remote command failed.
@@ -333,6 +333,9 @@ pub struct PushOptions {
     /// Daemons the receiving daemon forwards the release to once staged (a relayed fleet
     /// push); its `Staged` then reports each of them.
     pub relay: Option<RelayPlan>,
+    /// Read the files from here, waiting for content still on its way, instead of from
+    /// `PushRequest::source` (a relay forwarding a release it is still receiving).
+    pub locate: Option<Arc<dyn Locate>>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -358,7 +361,14 @@ pub async fn push_with(
     opts: &PushOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
-    let source = open_source(&req.source, &req.manifest)?;
+    let source = match &opts.locate {
+        Some(locate) => Arc::new(SourceTree::located(
+            &req.source,
+            Arc::clone(&req.manifest),
+            Arc::clone(locate),
+        )),
+        None => open_source(&req.source, &req.manifest)?,
+    };
     let cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
     let session = push_session(conn, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;

@@ -86,10 +86,27 @@ pub struct EncodedFile {
     pub payload: Vec<u8>,
 }
 
+/// Where a relay finds the content it forwards while it is still arriving: the release it is
+/// building, its object store, its kept releases. Content that is not there yet is waited for.
+pub trait Locate: Send + Sync + fmt::Debug {
+    /// A file holding the content of manifest file `path` (`hash`, `mode`), if there is one yet.
+    /// What it holds is checked against the manifest like any source file.
+    fn open(&self, path: &RelPath, hash: &Hash, mode: u32) -> Option<std::fs::File>;
+    /// Whether the content will never come (the relay's own push failed): stop waiting.
+    fn given_up(&self) -> bool;
+}
+
+/// Where a [`SourceTree`] reads from.
+#[derive(Debug)]
+enum Origin {
+    Dir(Dir),
+    Located(Arc<dyn Locate>),
+}
+
 /// The source tree of a push and the manifest scanned from it.
 #[derive(Debug)]
 pub struct SourceTree {
-    dir: Dir,
+    origin: Origin,
     root: PathBuf,
     manifest: Arc<Manifest>,
 }
@@ -105,10 +122,49 @@ impl SourceTree {
             }
         })?;
         Ok(SourceTree {
-            dir,
+            origin: Origin::Dir(dir),
             root: root.to_owned(),
             manifest,
         })
+    }
+
+    /// A source whose files `locate` finds (by content), named `root` in messages.
+    pub fn located(root: &Path, manifest: Arc<Manifest>, locate: Arc<dyn Locate>) -> SourceTree {
+        SourceTree {
+            origin: Origin::Located(locate),
+            root: root.to_owned(),
+            manifest,
+        }
+    }
+
+    /// Whether the content of `f` can be read now (always, for a directory). `Err` when it
+    /// never will be.
+    pub fn ready(&self, f: &SendFile) -> Result<bool, SourceError> {
+        let Origin::Located(locate) = &self.origin else {
+            return Ok(true);
+        };
+        self.check(&f.path, f.size, &f.hash)?;
+        if locate
+            .open(&f.path, &f.hash, self.mode_of(&f.path))
+            .is_some()
+        {
+            return Ok(true);
+        }
+        if locate.given_up() {
+            return Err(SourceError::Io {
+                what: "wait for",
+                path: self.root.join(f.path.as_str()),
+                source: io::Error::other("the relay's own push failed, so the content never came"),
+            });
+        }
+        Ok(false)
+    }
+
+    fn mode_of(&self, path: &RelPath) -> u32 {
+        match self.manifest.get(path).map(|e| &e.kind) {
+            Some(EntryKind::File { mode, .. }) => *mode,
+            _ => 0,
+        }
     }
 
     pub fn manifest(&self) -> &Arc<Manifest> {
@@ -144,16 +200,21 @@ impl SourceTree {
                 source,
             }
         };
-        let mut opts = OpenOptions::new();
-        opts.read(true);
-        opts.follow(FollowSymlinks::No);
-        // A FIFO swapped in after the scan would block the open; refuse it later instead.
-        opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
-        let file = self
-            .dir
-            .open_with(path.as_str(), &opts)
-            .map_err(io("open"))?
-            .into_std();
+        let file = match &self.origin {
+            Origin::Dir(dir) => {
+                let mut opts = OpenOptions::new();
+                opts.read(true);
+                opts.follow(FollowSymlinks::No);
+                // A FIFO swapped in after the scan would block the open; refuse it later instead.
+                opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+                dir.open_with(path.as_str(), &opts)
+                    .map_err(io("open"))?
+                    .into_std()
+            }
+            Origin::Located(locate) => locate
+                .open(path, hash, self.mode_of(path))
+                .ok_or_else(|| io("find")(io::Error::from(io::ErrorKind::NotFound)))?,
+        };
         let meta = file.metadata().map_err(io("stat"))?;
         if !meta.file_type().is_file() {
             return Err(SourceError::NotRegular { path: full() });

@@ -9,7 +9,7 @@
 //! connection ended.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use sync_core::manifest::Policy;
 use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
 use sync_core::proto::DaemonSession;
-use sync_core::relay::RelayPlan;
+use sync_core::relay::{RelayPlan, Relayed};
 use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
@@ -170,8 +170,10 @@ struct Driver {
     push: bool,
     /// The peer is a relay admitted by its ticket, not an authorized key: it may stage only.
     relayed_peer: bool,
-    /// Where to forward the release once it is staged, and for which app.
+    /// Where to forward the release, and for which app, once the manifest is known.
     relay: Option<(AppName, RelayPlan)>,
+    /// The forwarding started for this push, if any.
+    forwarding: Option<Forwarding>,
     basis: Option<Arc<Basis>>,
     /// Payloads announced by a header and not yet handed to a receive job.
     payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
@@ -208,6 +210,7 @@ impl Driver {
             push: false,
             relayed_peer: false,
             relay: None,
+            forwarding: None,
             basis: None,
             payloads: HashMap::new(),
             receiving: HashSet::new(),
@@ -397,6 +400,9 @@ impl Driver {
         match (request, held) {
             (Request::Open { .. }, _) => unreachable!("handled above"),
             (Request::ComputeNeed { release, manifest }, Held::App(opened)) => {
+                if let Some((app, plan)) = self.relay.take().filter(|(_, p)| !p.nodes.is_empty()) {
+                    self.start_forwarding(&opened, &release, &manifest, app, plan);
+                }
                 tracing::info!(
                     files = manifest.file_count(),
                     bytes = manifest.total_file_bytes(),
@@ -438,15 +444,15 @@ impl Driver {
                 tracing::debug!(count, "signatures requested");
             }
             (Request::Receive(job), held) => self.receive(job, held),
-            (Request::Stage { release, manifest }, Held::App(opened)) => match self.relay.take() {
-                Some((app, plan)) if !plan.nodes.is_empty() => {
-                    self.stage_and_forward(opened, release, manifest, app, plan);
+            (Request::Stage { release, manifest }, Held::App(opened)) => {
+                match self.forwarding.take() {
+                    Some(forwarding) => self.stage_and_join(opened, release, manifest, forwarding),
+                    None => self.spawn_work(
+                        move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
+                        Work::Events(vec![panicked("building the release")]),
+                    ),
                 }
-                _ => self.spawn_work(
-                    move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
-                    Work::Events(vec![panicked("building the release")]),
-                ),
-            },
+            }
             (Request::Activate { .. }, Held::App(_)) if self.relayed_peer => self.fail_now(
                 ErrorKind::Unauthorized,
                 format!(
@@ -624,47 +630,91 @@ impl Driver {
         }
     }
 
-    /// Builds the release, then pushes it to the children of `plan`; the `Staged` event carries
-    /// what became of every node. Holding the app's lock throughout keeps the release directory
-    /// the children are fed from in place.
-    fn stage_and_forward(
+    /// Starts pushing the release to the children of `plan` as soon as the manifest is known;
+    /// each file goes on once this daemon has it (see `relay`).
+    fn start_forwarding(
         &mut self,
-        opened: Arc<Opened>,
-        release: sync_core::ReleaseId,
-        manifest: Arc<sync_core::Manifest>,
+        opened: &Arc<Opened>,
+        release: &sync_core::ReleaseId,
+        manifest: &Arc<sync_core::Manifest>,
         app: AppName,
         plan: RelayPlan,
     ) {
-        self.pending += 1;
-        let tx = self.tx.clone();
-        let span = Span::current();
+        let stop = Arc::new(AtomicBool::new(false));
         let relayer = Arc::clone(&self.shared.relayer);
-        tokio::spawn(
+        let (opened, release, manifest) =
+            (Arc::clone(opened), release.clone(), Arc::clone(manifest));
+        let given_up = Arc::clone(&stop);
+        let span = Span::current();
+        let task = tokio::spawn(
             async move {
-                let built = {
+                let content = {
                     let (opened, release, manifest) =
                         (Arc::clone(&opened), release.clone(), Arc::clone(&manifest));
-                    let span = span.clone();
                     tokio::task::spawn_blocking(move || {
                         let _entered = span.enter();
-                        work::stage(&opened, &release, &manifest)
+                        relay::RelayContent::new(opened.root(), &release, &manifest, given_up)
                     })
                     .await
-                    .unwrap_or_else(|_| panicked("building the release"))
+                    .unwrap_or_else(|_| Err("indexing kept content failed unexpectedly".into()))
                 };
-                let event = match built {
-                    Event::Staged { linked, .. } => {
+                match content {
+                    Ok(content) => {
                         let f = relay::Forward {
                             app,
                             dir: opened.release_dir(&release),
                             release,
                             manifest,
                             plan,
+                            content: Arc::new(content),
                         };
-                        let relayed = relay::forward(relayer, f).await;
+                        relay::forward(relayer, f).await
+                    }
+                    Err(e) => (0..plan.nodes.len())
+                        .map(|i| {
+                            Relayed::new(
+                                u32::try_from(i).unwrap_or(u32::MAX),
+                                Some(format!("the relay cannot read its own content: {e}")),
+                            )
+                        })
+                        .collect(),
+                }
+            }
+            .in_current_span(),
+        );
+        self.forwarding = Some(Forwarding { task, stop });
+    }
+
+    /// Builds the release, then waits for the forwarding to end; the `Staged` event carries
+    /// what became of every node of the plan. The app's lock is held until then, so the
+    /// release directory and objects the children are fed from stay in place.
+    fn stage_and_join(
+        &mut self,
+        opened: Arc<Opened>,
+        release: sync_core::ReleaseId,
+        manifest: Arc<sync_core::Manifest>,
+        forwarding: Forwarding,
+    ) {
+        self.pending += 1;
+        let tx = self.tx.clone();
+        let span = Span::current();
+        tokio::spawn(
+            async move {
+                let built = tokio::task::spawn_blocking(move || {
+                    let _entered = span.enter();
+                    work::stage(&opened, &release, &manifest)
+                })
+                .await
+                .unwrap_or_else(|_| panicked("building the release"));
+                let event = match built {
+                    Event::Staged { linked, .. } => {
+                        let relayed = forwarding.join().await;
                         Event::Staged { linked, relayed }
                     }
-                    other => other,
+                    other => {
+                        forwarding.cancel();
+                        other
+                    }
                 };
                 let _ = tx.send(Work::Events(vec![event]));
             }
@@ -746,6 +796,11 @@ impl Driver {
     /// The session is over: log how, let the client read the last frames, close, and wait for the
     /// work still running before the lock goes.
     async fn finish(mut self) {
+        if let Some(f) = self.forwarding.take() {
+            // This push failed before its release was built: the children are pushed to
+            // directly by the source.
+            f.cancel();
+        }
         let outcome = self.session.outcome();
         match outcome {
             Some(Ok(Outcome::Pushed { staged, activated })) => tracing::info!(
@@ -793,6 +848,30 @@ impl Driver {
         }
         self.opened = None;
         tracing::debug!("connection finished");
+    }
+}
+
+/// Pushes to the children of a relay plan, running alongside this daemon's own push.
+struct Forwarding {
+    task: tokio::task::JoinHandle<Vec<Relayed>>,
+    /// Tells the readers waiting for content that it will not come.
+    stop: Arc<AtomicBool>,
+}
+
+impl Forwarding {
+    async fn join(self) -> Vec<Relayed> {
+        match self.task.await {
+            Ok(reports) => reports,
+            Err(e) => {
+                tracing::warn!("the relay task failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn cancel(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
     }
 }
 

@@ -1,24 +1,32 @@
-//! Forwarding a staged release to the daemons below this one in a relay tree.
+//! Forwarding a release to the daemons below this one in a relay tree, while it arrives.
 //!
-//! Once this daemon has built the release a relayed push asked for, it becomes a client: it
-//! pushes the same release, read from its own complete release directory, to each child of its
-//! relay plan (all children at once), over its own QUIC connections, presenting its daemon key
-//! and, in the push, the ticket the originating client signed for that key. Each child gets its
-//! own part of the plan and reports back in turn, so the answer to the source names every node
-//! below. Forwarding starts only after this daemon has staged (store-and-forward): each level of
-//! the tree adds one transfer time.
-
+//! As soon as this daemon knows the manifest of a relayed push, it becomes a client too: it
+//! pushes the same release to each child of its relay plan (all children at once), over its own
+//! QUIC connections, presenting its daemon key and, in the push, the ticket the originating
+//! client signed for that key. The files it sends come from a [`RelayContent`]: the release once
+//! built, the object store while payloads arrive (an object appears only once verified), or a
+//! kept release that already held the content. A file a child needs that is not here yet is
+//! waited for, so each file travels on as soon as this daemon has it (pipelined at file
+//! granularity: depth adds latency, not transfer time). Each child gets its own part of the plan
+//! and reports back in turn, so the answer to the source names every node below.
+use std::collections::HashMap;
+use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sync_core::manifest::Manifest;
+use sync_core::edge::object::ObjectStore;
+use sync_core::edge::root::AppRoot;
+use sync_core::layout;
+use sync_core::manifest::{Hash, Manifest};
+use sync_core::path::RelPath;
 use sync_core::relay::{RelayPlan, Relayed};
 use sync_core::wire::AppName;
 use sync_core::ReleaseId;
 use tokio::task::JoinSet;
 
-use crate::client::{self, PushOptions, PushRequest, Target};
+use crate::client::{self, Locate, PushOptions, PushRequest, Target};
 use crate::fleet::driver::chain;
 use crate::net::NetConfig;
 use crate::tls::{Fingerprint, Identity};
@@ -38,9 +46,66 @@ pub(super) struct Forward {
     pub(super) app: AppName,
     pub(super) release: ReleaseId,
     pub(super) manifest: Arc<Manifest>,
-    /// The complete release directory this daemon built.
+    /// Where the release's complete directory will be (named in messages too).
     pub(super) dir: PathBuf,
     pub(super) plan: RelayPlan,
+    pub(super) content: Arc<RelayContent>,
+}
+
+/// Where the content of the release being forwarded is, or will be.
+#[derive(Debug)]
+pub(super) struct RelayContent {
+    release_dir: PathBuf,
+    objects: ObjectStore,
+    /// Files of kept releases by content.
+    kept: HashMap<Hash, Vec<PathBuf>>,
+    /// Set when this daemon's own push failed: the content will not come.
+    given_up: Arc<AtomicBool>,
+}
+
+impl RelayContent {
+    /// Indexes what `root` holds of `manifest` (run on the blocking pool: it reads records).
+    pub(super) fn new(
+        root: &AppRoot,
+        release: &ReleaseId,
+        manifest: &Manifest,
+        given_up: Arc<AtomicBool>,
+    ) -> Result<RelayContent, String> {
+        let releases = root.path().join(layout::RELEASES);
+        let objects = ObjectStore::open(root).map_err(|e| e.to_string())?;
+        let wanted: std::collections::HashSet<&Hash> =
+            manifest.files().map(|(_, _, _, h)| h).collect();
+        let mut kept: HashMap<Hash, Vec<PathBuf>> = HashMap::new();
+        for r in root.records().map_err(|e| e.to_string())? {
+            for (path, _, _, hash) in r.manifest.files() {
+                if wanted.contains(hash) {
+                    let p = releases.join(r.id.as_str()).join(path.as_str());
+                    kept.entry(*hash).or_default().push(p);
+                }
+            }
+        }
+        Ok(RelayContent {
+            release_dir: releases.join(release.as_str()),
+            objects,
+            kept,
+            given_up,
+        })
+    }
+}
+
+impl Locate for RelayContent {
+    fn open(&self, path: &RelPath, hash: &Hash, mode: u32) -> Option<File> {
+        // Every candidate is checked against the manifest's hash by the reader; one that fails
+        // (a kept file edited in place) fails that file, and the source pushes the host directly.
+        File::open(self.release_dir.join(path.as_str()))
+            .ok()
+            .or_else(|| self.objects.open_object(hash, mode))
+            .or_else(|| self.kept.get(hash)?.iter().find_map(|p| File::open(p).ok()))
+    }
+
+    fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Relaxed)
+    }
 }
 
 /// Pushes `f.release` to every child of `f.plan` at once; returns a report for every node of the
@@ -104,8 +169,10 @@ async fn push_child(relayer: &Relayer, f: &Forward, child: usize) -> Vec<Relayed
             source: f.dir.clone(),
             activate: false,
         };
+        let locate: Arc<dyn Locate> = Arc::clone(&f.content) as Arc<dyn Locate>;
         let opts = PushOptions {
             relay: Some(sub),
+            locate: Some(locate),
             ..PushOptions::default()
         };
         let pushed = client::push_with(&conn, &req, &opts, &|_| {}).await;

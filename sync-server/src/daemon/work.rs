@@ -56,6 +56,11 @@ impl Opened {
         &self.app.config.name
     }
 
+    /// The app's root.
+    pub(super) fn root(&self) -> &sync_core::edge::root::AppRoot {
+        &self.app.root
+    }
+
     /// Where release `release` lives once complete.
     pub(super) fn release_dir(&self, release: &ReleaseId) -> PathBuf {
         self.app

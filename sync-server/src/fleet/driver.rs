@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use sync_core::manifest::Hash;
 use sync_core::proto::client::Outcome;
 use sync_core::relay::{RelayNode, RelayPlan};
-use sync_core::wire::{Command, ReleaseInfo, ReleaseStatus};
+use sync_core::wire::{Command, ErrorKind, ReleaseInfo, ReleaseStatus};
 use sync_core::ReleaseId;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -41,6 +41,8 @@ use crate::tls::Identity;
 const MEMO_BUDGET: u64 = 256 << 20;
 /// Payload memory (KiB) of all concurrent pushes together; each gets its share.
 const MEMORY_TOTAL_KIB: u32 = 1024 * 1024;
+/// Pause before pushing again to a host busy with the push of a relay that failed.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Smallest per-push payload memory (KiB), whatever the fan-out.
 const MEMORY_MIN_KIB: u32 = 32 * 1024;
 
@@ -276,6 +278,7 @@ pub async fn push(
         memory_kib: Some((MEMORY_TOTAL_KIB / fanout).max(MEMORY_MIN_KIB)),
         rate: opts.bwlimit.map(|r| Arc::new(RateLimit::new(r))),
         relay: None,
+        locate: None,
     };
     let staged_req = Arc::new(PushRequest {
         activate: false,
@@ -291,7 +294,7 @@ pub async fn push(
                 } else {
                     each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
                         let (req, push_opts) = (Arc::clone(&staged_req), push_opts.clone());
-                        async move { stage(&ctx, host, &req, &push_opts).await }
+                        async move { stage(&ctx, host, &req, &push_opts, false).await }
                     })
                     .await
                 };
@@ -447,6 +450,7 @@ async fn stage(
     host: usize,
     req: &PushRequest,
     push_opts: &PushOptions,
+    retry_busy: bool,
 ) -> Result<StageResult, String> {
     let started = Instant::now();
     (ctx.on_event)(Event::Begin {
@@ -458,16 +462,27 @@ async fn stage(
         Ok(p) => p,
         Err(e) => return Ok((Err(e), None, ms())),
     };
-    let conn = match ctx.connect(host).await {
-        Ok(c) => c,
-        Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+    let pushed = loop {
+        let conn = match ctx.connect(host).await {
+            Ok(c) => c,
+            Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+        };
+        let on_event = Arc::clone(&ctx.on_event);
+        let pushed = client::push_with(&conn, req, push_opts, &move |p| {
+            on_event(Event::Push { host, progress: p })
+        })
+        .await;
+        conn.close().await;
+        match pushed {
+            // The host still serves the push of a relay that died; it gives that up after its
+            // message timeout (the per-host deadline bounds the wait).
+            Err(ClientError::Session {
+                kind: ErrorKind::Busy,
+                ..
+            }) if retry_busy => tokio::time::sleep(BUSY_RETRY).await,
+            other => break other,
+        }
     };
-    let on_event = Arc::clone(&ctx.on_event);
-    let pushed = client::push_with(&conn, req, push_opts, &move |p| {
-        on_event(Event::Push { host, progress: p })
-    })
-    .await;
-    conn.close().await;
     let result = pushed
         .map(|r| Staged {
             previous: previous.clone(),
@@ -613,7 +628,7 @@ async fn stage_relayed(
         );
         let direct = each(ctx, &orphans, timeout, |ctx, host| {
             let (req, push_opts) = (Arc::clone(req), push_opts.clone());
-            async move { stage(&ctx, host, &req, &push_opts).await }
+            async move { stage(&ctx, host, &req, &push_opts, true).await }
         })
         .await;
         for (host, r) in direct {
