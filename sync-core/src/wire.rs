@@ -167,7 +167,7 @@ pub enum Command {
         /// hold too (the one it last pushed there): the manifest is then sent as a zstd delta
         /// against it, if `Welcome` accepts.
         manifest_basis: Option<Hash>,
-        /// Forward the release to these daemons once it is staged (and, from a relay, the ticket
+        /// Forward the release to these daemons as it arrives (and, from a relay, the ticket
         /// that authorizes this push); see [`crate::relay`].
         relay: Option<RelayPlan>,
     },

@@ -330,7 +330,7 @@ pub struct PushOptions {
     pub memory_kib: Option<u32>,
     /// `--bwlimit`: the payload bytes of every push sharing it together keep to its rate.
     pub rate: Option<Arc<RateLimit>>,
-    /// Daemons the receiving daemon forwards the release to once staged (a relayed fleet
+    /// Daemons the receiving daemon forwards the release to as it arrives (a relayed fleet
     /// push); its `Staged` then reports each of them.
     pub relay: Option<RelayPlan>,
     /// Read the files from here, waiting for content still on its way, instead of from

@@ -368,6 +368,59 @@ mod tests {
         assert_eq!(ok.header.payload_len, ok.payload.len() as u64);
     }
 
+    /// Content that appears at `at` once a test puts it there.
+    #[derive(Debug)]
+    struct Arriving {
+        at: PathBuf,
+        given_up: std::sync::atomic::AtomicBool,
+    }
+
+    impl Locate for Arriving {
+        fn open(&self, _: &RelPath, _: &Hash, _: u32) -> Option<std::fs::File> {
+            std::fs::File::open(&self.at).ok()
+        }
+
+        fn given_up(&self) -> bool {
+            self.given_up.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn a_located_source_waits_for_content_and_checks_it_against_the_manifest() {
+        let (tmp, t) = tree();
+        let arriving = Arc::new(Arriving {
+            at: tmp.path().join("object"),
+            given_up: false.into(),
+        });
+        let located = SourceTree::located(
+            Path::new("relay"),
+            Arc::clone(t.manifest()),
+            Arc::clone(&arriving) as Arc<dyn Locate>,
+        );
+        let a = Hash::of(b"<?php echo 1;");
+        let f = send("app/a.php", 13, a);
+        assert!(!located.ready(&f).unwrap(), "nothing has arrived yet");
+        assert!(matches!(
+            located.ready(&send("unlisted.txt", 10, Hash::of(b"not pushed"))),
+            Err(SourceError::NotInManifest { .. })
+        ));
+        // Content that does not match the manifest is never encoded.
+        std::fs::write(&arriving.at, b"<?php echo 2;").unwrap();
+        assert!(located.ready(&f).unwrap());
+        assert!(matches!(
+            located.encode(&f, None),
+            Err(SourceError::Changed { .. })
+        ));
+        std::fs::write(&arriving.at, b"<?php echo 1;").unwrap();
+        let ok = located.encode(&f, None).unwrap();
+        assert_eq!(ok.header.payload_len, ok.payload.len() as u64);
+        std::fs::remove_file(&arriving.at).unwrap();
+        arriving
+            .given_up
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(located.ready(&f), Err(SourceError::Io { .. })));
+    }
+
     #[test]
     fn a_file_swapped_for_a_symlink_after_the_scan_is_not_followed() {
         let (tmp, t) = tree();
