@@ -414,8 +414,12 @@ fn print_push(
         "HOST", "WAVE", "RELEASE", "SENT", "TIME"
     );
     for (i, h) in r.hosts.iter().enumerate() {
+        let via = match h.staged.as_ref().and_then(|s| s.relayed_by) {
+            Some(relay) => format!(" (via {})", names[relay]),
+            None => String::new(),
+        };
         text += &format!(
-            "{:<width$} {:>4} {:<24} {:>10} {:>7.1}s  {}\n",
+            "{:<width$} {:>4} {:<24} {:>10} {:>7.1}s  {}{via}\n",
             names[i],
             h.wave.map_or("-".into(), |w| w.to_string()),
             current_text(h),

@@ -26,13 +26,19 @@ use sync_core::wire::AppName;
 use sync_core::ReleaseId;
 use tokio::task::JoinSet;
 
-use crate::client::{self, Locate, PushOptions, PushRequest, Target};
+use crate::client::{self, Locate, PayloadMemo, PushOptions, PushRequest, Target};
 use crate::fleet::driver::chain;
 use crate::net::NetConfig;
 use crate::tls::{Fingerprint, Identity};
 
 /// Longest wait for a child daemon to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Payload bytes the children's pushes keep to share with each other.
+const MEMO_BUDGET: u64 = 64 << 20;
+/// Payload memory (KiB) of all child pushes together; a daemon also receives meanwhile.
+const MEMORY_TOTAL_KIB: u32 = 128 * 1024;
+/// Smallest payload memory (KiB) of one child push.
+const MEMORY_MIN_KIB: u32 = 16 * 1024;
 
 /// What a daemon needs to push as a client.
 #[derive(Debug)]
@@ -112,10 +118,16 @@ impl Locate for RelayContent {
 /// plan, in plan order.
 pub(super) async fn forward(relayer: Arc<Relayer>, f: Forward) -> Vec<Relayed> {
     let f = Arc::new(f);
+    let children = f.plan.children();
+    // Children with the same basis get the same payloads: encoded once, as for a fleet push.
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let memo = Arc::new(PayloadMemo::new(MEMO_BUDGET, cores));
+    let memory_kib = (MEMORY_TOTAL_KIB / u32::try_from(children.len().max(1)).unwrap_or(u32::MAX))
+        .max(MEMORY_MIN_KIB);
     let mut tasks = JoinSet::new();
-    for child in f.plan.children() {
-        let (relayer, f) = (Arc::clone(&relayer), Arc::clone(&f));
-        tasks.spawn(async move { push_child(&relayer, &f, child).await });
+    for child in children {
+        let (relayer, f, memo) = (Arc::clone(&relayer), Arc::clone(&f), Arc::clone(&memo));
+        tasks.spawn(async move { push_child(&relayer, &f, child, memo, memory_kib).await });
     }
     let mut reports: Vec<Option<Relayed>> = vec![None; f.plan.nodes.len()];
     while let Some(joined) = tasks.join_next().await {
@@ -149,7 +161,13 @@ fn index(i: usize) -> u32 {
 }
 
 /// Pushes to `child` with its part of the plan; reports it and every node below it.
-async fn push_child(relayer: &Relayer, f: &Forward, child: usize) -> Vec<Relayed> {
+async fn push_child(
+    relayer: &Relayer,
+    f: &Forward,
+    child: usize,
+    memo: Arc<PayloadMemo>,
+    memory_kib: u32,
+) -> Vec<Relayed> {
     let node = &f.plan.nodes[child];
     let (sub, map) = f.plan.subtree(child);
     let result = async {
@@ -173,6 +191,8 @@ async fn push_child(relayer: &Relayer, f: &Forward, child: usize) -> Vec<Relayed
         let opts = PushOptions {
             relay: Some(sub),
             locate: Some(locate),
+            memo: Some(memo),
+            memory_kib: Some(memory_kib),
             ..PushOptions::default()
         };
         let pushed = client::push_with(&conn, &req, &opts, &|_| {}).await;

@@ -647,24 +647,28 @@ async fn stage_relayed(
     out
 }
 
+/// Per root of a relay tree: its relay plan, and the host each node of the plan stands for.
+type Plans = HashMap<usize, (RelayPlan, Vec<usize>)>;
+
 /// The relay plan of every root of `tree`, with the hosts its nodes stand for (plan order).
-#[allow(clippy::type_complexity)]
 fn relay_plans(
     ctx: &Ctx,
     tree: &Tree,
     release: &ReleaseId,
     digest: Hash,
-) -> Result<HashMap<usize, (RelayPlan, Vec<usize>)>, TicketError> {
+) -> Result<Plans, TicketError> {
     let mut plans = HashMap::new();
     for &root in tree.roots() {
         let below = tree.below(root);
         let mut nodes = Vec::with_capacity(below.len());
         let mut hosts = Vec::with_capacity(below.len());
+        let mut index: HashMap<usize, usize> = HashMap::new();
         for (host, parent) in &below {
             let h = &ctx.hosts[*host];
             let relay = ctx.hosts[parent.unwrap_or(root)].host.key;
             let ticket = ticket::sign(&ctx.identity, h.target.app(), release, digest, relay)?;
-            let parent = parent.and_then(|p| hosts.iter().position(|&x| x == p));
+            let parent = parent.and_then(|p| index.get(&p).copied());
+            index.insert(*host, hosts.len());
             nodes.push(RelayNode {
                 host: h.target.host_port(),
                 key: *h.host.key.as_bytes(),

@@ -7,27 +7,34 @@
 //! that its relay did not report as staged, is re-parented to the source ([`orphans`]), which
 //! pushes to it directly. Pure: hosts are indices, no I/O.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A relay tree over hosts (indices into the fleet selection).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
     /// Hosts in breadth-first order.
     order: Vec<usize>,
+    /// Each host's place in `order`.
+    place: HashMap<usize, usize>,
     fanout: usize,
 }
 
 impl Tree {
     /// Arranges `hosts`, in the order given, breadth-first with fan-out `fanout` (at least 1).
+    /// A host listed twice keeps its first place.
     pub fn new(hosts: Vec<usize>, fanout: usize) -> Tree {
+        let mut seen = HashSet::new();
+        let order: Vec<usize> = hosts.into_iter().filter(|h| seen.insert(*h)).collect();
+        let place = order.iter().enumerate().map(|(p, &h)| (h, p)).collect();
         Tree {
-            order: hosts,
+            order,
+            place,
             fanout: fanout.max(1),
         }
     }
 
     fn position(&self, host: usize) -> Option<usize> {
-        self.order.iter().position(|&h| h == host)
+        self.place.get(&host).copied()
     }
 
     fn parent_position(&self, p: usize) -> Option<usize> {
@@ -175,6 +182,9 @@ mod tests {
         assert_eq!(t.parent(3), Some(4));
         assert_eq!(t.parent(5), None);
         assert_eq!(t.children(5), Vec::<usize>::new());
+        let twice = Tree::new(vec![3, 3, 1], 1);
+        assert_eq!(twice.roots(), [3]);
+        assert_eq!(twice.children(3), [1]);
     }
 
     #[test]
