@@ -478,6 +478,33 @@ fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
     );
 }
 
+/// Fan-out 1 makes a chain n0 → n1 → n2 → n3: every relay but the first is admitted by a
+/// ticket naming the relay above it, and passes its own part of the plan on.
+#[test]
+fn a_chain_of_relays_passes_the_release_down_every_level() {
+    require_netns!();
+    let mut spec = Spec::new(4);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree = blobs(3, 200_000);
+    write_tree(&src, &tree);
+    let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "1"]));
+    assert_eq!(report["success"], true, "{report}");
+    let h = &report["hosts"];
+    for (i, want) in [None, Some("n0"), Some("n1"), Some("n2")]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(h[i]["relayed_by"].as_str(), *want, "n{i}: {report}");
+    }
+    assert_eq!(n(&report["sent_bytes"]), n(&h[0]["sent_bytes"]), "{report}");
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+}
+
 /// A relay killed while the source still sends it the release, and while it already forwards
 /// what it has to its children (pipelined: they hold content before the relay has built its own
 /// release). The relay is reported as failed; the hosts below it are pushed to directly by the
