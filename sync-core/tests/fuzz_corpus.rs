@@ -255,3 +255,17 @@ fn write_manifest_seeds() {
         fs::write(dir.join(name), data).unwrap();
     }
 }
+
+/// The hand-written `ticket_decode` seeds reach past the decoder's first checks: one is a valid
+/// ticket, one a valid relay plan.
+#[test]
+fn the_ticket_seeds_decode() {
+    let dir = fuzz_dir().join("corpus/ticket_decode");
+    let ticket = fs::read(dir.join("ticket")).unwrap();
+    let t = sync_core::relay::Ticket::decode(&ticket).unwrap();
+    assert_eq!(t.body.app.as_str(), "shop");
+    assert!(matches!(
+        sync_core::relay::Ticket::decode(&fs::read(dir.join("ticket-short-signature")).unwrap()),
+        Err(sync_core::relay::RelayError::SignatureLength(10))
+    ));
+}
