@@ -17,7 +17,7 @@ use sync_core::proto::client::{
     self, ClientConfig, ClientSession, Method, PushJob, PushReport, SendFile,
 };
 use sync_core::proto::ProtoError;
-use sync_core::relay::{RelayPlan, Ticket};
+use sync_core::relay::{RelayNode, RelayPlan, Ticket};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     AppName, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, Message,
@@ -1326,7 +1326,37 @@ async fn a_relay_stages_only_with_a_matching_ticket_and_never_activates() {
         "{out:?}"
     );
 
-    // The matching ticket stages the release; the activation that follows is refused.
+    // The matching ticket stages the release. A child whose ticket is not one the client
+    // signed for this daemon's key is reported, and never dialed.
+    let bogus_child = RelayNode {
+        host: "127.0.0.1:9".into(),
+        key: [1; 32],
+        parent: None,
+        ticket: sign(&d.shop_key, "r1", digest, relay.fingerprint()),
+    };
+    let ran = relay_client
+        .push(
+            "shop",
+            &tree,
+            "r1",
+            PushOpts {
+                relay: Some(RelayPlan {
+                    ticket: good.clone(),
+                    nodes: vec![bogus_child],
+                }),
+                no_activate: true,
+                ..PushOpts::default()
+            },
+        )
+        .await;
+    let relayed = &ran.report().staged.relayed;
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    let why = relayed[0].error.as_deref().unwrap_or_default();
+    assert!(why.contains("not relayed to 127.0.0.1:9"), "{why}");
+    assert_release_holds(&d.shop(), "r1", &tree);
+    wait_lock_free(&d.shop()).await;
+
+    // The activation a relay asks for is refused.
     let ran = relay_client
         .push(
             "shop",

@@ -667,6 +667,7 @@ impl Driver {
                             manifest,
                             plan,
                             content: Arc::new(content),
+                            authorized: opened.authorized().clone(),
                         };
                         relay::forward(relayer, f).await
                     }

@@ -9,7 +9,7 @@
 //! waited for, so each file travels on as soon as this daemon has it (pipelined at file
 //! granularity: depth adds latency, not transfer time). Each child gets its own part of the plan
 //! and reports back in turn, so the answer to the source names every node below.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::client::{self, Locate, PayloadMemo, PushOptions, PushRequest, Target};
 use crate::fleet::driver::chain;
 use crate::net::NetConfig;
-use crate::tls::{Fingerprint, Identity};
+use crate::tls::{ticket, Fingerprint, Identity};
 
 /// Longest wait for a child daemon to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +56,21 @@ pub(super) struct Forward {
     pub(super) dir: PathBuf,
     pub(super) plan: RelayPlan,
     pub(super) content: Arc<RelayContent>,
+    /// Keys the app authorizes: a child's ticket must be signed by one of them.
+    pub(super) authorized: HashSet<Fingerprint>,
+}
+
+/// A [`Forward`] with the digest the children's tickets must name.
+struct Checked {
+    f: Forward,
+    digest: Hash,
+}
+
+impl std::ops::Deref for Checked {
+    type Target = Forward;
+    fn deref(&self) -> &Forward {
+        &self.f
+    }
 }
 
 /// Where the content of the release being forwarded is, or will be.
@@ -117,7 +132,8 @@ impl Locate for RelayContent {
 /// Pushes `f.release` to every child of `f.plan` at once; returns a report for every node of the
 /// plan, in plan order.
 pub(super) async fn forward(relayer: Arc<Relayer>, f: Forward) -> Vec<Relayed> {
-    let f = Arc::new(f);
+    let digest = Hash::of(&f.manifest.encode());
+    let f = Arc::new(Checked { f, digest });
     let children = f.plan.children();
     // Children with the same basis get the same payloads: encoded once, as for a fleet push.
     let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
@@ -163,7 +179,7 @@ fn index(i: usize) -> u32 {
 /// Pushes to `child` with its part of the plan; reports it and every node below it.
 async fn push_child(
     relayer: &Relayer,
-    f: &Forward,
+    f: &Checked,
     child: usize,
     memo: Arc<PayloadMemo>,
     memory_kib: u32,
@@ -171,6 +187,17 @@ async fn push_child(
     let node = &f.plan.nodes[child];
     let (sub, map) = f.plan.subtree(child);
     let result = async {
+        // Only a child the client itself named, in a ticket for this daemon's key, is dialed:
+        // whoever sent the plan cannot make this daemon connect anywhere else.
+        let expect = ticket::Expected {
+            app: &f.app,
+            release: &f.release,
+            manifest_digest: &f.digest,
+            peer: relayer.identity.fingerprint(),
+            authorized: &f.authorized,
+        };
+        ticket::verify(&node.ticket, &expect)
+            .map_err(|e| format!("not relayed to {}: {e}", node.host))?;
         let target = Target::parse(&format!("{}/{}", node.host, f.app)).map_err(|e| chain(&e))?;
         let conn = client::connect_pinned(
             &target,

@@ -56,6 +56,11 @@ impl Opened {
         &self.app.config.name
     }
 
+    /// The keys the app authorizes.
+    pub(super) fn authorized(&self) -> &HashSet<crate::tls::Fingerprint> {
+        &self.app.config.authorized
+    }
+
     /// The app's root.
     pub(super) fn root(&self) -> &sync_core::edge::root::AppRoot {
         &self.app.root
