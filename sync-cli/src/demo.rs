@@ -114,6 +114,7 @@ pub fn run(
                 keep: Some(5),
                 shared: Vec::new(),
                 authorized: HashSet::from([client_key]),
+                accept_relayed: false,
                 activation: None,
             },
         );

@@ -56,6 +56,8 @@ pub struct PushArgs {
     pub fleet: FleetArgs,
     pub waves: Option<Waves>,
     pub max_failed: Option<MaxFailed>,
+    /// Stage through a relay tree of fan-out `--fanout`.
+    pub relay: bool,
     pub release_id: Option<String>,
     pub no_activate: bool,
     pub dry_run: bool,
@@ -114,6 +116,7 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     let sel = selection(&a.fleet, a.waves.clone(), a.max_failed)?;
     let opts = FleetOptions {
         bwlimit: a.bwlimit,
+        relay: a.relay,
         ..options(keys, &a.fleet)?
     };
     let release = match &a.release_id {
@@ -365,6 +368,7 @@ fn print_push(
                     "current": h.current.clone().flatten(),
                     "current_known": h.current.is_some(),
                     "sent_bytes": sent(h),
+                    "relayed_by": h.staged.as_ref().and_then(|s| s.relayed_by).map(|r| &sel.hosts[r].host.name),
                     "seconds": report.millis[i] as f64 / 1000.0,
                     "result": h.summary(r.activate, &r.ending),
                     "ok": h.succeeded(r.activate),
@@ -410,8 +414,12 @@ fn print_push(
         "HOST", "WAVE", "RELEASE", "SENT", "TIME"
     );
     for (i, h) in r.hosts.iter().enumerate() {
+        let via = match h.staged.as_ref().and_then(|s| s.relayed_by) {
+            Some(relay) => format!(" (via {})", names[relay]),
+            None => String::new(),
+        };
         text += &format!(
-            "{:<width$} {:>4} {:<24} {:>10} {:>7.1}s  {}\n",
+            "{:<width$} {:>4} {:<24} {:>10} {:>7.1}s  {}{via}\n",
             names[i],
             h.wave.map_or("-".into(), |w| w.to_string()),
             current_text(h),

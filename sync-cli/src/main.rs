@@ -97,6 +97,10 @@ enum Command {
         /// still activate [default: the group's `max_failed`, else 0].
         #[arg(long, value_name = "N|P%", requires = "fleet")]
         max_failed: Option<sync_server::fleet::MaxFailed>,
+        /// Stage through a relay tree: the source sends to --fanout hosts, and each of them
+        /// forwards the release to --fanout more (daemons need `accept_relayed = true`).
+        #[arg(long, requires = "fleet")]
+        relay: bool,
         /// Release id (default: the UTC time, e.g. 20261127T031840Z).
         #[arg(long)]
         release_id: Option<String>,
@@ -262,6 +266,9 @@ Fleet pushes (--fleet FILE, see fleet.example.toml):
   1. SRC is scanned once and staged on every selected host in parallel (--fanout at once, each
      within --host-timeout); nothing is activated yet. Hosts with the same previous release get
      the same encoded bytes.
+     With --relay the source sends to --fanout hosts only; each forwards the release to
+     --fanout more, file by file as it arrives (a tree of depth about log_fanout(hosts)), and a
+     host whose relay fails is pushed to directly.
   2. Only if at most --max-failed hosts failed, the staged hosts are activated wave by wave
      (--waves). Each daemon runs its app's activation pipeline (health checks included) and puts
      its previous release back when that fails. A wave in which any host fails stops the
@@ -541,6 +548,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             fleet,
             waves,
             max_failed,
+            relay,
             release_id,
             no_activate,
             dry_run,
@@ -574,6 +582,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                         fleet,
                         waves,
                         max_failed,
+                        relay,
                         release_id,
                         no_activate,
                         dry_run,

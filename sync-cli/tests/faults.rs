@@ -481,6 +481,7 @@ impl Hostile {
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
             manifest_basis: None,
+            relay: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -660,6 +661,7 @@ fn hostile_frames_end_only_their_own_session() {
                 manifest_len: 1 << 40,
                 manifest_digest: Hash::of(b"x"),
                 manifest_basis: None,
+                relay: None,
             })
             .frame(),
         ),
@@ -685,6 +687,7 @@ fn hostile_frames_end_only_their_own_session() {
             manifest_len: 1000,
             manifest_digest: Hash::of(b"x"),
             manifest_basis: None,
+            relay: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -761,6 +764,7 @@ fn stream_floods_stay_within_the_limits_and_the_memory_budget() {
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
             manifest_basis: None,
+            relay: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -818,6 +822,7 @@ fn slow_peers_are_cut_off_by_the_deadlines() {
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
             manifest_basis: None,
+            relay: None,
         }))
         .await;
         c.expect_welcome().await;
@@ -896,6 +901,7 @@ fn a_client_that_reads_nothing_does_not_hold_up_the_daemon() {
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
             manifest_basis: None,
+            relay: None,
         }))
         .await;
         // The manifest travels as one zstd frame (no basis was named).

@@ -416,6 +416,177 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
 
 /// Mistakes in the fleet file or the selection are usage errors (exit 2) naming what is wrong,
 /// reported before anything is scanned or sent. Needs no namespaces.
+/// Incompressible blobs and a little PHP: what a node's share of a push is, in bytes on the
+/// wire, does not depend on how well the corpus compresses.
+fn blobs(count: u64, size: usize) -> Tree {
+    (0..count)
+        .map(|i| (format!("assets/blob{i}.bin"), noise(i + 1, size)))
+        .chain([("index.php".to_string(), php(1, 2_000))])
+        .collect()
+}
+
+/// 6 nodes, fan-out 2, depth 2: the source pushes to n0 and n1 only, n0 relays to n2 and n3, n1
+/// to n4 and n5. Every node stages, verifies and activates the release; the source's link
+/// carries about two nodes' shares rather than six.
+#[test]
+fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
+    require_netns!();
+    let mut spec = Spec::new(6);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree = blobs(6, 400_000);
+    write_tree(&src, &tree);
+    let before = f.source_tx_bytes();
+    let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "2"]));
+    let source_bytes = f.source_tx_bytes() - before;
+    assert_eq!(report["success"], true, "{report}");
+    for (name, current, result) in hosts(&report) {
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            ("r1", "activated"),
+            "{name}: {report}"
+        );
+    }
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+    let h = &report["hosts"];
+    let relays = [None, None, Some("n0"), Some("n0"), Some("n1"), Some("n1")];
+    for (i, want) in relays.iter().enumerate() {
+        assert_eq!(h[i]["relayed_by"].as_str(), *want, "n{i}: {report}");
+        if want.is_some() {
+            assert_eq!(
+                n(&h[i]["sent_bytes"]),
+                0,
+                "n{i} was fed by the source: {report}"
+            );
+        }
+    }
+    // One node's share: what the source sent to a root.
+    let share = n(&h[0]["sent_bytes"]).max(n(&h[1]["sent_bytes"]));
+    let corpus: u64 = tree.iter().map(|(_, c)| c.len() as u64).sum();
+    assert!(
+        share >= corpus * 9 / 10,
+        "share {share} of {corpus}: {report}"
+    );
+    eprintln!("source sent {source_bytes} bytes on the wire; one share is {share}");
+    assert!(
+        source_bytes * 10 <= 2 * 12 * share,
+        "source sent {source_bytes} bytes, over 1.2 x 2 shares of {share}"
+    );
+}
+
+/// Fan-out 1 makes a chain n0 → n1 → n2 → n3: every relay but the first is admitted by a
+/// ticket naming the relay above it, and passes its own part of the plan on.
+#[test]
+fn a_chain_of_relays_passes_the_release_down_every_level() {
+    require_netns!();
+    let mut spec = Spec::new(4);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree = blobs(3, 200_000);
+    write_tree(&src, &tree);
+    let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "1"]));
+    assert_eq!(report["success"], true, "{report}");
+    let h = &report["hosts"];
+    for (i, want) in [None, Some("n0"), Some("n1"), Some("n2")]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(h[i]["relayed_by"].as_str(), *want, "n{i}: {report}");
+    }
+    assert_eq!(n(&report["sent_bytes"]), n(&h[0]["sent_bytes"]), "{report}");
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+}
+
+/// A relay killed while the source still sends it the release, and while it already forwards
+/// what it has to its children (pipelined: they hold content before the relay has built its own
+/// release). The relay is reported as failed; the hosts below it are pushed to directly by the
+/// source, which sends them only what they still miss; every other node activates.
+#[test]
+fn a_relay_killed_mid_push_fails_alone_and_its_subtree_still_completes() {
+    require_netns!();
+    let mut spec = Spec::new(6);
+    spec.relay = true;
+    spec.max_failed = 1;
+    // n0 relays to n2 and n3; its slow link keeps the source sending to it when it is killed.
+    spec.node_rates = vec![(0, "8mbit".into())];
+    let mut f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree = blobs(8, 400_000);
+    write_tree(&src, &tree);
+    let file = f.fleet_file();
+    let child = f
+        .command(&[
+            "push",
+            src.to_str().unwrap(),
+            "--fleet",
+            file.to_str().unwrap(),
+            "--release-id",
+            "r1",
+            "--relay",
+            "--fanout",
+            "2",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let forwarded = || f.nodes[2].objects() > 0 && f.nodes[3].objects() > 0;
+    while !forwarded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(forwarded(), "n0 never forwarded anything to n2 and n3");
+    assert_eq!(
+        f.nodes[0].releases(),
+        Vec::<String>::new(),
+        "n0 built its release before its children got anything: not pipelined"
+    );
+    f.kill(0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("n0 (stage failed)"), "{stderr}");
+    let report = stdout_json(&out);
+    let rows = hosts(&report);
+    assert_eq!(rows[0].0, "n0");
+    assert_eq!(rows[0].2, "stage failed", "{report}");
+    for (name, current, result) in &rows[1..] {
+        assert_eq!(
+            (current.as_str(), result.as_str()),
+            ("r1", "activated"),
+            "{name}: {report}"
+        );
+    }
+    let h = &report["hosts"];
+    let share = n(&h[1]["sent_bytes"]);
+    for i in [2, 3] {
+        // Re-parented to the source, which resumed what n0 had begun.
+        assert!(h[i]["relayed_by"].is_null(), "n{i}: {report}");
+        let sent = n(&h[i]["sent_bytes"]);
+        assert!(
+            sent > 0 && sent < share,
+            "n{i}: {sent} of {share}: {report}"
+        );
+    }
+    for i in [4, 5] {
+        assert_eq!(h[i]["relayed_by"], "n1", "n{i}: {report}");
+    }
+    for node in &f.nodes[1..] {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+    assert_eq!(f.nodes[0].current(), None);
+}
+
 #[test]
 fn fleet_usage_errors_exit_with_2() {
     let tmp = tempfile::tempdir().unwrap();

@@ -21,10 +21,12 @@ use crate::delta::DeltaFormat;
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
 use crate::path::RelPath;
 use crate::plan::{MirrorOp, MirrorStats, MirrorSummary};
+use crate::relay::{RelayPlan, Relayed};
 use crate::release::ReleaseId;
 
 /// The protocol version this crate speaks (2: manifests travel compressed, against a basis
-/// manifest when both sides hold one; 3: `Staged` reports the daemon's time per phase).
+/// manifest when both sides hold one; 3: a push may carry a relay plan, `Staged` reports what
+/// became of its nodes and the daemon's time per phase).
 pub const VERSION: u16 = 3;
 /// The QUIC ALPN of the protocol family; the exact version is checked in `Hello`/`Welcome`.
 pub const ALPN: &[u8] = b"relsync/1";
@@ -168,6 +170,9 @@ pub enum Command {
         /// hold too (the one it last pushed there): the manifest is then sent as a zstd delta
         /// against it, if `Welcome` accepts.
         manifest_basis: Option<Hash>,
+        /// Forward the release to these daemons as it arrives (and, from a relay, the ticket
+        /// that authorizes this push); see [`crate::relay`].
+        relay: Option<RelayPlan>,
     },
     /// List the app's releases.
     Releases,
@@ -260,6 +265,8 @@ pub struct Staged {
     pub received: u64,
     /// Payload bytes received over the network in this push.
     pub received_bytes: u64,
+    /// For a relayed push: what became of every node of the relay plan.
+    pub relayed: Vec<Relayed>,
     /// Where the daemon's time went, phase by phase (at most [`MAX_PHASES`]), for
     /// `relsync bench` and `--json`; the client checks only the bounds.
     pub phases: Vec<PhaseTime>,
@@ -739,7 +746,7 @@ impl FrameDecoder {
 
 /// Byte strings as postcard byte arrays (length, then the bytes), decoded in one copy rather
 /// than element by element.
-mod bytes {
+pub(crate) mod bytes {
     use std::fmt;
 
     use serde::de::{SeqAccess, Visitor};
@@ -802,6 +809,27 @@ mod tests {
                     manifest_len: 1234,
                     manifest_digest: hash(1),
                     manifest_basis: Some(hash(3)),
+                    relay: None,
+                },
+                max_frame: 1 << 20,
+            },
+            ClientMsg::Hello {
+                version: VERSION,
+                app: AppName::new("shop").unwrap(),
+                command: Command::Push {
+                    release: rid("r2"),
+                    manifest_len: 12,
+                    manifest_digest: hash(4),
+                    manifest_basis: None,
+                    relay: Some(crate::relay::RelayPlan {
+                        ticket: vec![9; 100],
+                        nodes: vec![crate::relay::RelayNode {
+                            host: "198.18.0.12:7171".into(),
+                            key: [5; 32],
+                            parent: None,
+                            ticket: vec![8; 100],
+                        }],
+                    }),
                 },
                 max_frame: 1 << 20,
             },
@@ -872,6 +900,10 @@ mod tests {
                     "verify",
                     std::time::Duration::from_micros(1500),
                 )],
+                relayed: vec![
+                    Relayed::new(0, None),
+                    Relayed::new(1, Some("connection lost".into())),
+                ],
             }),
             DaemonMsg::Activated { release: rid("r1") },
             DaemonMsg::Releases {
@@ -1024,10 +1056,11 @@ mod tests {
         let (client, daemon) = samples();
         assert_eq!(peek_version(&client[0].frame()[4..]), Some(VERSION));
         assert_eq!(peek_version(&daemon[0].frame()[4..]), Some(VERSION));
-        assert_eq!(peek_version(&client[2].frame()[4..]), None);
-        // A future Hello: version 2, then fields this version cannot read.
-        let future = [0u8, 2, 0xFF, 0xFF];
-        assert_eq!(peek_version(&future), Some(2));
+        assert_eq!(peek_version(&client[1].frame()[4..]), Some(VERSION));
+        assert_eq!(peek_version(&client[3].frame()[4..]), None);
+        // A future Hello: the next version, then fields this version cannot read.
+        let future = [0u8, VERSION as u8 + 1, 0xFF, 0xFF];
+        assert_eq!(peek_version(&future), Some(VERSION + 1));
         assert!(decode::<ClientMsg>(&future).is_err());
         assert_eq!(peek_version(&[]), None);
     }

@@ -15,6 +15,7 @@ const PURE: &[&str] = &[
     "wire.rs",
     "proto.rs",
     "proto",
+    "relay.rs",
     "activation.rs",
     "activation",
 ];

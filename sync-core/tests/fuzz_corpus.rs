@@ -36,6 +36,7 @@ const TARGETS: &[(&str, Run)] = &[
         let _ = proto_fuzz::client_sync_one(data);
     }),
     ("manifest_decode", sync_core::manifest::fuzz::decode_one),
+    ("ticket_decode", sync_core::relay::fuzz::ticket_decode_one),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -253,4 +254,18 @@ fn write_manifest_seeds() {
     for (name, data) in seeds {
         fs::write(dir.join(name), data).unwrap();
     }
+}
+
+/// The hand-written `ticket_decode` seeds reach past the decoder's first checks: one is a valid
+/// ticket, one a valid relay plan.
+#[test]
+fn the_ticket_seeds_decode() {
+    let dir = fuzz_dir().join("corpus/ticket_decode");
+    let ticket = fs::read(dir.join("ticket")).unwrap();
+    let t = sync_core::relay::Ticket::decode(&ticket).unwrap();
+    assert_eq!(t.body.app.as_str(), "shop");
+    assert!(matches!(
+        sync_core::relay::Ticket::decode(&fs::read(dir.join("ticket-short-signature")).unwrap()),
+        Err(sync_core::relay::RelayError::SignatureLength(10))
+    ));
 }

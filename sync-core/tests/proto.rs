@@ -241,6 +241,7 @@ impl Daemon {
                     Event::Staged {
                         linked,
                         phases: vec![],
+                        relayed: Vec::new(),
                     },
                     now,
                 );
@@ -1069,6 +1070,7 @@ fn hello_push(manifest: &[u8], release: &str) -> Vec<u8> {
             manifest_len: manifest.len() as u64,
             manifest_digest: Hash::of(manifest),
             manifest_basis: None,
+            relay: None,
         },
         max_frame: MIN_MAX_FRAME,
     }
@@ -1136,6 +1138,7 @@ fn the_manifest_goes_as_a_delta_when_the_daemon_holds_the_named_basis() {
             manifest_len: b.len() as u64,
             manifest_digest: Hash::of(&b),
             manifest_basis: Some(Hash::of(&a)),
+            relay: None,
         },
         max_frame: MIN_MAX_FRAME,
     }
@@ -1543,6 +1546,7 @@ fn activate_must_name_the_staged_release() {
         Event::Staged {
             linked: 7,
             phases: vec![],
+            relayed: Vec::new(),
         },
         0,
     );
@@ -1580,6 +1584,7 @@ fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
     s.handle_event(
         Event::Staged {
             linked: 3,
+            relayed: Vec::new(),
             phases: build,
         },
         131,
@@ -1832,6 +1837,7 @@ impl Scripted {
             received: 0,
             received_bytes: 0,
             phases: vec![],
+            relayed: Vec::new(),
         })
     }
 

@@ -28,6 +28,7 @@ use quinn::{ConnectionError, Endpoint};
 use sync_core::manifest::{Hash, Manifest};
 use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob, SyncJob};
 use sync_core::proto::ClientSession;
+use sync_core::relay::RelayPlan;
 use sync_core::wire::{AppName, Command, ErrorKind};
 use sync_core::{RelPath, ReleaseId};
 
@@ -37,7 +38,7 @@ use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier};
 pub use cache::{Cache, CacheError, CacheUpdate, Stored};
 pub use memo::{MemoStats, PayloadMemo};
 pub use rate::{parse_rate, RateError, RateLimit};
-pub use source::{SourceError, SourceTree};
+pub use source::{Locate, SourceError, SourceTree};
 pub use target::{is_sync_url, looks_remote, SyncTarget, Target, TargetError};
 
 /// Why a remote command failed.
@@ -329,6 +330,12 @@ pub struct PushOptions {
     pub memory_kib: Option<u32>,
     /// `--bwlimit`: the payload bytes of every push sharing it together keep to its rate.
     pub rate: Option<Arc<RateLimit>>,
+    /// Daemons the receiving daemon forwards the release to as it arrives (a relayed fleet
+    /// push); its `Staged` then reports each of them.
+    pub relay: Option<RelayPlan>,
+    /// Read the files from here, waiting for content still on its way, instead of from
+    /// `PushRequest::source` (a relay forwarding a release it is still receiving).
+    pub locate: Option<Arc<dyn Locate>>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -354,9 +361,16 @@ pub async fn push_with(
     opts: &PushOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PushReport, ClientError> {
-    let source = open_source(&req.source, &req.manifest)?;
+    let source = match &opts.locate {
+        Some(locate) => Arc::new(SourceTree::located(
+            &req.source,
+            Arc::clone(&req.manifest),
+            Arc::clone(locate),
+        )),
+        None => open_source(&req.source, &req.manifest)?,
+    };
     let cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
-    let session = push_session(conn, req, cached);
+    let session = push_session(conn, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {
         return Err(ClientError::Internal {
@@ -550,7 +564,7 @@ pub async fn dry_run(
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
     let cached = cached(cache, &conn.target, None).await;
-    let session = push_session(conn, req, cached.clone());
+    let session = push_session(conn, req, cached.clone(), None);
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
         target: conn.target.to_string(),
@@ -640,7 +654,12 @@ async fn cached(
     }
 }
 
-fn push_session(conn: &Connection, req: &PushRequest, cached: Cached) -> ClientSession {
+fn push_session(
+    conn: &Connection,
+    req: &PushRequest,
+    cached: Cached,
+    relay: Option<RelayPlan>,
+) -> ClientSession {
     let job = PushJob {
         release: req.release.clone(),
         manifest: Arc::clone(&req.manifest),
@@ -648,7 +667,7 @@ fn push_session(conn: &Connection, req: &PushRequest, cached: Cached) -> ClientS
         cached: cached.hashes,
         manifest_basis: cached.manifest,
     };
-    ClientSession::push(conn.config, conn.target.app().clone(), job, 0)
+    ClientSession::push_relayed(conn.config, conn.target.app().clone(), job, relay, 0)
 }
 
 #[cfg(test)]

@@ -14,11 +14,17 @@
 //! keep = 5
 //! shared = ["storage", ".env"]
 //! authorized_keys = ["SHA256:…"]
+//! accept_relayed = true           # take relayed fleet pushes (see below); default false
 //!
 //! [exports.assets]               # directories `relsync sync` may mirror into
 //! path = "/srv/static"
 //! authorized_keys = ["SHA256:…"]
 //! ```
+//!
+//! `accept_relayed` lets another daemon push a release of the app on behalf of an authorized
+//! client (`relsync push --fleet --relay`): the TLS layer then admits any key, and a key the app
+//! does not authorize may only push, only with a relay ticket that an authorized key signed for
+//! exactly that release and that relay key, and never activate.
 //!
 //! Every value is checked when the file is loaded, and an error names the key (`apps.shop.root`)
 //! and what to write instead.
@@ -91,6 +97,8 @@ struct RawApp {
     shared: Vec<String>,
     #[serde(default)]
     authorized_keys: Vec<String>,
+    #[serde(default)]
+    accept_relayed: bool,
     /// The activation pipeline (hooks, php-fpm reload, OPcache reset, health checks), in the same
     /// form as an app root's own `[activation]` table.
     #[serde(default)]
@@ -113,6 +121,8 @@ pub struct AppConfig {
     pub keep: Option<usize>,
     pub shared: Vec<RelPath>,
     pub authorized: HashSet<Fingerprint>,
+    /// Take pushes from relays holding a ticket signed by an authorized key.
+    pub accept_relayed: bool,
     /// Runs instead of the app root's `.relsync/config.toml` `[activation]` table when set.
     pub activation: Option<ActivationConfig>,
 }
@@ -295,6 +305,7 @@ impl Config {
                     keep: a.keep,
                     shared,
                     authorized,
+                    accept_relayed: a.accept_relayed,
                     activation: a.activation,
                 },
             );
@@ -346,6 +357,12 @@ impl Config {
         })
     }
 
+    /// Whether some app takes relayed pushes: the TLS layer then admits every key, and the
+    /// session decides.
+    pub fn accepts_relayed(&self) -> bool {
+        self.apps.values().any(|a| a.accept_relayed)
+    }
+
     /// Every key authorized anywhere: the set the TLS layer admits at handshake.
     pub fn all_keys(&self) -> HashSet<Fingerprint> {
         self.apps
@@ -378,6 +395,12 @@ mod tests {
         assert_eq!(shop.shared[0].as_str(), "storage");
         assert_eq!(c.all_keys().len(), 1);
         assert_eq!(c.limits, Limits::default());
+        assert!(!shop.accept_relayed && !c.accepts_relayed());
+        let relayed = base().replace("authorized_keys", "accept_relayed = true\nauthorized_keys");
+        let c = Config::parse(&relayed, Path::new("r.toml")).unwrap();
+        assert!(c.apps["shop"].accept_relayed && c.accepts_relayed());
+        let bad = base().replace("authorized_keys", "accept_relayed = 1\nauthorized_keys");
+        assert!(Config::parse(&bad, Path::new("r.toml")).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 mod connection;
 mod content;
 mod export;
+mod relay;
 mod stream;
 mod work;
 
@@ -116,6 +117,8 @@ struct Shared {
     exports: HashMap<String, Arc<ExportConfig>>,
     /// Bounds how many received files are rebuilt at once (CPU-bound zstd and rsync work).
     apply_slots: Arc<Semaphore>,
+    /// How this daemon pushes on to its children in a relay tree.
+    relayer: Arc<relay::Relayer>,
 }
 
 /// Starts the daemon: opens every app root (creating the layout), recovers what an earlier run
@@ -152,6 +155,8 @@ pub async fn serve(
         ..options.net
     };
     let authorized = Arc::new(AuthorizedClientVerifier::new(config.all_keys()));
+    // A relay's key is nobody's authorized key: its ticket is checked once the push is known.
+    authorized.admit_any(config.accepts_relayed());
     let endpoint = server_endpoint(config.listen, &identity, authorized, &net)?;
     let addr = endpoint.local_addr().map_err(DaemonError::LocalAddr)?;
     let slots = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
@@ -174,6 +179,10 @@ pub async fn serve(
         apps,
         exports,
         apply_slots: Arc::new(Semaphore::new(slots)),
+        relayer: Arc::new(relay::Relayer {
+            identity: Arc::new(identity.clone()),
+            net: crate::fleet::driver::fleet_net(),
+        }),
     });
     tracing::info!(
         %addr,

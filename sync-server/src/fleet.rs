@@ -5,7 +5,9 @@
 //! The decisions are pure and live in [`inventory`] (the TOML fleet file), [`select`] (groups and
 //! hosts named on the command line, and the settings that apply), [`wave`] (wave sizes and the
 //! failure threshold) and [`rollout`] (the state machine: stage on every host, then activate wave
-//! by wave while every host of a wave succeeds, roll back the hosts of a failing wave, report).
+//! by wave while every host of a wave succeeds, roll back the hosts of a failing wave, report)
+//! and [`tree`] (the relay tree of `--relay`: who forwards the release to whom, and who is
+//! re-parented to the source when a relay fails).
 //! [`driver`] carries those decisions out over QUIC with the [`crate::client`] functions: many
 //! hosts at once, each under its own deadline, so a slow or dead host never holds up the rest.
 
@@ -13,6 +15,7 @@ pub mod driver;
 pub mod inventory;
 pub mod rollout;
 pub mod select;
+pub mod tree;
 pub mod wave;
 
 pub use inventory::{FleetHost, Group, Inventory, InventoryError};

@@ -1,7 +1,7 @@
 //! Trust without a CA, as ssh does it: every node has a key ([`Identity`]), the client pins each
 //! daemon's key by `host:port` ([`KnownHosts`], checked by [`PinnedServerVerifier`]), and the
-//! daemon accepts only client keys it was told about ([`AuthorizedClientVerifier`]). Keys are
-//! named by their [`Fingerprint`].
+//! daemon accepts only client keys it was told about ([`AuthorizedClientVerifier`]), or a relay
+//! that presents a [`ticket`] such a client signed. Keys are named by their [`Fingerprint`].
 //!
 //! Everything here uses ring through rustls; the provider is passed explicitly rather than
 //! installed process-wide, so no other crate's choice can change what is used here.
@@ -9,6 +9,7 @@
 mod fingerprint;
 mod identity;
 mod known_host;
+pub mod ticket;
 mod verifier;
 
 use std::sync::{Arc, OnceLock};

@@ -17,6 +17,7 @@ use sync_core::proto::client::{
     self, ClientConfig, ClientSession, Method, PushJob, PushReport, SendFile,
 };
 use sync_core::proto::ProtoError;
+use sync_core::relay::{RelayNode, RelayPlan, Ticket};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     AppName, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, Message,
@@ -25,7 +26,7 @@ use sync_core::wire::{
 use sync_server::config::{AppConfig, Config};
 use sync_server::daemon::{self, ServeOptions, Server};
 use sync_server::net::{self, client_endpoint, ConnectError, NetConfig};
-use sync_server::tls::{Fingerprint, Identity, PinnedServerVerifier};
+use sync_server::tls::{ticket, Fingerprint, Identity, PinnedServerVerifier};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -134,6 +135,8 @@ struct Setup {
     activation: Option<sync_core::activation::ActivationConfig>,
     /// Declare export `media` (the directory `media` of the test's base), open to the shop key.
     export: bool,
+    /// App `shop` takes relayed pushes.
+    accept_relayed: bool,
 }
 
 impl Default for Setup {
@@ -147,6 +150,7 @@ impl Default for Setup {
             keep: 10,
             activation: None,
             export: false,
+            accept_relayed: false,
         }
     }
 }
@@ -180,6 +184,7 @@ impl Daemon {
             keep: Some(setup.keep),
             shared: Vec::new(),
             authorized: HashSet::from([key.fingerprint()]),
+            accept_relayed: setup.accept_relayed && name == "shop",
             activation: (name == "shop").then(|| setup.activation.clone()).flatten(),
         };
         let config = Config {
@@ -375,6 +380,8 @@ struct PushOpts {
     no_activate: bool,
     /// The encoding of the manifest of the previous push, sent as the manifest's basis.
     manifest_basis: Option<Arc<[u8]>>,
+    /// Sent in `Push.relay`.
+    relay: Option<RelayPlan>,
 }
 
 #[derive(Debug)]
@@ -451,7 +458,7 @@ impl Client {
         if opts.max_streams > 0 {
             config.max_streams = opts.max_streams;
         }
-        let session = ClientSession::push(config, app(app_name), job, 0);
+        let session = ClientSession::push_relayed(config, app(app_name), job, opts.relay, 0);
         let source = Arc::new(Source {
             tree: tree.clone(),
             cache: opts.cache,
@@ -511,6 +518,7 @@ fn push_command(tree: &Tree, release: &str) -> Command {
         manifest_len: encoded.len() as u64,
         manifest_digest: Hash::of(&encoded),
         manifest_basis: None,
+        relay: None,
     }
 }
 
@@ -1238,6 +1246,137 @@ async fn a_key_authorized_for_another_app_is_refused_without_touching_the_root()
         .await
         .report();
     assert_eq!(current_of(&d.root("blog")).as_deref(), Some("b1"));
+}
+
+/// A key no app authorizes gets past the handshake of a daemon whose app takes relayed pushes,
+/// but may only stage, and only with a ticket an authorized key signed for exactly this release,
+/// manifest and relay key; every other ticket is refused before the root is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stages_only_with_a_matching_ticket_and_never_activates() {
+    let d = Daemon::start_with(Setup {
+        accept_relayed: true,
+        ..Setup::default()
+    })
+    .await;
+    let relay = Identity::generate("relay").unwrap();
+    let relay_client = d.client(&relay).await;
+    let tree = tree_a();
+    let digest = Hash::of(&manifest_of(&tree).encode());
+    let sign = |key: &Identity, release: &str, digest: Hash, relay_key: Fingerprint| {
+        ticket::sign(key, &app("shop"), &rid(release), digest, relay_key).unwrap()
+    };
+    let good = sign(&d.shop_key, "r1", digest, relay.fingerprint());
+    let flipped = {
+        let mut t = Ticket::decode(&good).unwrap();
+        t.signature[0] ^= 1;
+        t.encode()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("no ticket", Vec::new()),
+        ("garbage", vec![7; 90]),
+        ("flipped signature", flipped),
+        (
+            "signed by a key of another app",
+            sign(&d.blog_key, "r1", digest, relay.fingerprint()),
+        ),
+        (
+            "for another release",
+            sign(&d.shop_key, "r2", digest, relay.fingerprint()),
+        ),
+        (
+            "for another manifest",
+            sign(&d.shop_key, "r1", Hash::of(b"other"), relay.fingerprint()),
+        ),
+        (
+            "for another relay key",
+            sign(&d.shop_key, "r1", digest, d.blog_key.fingerprint()),
+        ),
+    ];
+    let before = snapshot(&d.shop());
+    for (what, ticket) in cases {
+        let ran = relay_client
+            .push(
+                "shop",
+                &tree,
+                "r1",
+                PushOpts {
+                    relay: Some(RelayPlan {
+                        ticket,
+                        nodes: Vec::new(),
+                    }),
+                    no_activate: true,
+                    ..PushOpts::default()
+                },
+            )
+            .await;
+        let (kind, _) = ran.remote_error();
+        assert_eq!(kind, ErrorKind::Unauthorized, "{what}");
+        assert!(ran.headers.is_empty(), "{what}");
+        assert_eq!(snapshot(&d.shop()), before, "{what}: the root was touched");
+    }
+    let out = relay_client.command("shop", Command::Releases).await;
+    assert!(
+        matches!(
+            out,
+            Err(ProtoError::Remote {
+                kind: ErrorKind::Unauthorized,
+                ..
+            })
+        ),
+        "{out:?}"
+    );
+
+    // The matching ticket stages the release. A child whose ticket is not one the client
+    // signed for this daemon's key is reported, and never dialed.
+    let bogus_child = RelayNode {
+        host: "127.0.0.1:9".into(),
+        key: [1; 32],
+        parent: None,
+        ticket: sign(&d.shop_key, "r1", digest, relay.fingerprint()),
+    };
+    let ran = relay_client
+        .push(
+            "shop",
+            &tree,
+            "r1",
+            PushOpts {
+                relay: Some(RelayPlan {
+                    ticket: good.clone(),
+                    nodes: vec![bogus_child],
+                }),
+                no_activate: true,
+                ..PushOpts::default()
+            },
+        )
+        .await;
+    let relayed = &ran.report().staged.relayed;
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    let why = relayed[0].error.as_deref().unwrap_or_default();
+    assert!(why.contains("not relayed to 127.0.0.1:9"), "{why}");
+    assert_release_holds(&d.shop(), "r1", &tree);
+    wait_lock_free(&d.shop()).await;
+
+    // The activation a relay asks for is refused.
+    let ran = relay_client
+        .push(
+            "shop",
+            &tree,
+            "r1",
+            PushOpts {
+                relay: Some(RelayPlan {
+                    ticket: good,
+                    nodes: Vec::new(),
+                }),
+                ..PushOpts::default()
+            },
+        )
+        .await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Unauthorized, "{message}");
+    assert!(message.contains("activation"), "{message}");
+    wait_lock_free(&d.shop()).await;
+    assert_release_holds(&d.shop(), "r1", &tree);
+    assert_eq!(current_of(&d.shop()), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

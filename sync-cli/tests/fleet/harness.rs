@@ -82,6 +82,8 @@ pub struct Spec {
     pub max_failed: u32,
     /// Releases each daemon keeps (`keep` of app `shop`).
     pub keep: u32,
+    /// Daemons take relayed pushes (`accept_relayed` of app `shop`).
+    pub relay: bool,
 }
 
 impl Spec {
@@ -94,6 +96,7 @@ impl Spec {
             waves: "100%".into(),
             max_failed: 0,
             keep: 10,
+            relay: false,
         }
     }
 }
@@ -153,6 +156,7 @@ pub struct Fleet {
     client_fp: String,
     src_ns: String,
     keep: u32,
+    relay: bool,
 }
 
 /// Runs `ip`/`tc` with `args`; panics with its stderr when it fails.
@@ -207,6 +211,7 @@ impl Fleet {
             nodes: Vec::new(),
             client_fp: client.fingerprint().to_string(),
             keep: spec.keep,
+            relay: spec.relay,
         };
         // Built on a value whose Drop cleans up, so a failure halfway leaves nothing behind.
         fleet.build(spec);
@@ -303,11 +308,11 @@ impl Fleet {
     /// Starts node `i`'s relsyncd, with `activation` (a TOML table body) as app `shop`'s
     /// activation pipeline, and waits until it listens.
     pub fn start_daemon(&mut self, i: usize, activation: Option<&str>) {
-        let (client_fp, keep) = (self.client_fp.clone(), self.keep);
+        let (client_fp, keep, relay) = (self.client_fp.clone(), self.keep, self.relay);
         let n = &mut self.nodes[i];
         let config = n.dir.join("relsyncd.toml");
         let mut text = format!(
-            "listen = \"{}:{PORT}\"\nkey = \"daemon.key\"\ncert = \"daemon.crt\"\n\n[limits]\nmessage_timeout_secs = 20\n\n[apps.shop]\nroot = \"{}\"\nkeep = {keep}\nauthorized_keys = [\"{client_fp}\"]\n",
+            "listen = \"{}:{PORT}\"\nkey = \"daemon.key\"\ncert = \"daemon.crt\"\n\n[limits]\nmessage_timeout_secs = 20\n\n[apps.shop]\nroot = \"{}\"\nkeep = {keep}\nauthorized_keys = [\"{client_fp}\"]\naccept_relayed = {relay}\n",
             n.ip,
             n.root.display()
         );
@@ -356,6 +361,22 @@ impl Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Bytes the source namespace has sent on its link so far (every packet: payload, QUIC and
+    /// IP overhead, handshakes).
+    pub fn source_tx_bytes(&self) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.src_ns, "cat"])
+            .arg("/sys/class/net/eth0/statistics/tx_bytes")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
     pub fn fleet_file(&self) -> PathBuf {

@@ -370,12 +370,25 @@ pub struct ClientSession {
 impl ClientSession {
     /// A session pushing `job` to `app`, started at `now` (ms).
     pub fn push(config: ClientConfig, app: AppName, job: PushJob, now: u64) -> ClientSession {
+        ClientSession::push_relayed(config, app, job, None, now)
+    }
+
+    /// [`ClientSession::push`] asking the daemon to forward the release along `relay` once it
+    /// is staged; its `Staged` then reports every node of the plan.
+    pub fn push_relayed(
+        config: ClientConfig,
+        app: AppName,
+        job: PushJob,
+        relay: Option<crate::relay::RelayPlan>,
+        now: u64,
+    ) -> ClientSession {
         let encoded = job.manifest.encode();
         let command = Command::Push {
             release: job.release.clone(),
             manifest_len: encoded.len() as u64,
             manifest_digest: Hash::of(&encoded),
             manifest_basis: job.manifest_basis.as_deref().map(Hash::of),
+            relay,
         };
         let goal = Goal::Release {
             release: job.release,
@@ -1530,6 +1543,7 @@ mod tests {
             received: 1,
             received_bytes: 9,
             phases: vec![],
+            relayed: Vec::new(),
         });
         s.handle_control(&staged.frame(), 4);
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));

@@ -115,10 +115,12 @@ pub enum Event {
         file: u32,
         data: Option<Vec<u8>>,
     },
-    /// The release is complete; `linked` files came from kept releases by hard link. `phases`
-    /// is where building it took its time (the session adds its own need and receive phases).
+    /// The release is complete; `linked` files came from kept releases by hard link. For a
+    /// relayed push, `relayed` says what became of each node of the relay plan. `phases` is
+    /// where building it took its time (the session adds its own need and receive phases).
     Staged {
         linked: u64,
+        relayed: Vec<crate::relay::Relayed>,
         phases: Vec<PhaseTime>,
     },
     Activated {
@@ -750,6 +752,13 @@ impl DaemonSession {
                 )));
             }
         }
+        if let Command::Push {
+            relay: Some(plan), ..
+        } = &command
+        {
+            plan.validate()
+                .map_err(|e| ProtoError::Protocol(e.to_string()))?;
+        }
         match &command {
             Command::Push { manifest_len, .. } | Command::Sync { manifest_len, .. } => {
                 if *manifest_len > self.limits.max_manifest_bytes {
@@ -1217,7 +1226,14 @@ impl DaemonSession {
                 self.state = State::Receiving(t);
                 Ok(())
             }
-            (State::Staging(t), Event::Staged { linked, phases }) => {
+            (
+                State::Staging(t),
+                Event::Staged {
+                    linked,
+                    relayed,
+                    phases,
+                },
+            ) => {
                 let Goal::Release(release) = &t.push.goal else {
                     unreachable!("only releases are staged")
                 };
@@ -1246,6 +1262,7 @@ impl DaemonSession {
                     received: t.received,
                     received_bytes: t.received_bytes,
                     phases,
+                    relayed,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };
@@ -1640,7 +1657,24 @@ mod tests {
             manifest_len: len,
             manifest_digest: h(0),
             manifest_basis: None,
+            relay: None,
         };
+        let bad_relay = hello(Command::Push {
+            release: r.clone(),
+            manifest_len: 10,
+            manifest_digest: h(0),
+            manifest_basis: None,
+            relay: Some(crate::relay::RelayPlan {
+                ticket: Vec::new(),
+                nodes: vec![crate::relay::RelayNode {
+                    host: "n1:7171".into(),
+                    key: [0; 32],
+                    // A node that is its own parent would make the tree a cycle.
+                    parent: Some(0),
+                    ticket: vec![1],
+                }],
+            }),
+        });
         let small_frame = ClientMsg::Hello {
             version: VERSION,
             app: AppName::new("shop").unwrap(),
@@ -1663,6 +1697,7 @@ mod tests {
         let table: Vec<(&str, Vec<u8>, ErrorKind)> = vec![
             ("too big", hello(push(u64::MAX)), ErrorKind::Limit),
             ("empty", hello(push(0)), ErrorKind::BadRequest),
+            ("relay plan with a cycle", bad_relay, ErrorKind::BadRequest),
             ("tiny max_frame", small_frame, ErrorKind::BadRequest),
             (
                 "sync into another export than Hello names",
@@ -1721,6 +1756,7 @@ mod tests {
             Event::Staged {
                 linked: 0,
                 phases: vec![],
+                relayed: Vec::new(),
             },
             1,
         );

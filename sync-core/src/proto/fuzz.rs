@@ -240,6 +240,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                         Event::Staged {
                             linked: 0,
                             phases: vec![],
+                            relayed: Vec::new(),
                         },
                         now,
                     );

@@ -349,6 +349,9 @@ fn write_error(target: &str, state: ClientState, e: WriteError) -> ClientError {
 }
 
 /// KiB of memory a file's encoding holds: its content, the cached basis, the payload.
+/// How often a relay looks again for content that has not arrived yet.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn weight(f: &SendFile) -> u32 {
     let basis = match &f.method {
         Method::ZstdRef { basis } => basis.size,
@@ -360,6 +363,11 @@ fn weight(f: &SendFile) -> u32 {
 
 async fn send_file(ctx: Arc<Ctx>, f: SendFile) -> Result<Sent, FileError> {
     let closed = |_| FileError::Internal("a semaphore was closed".into());
+    // A relay forwards content it may still be receiving: wait for it before taking memory or
+    // a CPU slot, so files that are there go out meanwhile.
+    while !ctx.source.ready(&f).map_err(FileError::Source)? {
+        tokio::time::sleep(READY_POLL).await;
+    }
     let _memory = Arc::clone(&ctx.memory)
         .acquire_many_owned(weight(&f).min(ctx.memory_kib))
         .await

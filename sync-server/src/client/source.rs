@@ -86,10 +86,27 @@ pub struct EncodedFile {
     pub payload: Vec<u8>,
 }
 
+/// Where a relay finds the content it forwards while it is still arriving: the release it is
+/// building, its object store, its kept releases. Content that is not there yet is waited for.
+pub trait Locate: Send + Sync + fmt::Debug {
+    /// A file holding the content of manifest file `path` (`hash`, `mode`), if there is one yet.
+    /// What it holds is checked against the manifest like any source file.
+    fn open(&self, path: &RelPath, hash: &Hash, mode: u32) -> Option<std::fs::File>;
+    /// Whether the content will never come (the relay's own push failed): stop waiting.
+    fn given_up(&self) -> bool;
+}
+
+/// Where a [`SourceTree`] reads from.
+#[derive(Debug)]
+enum Origin {
+    Dir(Dir),
+    Located(Arc<dyn Locate>),
+}
+
 /// The source tree of a push and the manifest scanned from it.
 #[derive(Debug)]
 pub struct SourceTree {
-    dir: Dir,
+    origin: Origin,
     root: PathBuf,
     manifest: Arc<Manifest>,
 }
@@ -105,10 +122,49 @@ impl SourceTree {
             }
         })?;
         Ok(SourceTree {
-            dir,
+            origin: Origin::Dir(dir),
             root: root.to_owned(),
             manifest,
         })
+    }
+
+    /// A source whose files `locate` finds (by content), named `root` in messages.
+    pub fn located(root: &Path, manifest: Arc<Manifest>, locate: Arc<dyn Locate>) -> SourceTree {
+        SourceTree {
+            origin: Origin::Located(locate),
+            root: root.to_owned(),
+            manifest,
+        }
+    }
+
+    /// Whether the content of `f` can be read now (always, for a directory). `Err` when it
+    /// never will be.
+    pub fn ready(&self, f: &SendFile) -> Result<bool, SourceError> {
+        let Origin::Located(locate) = &self.origin else {
+            return Ok(true);
+        };
+        self.check(&f.path, f.size, &f.hash)?;
+        if locate
+            .open(&f.path, &f.hash, self.mode_of(&f.path))
+            .is_some()
+        {
+            return Ok(true);
+        }
+        if locate.given_up() {
+            return Err(SourceError::Io {
+                what: "wait for",
+                path: self.root.join(f.path.as_str()),
+                source: io::Error::other("the relay's own push failed, so the content never came"),
+            });
+        }
+        Ok(false)
+    }
+
+    fn mode_of(&self, path: &RelPath) -> u32 {
+        match self.manifest.get(path).map(|e| &e.kind) {
+            Some(EntryKind::File { mode, .. }) => *mode,
+            _ => 0,
+        }
     }
 
     pub fn manifest(&self) -> &Arc<Manifest> {
@@ -144,16 +200,21 @@ impl SourceTree {
                 source,
             }
         };
-        let mut opts = OpenOptions::new();
-        opts.read(true);
-        opts.follow(FollowSymlinks::No);
-        // A FIFO swapped in after the scan would block the open; refuse it later instead.
-        opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
-        let file = self
-            .dir
-            .open_with(path.as_str(), &opts)
-            .map_err(io("open"))?
-            .into_std();
+        let file = match &self.origin {
+            Origin::Dir(dir) => {
+                let mut opts = OpenOptions::new();
+                opts.read(true);
+                opts.follow(FollowSymlinks::No);
+                // A FIFO swapped in after the scan would block the open; refuse it later instead.
+                opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+                dir.open_with(path.as_str(), &opts)
+                    .map_err(io("open"))?
+                    .into_std()
+            }
+            Origin::Located(locate) => locate
+                .open(path, hash, self.mode_of(path))
+                .ok_or_else(|| io("find")(io::Error::from(io::ErrorKind::NotFound)))?,
+        };
         let meta = file.metadata().map_err(io("stat"))?;
         if !meta.file_type().is_file() {
             return Err(SourceError::NotRegular { path: full() });
@@ -305,6 +366,59 @@ mod tests {
         let ok = t.encode(&send("app/a.php", 13, a), None).unwrap();
         assert_eq!(ok.header.format, DeltaFormat::Full);
         assert_eq!(ok.header.payload_len, ok.payload.len() as u64);
+    }
+
+    /// Content that appears at `at` once a test puts it there.
+    #[derive(Debug)]
+    struct Arriving {
+        at: PathBuf,
+        given_up: std::sync::atomic::AtomicBool,
+    }
+
+    impl Locate for Arriving {
+        fn open(&self, _: &RelPath, _: &Hash, _: u32) -> Option<std::fs::File> {
+            std::fs::File::open(&self.at).ok()
+        }
+
+        fn given_up(&self) -> bool {
+            self.given_up.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn a_located_source_waits_for_content_and_checks_it_against_the_manifest() {
+        let (tmp, t) = tree();
+        let arriving = Arc::new(Arriving {
+            at: tmp.path().join("object"),
+            given_up: false.into(),
+        });
+        let located = SourceTree::located(
+            Path::new("relay"),
+            Arc::clone(t.manifest()),
+            Arc::clone(&arriving) as Arc<dyn Locate>,
+        );
+        let a = Hash::of(b"<?php echo 1;");
+        let f = send("app/a.php", 13, a);
+        assert!(!located.ready(&f).unwrap(), "nothing has arrived yet");
+        assert!(matches!(
+            located.ready(&send("unlisted.txt", 10, Hash::of(b"not pushed"))),
+            Err(SourceError::NotInManifest { .. })
+        ));
+        // Content that does not match the manifest is never encoded.
+        std::fs::write(&arriving.at, b"<?php echo 2;").unwrap();
+        assert!(located.ready(&f).unwrap());
+        assert!(matches!(
+            located.encode(&f, None),
+            Err(SourceError::Changed { .. })
+        ));
+        std::fs::write(&arriving.at, b"<?php echo 1;").unwrap();
+        let ok = located.encode(&f, None).unwrap();
+        assert_eq!(ok.header.payload_len, ok.payload.len() as u64);
+        std::fs::remove_file(&arriving.at).unwrap();
+        arriving
+            .given_up
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(located.ready(&f), Err(SourceError::Io { .. })));
     }
 
     #[test]

@@ -279,6 +279,7 @@ fn answer(
             Event::Staged {
                 linked,
                 phases: vec![],
+                relayed: Vec::new(),
             }
         }
         daemon::Request::Activate { release } => {
@@ -769,6 +770,7 @@ async fn hostile_daemons_never_get_a_success() {
             received: 0,
             received_bytes: 0,
             phases: vec![],
+            relayed: Vec::new(),
         }))
     };
     let cases: Vec<(&str, Vec<Step>, &str)> = vec![

@@ -9,7 +9,7 @@
 //! connection ended.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,16 +17,17 @@ use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use sync_core::manifest::Policy;
 use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
 use sync_core::proto::DaemonSession;
-use sync_core::wire::{self, Command, ErrorKind, FileHeader};
+use sync_core::relay::{RelayPlan, Relayed};
+use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
 
 use super::export::{self, Destination};
 use super::stream::{self, Payload, ReadPlan};
 use super::work::{self, Basis, Opened};
-use super::{App, Shared};
+use super::{relay, App, Shared};
 use crate::net::peer_fingerprint;
-use crate::tls::Fingerprint;
+use crate::tls::{ticket, Fingerprint};
 
 /// Largest control-stream read at once.
 const CONTROL_CHUNK: usize = 64 * 1024;
@@ -167,6 +168,12 @@ struct Driver {
     opened: Option<Held>,
     /// The session is a push (an activation then also prunes, as a local deploy does).
     push: bool,
+    /// The peer is a relay admitted by its ticket, not an authorized key: it may stage only.
+    relayed_peer: bool,
+    /// Where to forward the release, and for which app, once the manifest is known.
+    relay: Option<(AppName, RelayPlan)>,
+    /// The forwarding started for this push, if any.
+    forwarding: Option<Forwarding>,
     basis: Option<Arc<Basis>>,
     /// Payloads announced by a header and not yet handed to a receive job.
     payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
@@ -201,6 +208,9 @@ impl Driver {
             control_seen: false,
             opened: None,
             push: false,
+            relayed_peer: false,
+            relay: None,
+            forwarding: None,
             basis: None,
             payloads: HashMap::new(),
             receiving: HashSet::new(),
@@ -390,6 +400,9 @@ impl Driver {
         match (request, held) {
             (Request::Open { .. }, _) => unreachable!("handled above"),
             (Request::ComputeNeed { release, manifest }, Held::App(opened)) => {
+                if let Some((app, plan)) = self.relay.take().filter(|(_, p)| !p.nodes.is_empty()) {
+                    self.start_forwarding(&opened, &release, &manifest, app, plan);
+                }
                 tracing::info!(
                     files = manifest.file_count(),
                     bytes = manifest.total_file_bytes(),
@@ -431,9 +444,21 @@ impl Driver {
                 tracing::debug!(count, "signatures requested");
             }
             (Request::Receive(job), held) => self.receive(job, held),
-            (Request::Stage { release, manifest }, Held::App(opened)) => self.spawn_work(
-                move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
-                Work::Events(vec![panicked("building the release")]),
+            (Request::Stage { release, manifest }, Held::App(opened)) => {
+                match self.forwarding.take() {
+                    Some(forwarding) => self.stage_and_join(opened, release, manifest, forwarding),
+                    None => self.spawn_work(
+                        move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
+                        Work::Events(vec![panicked("building the release")]),
+                    ),
+                }
+            }
+            (Request::Activate { .. }, Held::App(_)) if self.relayed_peer => self.fail_now(
+                ErrorKind::Unauthorized,
+                format!(
+                    "key {} relays pushes only; activation is the originating client's",
+                    self.peer
+                ),
             ),
             (
                 Request::Mirror {
@@ -533,12 +558,9 @@ impl Driver {
         if matches!(command, Command::Sync { .. }) {
             return self.open_export(name, command);
         }
-        let app: Option<Arc<App>> = self
-            .shared
-            .apps
-            .get(name)
-            .filter(|a| a.config.authorized.contains(&self.peer))
-            .cloned();
+        let app: Option<Arc<App>> = self.shared.apps.get(name).cloned().filter(|a| {
+            a.config.authorized.contains(&self.peer) || self.relay_admitted(a, name, &command)
+        });
         let Some(app) = app else {
             tracing::warn!(
                 app = name,
@@ -555,14 +577,153 @@ impl Driver {
         };
         let span = Span::current();
         span.record("app", name);
-        if let Command::Push { release, .. } = &command {
+        if let Command::Push { release, relay, .. } = &command {
             span.record("release", release.as_str());
             self.push = true;
+            if let (Some(plan), Ok(app)) = (relay, AppName::new(name)) {
+                self.relay = Some((app, plan.clone()));
+            }
         }
         tracing::info!(command = command.name(), "opening");
         self.spawn_work(
             move || Work::Opened(work::open(app, &command).map(|o| Held::App(Arc::new(o)))),
             Work::Opened(Err(panicked("opening the app"))),
+        );
+    }
+
+    /// Whether a peer that `app` does not authorize may push anyway: the app takes relayed
+    /// pushes and the push carries a ticket, signed by a key the app authorizes, for this very
+    /// release, manifest and peer key. Checked from `Hello` alone, before any file-system work.
+    fn relay_admitted(&mut self, app: &App, name: &str, command: &Command) -> bool {
+        let Command::Push {
+            release,
+            manifest_digest,
+            relay: Some(plan),
+            ..
+        } = command
+        else {
+            return false;
+        };
+        if !app.config.accept_relayed || plan.ticket.is_empty() {
+            return false;
+        }
+        let Ok(app_name) = AppName::new(name) else {
+            return false;
+        };
+        let expect = ticket::Expected {
+            app: &app_name,
+            release,
+            manifest_digest,
+            peer: self.peer,
+            authorized: &app.config.authorized,
+        };
+        match ticket::verify(&plan.ticket, &expect) {
+            Ok(_) => {
+                tracing::info!(app = name, "relayed push admitted by its ticket");
+                self.relayed_peer = true;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(app = name, "refused a relayed push: {e}");
+                false
+            }
+        }
+    }
+
+    /// Starts pushing the release to the children of `plan` as soon as the manifest is known;
+    /// each file goes on once this daemon has it (see `relay`).
+    fn start_forwarding(
+        &mut self,
+        opened: &Arc<Opened>,
+        release: &sync_core::ReleaseId,
+        manifest: &Arc<sync_core::Manifest>,
+        app: AppName,
+        plan: RelayPlan,
+    ) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let relayer = Arc::clone(&self.shared.relayer);
+        let (opened, release, manifest) =
+            (Arc::clone(opened), release.clone(), Arc::clone(manifest));
+        let given_up = Arc::clone(&stop);
+        let span = Span::current();
+        let task = tokio::spawn(
+            async move {
+                let content = {
+                    let (opened, release, manifest) =
+                        (Arc::clone(&opened), release.clone(), Arc::clone(&manifest));
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        relay::RelayContent::new(opened.root(), &release, &manifest, given_up)
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err("indexing kept content failed unexpectedly".into()))
+                };
+                match content {
+                    Ok(content) => {
+                        let f = relay::Forward {
+                            app,
+                            dir: opened.release_dir(&release),
+                            release,
+                            manifest,
+                            plan,
+                            content: Arc::new(content),
+                            authorized: opened.authorized().clone(),
+                        };
+                        relay::forward(relayer, f).await
+                    }
+                    Err(e) => (0..plan.nodes.len())
+                        .map(|i| {
+                            Relayed::new(
+                                u32::try_from(i).unwrap_or(u32::MAX),
+                                Some(format!("the relay cannot read its own content: {e}")),
+                            )
+                        })
+                        .collect(),
+                }
+            }
+            .in_current_span(),
+        );
+        self.forwarding = Some(Forwarding { task, stop });
+    }
+
+    /// Builds the release, then waits for the forwarding to end; the `Staged` event carries
+    /// what became of every node of the plan. The app's lock is held until then, so the
+    /// release directory and objects the children are fed from stay in place.
+    fn stage_and_join(
+        &mut self,
+        opened: Arc<Opened>,
+        release: sync_core::ReleaseId,
+        manifest: Arc<sync_core::Manifest>,
+        forwarding: Forwarding,
+    ) {
+        self.pending += 1;
+        let tx = self.tx.clone();
+        let span = Span::current();
+        tokio::spawn(
+            async move {
+                let built = tokio::task::spawn_blocking(move || {
+                    let _entered = span.enter();
+                    work::stage(&opened, &release, &manifest)
+                })
+                .await
+                .unwrap_or_else(|_| panicked("building the release"));
+                let event = match built {
+                    Event::Staged { linked, phases, .. } => {
+                        let relayed = forwarding.join().await;
+                        Event::Staged {
+                            linked,
+                            relayed,
+                            phases,
+                        }
+                    }
+                    other => {
+                        forwarding.cancel();
+                        other
+                    }
+                };
+                let _ = tx.send(Work::Events(vec![event]));
+            }
+            .in_current_span(),
         );
     }
 
@@ -640,6 +801,11 @@ impl Driver {
     /// The session is over: log how, let the client read the last frames, close, and wait for the
     /// work still running before the lock goes.
     async fn finish(mut self) {
+        if let Some(f) = self.forwarding.take() {
+            // This push failed before its release was built: the children are pushed to
+            // directly by the source.
+            f.cancel();
+        }
         let outcome = self.session.outcome();
         match outcome {
             Some(Ok(Outcome::Pushed { staged, activated })) => tracing::info!(
@@ -687,6 +853,30 @@ impl Driver {
         }
         self.opened = None;
         tracing::debug!("connection finished");
+    }
+}
+
+/// Pushes to the children of a relay plan, running alongside this daemon's own push.
+struct Forwarding {
+    task: tokio::task::JoinHandle<Vec<Relayed>>,
+    /// Tells the readers waiting for content that it will not come.
+    stop: Arc<AtomicBool>,
+}
+
+impl Forwarding {
+    async fn join(self) -> Vec<Relayed> {
+        match self.task.await {
+            Ok(reports) => reports,
+            Err(e) => {
+                tracing::warn!("the relay task failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn cancel(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
     }
 }
 

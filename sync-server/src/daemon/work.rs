@@ -58,6 +58,25 @@ impl Opened {
         &self.app.config.name
     }
 
+    /// The keys the app authorizes.
+    pub(super) fn authorized(&self) -> &StdHashSet<crate::tls::Fingerprint> {
+        &self.app.config.authorized
+    }
+
+    /// The app's root.
+    pub(super) fn root(&self) -> &sync_core::edge::root::AppRoot {
+        &self.app.root
+    }
+
+    /// Where release `release` lives once complete.
+    pub(super) fn release_dir(&self, release: &ReleaseId) -> PathBuf {
+        self.app
+            .root
+            .path()
+            .join(layout::RELEASES)
+            .join(release.as_str())
+    }
+
     /// The object store, for pushes.
     pub(super) fn objects(&self) -> Option<&ObjectStore> {
         self.objects.as_ref()
@@ -519,6 +538,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             return Ok(Event::Staged {
                 linked: manifest.file_count() as u64,
                 phases: vec![],
+                relayed: Vec::new(),
             });
         }
         let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
@@ -547,6 +567,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
         Ok(Event::Staged {
             linked: s.linked_files,
             phases: report.timings,
+            relayed: Vec::new(),
         })
     };
     build().unwrap_or_else(|e| {

@@ -11,31 +11,38 @@
 //! the client cache; the cache is updated once for every host that staged, after staging. Hosts
 //! that end on the new release are then pruned to their app's `keep`, as a single push does.
 
+use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sync_core::manifest::Hash;
 use sync_core::proto::client::Outcome;
-use sync_core::wire::{Command, ReleaseInfo, ReleaseStatus};
+use sync_core::relay::{RelayNode, RelayPlan};
+use sync_core::wire::{Command, ErrorKind, ReleaseInfo, ReleaseStatus};
 use sync_core::ReleaseId;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::rollout::{Action, RolloutReport, Staged, Step, StepResult};
 use super::select::{Selected, Selection};
+use super::tree::{self, Tree};
 use super::Rollout;
 use crate::client::{
     self, Cache, CacheUpdate, ClientError, Connection, MemoStats, NeedReport, PayloadMemo,
     Progress, PushOptions, PushRequest, RateLimit, SourceTree,
 };
 use crate::net::NetConfig;
+use crate::tls::ticket::{self, TicketError};
 use crate::tls::Identity;
 
 /// Payload bytes the memo keeps for pushes to catch up with each other.
 const MEMO_BUDGET: u64 = 256 << 20;
 /// Payload memory (KiB) of all concurrent pushes together; each gets its share.
 const MEMORY_TOTAL_KIB: u32 = 1024 * 1024;
+/// Pause before pushing again to a host busy with the push of a relay that failed.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Smallest per-push payload memory (KiB), whatever the fan-out.
 const MEMORY_MIN_KIB: u32 = 32 * 1024;
 
@@ -51,6 +58,9 @@ pub struct FleetOptions {
     pub net: NetConfig,
     /// `--bwlimit`: bytes per second the source sends to all hosts together.
     pub bwlimit: Option<u64>,
+    /// `--relay`: stage through a relay tree of fan-out `fanout` (the source sends to `fanout`
+    /// hosts, each forwards to `fanout` more) when there are more than `fanout` hosts.
+    pub relay: bool,
 }
 
 impl Default for FleetOptions {
@@ -61,6 +71,7 @@ impl Default for FleetOptions {
             connect_timeout: Duration::from_secs(10),
             net: fleet_net(),
             bwlimit: None,
+            relay: false,
         }
     }
 }
@@ -266,6 +277,8 @@ pub async fn push(
         memo: Some(Arc::clone(&memo)),
         memory_kib: Some((MEMORY_TOTAL_KIB / fanout).max(MEMORY_MIN_KIB)),
         rate: opts.bwlimit.map(|r| Arc::new(RateLimit::new(r))),
+        relay: None,
+        locate: None,
     };
     let staged_req = Arc::new(PushRequest {
         activate: false,
@@ -276,11 +289,15 @@ pub async fn push(
     loop {
         match rollout.next_action() {
             Action::Stage(hosts) => {
-                let results = each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
-                    let (req, push_opts) = (Arc::clone(&staged_req), push_opts.clone());
-                    async move { stage(&ctx, host, &req, &push_opts).await }
-                })
-                .await;
+                let results = if opts.relay && hosts.len() > opts.fanout.max(1) {
+                    stage_relayed(&ctx, &hosts, &staged_req, &push_opts).await
+                } else {
+                    each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
+                        let (req, push_opts) = (Arc::clone(&staged_req), push_opts.clone());
+                        async move { stage(&ctx, host, &req, &push_opts, false).await }
+                    })
+                    .await
+                };
                 let mut staged_targets = Vec::new();
                 for (host, r) in results {
                     let (result, previous, ms) = r.unwrap_or_else(|e| (Err(e), None, 0));
@@ -433,6 +450,7 @@ async fn stage(
     host: usize,
     req: &PushRequest,
     push_opts: &PushOptions,
+    retry_busy: bool,
 ) -> Result<StageResult, String> {
     let started = Instant::now();
     (ctx.on_event)(Event::Begin {
@@ -444,25 +462,237 @@ async fn stage(
         Ok(p) => p,
         Err(e) => return Ok((Err(e), None, ms())),
     };
-    let conn = match ctx.connect(host).await {
-        Ok(c) => c,
-        Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+    let pushed = loop {
+        let conn = match ctx.connect(host).await {
+            Ok(c) => c,
+            Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+        };
+        let on_event = Arc::clone(&ctx.on_event);
+        let pushed = client::push_with(&conn, req, push_opts, &move |p| {
+            on_event(Event::Push { host, progress: p })
+        })
+        .await;
+        conn.close().await;
+        match pushed {
+            // The host still serves the push of a relay that died; it gives that up after its
+            // message timeout (the per-host deadline bounds the wait).
+            Err(ClientError::Session {
+                kind: ErrorKind::Busy,
+                ..
+            }) if retry_busy => tokio::time::sleep(BUSY_RETRY).await,
+            other => break other,
+        }
     };
-    let on_event = Arc::clone(&ctx.on_event);
-    let pushed = client::push_with(&conn, req, push_opts, &move |p| {
-        on_event(Event::Push { host, progress: p })
-    })
-    .await;
-    conn.close().await;
     let result = pushed
         .map(|r| Staged {
             previous: previous.clone(),
             sent_bytes: r.session.payload_bytes,
             millis: ms(),
             phases: r.session.staged.phases.clone(),
+            relayed_by: None,
         })
         .map_err(|e| chain(&e));
     Ok((result, Some(previous), ms()))
+}
+
+/// Stages `req` through a relay tree: asks every host what it runs, pushes to the roots with
+/// the rest of the tree as their relay plans (and a ticket, signed with the client's key, for
+/// every relay of the tree), then pushes directly to every host its relay did not report as
+/// staged, so only the content such a host still misses is sent.
+async fn stage_relayed(
+    ctx: &Arc<Ctx>,
+    hosts: &[usize],
+    req: &Arc<PushRequest>,
+    push_opts: &PushOptions,
+) -> Vec<(usize, Result<StageResult, String>)> {
+    let started = Instant::now();
+    let timeout = ctx.opts.host_timeout;
+    for &host in hosts {
+        (ctx.on_event)(Event::Begin {
+            host,
+            step: Step::Stage,
+        });
+    }
+    let asked = each(ctx, hosts, timeout, |ctx, host| async move {
+        ctx.current(host).await
+    })
+    .await;
+    let mut out: Vec<(usize, Result<StageResult, String>)> = Vec::new();
+    let mut previous: HashMap<usize, Option<ReleaseId>> = HashMap::new();
+    for (host, r) in asked {
+        match r {
+            Ok(p) => {
+                previous.insert(host, p);
+            }
+            Err(e) => out.push((host, Ok((Err(e), None, 0)))),
+        }
+    }
+    let reachable: Vec<usize> = hosts
+        .iter()
+        .copied()
+        .filter(|h| previous.contains_key(h))
+        .collect();
+    let tree = Tree::new(reachable, ctx.opts.fanout);
+    let digest = Hash::of(&req.manifest.encode());
+    let plans = match relay_plans(ctx, &tree, &req.release, digest) {
+        Ok(p) => p,
+        Err(e) => {
+            // Without tickets nothing can be relayed: every host is pushed to directly.
+            tracing::warn!("{e}; pushing to every host directly");
+            HashMap::new()
+        }
+    };
+    tracing::info!(
+        hosts = tree.roots().len(),
+        depth = tree.depth(),
+        "relaying the release"
+    );
+    let roots: Vec<usize> = tree.roots().to_vec();
+    let pushed = each(ctx, &roots, timeout, |ctx, root| {
+        let (req, mut opts) = (Arc::clone(req), push_opts.clone());
+        opts.relay = plans.get(&root).map(|(plan, _)| plan.clone());
+        async move {
+            let conn = ctx.connect(root).await.map_err(|e| chain(&e))?;
+            let on_event = Arc::clone(&ctx.on_event);
+            let pushed = client::push_with(&conn, &req, &opts, &move |p| {
+                on_event(Event::Push {
+                    host: root,
+                    progress: p,
+                })
+            })
+            .await;
+            conn.close().await;
+            pushed.map_err(|e| chain(&e))
+        }
+    })
+    .await;
+    let ms = |t: Instant| t.elapsed().as_millis() as u64;
+    let mut staged: HashSet<usize> = HashSet::new();
+    let mut relay_errors: HashMap<usize, String> = HashMap::new();
+    for (root, r) in pushed {
+        let prev = previous.get(&root).cloned().flatten();
+        let below = plans.get(&root).map(|(_, hosts)| hosts.as_slice());
+        match r {
+            Ok(report) => {
+                staged.insert(root);
+                let result = Staged {
+                    previous: prev.clone(),
+                    sent_bytes: report.session.payload_bytes,
+                    millis: ms(started),
+                    relayed_by: None,
+                    phases: report.session.staged.phases.clone(),
+                };
+                out.push((root, Ok((Ok(result), Some(prev), ms(started)))));
+                for rel in &report.session.staged.relayed {
+                    let Some(&host) = below.and_then(|b| b.get(rel.node as usize)) else {
+                        continue;
+                    };
+                    match &rel.error {
+                        None => {
+                            staged.insert(host);
+                        }
+                        Some(e) => {
+                            relay_errors.insert(host, e.clone());
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for &h in below.unwrap_or_default() {
+                    relay_errors
+                        .insert(h, format!("its relay {} failed", ctx.hosts[root].host.name));
+                }
+                out.push((root, Ok((Err(e), Some(prev), ms(started)))));
+            }
+        }
+    }
+    // Relayed hosts that staged: reported by their relay, fed by it, nothing from the source.
+    for &host in previous.keys() {
+        if tree.roots().contains(&host) || !staged.contains(&host) {
+            continue;
+        }
+        let prev = previous.get(&host).cloned().flatten();
+        let result = Staged {
+            previous: prev.clone(),
+            sent_bytes: 0,
+            millis: ms(started),
+            relayed_by: tree.parent(host),
+            // A relay reports only whether its children staged, not their timings.
+            phases: Vec::new(),
+        };
+        out.push((host, Ok((Ok(result), Some(prev), ms(started)))));
+    }
+    // Re-parented to the source: pushed directly; the objects a failed relay already delivered
+    // stay on the host, so only what is missing goes out.
+    let orphans = tree::orphans(&tree, &staged);
+    if !orphans.is_empty() {
+        tracing::info!(
+            hosts = orphans.len(),
+            "pushing directly to hosts their relay did not stage"
+        );
+        let direct = each(ctx, &orphans, timeout, |ctx, host| {
+            let (req, push_opts) = (Arc::clone(req), push_opts.clone());
+            async move { stage(&ctx, host, &req, &push_opts, true).await }
+        })
+        .await;
+        for (host, r) in direct {
+            let relayed = relay_errors.remove(&host);
+            let r = r.map(|(result, prev, t)| {
+                let result = result.map_err(|e| match &relayed {
+                    Some(why) => format!("relayed push failed ({why}), then the direct push: {e}"),
+                    None => e,
+                });
+                (result, prev, t)
+            });
+            out.push((host, r));
+        }
+    }
+    out.sort_by_key(|(h, _)| *h);
+    out
+}
+
+/// Per root of a relay tree: its relay plan, and the host each node of the plan stands for.
+type Plans = HashMap<usize, (RelayPlan, Vec<usize>)>;
+
+/// The relay plan of every root of `tree`, with the hosts its nodes stand for (plan order).
+fn relay_plans(
+    ctx: &Ctx,
+    tree: &Tree,
+    release: &ReleaseId,
+    digest: Hash,
+) -> Result<Plans, TicketError> {
+    let mut plans = HashMap::new();
+    for &root in tree.roots() {
+        let below = tree.below(root);
+        let mut nodes = Vec::with_capacity(below.len());
+        let mut hosts = Vec::with_capacity(below.len());
+        let mut index: HashMap<usize, usize> = HashMap::new();
+        for (host, parent) in &below {
+            let h = &ctx.hosts[*host];
+            let relay = ctx.hosts[parent.unwrap_or(root)].host.key;
+            let ticket = ticket::sign(&ctx.identity, h.target.app(), release, digest, relay)?;
+            let parent = parent.and_then(|p| index.get(&p).copied());
+            index.insert(*host, hosts.len());
+            nodes.push(RelayNode {
+                host: h.target.host_port(),
+                key: *h.host.key.as_bytes(),
+                parent: parent.and_then(|p| u32::try_from(p).ok()),
+                ticket,
+            });
+            hosts.push(*host);
+        }
+        plans.insert(
+            root,
+            (
+                RelayPlan {
+                    ticket: Vec::new(),
+                    nodes,
+                },
+                hosts,
+            ),
+        );
+    }
+    Ok(plans)
 }
 
 /// Activates `release` on `host`. Returns the result, whether the daemon itself answered (so

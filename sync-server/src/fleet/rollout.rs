@@ -48,11 +48,13 @@ pub enum Action {
 pub struct Staged {
     /// The release that was current before the push (`None`: the app had none).
     pub previous: Option<ReleaseId>,
-    /// Payload bytes sent to the host.
+    /// Payload bytes the source sent to the host (0 when a relay fed it).
     pub sent_bytes: u64,
     pub millis: u64,
     /// The daemon's time per phase, as it reported them.
     pub phases: Vec<sync_core::wire::PhaseTime>,
+    /// The host that relayed the release to this one (`None`: the source sent it).
+    pub relayed_by: Option<usize>,
 }
 
 /// Result of one step on one host: `Err` holds the message to report.
@@ -443,6 +445,7 @@ mod tests {
                                 sent_bytes: 10,
                                 millis: 5,
                                 phases: vec![],
+                                relayed_by: None,
                             })
                         } else {
                             Err(format!("host {h} unreachable"))

@@ -7,6 +7,7 @@
 //! TLS 1.2 is refused outright: QUIC requires 1.3, and the configs offer nothing else.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -182,9 +183,14 @@ impl ServerCertVerifier for PinnedServerVerifier {
 /// The set can be swapped at run time with [`AuthorizedClientVerifier::replace`]; new handshakes
 /// see the new set at once. Session resumption is off (see `net`), so a removed key cannot come
 /// back in on an old ticket.
+///
+/// With [`AuthorizedClientVerifier::admit_any`] (an app takes relayed pushes) every key passes
+/// the handshake, its signature still checked; the daemon's session then lets a key outside the
+/// set do nothing but a push carrying a valid relay ticket.
 #[derive(Debug)]
 pub struct AuthorizedClientVerifier {
     keys: RwLock<HashSet<Fingerprint>>,
+    any: AtomicBool,
     provider: Arc<CryptoProvider>,
 }
 
@@ -192,6 +198,7 @@ impl AuthorizedClientVerifier {
     pub fn new(keys: impl IntoIterator<Item = Fingerprint>) -> Self {
         Self {
             keys: RwLock::new(keys.into_iter().collect()),
+            any: AtomicBool::new(false),
             provider: provider(),
         }
     }
@@ -200,6 +207,16 @@ impl AuthorizedClientVerifier {
     pub fn replace(&self, keys: impl IntoIterator<Item = Fingerprint>) {
         let new: HashSet<_> = keys.into_iter().collect();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = new;
+    }
+
+    /// Admits every key at the handshake (`true`), or only the authorized set.
+    pub fn admit_any(&self, any: bool) {
+        self.any.store(any, Ordering::Relaxed);
+    }
+
+    /// Whether `fp` passes the handshake.
+    fn admits(&self, fp: &Fingerprint) -> bool {
+        self.any.load(Ordering::Relaxed) || self.is_authorized(fp)
     }
 
     pub fn is_authorized(&self, fp: &Fingerprint) -> bool {
@@ -239,7 +256,7 @@ impl ClientCertVerifier for AuthorizedClientVerifier {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let fp = Fingerprint::of_cert(end_entity).map_err(bad_cert)?;
-        if self.is_authorized(&fp) {
+        if self.admits(&fp) {
             Ok(ClientCertVerified::assertion())
         } else {
             tracing::warn!(key = %fp, "refused a client key that no app authorizes");
@@ -267,7 +284,7 @@ impl ClientCertVerifier for AuthorizedClientVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
         let fp = Fingerprint::of_cert(cert).map_err(bad_cert)?;
-        if !self.is_authorized(&fp) {
+        if !self.admits(&fp) {
             return Err(Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
