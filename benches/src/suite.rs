@@ -258,7 +258,7 @@ pub fn fleet_series(scenarios: &[Scenario]) -> Vec<Series> {
         }
     }
     for s in &mut series {
-        s.points.sort_by(|a, b| a.nodes.cmp(&b.nodes));
+        s.points.sort_by_key(|p| p.nodes);
     }
     series
 }

@@ -8,9 +8,7 @@ use super::{PhaseBar, Series, SuiteError};
 
 const WIDTH_PX: u32 = 960;
 
-fn chart_error<E: std::fmt::Debug>(
-    chart: &'static str,
-) -> impl Fn(DrawingAreaErrorKind<E>) -> SuiteError
+fn chart_error<E>(chart: &'static str) -> impl Fn(DrawingAreaErrorKind<E>) -> SuiteError
 where
     E: std::error::Error + Send + Sync,
 {
