@@ -120,7 +120,7 @@ make_corpus() {
 		log "$scenario: using the corpus in $given"
 		mkdir -p "$dir"
 		ln -s "$(realpath -- "$given")" "$dir/corpus"
-		GEN[$scenario]="n/a (given)"
+		GEN[$scenario]="given"
 	else
 		if [[ $scenario == big ]]; then
 			args+=(--big-file "$BIG_SIZE")
@@ -269,6 +269,14 @@ for scenario in $SCENARIOS; do
 	rm -rf "${WORK:?}/$scenario"
 done
 
+generated() { # scenario
+	if [[ ${GEN[$1]} == given ]]; then
+		echo "corpus given in $([[ $1 == big ]] && echo BIG_CORPUS || echo TREE_CORPUS)"
+	else
+		echo "generated in ${GEN[$1]} s"
+	fi
+}
+
 report() {
 	local scenario tool
 	echo
@@ -276,9 +284,9 @@ report() {
 	for scenario in $SCENARIOS; do
 		echo
 		if [[ $scenario == tree ]]; then
-			echo "## Build release B from A: seed $SEED, $FILES files, $BYTES (generated in ${GEN[tree]} s)"
+			echo "## Build release B from A: seed $SEED, $FILES files, $BYTES ($(generated tree))"
 		else
-			echo "## Big file: one $BIG_SIZE file with 10 small edits (generated in ${GEN[big]} s)"
+			echo "## Big file: one $BIG_SIZE file with 10 small edits ($(generated big))"
 		fi
 		echo
 		echo "| tool | median s | min s | max s | CPU s (mean) | peak RSS MiB |"

@@ -66,7 +66,7 @@ elif [[ $EUID -ne 0 ]]; then
 	CACHE_NOTE="warm: not root, cannot drop the page cache"
 	DROP=""
 else
-	CACHE_NOTE="cold: source and destination on disk ($(stat -f -c %T "$WORK")), page cache dropped before each run"
+	CACHE_NOTE="cold: source and destination on disk ($(df --output=fstype "$WORK" | tail -1)), page cache dropped before each run"
 	DROP="sync; echo 3 >/proc/sys/vm/drop_caches"
 fi
 log "$FILE_COUNT files in $SRC; $CACHE_NOTE"

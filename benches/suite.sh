@@ -130,7 +130,8 @@ if has small; then
 	rm -rf "$SMALL/b"
 fi
 
-common=(env RESULTS_DIR="$OUT/raw" SEED="$SEED" SHM="$SHM" BIN_DIR="$BIN_DIR")
+# FILES and BYTES describe the given corpus in the scripts' reports.
+common=(env RESULTS_DIR="$OUT/raw" SEED="$SEED" FILES="$FILES" BYTES="$BYTES" SHM="$SHM" BIN_DIR="$BIN_DIR")
 local_scenarios=()
 has local && local_scenarios+=(tree)
 has big && local_scenarios+=(big)

@@ -76,9 +76,11 @@ fn main() -> Result<()> {
             &p.phases,
         )?;
         write(&args.dir.join("phases.svg"), &svg)?;
+        // The corpus is named by its temporary path, which says nothing once the run is over.
         md.push_str(&format!(
-            "\n![time per phase](phases.svg)\n\nPhases: `relsync bench` on {}, {} runs, warm page cache.\n",
-            p.corpus, p.runs
+            "\n![time per phase](phases.svg)\n\nPhases: `relsync bench --corpus` on the suite's release pair ({}), \
+             {} runs, warm page cache.\n",
+            p.target, p.runs
         ));
     }
     write(&args.dir.join("summary.md"), &md)?;
