@@ -169,6 +169,7 @@ fi
 
 if has phases; then
 	# Warm by design (see the notes in phases.json): it splits one build into its phases.
+	# shellcheck disable=SC2016 # the inner script expands its own arguments
 	run phases bash -c '"$1" bench --corpus "$2" --runs "$3" --json >"$4.tmp" && mv "$4.tmp" "$4"' \
 		phases "$BIN_DIR/relsync" "$TREE" "$RUNS" "$OUT/raw/phases.json"
 fi
