@@ -27,6 +27,7 @@ FILES="${FILES:-15000}"
 BYTES="${BYTES:-110MB}"
 SHM="${SHM:-/dev/shm}"
 RESULTS_DIR="${RESULTS_DIR:-}"
+CORPUS="${CORPUS:-}"
 TAG="rfb$$"
 PORT=7171
 RSYNC_PORT=873
@@ -245,9 +246,15 @@ summarize() { # key jsonl
 	[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && cp "$2" "$RESULTS_DIR/$1.jsonl"; }
 }
 
-log "generating the release pair (seed $SEED, $FILES files, $BYTES)"
-"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
-A="$WORK/corpus/a" B="$WORK/corpus/b"
+if [[ -n $CORPUS ]]; then
+	[[ -d $CORPUS/a && -d $CORPUS/b ]] || die "CORPUS=$CORPUS holds no a/ and b/ from relsync-testdata"
+	log "using the release pair in $CORPUS"
+	A="$CORPUS/a" B="$CORPUS/b"
+else
+	log "generating the release pair (seed $SEED, $FILES files, $BYTES)"
+	"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
+	A="$WORK/corpus/a" B="$WORK/corpus/b"
+fi
 
 for n in $NODES; do
 	fleet=$(fleet_file "$n")
@@ -339,5 +346,25 @@ report() {
 			"$(awk -v a="$(field "$scenario-relsync-$first" median)" -v b="$(field "$scenario-relsync-$last" median)" 'BEGIN { print 100 * (b / a - 1) }')"
 	done
 }
-[[ -z $RESULTS_DIR ]] || mkdir -p "$RESULTS_DIR"
+# The common summary benches/suite.sh collects: one RESULTS_DIR/fleet-SCENARIO-N.summary.json per
+# scenario and fleet size (read by suite-report); wire bytes are the bytes the source sent.
+summaries() {
+	local scenario n tool what
+	for scenario in $FLEET_SCENARIOS; do
+		[[ $scenario == patch ]] && what="push B to N nodes holding A" || what="push A to N empty nodes"
+		for n in $NODES; do
+			for tool in relsync rsync; do
+				jq -c --arg name "$([[ $tool == rsync ]] && echo "rsync, one per node" || echo relsync)" \
+					'{name: $name, runs, median_s: .median, min_s: .min, max_s: .max, wire_bytes: .source_bytes}' \
+					<<<"${RESULT[$scenario-$tool-$n]}"
+			done | jq -s --arg s "fleet-$scenario-$n" --arg g "fleet-$scenario" \
+				--arg t "fleet $scenario: ${what/N/$n} (source uplink $SOURCE_RATE)" --argjson n "$n" \
+				'{scenario: $s, group: $g, title: $t, cold: false,
+				  cache_note: "tmpfs: corpus and nodes in memory, no page cache to drop",
+				  nodes: $n, tools: .}' >"$RESULTS_DIR/fleet-$scenario-$n.summary.json"
+		done
+	done
+}
+
+[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && summaries; }
 report | tee ${RESULTS_DIR:+"$RESULTS_DIR/fleet-report.md"}

@@ -13,6 +13,8 @@ BYTES="${BYTES:-110MB}"
 BIG_SIZE="${BIG_SIZE:-1G}"
 SHM="${SHM:-/dev/shm}"
 RESULTS_DIR="${RESULTS_DIR:-}"
+TREE_CORPUS="${TREE_CORPUS:-}"
+BIG_CORPUS="${BIG_CORPUS:-}"
 
 die() {
 	echo "local-build: $*" >&2
@@ -107,20 +109,31 @@ avail=$(($(stat -f -c '%a * %S' "$SHM")))
 
 declare -A MEDIAN MIN MAX CPU RSS GEN
 
-# Writes the corpus of a scenario into $WORK/$1 and the change lists the cp -al floor replays.
+# Writes the corpus of a scenario into $WORK/$1 (or links the one given in TREE_CORPUS or
+# BIG_CORPUS, left untouched) and the change lists the cp -al floor replays.
 make_corpus() {
-	local scenario=$1 dir=$WORK/$1 args=(--seed "$SEED")
-	if [[ $scenario == big ]]; then
-		args+=(--big-file "$BIG_SIZE")
+	local scenario=$1 dir=$WORK/$1 args=(--seed "$SEED") given
+	[[ $scenario == big ]] && given=$BIG_CORPUS || given=$TREE_CORPUS
+	if [[ -n $given ]]; then
+		[[ -d $given/a && -d $given/b && -f $given/summary.json ]] ||
+			die "$given is not a corpus: expected a/, b/ and summary.json from relsync-testdata"
+		log "$scenario: using the corpus in $given"
+		mkdir -p "$dir"
+		ln -s "$(realpath -- "$given")" "$dir/corpus"
+		GEN[$scenario]="given"
 	else
-		args+=(--files "$FILES" --bytes "$BYTES")
+		if [[ $scenario == big ]]; then
+			args+=(--big-file "$BIG_SIZE")
+		else
+			args+=(--files "$FILES" --bytes "$BYTES")
+		fi
+		log "$scenario: generating corpus (${args[*]})"
+		local started ended
+		started=$(date +%s%N)
+		"$TESTDATA_BIN" "${args[@]}" "$dir/corpus" >&2
+		ended=$(date +%s%N)
+		GEN[$scenario]=$(awk -v ns=$((ended - started)) 'BEGIN { printf "%.2f", ns / 1e9 }')
 	fi
-	log "$scenario: generating corpus (${args[*]})"
-	local started ended
-	started=$(date +%s%N)
-	"$TESTDATA_BIN" "${args[@]}" "$dir/corpus" >&2
-	ended=$(date +%s%N)
-	GEN[$scenario]=$(awk -v ns=$((ended - started)) 'BEGIN { printf "%.2f", ns / 1e9 }')
 	local summary=$dir/corpus/summary.json
 	jq -r '(.edited + .added + [.renamed[].to] + .mode_changed)[]' "$summary" >"$dir/replace.lst"
 	jq -r '(.removed + [.renamed[].from])[]' "$summary" >"$dir/delete.lst"
@@ -224,13 +237,45 @@ ratio() {
 	fi
 }
 
+# The common summary benches/suite.sh collects (one RESULTS_DIR/local-SCENARIO.summary.json,
+# read by suite-report): the tools' medians, min and max in seconds; nothing goes on a wire here.
+write_summary() { # scenario
+	local scenario=$1 tool name title
+	[[ -n $RESULTS_DIR ]] || return 0
+	if [[ $scenario == tree ]]; then
+		title="local build of release B from A ($(jq -r '"\(.b.files) files, \(.b.bytes / 1e6 | floor) MB"' "$WORK/$scenario/corpus/summary.json"))"
+	else
+		title="local build: one $BIG_SIZE file with 10 small edits"
+	fi
+	for tool in $TOOLS; do
+		case $tool in
+		rsync) name="rsync --link-dest" ;;
+		cpal) name="cp -al + changed files" ;;
+		*) name=$tool ;;
+		esac
+		jq -c --arg name "$name" '.results[0] | {name: $name, runs: (.times | length),
+			median_s: .median, min_s: .min, max_s: .max, wire_bytes: null}' "$RESULTS_DIR/$scenario-$tool.json"
+	done | jq -s --arg s "local-$scenario" --arg t "$title" '{scenario: $s, group: "local", title: $t,
+		cold: false, cache_note: "tmpfs: corpus and node in memory, no page cache to drop",
+		nodes: null, tools: .}' >"$RESULTS_DIR/local-$scenario.summary.json"
+}
+
 for scenario in $SCENARIOS; do
 	make_corpus "$scenario"
 	for tool in $TOOLS; do
 		measure "$scenario" "$tool"
 	done
+	write_summary "$scenario"
 	rm -rf "${WORK:?}/$scenario"
 done
+
+generated() { # scenario
+	if [[ ${GEN[$1]} == given ]]; then
+		echo "corpus given in $([[ $1 == big ]] && echo BIG_CORPUS || echo TREE_CORPUS)"
+	else
+		echo "generated in ${GEN[$1]} s"
+	fi
+}
 
 report() {
 	local scenario tool
@@ -239,9 +284,9 @@ report() {
 	for scenario in $SCENARIOS; do
 		echo
 		if [[ $scenario == tree ]]; then
-			echo "## Build release B from A: seed $SEED, $FILES files, $BYTES (generated in ${GEN[tree]} s)"
+			echo "## Build release B from A: seed $SEED, $FILES files, $BYTES ($(generated tree))"
 		else
-			echo "## Big file: one $BIG_SIZE file with 10 small edits (generated in ${GEN[big]} s)"
+			echo "## Big file: one $BIG_SIZE file with 10 small edits ($(generated big))"
 		fi
 		echo
 		echo "| tool | median s | min s | max s | CPU s (mean) | peak RSS MiB |"

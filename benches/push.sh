@@ -8,6 +8,10 @@
 #   bulk   an empty node; push BULK_FILES incompressible files totalling BULK_SIZE (1 GiB).
 #          Tools: relsync push; quic-baseline (one bare QUIC stream, same quinn, TLS and
 #          transport tuning as relsync, no files).
+#   small  an initial sync of a tree of many small files (SMALL_SRC, or SMALL_FILES generated
+#          files totalling SMALL_BYTES) into an empty directory on the node. Tools: `relsync sync
+#          SRC/ relsync://NODE/EXPORT/` and `rsync -a SRC/ rsync://NODE/MODULE/`. A SMALL_SRC on
+#          disk is read cold: the page cache is dropped before each run.
 #
 # Every run starts from the same state (the run's release removed from the node, the client cache
 # restored; relsyncd keeps running, as on a real node). Measured per run: wall time of the client
@@ -25,6 +29,10 @@ BULK_SIZE_MIB="${BULK_SIZE_MIB:-1024}"
 BULK_FILES="${BULK_FILES:-8}"
 SHM="${SHM:-/dev/shm}"
 RESULTS_DIR="${RESULTS_DIR:-}"
+CORPUS="${CORPUS:-}"
+SMALL_SRC="${SMALL_SRC:-}"
+SMALL_FILES="${SMALL_FILES:-100000}"
+SMALL_BYTES="${SMALL_BYTES:-200MB}"
 NS="relsync-bench-$$"
 VETH_H="rsb$$h"
 VETH_N="rsb$$n"
@@ -46,7 +54,8 @@ log() { echo "== $*" >&2; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS=$RUNS is not a positive number"
 ((RUNS >= 5)) || log "warning: RUNS=$RUNS; report medians of at least 5 runs"
 for s in $PUSH_SCENARIOS; do
-	[[ $s == patch || $s == bulk ]] || die "unknown scenario '$s' in PUSH_SCENARIOS: use patch and/or bulk"
+	[[ $s == patch || $s == bulk || $s == small ]] ||
+		die "unknown scenario '$s' in PUSH_SCENARIOS: use patch, bulk and/or small"
 done
 
 need() {
@@ -118,7 +127,7 @@ DAEMON_FP="$(keygen "$WORK/daemon" daemon)"
 [[ -n $CLIENT_FP && -n $DAEMON_FP ]] || die "cannot read the key fingerprints"
 "$RELSYNC" trust "$NODE_IP:$PORT" "$DAEMON_FP" >/dev/null
 
-start_relsyncd() { # root
+start_relsyncd() { # root [export-dir]
 	cat >"$WORK/relsyncd.toml" <<-EOF
 		listen = "$NODE_IP:$PORT"
 		key = "$WORK/daemon/daemon.key"
@@ -127,6 +136,9 @@ start_relsyncd() { # root
 		root = "$1"
 		authorized_keys = ["$CLIENT_FP"]
 	EOF
+	if [[ -n ${2:-} ]]; then
+		printf '[exports.small]\npath = "%s"\nauthorized_keys = ["%s"]\n' "$2" "$CLIENT_FP" >>"$WORK/relsyncd.toml"
+	fi
 	ip netns exec "$NS" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$WORK/relsyncd.toml" 2>>"$WORK/relsyncd.log" &
 	DAEMON_PID=$!
 	for _ in $(seq 100); do
@@ -145,11 +157,18 @@ stop_daemon() {
 # Background jobs are started with `ip netns exec` directly (not through a shell function) so
 # that $! is the daemon itself.
 
+# Set by the small scenario when its source is on disk: every run then reads it cold.
+DROP_CACHES=""
+
 # One timed run of "$@" (the client); the daemon is $DAEMON_PID. Appends a JSON line to $1.
 timed() {
 	local out=$1
 	shift
 	local tx0 rx0 d0 t0 t1 d1 hwm
+	if [[ -n $DROP_CACHES ]]; then
+		sync
+		echo 3 >/proc/sys/vm/drop_caches
+	fi
 	sleep 0.2
 	tx0=$(tx) rx0=$(rx) d0=$(cpu_of "$DAEMON_PID")
 	t0=$(date +%s%N)
@@ -258,9 +277,15 @@ rsync_runs() { # key source prep-script rsync-args... (destination is relative t
 }
 
 if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
-	log "patch: generating the release pair (seed $SEED, $FILES files, $BYTES)"
-	"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
-	A="$WORK/corpus/a" B="$WORK/corpus/b"
+	if [[ -n $CORPUS ]]; then
+		[[ -d $CORPUS/a && -d $CORPUS/b ]] || die "CORPUS=$CORPUS holds no a/ and b/ from relsync-testdata"
+		log "patch: using the release pair in $CORPUS"
+		A="$CORPUS/a" B="$CORPUS/b"
+	else
+		log "patch: generating the release pair (seed $SEED, $FILES files, $BYTES)"
+		"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$FILES" --bytes "$BYTES" "$WORK/corpus" >&2
+		A="$WORK/corpus/a" B="$WORK/corpus/b"
+	fi
 
 	# relsync: the node got A by a push, and the client kept what it pushed in its cache.
 	mkdir -p "$WORK/node" "$WORK/cache"
@@ -314,6 +339,43 @@ if [[ " $PUSH_SCENARIOS " == *" bulk "* ]]; then
 	rm -rf "$WORK/bulk"
 fi
 
+if [[ " $PUSH_SCENARIOS " == *" small "* ]]; then
+	if [[ -n $SMALL_SRC ]]; then
+		[[ -d $SMALL_SRC ]] || die "SMALL_SRC=$SMALL_SRC is not a directory"
+		SRC=$(realpath -- "$SMALL_SRC")
+	else
+		log "small: generating $SMALL_FILES files ($SMALL_BYTES, seed $SEED)"
+		"$BIN_DIR/relsync-testdata" --seed "$SEED" --files "$SMALL_FILES" --bytes "$SMALL_BYTES" \
+			"$WORK/small-corpus" >&2
+		SRC="$WORK/small-corpus/a"
+	fi
+	if [[ $(stat -f -c %T "$SRC") != tmpfs ]]; then
+		DROP_CACHES=1
+		SMALL_CACHE="cold: the source is on disk and the page cache is dropped before each run"
+	else
+		SMALL_CACHE="warm: the source is on tmpfs, no page cache to drop"
+	fi
+	log "small-relsync: $RUNS runs of relsync sync into an empty export ($SMALL_CACHE)"
+	mkdir -p "$WORK/node" "$WORK/export"
+	start_relsyncd "$WORK/node" "$WORK/export"
+	for i in $(seq "$RUNS"); do
+		rm -rf "$WORK/export/tree" "$WORK/sync-cache"
+		mkdir -p "$WORK/sync-cache"
+		RELSYNC_CACHE_DIR="$WORK/sync-cache" timed "$WORK/small-relsync.jsonl" \
+			"$RELSYNC" sync "$SRC/" "relsync://$NODE_IP:$PORT/small/tree"
+	done
+	stop_daemon
+	same_tree "$SRC" "$WORK/export/tree" small-relsync
+	summarize small-relsync "$WORK/small-relsync.jsonl"
+	rm -rf "$WORK/export" "$WORK/node" "$WORK/sync-cache"
+
+	mkdir -p "$WORK/rnode"
+	rsync_runs small-rsync "$SRC" "rm -rf '$WORK/rnode/tree'" -a "$SRC/" "rsync://$NODE_IP:$RSYNC_PORT/node/tree/"
+	same_tree "$SRC" "$WORK/rnode/tree" small-rsync
+	DROP_CACHES=""
+	rm -rf "$WORK/rnode" "$WORK/small-corpus"
+fi
+
 field() { jq -r ".$2" <<<"${RESULT[$1]}"; }
 row() {
 	[[ -n ${RESULT[$1]:-} ]] || return 0
@@ -335,6 +397,8 @@ report() {
 	row patch-rsync-az "patch: rsync daemon -az --delete" "n/a"
 	row bulk-relsync "bulk: relsync push (initial)" "$(field bulk-relsync daemon_rss_mib 2>/dev/null)"
 	row bulk-quic "bulk: bare QUIC stream" "n/a"
+	row small-relsync "small: relsync sync (initial)" "$(field small-relsync daemon_rss_mib 2>/dev/null)"
+	row small-rsync "small: rsync daemon -a (initial)" "n/a"
 	echo
 	if [[ -n ${RESULT[patch-relsync]:-} ]]; then
 		local r=patch-relsync l=patch-rsync-linkdest z=patch-rsync-az
@@ -355,6 +419,47 @@ report() {
 			"$(awk -v s="$(field bulk-quic median)" -v b="$total" 'BEGIN { printf "%.0f", b / s / 1e6 }') MB/s;" \
 			"relsyncd peak RSS $(field bulk-relsync daemon_rss_mib) MiB"
 	fi
+	if [[ -n ${RESULT[small-relsync]:-} ]]; then
+		echo "- small: rsync ÷ relsync, time: $(ratio "$(field small-rsync median)" "$(field small-relsync median)"); $SMALL_CACHE"
+	fi
 }
-[[ -z $RESULTS_DIR ]] || mkdir -p "$RESULTS_DIR"
+
+# The common summary benches/suite.sh collects: one RESULTS_DIR/KEY.summary.json per scenario
+# (read by suite-report), wire bytes = median bytes to the node + median bytes back.
+tool_json() { # key name
+	jq -c --arg name "$2" '{name: $name, runs, median_s: .median, min_s: .min, max_s: .max,
+		wire_bytes: (.bytes_up + .bytes_down)}' <<<"${RESULT[$1]}"
+}
+write_summary() { # key group title cache-note relsync-key [baseline-key baseline-name]...
+	local key=$1 group=$2 title=$3 note=$4 cold=false
+	[[ $note == cold* ]] && cold=true
+	shift 4
+	{
+		tool_json "$1" relsync
+		shift
+		while (($#)); do
+			tool_json "$1" "$2"
+			shift 2
+		done
+	} | jq -s --arg s "$key" --arg g "$group" --arg t "$title" --arg n "$note" --argjson c "$cold" \
+		'{scenario: $s, group: $g, title: $t, cold: $c, cache_note: $n, nodes: null, tools: .}' \
+		>"$RESULTS_DIR/$key.summary.json"
+}
+summaries() {
+	local warm="warm: corpus and node on tmpfs, no page cache to drop"
+	if [[ -n ${RESULT[patch-relsync]:-} ]]; then
+		write_summary push-patch push "push release B to a node holding A, over veth" "$warm" patch-relsync \
+			patch-rsync-linkdest "rsync daemon -c -z --link-dest" patch-rsync-az "rsync daemon -az --delete"
+	fi
+	if [[ -n ${RESULT[bulk-relsync]:-} ]]; then
+		write_summary push-bulk push "initial push of $BULK_FILES incompressible files, $BULK_SIZE_MIB MiB, over veth" \
+			"$warm" bulk-relsync bulk-quic "bare QUIC stream"
+	fi
+	if [[ -n ${RESULT[small-relsync]:-} ]]; then
+		write_summary small-net small "initial sync of $(find "$SRC" -type f | wc -l) small files over veth" \
+			"$SMALL_CACHE" small-relsync small-rsync "rsync daemon -a"
+	fi
+}
+
+[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && summaries; }
 report | tee ${RESULTS_DIR:+"$RESULTS_DIR/push-report.md"}

@@ -1,1 +1,3 @@
 //! Shared helpers for the relsync benchmarks.
+
+pub mod suite;
