@@ -23,7 +23,9 @@ use sync_core::ReleaseId;
 
 use sync_core::proto::client::ClientState;
 use sync_server::client::{self, Cache, Progress, PushOptions, PushRequest, Target};
+use sync_server::tls::{Identity, KnownHosts};
 
+use crate::loopback::{self, LocalDaemons};
 use crate::remote::KeyArgs;
 use crate::UsageError;
 use phase::{RunLog, RELEASE_A, RELEASE_B};
@@ -84,17 +86,91 @@ pub fn run(keys: &KeyArgs, a: BenchArgs) -> Result<()> {
 }
 
 /// Connects to the daemon or fleet asked for (before the corpus is made, which takes a while).
-fn node(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<Node> {
+/// For `loopback[:N]` it first starts the daemons, which live as long as the returned guard.
+fn node(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<(Node, Option<LocalDaemons>)> {
     if a.fleet.fleet.is_some() {
-        return Ok(Node::Fleet(fleet::FleetNode::connect(
-            keys, &a.fleet, work,
-        )?));
+        let f = fleet::FleetNode::connect(keys, &a.fleet, work)?;
+        return Ok((Node::Fleet(f), None));
     }
     if a.target == "local" {
-        return Ok(Node::Local(work.join("node")));
+        return Ok((Node::Local(work.join("node")), None));
+    }
+    if let Some(n) = loopback_count(&a.target)? {
+        return loopback(a, work, n);
     }
     let target = Target::parse(&a.target).map_err(|e| UsageError(format!("--target: {e}")))?;
-    Ok(Node::Remote(Remote::connect(keys, &target, work)?))
+    Ok((Node::Remote(Remote::connect(keys, &target, work)?), None))
+}
+
+/// `loopback` is one daemon, `loopback:N` a fleet of N; anything else is not a loopback target.
+fn loopback_count(target: &str) -> Result<Option<usize>> {
+    let Some(rest) = target.strip_prefix("loopback") else {
+        return Ok(None);
+    };
+    let n = match rest.strip_prefix(':') {
+        None if rest.is_empty() => 1,
+        None => return Ok(None),
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "--target {target}: the number of loopback daemons must be 1 to 64"
+                ))
+            })?,
+    };
+    Ok(Some(n))
+}
+
+/// Starts `n` daemons in this process with a throwaway client key that they authorize and
+/// that pins them; one is a daemon target, more a fleet (written to a fleet file). All of it
+/// lives in `work`, so nothing is left anywhere.
+fn loopback(a: &BenchArgs, work: &Path, n: usize) -> Result<(Node, Option<LocalDaemons>)> {
+    let keys_dir = work.join("client");
+    let client = Identity::generate("relsync-bench").context("generating a client key")?;
+    let (key, _) = client
+        .save(&keys_dir, "id")
+        .context("saving the client key")?;
+    let known_hosts = keys_dir.join("known_hosts");
+    let daemons = LocalDaemons::start(work, "daemon", n, client.fingerprint())?;
+    let mut pins = KnownHosts::load(&known_hosts)?;
+    for d in &daemons.nodes {
+        pins.add(&d.addr.to_string(), d.fingerprint.parse()?)?;
+    }
+    let keys = KeyArgs::with_files(key, known_hosts);
+    progress(&format!(
+        "started {n} relsyncd daemon(s) on loopback in this process"
+    ));
+    if n == 1 {
+        let target = Target::parse(&format!("{}/{}", daemons.nodes[0].addr, loopback::APP))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let remote = Remote::connect(&keys, &target, work)?;
+        return Ok((Node::Remote(remote), Some(daemons)));
+    }
+    let mut text = String::new();
+    for (i, d) in daemons.nodes.iter().enumerate() {
+        text += &format!(
+            "[hosts.daemon{}]\naddress = \"{}\"\nkey = \"{}\"\n\n",
+            i + 1,
+            d.addr,
+            d.fingerprint
+        );
+    }
+    let hosts: Vec<String> = (1..=n).map(|i| format!("\"daemon{i}\"")).collect();
+    text += &format!(
+        "[groups.loopback]\nhosts = [{}]\napp = \"{}\"\nwaves = \"100%\"\n",
+        hosts.join(", "),
+        loopback::APP
+    );
+    let file = work.join("fleet.toml");
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    let args = crate::fleet::FleetArgs {
+        fleet: Some(file),
+        ..a.fleet.clone()
+    };
+    let f = fleet::FleetNode::connect(&keys, &args, work)?;
+    Ok((Node::Fleet(f), Some(daemons)))
 }
 
 fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
@@ -153,7 +229,7 @@ fn corpus(a: &BenchArgs, work: &Path) -> Result<Corpus> {
 }
 
 fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<()> {
-    let node = node(keys, a, work)?;
+    let (node, daemons) = node(keys, a, work)?;
     let corpus = corpus(a, work)?;
     let now = crate::now_unix();
     let warm_cache = work.join("scan.cache");
@@ -193,9 +269,19 @@ fn run_in(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<()> {
     };
     measured?;
     let left = left?;
+    // Loopback daemons and everything they hold go with the work directory.
+    let in_process = daemons.map(|d| {
+        let n = d.nodes.len();
+        d.stop();
+        format!(
+            "{n} relsyncd daemon(s) on loopback in this process: CPU s and RSS include them; nothing of them is left"
+        )
+    });
+    let left = if in_process.is_some() { None } else { left };
 
     let phases = collect(&logs);
-    let (target_text, notes) = describe(&node, &left, a.keep);
+    let (target_text, mut notes) = describe(&node, &left, a.keep);
+    notes.extend(in_process);
     let mut title = vec![
         format!("relsync bench: {target_text}, {}", corpus.description),
         format!(

@@ -1,12 +1,11 @@
 //! `relsync demo`: a self-contained tour on a generated PHP application.
 //!
-//! Generates a release pair (about 15k files, 110 MB), starts a few relsyncd daemons on loopback (in
-//! this process, each with its own throwaway key and app root), creates a client key, trusts the
+//! Generates a release pair (about 15k files, 110 MB), starts a few relsyncd daemons on loopback
+//! ([`crate::loopback`]: in this process, each with its own throwaway key and app root), creates a client key, trusts the
 //! daemons, pushes release 1 and then release 2 to every daemon, lists releases, rolls one back, and
 //! finally builds the same releases locally and mirrors one rsync-style. Every step runs this very
 //! binary as a user would type it. Everything is removed at the end unless `--keep` is given.
 
-use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +13,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use sync_server::config::{AppConfig, Config};
-use sync_server::daemon::{serve, ServeOptions};
 use sync_server::tls::Identity;
+
+use crate::loopback::LocalDaemons;
 
 /// Runs the demo with `daemons` local daemons.
 pub fn run(
@@ -92,59 +91,22 @@ pub fn run(
         .context("loading the demo client key")?
         .fingerprint();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime for the demo daemons")?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut servers = Vec::new();
-    let mut nodes: Vec<(SocketAddr, PathBuf, String)> = Vec::new();
-    for n in 1..=daemons {
-        let root = work.join(format!("node{n}/app"));
-        let identity =
-            Identity::generate(&format!("demo-node{n}")).context("generating a daemon key")?;
-        let fingerprint = identity.fingerprint().to_string();
-        let mut apps = BTreeMap::new();
-        apps.insert(
-            "shop".to_string(),
-            AppConfig {
-                name: "shop".into(),
-                root: root.clone(),
-                keep: Some(5),
-                shared: Vec::new(),
-                authorized: HashSet::from([client_key]),
-                accept_relayed: false,
-                activation: None,
-            },
-        );
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("literal address"),
-            key: PathBuf::new(),
-            cert: PathBuf::new(),
-            limits: Default::default(),
-            apps,
-            exports: BTreeMap::new(),
-        };
-        let mut rx = stop_rx.clone();
-        let server = runtime
-            .block_on(serve(
-                config,
-                identity,
-                ServeOptions::default(),
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                },
-            ))
-            .with_context(|| format!("starting demo daemon {n}"))?;
-        let addr = server.local_addr();
+    let daemons = LocalDaemons::start(&work, "node", daemons, client_key)
+        .context("starting the demo daemons")?;
+    for (n, node) in daemons.nodes.iter().enumerate() {
         println!(
-            "   relsyncd node{n} listening on {addr}, key {fingerprint}, app root {}",
-            root.display()
+            "   relsyncd node{} listening on {}, key {}, app root {}",
+            n + 1,
+            node.addr,
+            node.fingerprint,
+            node.root.display()
         );
-        servers.push(server);
-        nodes.push((addr, root, fingerprint));
     }
+    let nodes: Vec<(SocketAddr, PathBuf, String)> = daemons
+        .nodes
+        .iter()
+        .map(|n| (n.addr, n.root.clone(), n.fingerprint.clone()))
+        .collect();
 
     let result = (|| -> Result<()> {
         for (addr, _, fp) in &nodes {
@@ -222,12 +184,7 @@ pub fn run(
         Ok(())
     })();
 
-    let _ = stop_tx.send(true);
-    runtime.block_on(async {
-        for s in servers {
-            s.stopped().await;
-        }
-    });
+    daemons.stop();
     result?;
     println!();
     if keep {

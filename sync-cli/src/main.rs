@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod fleet;
+mod loopback;
 mod output;
 mod remote;
 

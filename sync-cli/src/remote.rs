@@ -71,6 +71,15 @@ pub fn config_dir() -> Result<PathBuf> {
 }
 
 impl KeyArgs {
+    /// Keys from these files rather than the command line or the config directory.
+    pub(crate) fn with_files(identity: PathBuf, known_hosts: PathBuf) -> KeyArgs {
+        KeyArgs {
+            identity: Some(identity),
+            known_hosts: Some(known_hosts),
+            connect_timeout: 10,
+        }
+    }
+
     /// The key and certificate paths of the client identity.
     fn identity_paths(&self) -> Result<(PathBuf, PathBuf)> {
         let given = self

@@ -202,6 +202,8 @@ fn bad_arguments_are_usage_errors() {
         &["bench", "--size", "lots"],
         &["bench", "--corpus", "/nonexistent/corpus"],
         &["bench", "--target", "no-app-here"],
+        &["bench", "--target", "loopback:0"],
+        &["bench", "--target", "loopback:many"],
         &["bench", "--files", "300", "--size", "1000"],
     ] {
         let stderr = env.fails(args, 2);
@@ -337,4 +339,48 @@ fn bench_against_a_fleet_pushes_to_every_host_and_leaves_only_release_a() {
     // The apps now hold a release: a second bench refuses to touch them.
     let stderr = env.fails(&["bench", "--fleet", s(&fleet), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
+}
+
+#[test]
+fn bench_on_loopback_daemons_needs_no_set_up_and_leaves_nothing() {
+    let env = Env::new();
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for (target, last) in [
+        ("loopback", "end to end: push"),
+        ("loopback:2", "end to end: fleet push"),
+    ] {
+        // No key, no known_hosts, no daemon: bench makes and removes its own.
+        let out = env
+            .command(&[
+                "bench", "--target", target, "--files", "200", "--size", "2MB", "--runs", "1",
+                "--json",
+            ])
+            .env("TMPDIR", &tmp)
+            .env("RELSYNC_CONFIG_DIR", env.path("no-config-here"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let phases = report["phases"].as_array().unwrap();
+        assert_eq!(phases.last().unwrap()["name"], last, "{target}");
+        assert!(
+            phases
+                .iter()
+                .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("daemon"))),
+            "{target}: no daemon phase in {report}"
+        );
+        let notes = report["notes"].to_string();
+        assert!(notes.contains("in this process"), "{target}: {notes}");
+        assert_eq!(
+            entries(&tmp),
+            Vec::<String>::new(),
+            "{target}: left in TMPDIR"
+        );
+        assert!(!env.path("no-config-here").exists(), "{target}");
+    }
 }
