@@ -198,12 +198,14 @@ enum Command {
         /// directory holding release A in PATH/a and release B in PATH/b.
         #[arg(long, default_value = "generated", value_name = "generated|PATH")]
         corpus: String,
-        /// `local` (a temporary app root) or HOST[:PORT]/APP, an app on relsyncd set aside for
-        /// benchmarking (it must hold no release).
+        /// `local` (a temporary app root), `loopback[:N]` (N relsyncd daemons started in this
+        /// process on loopback with throwaway keys and roots; more than one is pushed to as a
+        /// fleet), or HOST[:PORT]/APP, an app on relsyncd set aside for benchmarking (it must
+        /// hold no release).
         #[arg(
             long,
             default_value = "local",
-            value_name = "local|HOST[:PORT]/APP",
+            value_name = "local|loopback[:N]|HOST[:PORT]/APP",
             conflicts_with = "fleet"
         )]
         target: String,
@@ -302,8 +304,8 @@ With --target HOST/APP the local node phases are replaced by the push to the dae
 With --fleet FILE every selected host gets B at once, as `relsync push --fleet` does:
   fleet: ...           until every host staged, activation in waves, fastest/slowest host
   daemons (slowest)    per daemon phase, the longest time any host reported
-A stays on the daemons as current release at the end (the protocol cannot remove the
-current release).";
+On daemons given with --target HOST/APP or --fleet, A stays as current release at the end
+(the protocol cannot remove the current release); loopback daemons are removed whole.";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
