@@ -564,12 +564,11 @@ impl Remote {
         Ok(())
     }
 
-    /// Removes what can be removed over the protocol; returns a note on what stays.
+    /// Leaves the app as it was found, with no release (its journal keeps the record).
     fn finish(&self) -> Result<String> {
-        // A is current and nothing removes the current release over the wire.
-        self.back_to_a()?;
+        self.command(WireCommand::Clear)?;
         Ok(format!(
-            "left on {}: release {RELEASE_A} (current; no command removes the current release over the network, remove it on the daemon)",
+            "cleared {} afterwards: it holds no release, as before (its journal keeps the record)",
             self.target
         ))
     }

@@ -304,8 +304,9 @@ With --target HOST/APP the local node phases are replaced by the push to the dae
 With --fleet FILE every selected host gets B at once, as `relsync push --fleet` does:
   fleet: ...           until every host staged, activation in waves, fastest/slowest host
   daemons (slowest)    per daemon phase, the longest time any host reported
-On daemons given with --target HOST/APP or --fleet, A stays as current release at the end
-(the protocol cannot remove the current release); loopback daemons are removed whole.";
+Apps on daemons given with --target HOST/APP or --fleet must hold no release; at the end they
+are cleared (`current` and every release removed; the journal keeps the record). Loopback
+daemons are removed whole.";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -212,7 +212,7 @@ fn bad_arguments_are_usage_errors() {
 }
 
 #[test]
-fn bench_against_a_daemon_pushes_and_leaves_only_release_a() {
+fn bench_against_a_daemon_pushes_and_leaves_the_app_empty() {
     let env = Env::new();
     let client = env.client_key();
     let d = Daemon::start(&env, &client);
@@ -246,17 +246,22 @@ fn bench_against_a_daemon_pushes_and_leaves_only_release_a() {
     check_phases(&report, &want, 2);
     let push = &report["phases"][want.len() - 1];
     assert!(push["out_bytes"].as_u64().unwrap() > 0, "{push}");
-    assert_eq!(d.release_dirs(), ["bench-a"]);
-    assert_eq!(d.current().as_deref(), Some("bench-a"));
+    // The app is left as it was found: no release, no `current`.
+    assert_eq!(d.release_dirs(), Vec::<String>::new());
+    assert_eq!(d.current(), None);
     assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
 
-    // The app now holds a release: a second bench refuses to touch it.
+    // An app that holds a release is in use: bench refuses to touch it.
+    let site = env.path("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.php"), "<?php echo 1;\n").unwrap();
+    env.ok(&["push", s(&site), &d.target(), "--release-id", "live"]);
     let stderr = env.fails(&["bench", "--target", &d.target(), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
 }
 
 #[test]
-fn bench_against_a_fleet_pushes_to_every_host_and_leaves_only_release_a() {
+fn bench_against_a_fleet_pushes_to_every_host_and_leaves_the_apps_empty() {
     let env = Env::new();
     let client = env.client_key();
     let d = Daemon::start(&env, &client);
@@ -327,16 +332,27 @@ fn bench_against_a_fleet_pushes_to_every_host_and_leaves_only_release_a() {
     );
     for app in ["shop", "blog"] {
         let root = d.root_of(app);
+        assert_eq!(harness::current_of(&root), None, "{app}");
         assert_eq!(
-            harness::current_of(&root).as_deref(),
-            Some("bench-a"),
+            entries(&root.join("releases")),
+            Vec::<String>::new(),
             "{app}"
         );
-        assert_eq!(entries(&root.join("releases")), ["bench-a"], "{app}");
     }
     assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
 
-    // The apps now hold a release: a second bench refuses to touch them.
+    // An app that holds a release is in use: bench refuses to touch it.
+    let site = env.path("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.php"), "<?php echo 1;\n").unwrap();
+    env.ok(&["trust", &d.host_port(), &d.fingerprint]);
+    env.ok(&[
+        "push",
+        s(&site),
+        &d.target_of("blog"),
+        "--release-id",
+        "live",
+    ]);
     let stderr = env.fails(&["bench", "--fleet", s(&fleet), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
 }

@@ -195,6 +195,10 @@ pub enum Command {
         manifest_len: u64,
         manifest_digest: Hash,
     },
+    /// Take the app offline and remove every release: `current` goes first, then each release
+    /// (answered with `Pruned`). For an app set aside for benchmarking, which `relsync bench`
+    /// leaves as it found it.
+    Clear,
 }
 
 impl Command {
@@ -207,6 +211,7 @@ impl Command {
             Command::Rollback { .. } => "rollback",
             Command::Prune { .. } => "prune",
             Command::Sync { .. } => "sync",
+            Command::Clear => "clear",
         }
     }
 }

@@ -152,6 +152,7 @@ impl Daemon {
             daemon::Request::ListReleases => "ListReleases".into(),
             daemon::Request::Rollback { .. } => "Rollback".into(),
             daemon::Request::Prune { .. } => "Prune".into(),
+            daemon::Request::Clear => "Clear".into(),
         };
         self.log.push(name);
         match r {
@@ -283,6 +284,11 @@ impl Daemon {
                 s.handle_event(Event::Activated { release }, now);
             }
             daemon::Request::Prune { .. } => s.handle_event(Event::Pruned { removed: vec![] }, now),
+            daemon::Request::Clear => {
+                self.current = None;
+                let removed = std::mem::take(&mut self.releases).into_keys().collect();
+                s.handle_event(Event::Pruned { removed }, now)
+            }
         }
     }
 
@@ -890,8 +896,18 @@ fn commands_list_roll_back_and_prune() {
     let (out, d) = run_command(d, Command::Rollback { to: None });
     assert_eq!(out, Ok(client::Outcome::Activated { release: rid("r1") }));
     assert_eq!(d.current, Some(rid("r1")));
-    let (out, _) = run_command(d, Command::Prune { keep: Some(5) });
+    let (out, d) = run_command(d, Command::Prune { keep: Some(5) });
     assert_eq!(out, Ok(client::Outcome::Pruned { removed: vec![] }));
+    let (out, d) = run_command(d, Command::Clear);
+    assert_eq!(
+        out,
+        Ok(client::Outcome::Pruned {
+            removed: vec![rid("r1"), rid("r2")]
+        })
+    );
+    assert_eq!(d.current, None);
+    let (out, _) = run_command(d, Command::Releases);
+    assert_eq!(out, Ok(client::Outcome::Releases(vec![])));
 }
 
 #[test]

@@ -274,11 +274,11 @@ impl FleetNode {
         self.on_every_host(WireCommand::Prune { keep: Some(1) })
     }
 
-    /// Resets every host; returns a note on what stays.
+    /// Leaves every host's app as it was found, with no release (journals keep the record).
     pub fn finish(&self) -> Result<String> {
-        self.back_to_a()?;
+        self.on_every_host(WireCommand::Clear)?;
         Ok(format!(
-            "left on every host of {}: release {RELEASE_A} (current; no command removes the current release over the network, remove it on the daemons)",
+            "cleared every host of {} afterwards: no release left, as before (journals keep the record)",
             self.file
         ))
     }

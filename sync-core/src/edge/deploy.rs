@@ -418,6 +418,24 @@ pub fn rollback_with(
 
 /// Removes releases beyond `keep`; never `current`, the rollback target, or a release marked bad
 /// in the last `retention::BAD_GRACE_SECS`.
+/// Takes the app offline and removes every release: `current` first (so nothing points into a
+/// release being removed), then each release, newest first, with a journal entry each. The
+/// journal and the app's config stay.
+pub fn clear(root: &AppRoot, lock: &LockGuard, now_unix: i64) -> Result<Vec<ReleaseId>, EdgeError> {
+    let started = Instant::now();
+    root.recover(lock)?;
+    root.remove_current()?;
+    let mut records = root.records()?;
+    records.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    let mut removed = Vec::new();
+    for r in records {
+        root.remove_release(&r.id)?;
+        journal_event(root, now_unix, "clear", &r.id, started)?;
+        removed.push(r.id.clone());
+    }
+    Ok(removed)
+}
+
 pub fn prune(
     root: &AppRoot,
     lock: &LockGuard,

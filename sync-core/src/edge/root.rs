@@ -569,6 +569,16 @@ impl AppRoot {
         sync_dir(&self.dir, &self.path)
     }
 
+    /// Removes `current` (the app then serves no release) and fsyncs the root directory.
+    pub fn remove_current(&self) -> Result<(), EdgeError> {
+        match self.dir.remove_file(layout::CURRENT) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).ctx("remove", self.path.join(layout::CURRENT)),
+        }
+        sync_dir(&self.dir, &self.path)
+    }
+
     /// Removes release `id`: rename to `<id>.trash` (so a crash leaves something recovery removes),
     /// drop its record, then delete the tree without following symlinks.
     pub fn remove_release(&self, id: &ReleaseId) -> Result<(), EdgeError> {

@@ -1168,7 +1168,9 @@ impl ClientSession {
             {
                 Outcome::Activated { release }
             }
-            (Command::Prune { .. }, DaemonMsg::Pruned { removed }) => Outcome::Pruned { removed },
+            (Command::Prune { .. } | Command::Clear, DaemonMsg::Pruned { removed }) => {
+                Outcome::Pruned { removed }
+            }
             (_, msg) => {
                 return Err(ProtoError::Protocol(format!(
                     "daemon answered {} with an unexpected {}",

@@ -96,6 +96,8 @@ pub enum Request {
     Rollback { to: Option<ReleaseId> },
     /// Answer [`Event::Pruned`].
     Prune { keep: Option<u32> },
+    /// Remove `current`, then every release. Answer [`Event::Pruned`].
+    Clear,
 }
 
 /// The result of a [`Request`].
@@ -1197,6 +1199,10 @@ impl DaemonSession {
                         self.requests.push_back(Request::Prune { keep });
                         State::Command(Awaiting::Prune)
                     }
+                    Command::Clear => {
+                        self.requests.push_back(Request::Clear);
+                        State::Command(Awaiting::Prune)
+                    }
                 };
                 Ok(())
             }
@@ -1591,6 +1597,19 @@ mod tests {
             (
                 Command::Prune { keep: Some(3) },
                 Request::Prune { keep: Some(3) },
+                Event::Pruned {
+                    removed: vec![r.clone()],
+                },
+                DaemonMsg::Pruned {
+                    removed: vec![r.clone()],
+                },
+                Outcome::Pruned {
+                    removed: vec![r.clone()],
+                },
+            ),
+            (
+                Command::Clear,
+                Request::Clear,
                 Event::Pruned {
                     removed: vec![r.clone()],
                 },

@@ -286,7 +286,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                     },
                     now,
                 ),
-                daemon::Request::Prune { .. } => {
+                daemon::Request::Prune { .. } | daemon::Request::Clear => {
                     s.handle_event(Event::Pruned { removed: vec![] }, now)
                 }
             }

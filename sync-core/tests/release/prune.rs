@@ -214,3 +214,34 @@ fn prune_race_with_a_directory_swapped_for_an_outside_symlink() {
     assert!(fs::read(outside.join("sentinel")).unwrap() == b"must survive");
     eprintln!("prune race: {total_swaps} swaps, prune errors: {prune_errors:?}");
 }
+
+#[test]
+fn clear_removes_current_then_every_release_and_keeps_the_journal() {
+    let t = scratch();
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    for n in 1..=3 {
+        let s = t.path().join(format!("s{n}"));
+        source_tiny(&s, &format!("<?php // release {n}\n"));
+        deploy_tree(&app, &s, &keep_all(&format!("r{n}"))).unwrap();
+    }
+    let lock = app.lock(|_| {}).unwrap();
+    let removed: Vec<String> = deploy::clear(&app, &lock, NOW)
+        .unwrap()
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(removed, ["r3", "r2", "r1"]);
+    assert!(fs::symlink_metadata(path.join("current")).is_err());
+    assert_eq!(fs::read_dir(path.join("releases")).unwrap().count(), 0);
+    assert!(app.records().unwrap().is_empty());
+    let cleared = app
+        .journal()
+        .unwrap()
+        .iter()
+        .filter(|e| e.event == "clear")
+        .count();
+    assert_eq!(cleared, 3);
+    // Clearing an empty app is a no-op, not an error.
+    assert!(deploy::clear(&app, &lock, NOW).unwrap().is_empty());
+}

@@ -308,7 +308,7 @@ fn answer(
             st.current = Some(release.clone());
             Event::Activated { release }
         }
-        daemon::Request::Prune { .. } => Event::Pruned { removed: vec![] },
+        daemon::Request::Prune { .. } | daemon::Request::Clear => Event::Pruned { removed: vec![] },
     };
     drop(st);
     s.handle_event(event, now);

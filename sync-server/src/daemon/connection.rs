@@ -493,6 +493,10 @@ impl Driver {
                 move || Work::Events(vec![work::prune(&opened, keep)]),
                 Work::Events(vec![panicked("pruning")]),
             ),
+            (Request::Clear, Held::App(opened)) => self.spawn_work(
+                move || Work::Events(vec![work::clear(&opened)]),
+                Work::Events(vec![panicked("clearing the app")]),
+            ),
             (request, _) => self.fail_now(
                 ErrorKind::Internal,
                 format!(
@@ -911,6 +915,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::ListReleases => "ListReleases",
         Request::Rollback { .. } => "Rollback",
         Request::Prune { .. } => "Prune",
+        Request::Clear => "Clear",
     }
 }
 

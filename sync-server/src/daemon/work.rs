@@ -632,6 +632,18 @@ pub(super) fn prune(opened: &Opened, keep: Option<u32>) -> Event {
     run().unwrap_or_else(|e| e)
 }
 
+/// Takes the app offline and removes every release (`relsync bench` on an app set aside for it).
+pub(super) fn clear(opened: &Opened) -> Event {
+    let run = || -> Result<Event, Event> {
+        let lock = opened.lock()?;
+        let removed =
+            deploy::clear(&opened.app.root, lock, now_unix()).map_err(|e| edge_failed(&e))?;
+        tracing::warn!(removed = ?removed, "cleared: the app has no current release");
+        Ok(Event::Pruned { removed })
+    };
+    run().unwrap_or_else(|e| e)
+}
+
 /// After an activated push: keep only the app's configured number of releases. A failure is
 /// logged; the push itself succeeded.
 fn prune_after_push(opened: &Opened, lock: &LockGuard) {
