@@ -14,6 +14,8 @@
 # [--link-dest=../a]` per node, all started at once, into a new release directory). Measured per
 # run: wall time until the last node is done, bytes sent by the source (its veth counter), CPU
 # seconds of the client side and of all node daemons. Reported: median, min, max over RUNS (>= 3).
+# With RELAY=K, relsync pushes through a relay tree (`--relay --fanout K`: the source sends to K
+# nodes, each forwards to K more) instead of to every node directly.
 # Needs root and tmpfs. Tears everything down on exit, also on failure.
 set -euo pipefail
 
@@ -28,6 +30,7 @@ BYTES="${BYTES:-110MB}"
 SHM="${SHM:-/dev/shm}"
 RESULTS_DIR="${RESULTS_DIR:-}"
 CORPUS="${CORPUS:-}"
+RELAY="${RELAY:-}"
 TAG="rfb$$"
 PORT=7171
 RSYNC_PORT=873
@@ -42,6 +45,7 @@ log() { echo "== $*" >&2; }
 [[ $(stat -f -c %T "$SHM") == tmpfs ]] || die "$SHM is not tmpfs: mount one or set SHM"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS=$RUNS is not a positive number"
 ((RUNS >= 3)) || log "warning: RUNS=$RUNS; report medians of at least 3"
+[[ -z $RELAY || $RELAY =~ ^[1-9][0-9]*$ ]] || die "RELAY=$RELAY is not a fan-out (a positive number)"
 max_nodes=0
 for n in $NODES; do
 	[[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= 200)) || die "NODES: $n is not a node count from 1 to 200"
@@ -130,6 +134,7 @@ for i in $(seq "$max_nodes"); do
 		root = "$d/app"
 		keep = 5
 		authorized_keys = ["$CLIENT_FP"]
+		accept_relayed = $([[ -n $RELAY ]] && echo true || echo false)
 	EOF
 	ip netns exec "$TAG-n$i" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$d/relsyncd.toml" \
 		2>"$d/relsyncd.log" &
@@ -258,9 +263,10 @@ fi
 
 for n in $NODES; do
 	fleet=$(fleet_file "$n")
+	if [[ -n $RELAY ]]; then spread=(--relay --fanout "$RELAY"); else spread=(--fanout "$n"); fi
 	push() { # source release
 		timed "$WORK/$key.jsonl" "$n" env RELSYNC_CONFIG_DIR="$WORK/client" RELSYNC_CACHE_DIR="$WORK/cache" \
-			"$RELSYNC" push "$1" --fleet "$fleet" --release-id "$2" --fanout "$n"
+			"$RELSYNC" push "$1" --fleet "$fleet" --release-id "$2" "${spread[@]}"
 	}
 	for scenario in $FLEET_SCENARIOS; do
 		key="$scenario-relsync-$n"
@@ -271,7 +277,7 @@ for n in $NODES; do
 		if [[ $scenario == patch ]]; then
 			# Every node holds A, pushed by this client, whose cache then knows it.
 			ip netns exec "$TAG-src" env RELSYNC_CACHE_DIR="$WORK/cache" \
-				"$RELSYNC" push "$A" --fleet "$fleet" --release-id a --fanout "$n" >/dev/null
+				"$RELSYNC" push "$A" --fleet "$fleet" --release-id a "${spread[@]}" >/dev/null
 			cp -a "$WORK/cache" "$WORK/cache-a"
 		fi
 		for _ in $(seq "$RUNS"); do
@@ -319,7 +325,7 @@ field() { jq -r ".$2" <<<"${RESULT[$1]}"; }
 report() {
 	local scenario n
 	echo
-	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each"
+	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each, relsync $([[ -n $RELAY ]] && echo "through a relay tree of fan-out $RELAY" || echo "direct to every node")"
 	for scenario in $FLEET_SCENARIOS; do
 		echo
 		echo "## $scenario ($([[ $scenario == patch ]] && echo "nodes hold A, push B" || echo "empty nodes, push A"))"
