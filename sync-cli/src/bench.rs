@@ -493,13 +493,7 @@ impl Remote {
         let sent = pushed.sent_bytes.full + pushed.sent_bytes.zstd_ref + pushed.sent_bytes.rsync;
         let session = &pushed.session;
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
-        log.push_wall(
-            "client: scan + hash",
-            "no hash cache",
-            stats.files,
-            stats.bytes,
-            secs(started, scanned_at),
-        );
+        log.push_client_scan(&stats, secs(started, scanned_at));
         log.push_wall(
             "client: connect",
             "QUIC + TLS handshake",
@@ -542,17 +536,14 @@ impl Remote {
                 ph.micros as f64 / 1e6,
             );
         }
-        log.entries.push((
-            Phase {
-                name: "end to end: push".into(),
-                state: "no hash cache, daemon holds A",
-                files: stats.files,
-                bytes: stats.bytes,
-                out_bytes: Some(sent),
-                wall_only: false,
-            },
+        log.push_out(
+            "end to end: push",
+            "no hash cache, daemon holds A",
+            stats.files,
+            stats.bytes,
+            Some(sent),
             sample,
-        ));
+        );
         self.back_to_a()
     }
 

@@ -93,6 +93,14 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Pushes a one-file site to `target`, so that its app holds a release and is in use.
+fn put_in_use(env: &Env, target: &str) {
+    let site = env.path("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.php"), "<?php echo 1;\n").unwrap();
+    env.ok(&["push", s(&site), target, "--release-id", "live"]);
+}
+
 fn check_phases(report: &serde_json::Value, want: &[&str], runs: u64) {
     let phases = report["phases"].as_array().expect("phases");
     let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
@@ -252,10 +260,7 @@ fn bench_against_a_daemon_pushes_and_leaves_the_app_empty() {
     assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
 
     // An app that holds a release is in use: bench refuses to touch it.
-    let site = env.path("site");
-    std::fs::create_dir(&site).unwrap();
-    std::fs::write(site.join("index.php"), "<?php echo 1;\n").unwrap();
-    env.ok(&["push", s(&site), &d.target(), "--release-id", "live"]);
+    put_in_use(&env, &d.target());
     let stderr = env.fails(&["bench", "--target", &d.target(), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
 }
@@ -342,17 +347,8 @@ fn bench_against_a_fleet_pushes_to_every_host_and_leaves_the_apps_empty() {
     assert_eq!(entries(&tmp), Vec::<String>::new(), "left in TMPDIR");
 
     // An app that holds a release is in use: bench refuses to touch it.
-    let site = env.path("site");
-    std::fs::create_dir(&site).unwrap();
-    std::fs::write(site.join("index.php"), "<?php echo 1;\n").unwrap();
     env.ok(&["trust", &d.host_port(), &d.fingerprint]);
-    env.ok(&[
-        "push",
-        s(&site),
-        &d.target_of("blog"),
-        "--release-id",
-        "live",
-    ]);
+    put_in_use(&env, &d.target_of("blog"));
     let stderr = env.fails(&["bench", "--fleet", s(&fleet), "--runs", "1"], 2);
     assert!(stderr.contains("set aside for benchmarking"), "{stderr}");
 }

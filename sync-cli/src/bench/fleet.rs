@@ -22,7 +22,6 @@ use sync_server::tls::Identity;
 
 use super::phase::{self, RunLog, RELEASE_A, RELEASE_B};
 use super::progress;
-use super::report::Phase;
 use crate::fleet::FleetArgs;
 use crate::remote::KeyArgs;
 use crate::UsageError;
@@ -171,13 +170,7 @@ impl FleetNode {
             .filter_map(|h| h.staged.as_ref())
             .collect();
         let sent: u64 = hosts.iter().map(|s| s.sent_bytes).sum();
-        log.push_wall(
-            "client: scan + hash",
-            "no hash cache",
-            stats.files,
-            stats.bytes,
-            secs(started, scanned_at),
-        );
+        log.push_client_scan(&stats, secs(started, scanned_at));
         log.push_wall(
             "fleet: every host staged",
             "hosts hold A",
@@ -228,17 +221,14 @@ impl FleetNode {
                 micros as f64 / 1e6,
             );
         }
-        log.entries.push((
-            Phase {
-                name: "end to end: fleet push".into(),
-                state: "no hash cache, hosts hold A",
-                files: stats.files,
-                bytes: stats.bytes,
-                out_bytes: Some(sent),
-                wall_only: false,
-            },
+        log.push_out(
+            "end to end: fleet push",
+            "no hash cache, hosts hold A",
+            stats.files,
+            stats.bytes,
+            Some(sent),
             sample,
-        ));
+        );
         self.back_to_a()
     }
 

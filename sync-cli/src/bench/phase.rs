@@ -16,7 +16,7 @@ use sync_core::edge::activate::{self, ActivationOptions};
 use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::exec::{hash_file, ExecOptions, LocalSource, Stager};
 use sync_core::edge::root::AppRoot;
-use sync_core::edge::scan::{scan, Scan, ScanOptions};
+use sync_core::edge::scan::{scan, Scan, ScanOptions, ScanStats};
 use sync_core::manifest::{EntryKind, Manifest};
 use sync_core::plan::Op;
 use sync_core::ReleaseId;
@@ -85,7 +85,7 @@ impl RunLog {
         self.push_out(name, state, files, bytes, None, sample);
     }
 
-    fn push_out(
+    pub fn push_out(
         &mut self,
         name: &str,
         state: &'static str,
@@ -105,6 +105,17 @@ impl RunLog {
             },
             sample,
         ));
+    }
+
+    /// The cold scan that starts a push: the client's first step, timed by the caller.
+    pub fn push_client_scan(&mut self, stats: &ScanStats, secs: f64) {
+        self.push_wall(
+            "client: scan + hash",
+            "no hash cache",
+            stats.files,
+            stats.bytes,
+            secs,
+        );
     }
 
     /// A phase of which only the wall time is known.
