@@ -93,6 +93,19 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// `relsync bench ARGS --files 200 --size 2MB --json` with `TMPDIR=tmp`; must succeed.
+fn bench_json(env: &Env, tmp: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["bench", "--files", "200", "--size", "2MB", "--json"];
+    all.extend_from_slice(args);
+    let out = env.command(&all).env("TMPDIR", tmp).output().unwrap();
+    assert!(
+        out.status.success(),
+        "relsync {all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Pushes a one-file site to `target`, so that its app holds a release and is in use.
 fn put_in_use(env: &Env, target: &str) {
     let site = env.path("site");
@@ -227,28 +240,7 @@ fn bench_against_a_daemon_pushes_and_leaves_the_app_empty() {
     env.ok(&["trust", &d.host_port(), &d.fingerprint]);
     let tmp = env.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let out = env
-        .command(&[
-            "bench",
-            "--target",
-            &d.target(),
-            "--files",
-            "200",
-            "--size",
-            "2MB",
-            "--runs",
-            "2",
-            "--json",
-        ])
-        .env("TMPDIR", &tmp)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_json(&env, &tmp, &["--target", &d.target(), "--runs", "2"]);
     let mut want: Vec<&str> = LOCAL_PHASES[..9].to_vec();
     want.extend(REMOTE_PHASES);
     check_phases(&report, &want, 2);
@@ -285,28 +277,7 @@ fn bench_against_a_fleet_pushes_to_every_host_and_leaves_the_apps_empty() {
     .unwrap();
     let tmp = env.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let out = env
-        .command(&[
-            "bench",
-            "--fleet",
-            s(&fleet),
-            "--files",
-            "200",
-            "--size",
-            "2MB",
-            "--runs",
-            "2",
-            "--json",
-        ])
-        .env("TMPDIR", &tmp)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_json(&env, &tmp, &["--fleet", s(&fleet), "--runs", "2"]);
     let phases = report["phases"].as_array().unwrap();
     let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
     for want in [
