@@ -364,7 +364,9 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
             } else if keep {
                 notes.push(format!("kept releases {RELEASE_A} (current) on every host"));
             }
-            notes.push("daemons (slowest): per phase, the longest time any host reported".into());
+            notes.push(
+                "daemons (slowest): per phase, the longest time any host reported; daemons (busiest): the relsyncd with the most CPU seconds, and the largest peak RSS of any".into(),
+            );
             f.describe()
         }
     };
@@ -536,6 +538,19 @@ impl Remote {
                 ph.micros as f64 / 1e6,
             );
         }
+        let usage = staged.usage;
+        log.push_out(
+            "daemon: relsyncd process",
+            "hello to staged",
+            staged.files,
+            0,
+            None,
+            Sample {
+                secs: staged.phases.iter().map(|p| p.micros).sum::<u64>() as f64 / 1e6,
+                cpu_secs: usage.cpu_micros as f64 / 1e6,
+                maxrss_kib: usage.peak_rss_kib,
+            },
+        );
         log.push_out(
             "end to end: push",
             "no hash cache, daemon holds A",

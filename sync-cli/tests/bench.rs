@@ -47,6 +47,7 @@ const REMOTE_PHASES: &[&str] = &[
     "daemon: sync (syncfs)",
     "daemon: verify",
     "daemon: record + complete",
+    "daemon: relsyncd process",
     "end to end: push",
 ];
 
@@ -82,6 +83,7 @@ const NO_BYTES: &[&str] = &[
     "daemon: sync (syncfs)",
     "daemon: verify",
     "daemon: record + complete",
+    "daemon: relsyncd process",
 ];
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -141,7 +143,8 @@ fn check_phases(report: &serde_json::Value, want: &[&str], runs: u64) {
         assert!(min <= med && med <= max, "{name}: {min} {med} {max}");
         // Steps timed from the session's states, and the daemon's phases, have no CPU or
         // memory figure of their own.
-        let wall_only = name.starts_with("client: ") || name.starts_with("daemon: ");
+        let wall_only = (name.starts_with("client: ") || name.starts_with("daemon: "))
+            && !name.ends_with("relsyncd process");
         assert_eq!(p["wall_only"], wall_only, "{name}");
         if wall_only {
             assert!(

@@ -275,6 +275,18 @@ pub struct Staged {
     /// Where the daemon's time went, phase by phase (at most [`MAX_PHASES`]), for
     /// `relsync bench` and `--json`; the client checks only the bounds.
     pub phases: Vec<PhaseTime>,
+    /// What the daemon process used, for the same; zero when it does not say.
+    pub usage: Usage,
+}
+
+/// Resources of a daemon process, as it measured them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// CPU time (user + system) of the whole process from the push's `Hello` to `Staged`: the
+    /// push's own when nothing else runs on the daemon.
+    pub cpu_micros: u64,
+    /// The process's peak resident set size so far, in KiB.
+    pub peak_rss_kib: u64,
 }
 
 /// Wall time of one phase of work on a daemon.
@@ -905,6 +917,10 @@ mod tests {
                     "verify",
                     std::time::Duration::from_micros(1500),
                 )],
+                usage: Usage {
+                    cpu_micros: 12_345,
+                    peak_rss_kib: 40_960,
+                },
                 relayed: vec![
                     Relayed::new(0, None),
                     Relayed::new(1, Some("connection lost".into())),

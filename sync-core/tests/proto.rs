@@ -1597,6 +1597,11 @@ fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
         PhaseTime::new("stage files", std::time::Duration::from_micros(30_500)),
         PhaseTime::new(&"x".repeat(100), std::time::Duration::from_millis(1)),
     ];
+    let usage = wire::Usage {
+        cpu_micros: 250_000,
+        peak_rss_kib: 65_536,
+    };
+    s.set_usage(usage);
     s.handle_event(
         Event::Staged {
             linked: 3,
@@ -1611,7 +1616,9 @@ fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
             staged = Some(st);
         }
     }
-    let phases = staged.expect("a Staged frame").phases;
+    let staged = staged.expect("a Staged frame");
+    assert_eq!(staged.usage, usage);
+    let phases = staged.phases;
     let got: Vec<(&str, u64)> = phases.iter().map(|p| (p.name.as_str(), p.micros)).collect();
     let long = "x".repeat(wire::MAX_PHASE_NAME);
     assert_eq!(
@@ -1853,6 +1860,7 @@ impl Scripted {
             received: 0,
             received_bytes: 0,
             phases: vec![],
+            usage: Default::default(),
             relayed: Vec::new(),
         })
     }

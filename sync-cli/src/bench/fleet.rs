@@ -22,6 +22,7 @@ use sync_server::tls::Identity;
 
 use super::phase::{self, RunLog, RELEASE_A, RELEASE_B};
 use super::progress;
+use super::report::Sample;
 use crate::fleet::FleetArgs;
 use crate::remote::KeyArgs;
 use crate::UsageError;
@@ -219,6 +220,26 @@ impl FleetNode {
                 0,
                 0,
                 micros as f64 / 1e6,
+            );
+        }
+        // The busiest daemon: most CPU time, and the largest peak memory of any.
+        if let Some(busiest) = hosts.iter().max_by_key(|s| s.usage.cpu_micros) {
+            let peak = hosts
+                .iter()
+                .map(|s| s.usage.peak_rss_kib)
+                .max()
+                .unwrap_or(0);
+            log.push_out(
+                "daemons (busiest): relsyncd process",
+                "hello to staged",
+                0,
+                0,
+                None,
+                Sample {
+                    secs: busiest.millis as f64 / 1e3,
+                    cpu_secs: busiest.usage.cpu_micros as f64 / 1e6,
+                    maxrss_kib: peak,
+                },
             );
         }
         log.push_out(

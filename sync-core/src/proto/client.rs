@@ -1545,6 +1545,7 @@ mod tests {
             received: 1,
             received_bytes: 9,
             phases: vec![],
+            usage: Default::default(),
             relayed: Vec::new(),
         });
         s.handle_control(&staged.frame(), 4);

@@ -28,9 +28,9 @@ use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, max_payload_len, peek_version, AppName, BasisRef, ClientMsg, Command,
     DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, PhaseTime,
-    ReleaseInfo, Staged, Synced, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE, MAX_EXCLUDES,
-    MAX_EXCLUDE_LEN, MAX_FILE_HEADER, MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME, MIN_MAX_FRAME,
-    VERSION,
+    ReleaseInfo, Staged, Synced, Usage, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE,
+    MAX_EXCLUDES, MAX_EXCLUDE_LEN, MAX_FILE_HEADER, MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME,
+    MIN_MAX_FRAME, VERSION,
 };
 
 use super::{Deadlines, ProtoError};
@@ -420,6 +420,8 @@ pub struct DaemonSession {
     /// [`DaemonSession::set_spool_above`]); each counts against the bytes-in-flight budget with
     /// this much only, the memory it can occupy at once.
     spool_above: u64,
+    /// The daemon's resource use, reported in `Staged` (see [`DaemonSession::set_usage`]).
+    usage: Usage,
     decoder: FrameDecoder,
     state: State,
     clock: Deadlines,
@@ -437,6 +439,7 @@ impl DaemonSession {
             clock: Deadlines::new(now, limits.message_timeout_ms, limits.push_timeout_ms),
             limits,
             spool_above: u64::MAX,
+            usage: Usage::default(),
             state: State::Hello,
             client_max_frame: MIN_MAX_FRAME,
             transmit: VecDeque::new(),
@@ -451,6 +454,12 @@ impl DaemonSession {
     /// Without it every payload weighs its full length.
     pub fn set_spool_above(&mut self, bytes: u64) {
         self.spool_above = bytes.max(1);
+    }
+
+    /// What the daemon process has used for this push so far, as its driver measures it (the
+    /// session reads no clock or counter itself); the latest value goes out with `Staged`.
+    pub fn set_usage(&mut self, usage: Usage) {
+        self.usage = usage;
     }
 
     /// A decoder for the [`FileHeader`] frame at the start of every file payload.
@@ -1269,6 +1278,7 @@ impl DaemonSession {
                     received_bytes: t.received_bytes,
                     phases,
                     relayed,
+                    usage: self.usage,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };

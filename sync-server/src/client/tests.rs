@@ -770,6 +770,7 @@ async fn hostile_daemons_never_get_a_success() {
             received: 0,
             received_bytes: 0,
             phases: vec![],
+            usage: Default::default(),
             relayed: Vec::new(),
         }))
     };

@@ -18,7 +18,7 @@ use sync_core::manifest::Policy;
 use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
 use sync_core::proto::DaemonSession;
 use sync_core::relay::{RelayPlan, Relayed};
-use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader};
+use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader, Usage};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
 
@@ -170,6 +170,9 @@ struct Driver {
     push: bool,
     /// The peer is a relay admitted by its ticket, not an authorized key: it may stage only.
     relayed_peer: bool,
+    /// The process's CPU time (µs) when the session opened its app: `Staged` reports the
+    /// difference.
+    cpu_at_open: u64,
     /// Where to forward the release, and for which app, once the manifest is known.
     relay: Option<(AppName, RelayPlan)>,
     /// The forwarding started for this push, if any.
@@ -209,6 +212,7 @@ impl Driver {
             opened: None,
             push: false,
             relayed_peer: false,
+            cpu_at_open: 0,
             relay: None,
             forwarding: None,
             basis: None,
@@ -329,6 +333,11 @@ impl Driver {
             }
             Work::Events(events) => {
                 for e in events {
+                    if matches!(e, Event::Staged { .. }) {
+                        let mut usage = process_usage();
+                        usage.cpu_micros = usage.cpu_micros.saturating_sub(self.cpu_at_open);
+                        self.session.set_usage(usage);
+                    }
                     self.session.handle_event(e, now);
                 }
             }
@@ -389,6 +398,7 @@ impl Driver {
 
     fn start(&mut self, request: Request) {
         if let Request::Open { app, command } = request {
+            self.cpu_at_open = process_usage().cpu_micros;
             return self.open(app.as_str(), command);
         }
         let Some(held) = self.opened.clone() else {
@@ -916,6 +926,25 @@ fn request_name(r: &Request) -> &'static str {
         Request::Rollback { .. } => "Rollback",
         Request::Prune { .. } => "Prune",
         Request::Clear => "Clear",
+    }
+}
+
+/// CPU time (user + system) and peak RSS of this process so far.
+fn process_usage() -> Usage {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes the struct it is given, which lives on this stack and is
+    // read only when the call succeeded.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) } != 0 {
+        return Usage::default();
+    }
+    // SAFETY: initialized by the successful call above (and zeroed before).
+    let u = unsafe { u.assume_init() };
+    let micros = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0)
+    };
+    Usage {
+        cpu_micros: micros(u.ru_utime) + micros(u.ru_stime),
+        peak_rss_kib: u64::try_from(u.ru_maxrss).unwrap_or(0),
     }
 }
 

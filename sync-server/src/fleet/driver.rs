@@ -489,6 +489,7 @@ async fn stage(
             sent_bytes: r.session.payload_bytes,
             millis: ms(),
             phases: r.session.staged.phases.clone(),
+            usage: r.session.staged.usage,
             relayed_by: None,
         })
         .map_err(|e| chain(&e));
@@ -581,6 +582,7 @@ async fn stage_relayed(
                     millis: ms(started),
                     relayed_by: None,
                     phases: report.session.staged.phases.clone(),
+                    usage: report.session.staged.usage,
                 };
                 out.push((root, Ok((Ok(result), Some(prev), ms(started)))));
                 for rel in &report.session.staged.relayed {
@@ -619,6 +621,7 @@ async fn stage_relayed(
             relayed_by: tree.parent(host),
             // A relay reports only whether its children staged, not their timings.
             phases: Vec::new(),
+            usage: Default::default(),
         };
         out.push((host, Ok((Ok(result), Some(prev), ms(started)))));
     }

@@ -53,6 +53,8 @@ pub struct Staged {
     pub millis: u64,
     /// The daemon's time per phase, as it reported them.
     pub phases: Vec<sync_core::wire::PhaseTime>,
+    /// The daemon process's CPU time and peak memory, as it reported them.
+    pub usage: sync_core::wire::Usage,
     /// The host that relayed the release to this one (`None`: the source sent it).
     pub relayed_by: Option<usize>,
 }
@@ -445,6 +447,7 @@ mod tests {
                                 sent_bytes: 10,
                                 millis: 5,
                                 phases: vec![],
+                                usage: Default::default(),
                                 relayed_by: None,
                             })
                         } else {
