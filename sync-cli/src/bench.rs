@@ -45,6 +45,8 @@ pub struct BenchArgs {
     pub keep: bool,
     /// `--fleet FILE` and the hosts it selects, instead of `target`.
     pub fleet: crate::fleet::FleetArgs,
+    /// Stage a fleet through a relay tree.
+    pub relay: bool,
 }
 
 /// Where release B goes.
@@ -89,13 +91,20 @@ pub fn run(keys: &KeyArgs, a: BenchArgs) -> Result<()> {
 /// For `loopback[:N]` it first starts the daemons, which live as long as the returned guard.
 fn node(keys: &KeyArgs, a: &BenchArgs, work: &Path) -> Result<(Node, Option<LocalDaemons>)> {
     if a.fleet.fleet.is_some() {
-        let f = fleet::FleetNode::connect(keys, &a.fleet, work)?;
+        let f = fleet::FleetNode::connect(keys, &a.fleet, a.relay, work)?;
         return Ok((Node::Fleet(f), None));
+    }
+    let loopbacks = loopback_count(&a.target)?;
+    if a.relay && loopbacks.is_none_or(|n| n < 2) {
+        return Err(UsageError(
+            "--relay needs a fleet: --fleet FILE or --target loopback:N with N of 2 or more".into(),
+        )
+        .into());
     }
     if a.target == "local" {
         return Ok((Node::Local(work.join("node")), None));
     }
-    if let Some(n) = loopback_count(&a.target)? {
+    if let Some(n) = loopbacks {
         return loopback(a, work, n);
     }
     let target = Target::parse(&a.target).map_err(|e| UsageError(format!("--target: {e}")))?;
@@ -133,7 +142,7 @@ fn loopback(a: &BenchArgs, work: &Path, n: usize) -> Result<(Node, Option<LocalD
         .save(&keys_dir, "id")
         .context("saving the client key")?;
     let known_hosts = keys_dir.join("known_hosts");
-    let daemons = LocalDaemons::start(work, "daemon", n, client.fingerprint())?;
+    let daemons = LocalDaemons::start(work, "daemon", n, client.fingerprint(), a.relay)?;
     let mut pins = KnownHosts::load(&known_hosts)?;
     for d in &daemons.nodes {
         pins.add(&d.addr.to_string(), d.fingerprint.parse()?)?;
@@ -169,7 +178,7 @@ fn loopback(a: &BenchArgs, work: &Path, n: usize) -> Result<(Node, Option<LocalD
         fleet: Some(file),
         ..a.fleet.clone()
     };
-    let f = fleet::FleetNode::connect(&keys, &args, work)?;
+    let f = fleet::FleetNode::connect(&keys, &args, a.relay, work)?;
     Ok((Node::Fleet(f), Some(daemons)))
 }
 

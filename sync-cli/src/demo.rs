@@ -91,7 +91,7 @@ pub fn run(
         .context("loading the demo client key")?
         .fingerprint();
 
-    let daemons = LocalDaemons::start(&work, "node", daemons, client_key)
+    let daemons = LocalDaemons::start(&work, "node", daemons, client_key, false)
         .context("starting the demo daemons")?;
     for (n, node) in daemons.nodes.iter().enumerate() {
         println!(

@@ -31,8 +31,14 @@ pub struct LocalDaemons {
 
 impl LocalDaemons {
     /// Starts `n` daemons named `{name}{i}` whose app roots are `work/{name}{i}/app`, each
-    /// authorizing `client` for app [`APP`].
-    pub fn start(work: &Path, name: &str, n: usize, client: Fingerprint) -> Result<LocalDaemons> {
+    /// authorizing `client` for app [`APP`], and with `accept_relayed` relayed pushes of it.
+    pub fn start(
+        work: &Path,
+        name: &str,
+        n: usize,
+        client: Fingerprint,
+        accept_relayed: bool,
+    ) -> Result<LocalDaemons> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -59,7 +65,7 @@ impl LocalDaemons {
                     keep: Some(5),
                     shared: Vec::new(),
                     authorized: HashSet::from([client]),
-                    accept_relayed: false,
+                    accept_relayed,
                     activation: None,
                 },
             );

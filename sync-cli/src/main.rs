@@ -238,6 +238,10 @@ enum Command {
         /// --target (their apps must hold no release).
         #[command(flatten)]
         fleet: fleet::FleetArgs,
+        /// With --fleet or --target loopback:N: stage through a relay tree of fan-out
+        /// --fanout, as `relsync push --fleet --relay` does.
+        #[arg(long)]
+        relay: bool,
     },
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself. DST
     /// is a local directory or relsync://HOST[:PORT]/EXPORT[/PATH], a directory of an export on
@@ -681,6 +685,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             chart,
             keep,
             fleet,
+            relay,
         } => bench::run(
             keys,
             bench::BenchArgs {
@@ -695,6 +700,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                 chart,
                 keep,
                 fleet,
+                relay,
             },
         ),
         Command::Sync {

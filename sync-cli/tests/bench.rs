@@ -228,6 +228,7 @@ fn bad_arguments_are_usage_errors() {
         &["bench", "--target", "no-app-here"],
         &["bench", "--target", "loopback:0"],
         &["bench", "--target", "loopback:many"],
+        &["bench", "--relay"],
         &["bench", "--files", "300", "--size", "1000"],
     ] {
         let stderr = env.fails(args, 2);
@@ -332,16 +333,24 @@ fn bench_on_loopback_daemons_needs_no_set_up_and_leaves_nothing() {
     let env = Env::new();
     let tmp = env.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    for (target, last) in [
-        ("loopback", "end to end: push"),
-        ("loopback:2", "end to end: fleet push"),
-    ] {
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("loopback", &[], "end to end: push"),
+        ("loopback:2", &[], "end to end: fleet push"),
+        // A chain: the source sends to one daemon, which relays to the next.
+        (
+            "loopback:3",
+            &["--relay", "--fanout", "1"],
+            "end to end: fleet push",
+        ),
+    ];
+    for (target, extra, last) in cases {
         // No key, no known_hosts, no daemon: bench makes and removes its own.
+        let mut args = vec![
+            "bench", "--target", target, "--files", "200", "--size", "2MB", "--runs", "1", "--json",
+        ];
+        args.extend_from_slice(extra);
         let out = env
-            .command(&[
-                "bench", "--target", target, "--files", "200", "--size", "2MB", "--runs", "1",
-                "--json",
-            ])
+            .command(&args)
             .env("TMPDIR", &tmp)
             .env("RELSYNC_CONFIG_DIR", env.path("no-config-here"))
             .output()

@@ -40,10 +40,13 @@ pub struct FleetNode {
 
 impl FleetNode {
     /// Checks that every selected host answers and that its app holds no release.
-    pub fn connect(keys: &KeyArgs, a: &FleetArgs, work: &Path) -> Result<FleetNode> {
+    pub fn connect(keys: &KeyArgs, a: &FleetArgs, relay: bool, work: &Path) -> Result<FleetNode> {
         // Every host must stage: a bench over a partial fleet would measure something else.
         let sel = crate::fleet::selection(a, None, Some(MaxFailed::None))?;
-        let opts = crate::fleet::options(keys, a)?;
+        let opts = FleetOptions {
+            relay,
+            ..crate::fleet::options(keys, a)?
+        };
         let cache_dir = work.join("client-cache");
         std::fs::create_dir_all(&cache_dir)
             .with_context(|| format!("creating {}", cache_dir.display()))?;
