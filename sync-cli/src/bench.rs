@@ -32,20 +32,55 @@ use phase::{RunLog, RELEASE_A, RELEASE_B};
 use report::{Phase, PhaseStats, Sample};
 
 /// What `relsync bench` was asked to do.
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// `generated` (a corpus pair made with --files, --size, --change, --seed) or a
+    /// directory holding release A in PATH/a and release B in PATH/b.
+    #[arg(long, default_value = "generated", value_name = "generated|PATH")]
     pub corpus: String,
+    /// `local` (a temporary app root), `loopback[:N]` (N relsyncd daemons started in this
+    /// process on loopback with throwaway keys and roots; more than one is pushed to as a
+    /// fleet), or HOST[:PORT]/APP, an app on relsyncd set aside for benchmarking (it must
+    /// hold no release).
+    #[arg(
+        long,
+        default_value = "local",
+        value_name = "local|loopback[:N]|HOST[:PORT]/APP",
+        conflicts_with = "fleet"
+    )]
     pub target: String,
+    /// Approximate total size of the generated release A (K/M/G binary, KB/MB/GB decimal).
+    #[arg(long, default_value = "110MB", value_name = "S", value_parser = relsync_testdata::parse_size)]
     pub size: u64,
+    /// Files in the generated release A.
+    #[arg(long, default_value_t = 15_000, value_name = "N")]
     pub files: usize,
+    /// Share of A's files edited in the generated B (added, removed and moved files stay
+    /// at 0.5%, 0.3% and a handful).
+    #[arg(long, default_value = "3.5%", value_name = "P%", value_parser = report::parse_percent)]
     pub change: f64,
+    /// Seed of the generated corpus.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Runs per phase.
+    #[arg(long, default_value_t = 5, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
+    /// Machine-readable output on stdout.
+    #[arg(long)]
     pub json: bool,
+    /// Also write an SVG bar chart of the phases (median, whiskers from min to max).
+    #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+    /// Leave the generated corpus and the temporary node (holding A and B) in place.
+    #[arg(long)]
     pub keep: bool,
-    /// `--fleet FILE` and the hosts it selects, instead of `target`.
+    /// With --fleet FILE: push to every selected host of the fleet at once instead of
+    /// --target (their apps must hold no release).
+    #[command(flatten)]
     pub fleet: crate::fleet::FleetArgs,
-    /// Stage a fleet through a relay tree.
+    /// With --fleet or --target loopback:N: stage through a relay tree of fan-out
+    /// --fanout, as `relsync push --fleet --relay` does.
+    #[arg(long)]
     pub relay: bool,
 }
 

@@ -193,56 +193,7 @@ enum Command {
     /// compression, staging, sync, activation, end to end) and print median, min and max over
     /// the runs, with throughput, CPU seconds and peak memory.
     #[command(after_help = BENCH_HELP)]
-    Bench {
-        /// `generated` (a corpus pair made with --files, --size, --change, --seed) or a
-        /// directory holding release A in PATH/a and release B in PATH/b.
-        #[arg(long, default_value = "generated", value_name = "generated|PATH")]
-        corpus: String,
-        /// `local` (a temporary app root), `loopback[:N]` (N relsyncd daemons started in this
-        /// process on loopback with throwaway keys and roots; more than one is pushed to as a
-        /// fleet), or HOST[:PORT]/APP, an app on relsyncd set aside for benchmarking (it must
-        /// hold no release).
-        #[arg(
-            long,
-            default_value = "local",
-            value_name = "local|loopback[:N]|HOST[:PORT]/APP",
-            conflicts_with = "fleet"
-        )]
-        target: String,
-        /// Approximate total size of the generated release A (K/M/G binary, KB/MB/GB decimal).
-        #[arg(long, default_value = "110MB", value_name = "S", value_parser = relsync_testdata::parse_size)]
-        size: u64,
-        /// Files in the generated release A.
-        #[arg(long, default_value_t = 15_000, value_name = "N")]
-        files: usize,
-        /// Share of A's files edited in the generated B (added, removed and moved files stay
-        /// at 0.5%, 0.3% and a handful).
-        #[arg(long, default_value = "3.5%", value_name = "P%", value_parser = bench::report::parse_percent)]
-        change: f64,
-        /// Seed of the generated corpus.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Runs per phase.
-        #[arg(long, default_value_t = 5, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
-        runs: u32,
-        /// Machine-readable output on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Also write an SVG bar chart of the phases (median, whiskers from min to max).
-        #[arg(long, value_name = "FILE.svg")]
-        chart: Option<PathBuf>,
-        /// Leave the generated corpus and the temporary node (holding A and B) in place.
-        #[arg(long)]
-        keep: bool,
-        /// With --fleet FILE: push to every selected host of the fleet at once instead of
-        /// --target (their apps must hold no release).
-        #[command(flatten)]
-        fleet: fleet::FleetArgs,
-        /// With --fleet or --target loopback:N: stage through a relay tree of fan-out
-        /// --fanout, as `relsync push --fleet --relay` does.
-        #[arg(long)]
-        relay: bool,
-    },
+    Bench(bench::BenchArgs),
     /// Mirror SRC to DST like rsync: `SRC/` copies the contents, `SRC` the directory itself. DST
     /// is a local directory or relsync://HOST[:PORT]/EXPORT[/PATH], a directory of an export on
     /// a relsyncd daemon.
@@ -673,36 +624,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             bytes,
             daemons,
         } => demo::run(dir, keep, files, bytes, daemons.max(1)),
-        Command::Bench {
-            corpus,
-            target,
-            size,
-            files,
-            change,
-            seed,
-            runs,
-            json,
-            chart,
-            keep,
-            fleet,
-            relay,
-        } => bench::run(
-            keys,
-            bench::BenchArgs {
-                corpus,
-                target,
-                size,
-                files,
-                change,
-                seed,
-                runs,
-                json,
-                chart,
-                keep,
-                fleet,
-                relay,
-            },
-        ),
+        Command::Bench(args) => bench::run(keys, args),
         Command::Sync {
             src,
             dst,
