@@ -170,8 +170,9 @@ fi
 if has phases; then
 	# Warm by design (see the notes in phases.json): it splits one build into its phases.
 	# shellcheck disable=SC2016 # the inner script expands its own arguments
-	run phases bash -c '"$1" bench --corpus "$2" --runs "$3" --json >"$4.tmp" && mv "$4.tmp" "$4"' \
-		phases "$BIN_DIR/relsync" "$TREE" "$RUNS" "$OUT/raw/phases.json"
+	# The chart is relsync bench's own (--chart), drawn from the same runs.
+	run phases bash -c '"$1" bench --corpus "$2" --runs "$3" --json --chart "$5" >"$4.tmp" && mv "$4.tmp" "$4"' \
+		phases "$BIN_DIR/relsync" "$TREE" "$RUNS" "$OUT/raw/phases.json" "$OUT/raw/phases.svg"
 fi
 
 echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.md"

@@ -263,7 +263,7 @@ pub fn fleet_series(scenarios: &[Scenario]) -> Vec<Series> {
     series
 }
 
-/// One bar of the phase chart.
+/// One phase of `relsync bench --json`, as the suite checks it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PhaseBar {
     pub name: String,

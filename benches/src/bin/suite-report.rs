@@ -1,7 +1,8 @@
 //! `suite-report DIR`: renders the comparison suite's results. Reads the per-scenario summaries
-//! `DIR/raw/*.summary.json` and `DIR/raw/phases.json` (`relsync bench --json`) that
-//! `benches/suite.sh` collected, and writes `DIR/summary.md` (machine description, the table of
-//! ratios and bytes on the wire), `DIR/fleet-time.svg` and `DIR/phases.svg`.
+//! `DIR/raw/*.summary.json` and `DIR/raw/phases.json` and `.svg` (`relsync bench --json
+//! --chart`) that `benches/suite.sh` collected, and writes `DIR/summary.md` (machine
+//! description, the table of ratios and bytes on the wire), `DIR/fleet-time.svg` and
+//! `DIR/phases.svg` (the bench's chart, copied).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -68,13 +69,8 @@ fn main() -> Result<()> {
     let phases_file = raw.join("phases.json");
     if phases_file.exists() {
         let p = suite::parse_phases(&phases_file.display().to_string(), &read(&phases_file)?)?;
-        let svg = chart::phases_svg(
-            &format!(
-                "relsync bench: time per phase ({}, {} runs)",
-                p.target, p.runs
-            ),
-            &p.phases,
-        )?;
+        // Drawn by `relsync bench --chart` in the same run as the JSON.
+        let svg = read(&raw.join("phases.svg"))?;
         write(&args.dir.join("phases.svg"), &svg)?;
         // The corpus is named by its temporary path, which says nothing once the run is over.
         md.push_str(&format!(

@@ -1,10 +1,10 @@
-//! The suite's SVG charts (plotters' SVG backend, rendered into a string): time against fleet
-//! size for each tool and fleet scenario, and the time of each phase of one relsync build. Each
-//! point or bar is a median with a whisker from min to max, as in the table.
+//! The suite's SVG chart (plotters' SVG backend, rendered into a string): time against fleet
+//! size for each tool and fleet scenario, each point a median with a whisker from min to max, as
+//! in the table. The chart of the phases is `relsync bench --chart`'s own.
 
 use plotters::prelude::*;
 
-use super::{PhaseBar, Series, SuiteError};
+use super::{Series, SuiteError};
 
 const WIDTH_PX: u32 = 960;
 
@@ -106,85 +106,6 @@ pub fn fleet_svg(title: &str, series: &[Series]) -> Result<String, SuiteError> {
     Ok(out)
 }
 
-/// One horizontal bar per phase at its median, a whisker from min to max, name and median beside.
-pub fn phases_svg(title: &str, phases: &[PhaseBar]) -> Result<String, SuiteError> {
-    const ROW_PX: u32 = 28;
-    let n = phases.len().max(1);
-    let longest_ms = phases
-        .iter()
-        .map(|p| p.max_s * 1e3)
-        .fold(0.0_f64, f64::max)
-        .max(1e-3);
-    // Room right of the longest whisker for its label.
-    let x_end = longest_ms * 1.7;
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (WIDTH_PX, 90 + ROW_PX * n as u32))
-            .into_drawing_area();
-        let err = chart_error("phases.svg");
-        root.fill(&WHITE).map_err(&err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(8)
-            .build_cartesian_2d(0.0..x_end, 0.0..n as f64)
-            .map_err(&err)?;
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .disable_y_axis()
-            .y_labels(0)
-            .x_desc("milliseconds (median; whiskers: min to max)")
-            .draw()
-            .map_err(&err)?;
-        // The first phase at the top.
-        let row = |i: usize| (n - 1 - i) as f64;
-        chart
-            .draw_series(phases.iter().enumerate().map(|(i, p)| {
-                Rectangle::new(
-                    [(0.0, row(i) + 0.2), (p.median_s * 1e3, row(i) + 0.8)],
-                    Palette99::pick(i).mix(0.8).filled(),
-                )
-            }))
-            .map_err(&err)?;
-        for (i, p) in phases.iter().enumerate() {
-            let y = row(i) + 0.5;
-            let (lo, hi) = (p.min_s * 1e3, p.max_s * 1e3);
-            let whisker = [
-                vec![(lo, y), (hi, y)],
-                vec![(lo, y - 0.15), (lo, y + 0.15)],
-                vec![(hi, y - 0.15), (hi, y + 0.15)],
-            ];
-            chart
-                .draw_series(
-                    whisker
-                        .into_iter()
-                        .map(|points| PathElement::new(points, BLACK.stroke_width(1))),
-                )
-                .map_err(&err)?;
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    phase_label(p),
-                    (hi + longest_ms * 0.02, y + 0.25),
-                    ("sans-serif", 13),
-                )))
-                .map_err(&err)?;
-        }
-        root.present().map_err(&err)?;
-    }
-    Ok(out)
-}
-
-/// The text beside a phase's bar: its name and median.
-pub fn phase_label(p: &PhaseBar) -> String {
-    if p.median_s >= 1.0 {
-        format!("{}  {:.2} s", p.name, p.median_s)
-    } else {
-        format!("{}  {:.1} ms", p.name, p.median_s * 1e3)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::Point;
@@ -226,31 +147,6 @@ mod tests {
             let dots = svg.matches("<circle").count();
             let points: usize = s.iter().map(|x| x.points.len()).sum();
             assert_eq!(dots, points, "one dot per point");
-        }
-    }
-
-    #[test]
-    fn the_phase_chart_labels_every_bar() {
-        let phases = [
-            PhaseBar {
-                name: "scan".into(),
-                median_s: 0.02,
-                min_s: 0.01,
-                max_s: 0.03,
-            },
-            PhaseBar {
-                name: "end to end: deploy".into(),
-                median_s: 1.5,
-                min_s: 1.4,
-                max_s: 1.9,
-            },
-        ];
-        let svg = phases_svg("phases", &phases).unwrap();
-        assert!(svg.starts_with("<svg"));
-        assert_eq!(phase_label(&phases[0]), "scan  20.0 ms");
-        assert_eq!(phase_label(&phases[1]), "end to end: deploy  1.50 s");
-        for p in &phases {
-            assert!(svg.contains(&phase_label(p)), "{} missing", p.name);
         }
     }
 }
