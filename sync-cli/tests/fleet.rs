@@ -505,6 +505,54 @@ fn a_chain_of_relays_passes_the_release_down_every_level() {
     }
 }
 
+/// The numbers a relay logged with `event` for its last relayed push, by field name.
+fn relay_log(node: &harness::Node, event: &str) -> std::collections::HashMap<String, u64> {
+    let lines = node.log_lines(event);
+    let last = lines
+        .last()
+        .unwrap_or_else(|| panic!("{} logged no {event:?}", node.name));
+    last.split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.to_owned(), v.trim_end_matches(',').parse().ok()?))
+        })
+        .collect()
+}
+
+/// A relay sends on the payloads it received as they came (nothing encoded again), and for a
+/// patch it sends its child zstd-reference deltas against the release they both hold, as the
+/// source did, instead of asking for rsync signatures.
+#[test]
+fn a_relay_forwards_what_it_received_and_deltas_against_the_release_it_holds() {
+    require_netns!();
+    let mut spec = Spec::new(3);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "1"]));
+    assert_eq!(report["success"], true, "{report}");
+    let b = edited(&a, &["F3.php", "F17.php", "big.php"], "src/New.php", 7);
+    write_tree(&src, &b);
+    let report = ok_json(&push(&f, &src, "r2", &["--relay", "--fanout", "1"]));
+    assert_eq!(report["success"], true, "{report}");
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r2"), "{}", node.name);
+        assert_live(node, &b);
+    }
+    for relay in &f.nodes[..2] {
+        let memo = relay_log(relay, "payloads for the children");
+        assert_eq!(memo.get("encoded"), Some(&0), "{}: {memo:?}", relay.name);
+        assert!(memo["as_received"] >= 4, "{}: {memo:?}", relay.name);
+        let sent = relay_log(relay, "relayed the release");
+        assert_eq!(sent.get("rsync"), Some(&0), "{}: {sent:?}", relay.name);
+        assert!(sent["zstd_ref"] > 0, "{}: {sent:?}", relay.name);
+        // Three small edits and one new file: far less than the files themselves.
+        assert!(sent["bytes"] < 20_000, "{}: {sent:?}", relay.name);
+    }
+}
+
 /// A relay killed while the source still sends it the release, and while it already forwards
 /// what it has to its children (pipelined: they hold content before the relay has built its own
 /// release). The relay is reported as failed; the hosts below it are pushed to directly by the

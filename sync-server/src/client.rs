@@ -336,6 +336,9 @@ pub struct PushOptions {
     /// Read the files from here, waiting for content still on its way, instead of from
     /// `PushRequest::source` (a relay forwarding a release it is still receiving).
     pub locate: Option<Arc<dyn Locate>>,
+    /// Without a cache: the encoded manifest the daemon probably holds (a relay's current
+    /// release), to send the new one as a delta against.
+    pub manifest_basis: Option<Arc<[u8]>>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -369,7 +372,10 @@ pub async fn push_with(
         )),
         None => open_source(&req.source, &req.manifest)?,
     };
-    let cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
+    let mut cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
+    if cached.manifest.is_none() {
+        cached.manifest.clone_from(&opts.manifest_basis);
+    }
     let session = push_session(conn, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {

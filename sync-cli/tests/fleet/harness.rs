@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use sync_server::tls::Identity;
@@ -111,9 +111,17 @@ pub struct Node {
     pub root: PathBuf,
     dir: PathBuf,
     child: Option<Child>,
+    /// Every line relsyncd logged so far (at `info`), across restarts.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Node {
+    /// The lines relsyncd logged so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     /// The release `current` points to.
     pub fn current(&self) -> Option<String> {
         let link = std::fs::read_link(self.root.join("current")).ok()?;
@@ -285,6 +293,7 @@ impl Fleet {
                 root: dir.join("apps/shop"),
                 dir,
                 child: None,
+                log: Arc::default(),
             });
             self.start_daemon(i, None);
         }
@@ -332,9 +341,13 @@ impl Fleet {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let name = n.name.clone();
+        let log = Arc::clone(&n.log);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line.clone());
                 if line.contains("listening") {
                     let _ = tx.send(true);
                 }

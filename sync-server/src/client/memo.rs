@@ -78,6 +78,7 @@ pub struct PayloadMemo {
     cpu: Arc<Semaphore>,
     hits: std::sync::atomic::AtomicU64,
     encodes: std::sync::atomic::AtomicU64,
+    offered: std::sync::atomic::AtomicU64,
 }
 
 /// How often the memo saved an encoding.
@@ -87,6 +88,8 @@ pub struct MemoStats {
     pub encodes: u64,
     /// Payloads taken from the memo instead.
     pub hits: u64,
+    /// Payloads received from elsewhere and kept (see [`PayloadMemo::offer`]).
+    pub offered: u64,
 }
 
 impl PayloadMemo {
@@ -98,6 +101,7 @@ impl PayloadMemo {
             cpu: Arc::new(Semaphore::new(cores.max(1))),
             hits: Default::default(),
             encodes: Default::default(),
+            offered: Default::default(),
         }
     }
 
@@ -110,6 +114,7 @@ impl PayloadMemo {
         MemoStats {
             encodes: self.encodes.load(Relaxed),
             hits: self.hits.load(Relaxed),
+            offered: self.offered.load(Relaxed),
         }
     }
 
@@ -145,6 +150,36 @@ impl PayloadMemo {
             self.hits.fetch_add(1, Relaxed);
         }
         Ok(Arc::clone(payload))
+    }
+
+    /// Keeps `bytes`, a payload in `format` that rebuilds `content` (against `basis`, for a
+    /// zstd-reference delta) and was already checked by doing so, for the pushes that would
+    /// encode the same. Rsync deltas are not offered: they answer one receiver's signature.
+    /// Returns whether the memo took it (not when it holds that key already).
+    pub fn offer(
+        &self,
+        content: Hash,
+        format: DeltaFormat,
+        basis: Option<Hash>,
+        bytes: Vec<u8>,
+    ) -> bool {
+        let key = match (format, basis) {
+            (DeltaFormat::Full, _) => Key::Full(content),
+            (DeltaFormat::ZstdRef, Some(basis)) => Key::ZstdRef { content, basis },
+            _ => return false,
+        };
+        let size = bytes.len() as u64;
+        if size > self.budget {
+            return false;
+        }
+        let cell = Arc::clone(self.lock().cells.entry(key).or_default());
+        if cell.set(Arc::new(Payload { format, bytes })).is_err() {
+            return false;
+        }
+        self.offered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.keep(key, &cell, size);
+        true
     }
 
     /// Accounts a newly filled cell and drops the oldest ones beyond the budget.
@@ -211,7 +246,8 @@ mod tests {
             memo.stats(),
             MemoStats {
                 encodes: 1,
-                hits: 7
+                hits: 7,
+                offered: 0
             }
         );
     }
@@ -281,5 +317,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept.bytes.len(), 100, "z is still held");
+    }
+
+    #[tokio::test]
+    async fn an_offered_payload_is_sent_as_received_and_rsync_deltas_are_not_kept() {
+        let memo = PayloadMemo::new(1000, 1);
+        let (c, b) = (Hash::of(b"c"), Hash::of(b"b"));
+        assert!(memo.offer(c, DeltaFormat::Full, None, vec![7; 10]));
+        assert!(memo.offer(c, DeltaFormat::ZstdRef, Some(b), vec![8; 4]));
+        assert!(
+            !memo.offer(c, DeltaFormat::Full, None, vec![9; 3]),
+            "held already"
+        );
+        assert!(!memo.offer(c, DeltaFormat::Rsync, Some(b), vec![1]));
+        assert!(
+            !memo.offer(c, DeltaFormat::ZstdRef, None, vec![1]),
+            "no basis"
+        );
+        assert!(
+            !memo.offer(b, DeltaFormat::Full, None, vec![0; 1001]),
+            "over budget"
+        );
+        let never = || async { Err::<Payload, _>("must not encode") };
+        let full = memo.get_or_encode(Key::Full(c), never).await.unwrap();
+        assert_eq!(
+            (full.format, full.bytes.clone()),
+            (DeltaFormat::Full, vec![7; 10])
+        );
+        let zref = memo
+            .get_or_encode(
+                Key::ZstdRef {
+                    content: c,
+                    basis: b,
+                },
+                never,
+            )
+            .await
+            .unwrap();
+        assert_eq!(zref.bytes, vec![8; 4]);
+        assert_eq!(
+            memo.stats(),
+            MemoStats {
+                encodes: 0,
+                hits: 2,
+                offered: 2
+            }
+        );
+        assert_eq!(memo.held_bytes(), 14);
     }
 }

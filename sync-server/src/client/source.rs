@@ -94,6 +94,13 @@ pub trait Locate: Send + Sync + fmt::Debug {
     fn open(&self, path: &RelPath, hash: &Hash, mode: u32) -> Option<std::fs::File>;
     /// Whether the content will never come (the relay's own push failed): stop waiting.
     fn given_up(&self) -> bool;
+    /// Content `hash` of `size` bytes, to encode a zstd-reference delta against (a basis the
+    /// receiving daemon holds, from a kept release here). Checked against `hash`; `None` when
+    /// it is not here or no longer matches.
+    fn basis(&self, hash: &Hash, size: u64) -> Option<Vec<u8>> {
+        let _ = (hash, size);
+        None
+    }
 }
 
 /// Where a [`SourceTree`] reads from.
@@ -265,16 +272,20 @@ impl SourceTree {
         Ok(content)
     }
 
-    /// Reads and encodes the file of `f` the way its method says; a zstd-reference basis missing
-    /// from (or damaged in) the cache lowers it to a full send.
+    /// Reads and encodes the file of `f` the way its method says. A zstd-reference basis comes
+    /// from the cache, or for a located source without one from [`Locate::basis`]; a basis
+    /// missing from (or damaged in) either lowers it to a full send.
     pub fn encode(&self, f: &SendFile, cache: Option<&Cache>) -> Result<EncodedFile, SourceError> {
         let content = self.read(&f.path, f.size, &f.hash)?;
-        let cached = match (&f.method, cache) {
-            (Method::ZstdRef { basis }, Some(cache)) => {
+        let cached = match (&f.method, cache, &self.origin) {
+            (Method::ZstdRef { basis }, Some(cache), _) => {
                 cache.load(&basis.hash, basis.size).unwrap_or_else(|e| {
                     tracing::debug!("cache: {e}; sending {} in full", f.path);
                     None
                 })
+            }
+            (Method::ZstdRef { basis }, None, Origin::Located(locate)) => {
+                locate.basis(&basis.hash, basis.size)
             }
             _ => None,
         };

@@ -26,6 +26,7 @@ use super::export::{self, Destination};
 use super::stream::{self, Payload, ReadPlan};
 use super::work::{self, Basis, Opened};
 use super::{relay, App, Shared};
+use crate::client::PayloadMemo;
 use crate::net::peer_fingerprint;
 use crate::tls::{ticket, Fingerprint};
 
@@ -523,6 +524,7 @@ impl Driver {
         self.receiving.insert(file);
         let payload = self.payloads.remove(&file);
         let basis = self.basis.clone();
+        let forward = self.forwarding.as_ref().map(|f| Arc::clone(&f.memo));
         let slots = self.shared.apply_slots.clone();
         let tx = self.tx.clone();
         let span = Span::current();
@@ -548,7 +550,14 @@ impl Driver {
                                 Held::App(o) => o.objects(),
                                 Held::Export(d) => d.objects(),
                             };
-                            work::store(objects, basis.as_deref(), &job, &payload)
+                            let stored = work::store(objects, basis.as_deref(), &job, &payload);
+                            if let (Ok(()), Some(memo), Payload::Memory(bytes)) =
+                                (&stored, forward, payload)
+                            {
+                                // Stored means checked: the children may have these bytes.
+                                memo.offer(job.hash, job.format, job.basis.map(|b| b.hash), bytes);
+                            }
+                            stored
                         })
                         .await
                         .unwrap_or_else(|_| {
@@ -655,11 +664,13 @@ impl Driver {
         plan: RelayPlan,
     ) {
         let stop = Arc::new(AtomicBool::new(false));
+        let memo = relay::memo();
         let relayer = Arc::clone(&self.shared.relayer);
         let (opened, release, manifest) =
             (Arc::clone(opened), release.clone(), Arc::clone(manifest));
         let given_up = Arc::clone(&stop);
         let span = Span::current();
+        let offer_to = Arc::clone(&memo);
         let task = tokio::spawn(
             async move {
                 let content = {
@@ -682,6 +693,7 @@ impl Driver {
                             plan,
                             content: Arc::new(content),
                             authorized: opened.authorized().clone(),
+                            memo,
                         };
                         relay::forward(relayer, f).await
                     }
@@ -697,7 +709,11 @@ impl Driver {
             }
             .in_current_span(),
         );
-        self.forwarding = Some(Forwarding { task, stop });
+        self.forwarding = Some(Forwarding {
+            task,
+            stop,
+            memo: offer_to,
+        });
     }
 
     /// Builds the release, then waits for the forwarding to end; the `Staged` event carries
@@ -875,6 +891,8 @@ struct Forwarding {
     task: tokio::task::JoinHandle<Vec<Relayed>>,
     /// Tells the readers waiting for content that it will not come.
     stop: Arc<AtomicBool>,
+    /// The children's payloads: what arrives here is offered to it.
+    memo: Arc<PayloadMemo>,
 }
 
 impl Forwarding {

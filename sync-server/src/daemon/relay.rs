@@ -11,6 +11,7 @@
 //! and reports back in turn, so the answer to the source names every node below.
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use sync_core::wire::AppName;
 use sync_core::ReleaseId;
 use tokio::task::JoinSet;
 
+use crate::client::cache::MAX_CACHED_FILE;
 use crate::client::{self, Locate, PayloadMemo, PushOptions, PushRequest, Target};
 use crate::fleet::driver::chain;
 use crate::net::NetConfig;
@@ -58,6 +60,9 @@ pub(super) struct Forward {
     pub(super) content: Arc<RelayContent>,
     /// Keys the app authorizes: a child's ticket must be signed by one of them.
     pub(super) authorized: HashSet<Fingerprint>,
+    /// Payloads for the children, shared between them; the connection offers it what it
+    /// receives, so a child on the same basis gets those bytes as they came.
+    pub(super) memo: Arc<PayloadMemo>,
 }
 
 /// A [`Forward`] with the digest the children's tickets must name.
@@ -80,6 +85,14 @@ pub(super) struct RelayContent {
     objects: ObjectStore,
     /// Files of kept releases by content.
     kept: HashMap<Hash, Vec<PathBuf>>,
+    /// One file of a kept release per content: the bases this daemon can encode zstd-reference
+    /// deltas against, for a child that holds the same release.
+    bases: HashMap<Hash, PathBuf>,
+    /// The contents of `bases`, as the children's pushes take them.
+    held: Arc<HashSet<Hash>>,
+    /// The encoded manifest of this daemon's current release: a child on the same release gets
+    /// the new manifest as a delta against it.
+    manifest_basis: Option<Arc<[u8]>>,
     /// Set when this daemon's own push failed: the content will not come.
     given_up: Arc<AtomicBool>,
 }
@@ -97,18 +110,33 @@ impl RelayContent {
         let wanted: std::collections::HashSet<&Hash> =
             manifest.files().map(|(_, _, _, h)| h).collect();
         let mut kept: HashMap<Hash, Vec<PathBuf>> = HashMap::new();
-        for r in root.records().map_err(|e| e.to_string())? {
-            for (path, _, _, hash) in r.manifest.files() {
+        let mut bases: HashMap<Hash, PathBuf> = HashMap::new();
+        let records = root.records().map_err(|e| e.to_string())?;
+        for r in records.iter().filter(|r| r.id != *release) {
+            for (path, size, _, hash) in r.manifest.files() {
+                let p = releases.join(r.id.as_str()).join(path.as_str());
                 if wanted.contains(hash) {
-                    let p = releases.join(r.id.as_str()).join(path.as_str());
-                    kept.entry(*hash).or_default().push(p);
+                    kept.entry(*hash).or_default().push(p.clone());
+                }
+                // A larger basis is read whole into memory for the delta: those go by rsync
+                // delta, as from a client whose cache leaves them out.
+                if size <= MAX_CACHED_FILE {
+                    bases.entry(*hash).or_insert(p);
                 }
             }
         }
+        let current = root.current().map_err(|e| e.to_string())?;
+        let manifest_basis = records
+            .iter()
+            .find(|r| Some(&r.id) == current.as_ref() && r.id != *release)
+            .map(|r| Arc::<[u8]>::from(r.manifest.encode()));
         Ok(RelayContent {
             release_dir: releases.join(release.as_str()),
             objects,
             kept,
+            held: Arc::new(bases.keys().copied().collect()),
+            bases,
+            manifest_basis,
             given_up,
         })
     }
@@ -127,6 +155,26 @@ impl Locate for RelayContent {
     fn given_up(&self) -> bool {
         self.given_up.load(Ordering::Relaxed)
     }
+
+    fn basis(&self, hash: &Hash, size: u64) -> Option<Vec<u8>> {
+        let path = self.bases.get(hash)?;
+        let mut bytes = Vec::with_capacity(usize::try_from(size).ok()?);
+        File::open(path)
+            .ok()?
+            .take(size.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .ok()?;
+        // A kept file edited in place since it was recorded is no basis: the delta would not
+        // rebuild the child's content. Sending the file in full is always right.
+        (bytes.len() as u64 == size && Hash::of(&bytes) == *hash).then_some(bytes)
+    }
+}
+
+/// The memo of a [`Forward`]: children with the same basis get the same payloads, encoded once
+/// (as for a fleet push) or taken as this daemon received them.
+pub(super) fn memo() -> Arc<PayloadMemo> {
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    Arc::new(PayloadMemo::new(MEMO_BUDGET, cores))
 }
 
 /// Pushes `f.release` to every child of `f.plan` at once; returns a report for every node of the
@@ -136,8 +184,7 @@ pub(super) async fn forward(relayer: Arc<Relayer>, f: Forward) -> Vec<Relayed> {
     let f = Arc::new(Checked { f, digest });
     let children = f.plan.children();
     // Children with the same basis get the same payloads: encoded once, as for a fleet push.
-    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
-    let memo = Arc::new(PayloadMemo::new(MEMO_BUDGET, cores));
+    let memo = Arc::clone(&f.memo);
     let memory_kib = (MEMORY_TOTAL_KIB / u32::try_from(children.len().max(1)).unwrap_or(u32::MAX))
         .max(MEMORY_MIN_KIB);
     let mut tasks = JoinSet::new();
@@ -158,6 +205,13 @@ pub(super) async fn forward(relayer: Arc<Relayer>, f: Forward) -> Vec<Relayed> {
             Err(e) => tracing::warn!("a relay task failed: {e}"),
         }
     }
+    let stats = f.memo.stats();
+    tracing::info!(
+        encoded = stats.encodes,
+        as_received = stats.offered,
+        shared = stats.hits,
+        "payloads for the children"
+    );
     reports
         .into_iter()
         .enumerate()
@@ -218,6 +272,8 @@ async fn push_child(
         let opts = PushOptions {
             relay: Some(sub),
             locate: Some(locate),
+            cached: Some(Arc::clone(&f.content.held)),
+            manifest_basis: f.content.manifest_basis.clone(),
             memo: Some(memo),
             memory_kib: Some(memory_kib),
             ..PushOptions::default()
@@ -233,6 +289,9 @@ async fn push_child(
             tracing::info!(
                 child = %node.host,
                 bytes = report.session.payload_bytes,
+                full = report.sent_bytes.full,
+                zstd_ref = report.sent_bytes.zstd_ref,
+                rsync = report.sent_bytes.rsync,
                 "relayed the release"
             );
             out.push(Relayed::new(index(child), None));

@@ -279,6 +279,7 @@ pub async fn push(
         rate: opts.bwlimit.map(|r| Arc::new(RateLimit::new(r))),
         relay: None,
         locate: None,
+        manifest_basis: None,
     };
     let staged_req = Arc::new(PushRequest {
         activate: false,
