@@ -10,14 +10,18 @@
 //!                         sync's destination): a header line naming it, then the last manifest
 //!                         sent there, in its binary encoding
 //! lock                    flock held while blobs are added or pruned
+//! prune-state             blobs left by the last prune, blobs added since
 //! ```
 //!
 //! Blobs are content addressed and verified against their name whenever they are read (through
 //! `delta::apply`, which also bounds the output), so a torn or damaged blob is dropped and the
 //! file goes out another way; nothing here needs fsync. After each successful push the files of
 //! the pushed manifest that are not stored yet are added (in parallel, skipping files over
-//! [`MAX_CACHED_FILE`], which go by rsync delta instead), the target's manifest is replaced, and
-//! blobs no target's manifest references are removed.
+//! [`MAX_CACHED_FILE`], which go by rsync delta instead) and the target's manifest is replaced.
+//! Blobs no target's manifest references are removed once the blobs added since the last such
+//! prune reach a quarter of what was left then: a prune reads every target's manifest and lists
+//! every blob, which would otherwise cost each push as much as a small patch's transfer, and the
+//! garbage it leaves meanwhile stays within that quarter. The counts live in `prune-state`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -264,7 +268,7 @@ impl Cache {
         let head = format!("{TARGET_MAGIC}\n{target}\n").into_bytes();
         let path = self.target_path(target);
         write_atomic(&self.targets, &path, &[&head, &manifest.encode()])?;
-        update.pruned_files = self.prune_locked()?;
+        update.pruned_files = self.prune_when_due(update.stored_files)?;
         Ok(update)
     }
 
@@ -282,7 +286,7 @@ impl Cache {
             let head = format!("{TARGET_MAGIC}\n{target}\n").into_bytes();
             write_atomic(&self.targets, &self.target_path(target), &[&head, &encoded])?;
         }
-        update.pruned_files = self.prune_locked()?;
+        update.pruned_files = self.prune_when_due(update.stored_files)?;
         Ok(update)
     }
 
@@ -290,6 +294,34 @@ impl Cache {
     pub fn prune(&self) -> Result<u64, CacheError> {
         let _lock = self.lock()?;
         self.prune_locked()
+    }
+
+    /// Counts `added` new blobs and prunes once those added since the last prune reach a
+    /// quarter of the blobs it left (see the module docs). Called with the lock held.
+    fn prune_when_due(&self, added: u64) -> Result<u64, CacheError> {
+        let path = self.dir.join("prune-state");
+        let state = fs::read_to_string(&path).ok().and_then(|text| {
+            let mut n = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+            Some((n.next()??, n.next()??))
+        });
+        let write = |left: u64, since: u64| {
+            write_atomic(&self.dir, &path, &[format!("{left} {since}\n").as_bytes()])
+        };
+        if let Some((left, since)) = state {
+            let since = since.saturating_add(added);
+            if since.saturating_mul(4) < left {
+                write(left, since)?;
+                return Ok(0);
+            }
+        }
+        let removed = self.prune_locked()?;
+        write(self.blob_count()?, 0)?;
+        Ok(removed)
+    }
+
+    fn blob_count(&self) -> Result<u64, CacheError> {
+        let list = fs::read_dir(&self.blobs).map_err(io_err("list", &self.blobs))?;
+        Ok(list.count() as u64)
     }
 
     fn prune_locked(&self) -> Result<u64, CacheError> {
@@ -486,6 +518,45 @@ mod tests {
             assert_eq!(m.digest(), t2.manifest().digest(), "{h}");
         }
         assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b]));
+    }
+
+    #[test]
+    fn blobs_left_behind_are_pruned_once_a_quarter_as_many_were_added() {
+        let fx = fixture();
+        let host = target("web1/shop");
+        let files: Vec<(String, Vec<u8>)> = (0..8)
+            .map(|i| (format!("f{i}"), format!("content of file {i}").into_bytes()))
+            .collect();
+        let with = |edits: &[(usize, &str)]| {
+            let mut f = files.clone();
+            for (i, c) in edits {
+                f[*i].1 = c.as_bytes().to_vec();
+            }
+            f
+        };
+        let record = |f: &[(String, Vec<u8>)]| {
+            let refs: Vec<(&str, &[u8])> = f.iter().map(|(p, c)| (p.as_str(), &c[..])).collect();
+            fx.cache.record(&host, &tree(&fx, &refs)).unwrap()
+        };
+        let all =
+            |f: &[(String, Vec<u8>)]| f.iter().map(|(_, c)| Hash::of(c)).collect::<HashSet<_>>();
+        let u = record(&files);
+        assert_eq!((u.stored_files, u.pruned_files), (8, 0));
+        // One blob added against eight left: the replaced one stays for now.
+        let one = with(&[(0, "edit one")]);
+        let u = record(&one);
+        assert_eq!((u.stored_files, u.pruned_files), (1, 0));
+        assert_eq!(fx.cache.hashes().unwrap().len(), 9);
+        // Two added since the prune is a quarter of eight: both replaced blobs go.
+        let two = with(&[(0, "edit one"), (1, "edit two")]);
+        let u = record(&two);
+        assert_eq!((u.stored_files, u.pruned_files), (1, 2));
+        assert_eq!(fx.cache.hashes().unwrap(), all(&two));
+        // An explicit prune always runs.
+        let three = with(&[(0, "edit one"), (1, "edit two"), (2, "edit three")]);
+        assert_eq!(record(&three).pruned_files, 0);
+        assert_eq!(fx.cache.prune().unwrap(), 1);
+        assert_eq!(fx.cache.hashes().unwrap(), all(&three));
     }
 
     #[test]
