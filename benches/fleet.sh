@@ -15,7 +15,8 @@
 # run: wall time until the last node is done, bytes sent by the source (its veth counter), CPU
 # seconds of the client side and of all node daemons. Reported: median, min, max over RUNS (>= 3).
 # With RELAY=K, relsync pushes through a relay tree (`--relay --fanout K`: the source sends to K
-# nodes, each forwards to K more) instead of to every node directly.
+# nodes, each forwards to K more) instead of to every node directly; SOURCE_FANOUT=R makes the
+# source send to R nodes only (`--source-fanout R`).
 # Needs root and tmpfs. Tears everything down on exit, also on failure.
 set -euo pipefail
 
@@ -31,6 +32,7 @@ SHM="${SHM:-/dev/shm}"
 RESULTS_DIR="${RESULTS_DIR:-}"
 CORPUS="${CORPUS:-}"
 RELAY="${RELAY:-}"
+SOURCE_FANOUT="${SOURCE_FANOUT:-}"
 TAG="rfb$$"
 PORT=7171
 RSYNC_PORT=873
@@ -46,6 +48,8 @@ log() { echo "== $*" >&2; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS=$RUNS is not a positive number"
 ((RUNS >= 3)) || log "warning: RUNS=$RUNS; report medians of at least 3"
 [[ -z $RELAY || $RELAY =~ ^[1-9][0-9]*$ ]] || die "RELAY=$RELAY is not a fan-out (a positive number)"
+[[ -z $SOURCE_FANOUT || ( -n $RELAY && $SOURCE_FANOUT =~ ^[1-9][0-9]*$ ) ]] ||
+	die "SOURCE_FANOUT=$SOURCE_FANOUT needs RELAY and a positive number"
 max_nodes=0
 for n in $NODES; do
 	[[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= 200)) || die "NODES: $n is not a node count from 1 to 200"
@@ -263,7 +267,7 @@ fi
 
 for n in $NODES; do
 	fleet=$(fleet_file "$n")
-	if [[ -n $RELAY ]]; then spread=(--relay --fanout "$RELAY"); else spread=(--fanout "$n"); fi
+	if [[ -n $RELAY ]]; then spread=(--relay --fanout "$RELAY" ${SOURCE_FANOUT:+--source-fanout "$SOURCE_FANOUT"}); else spread=(--fanout "$n"); fi
 	push() { # source release
 		timed "$WORK/$key.jsonl" "$n" env RELSYNC_CONFIG_DIR="$WORK/client" RELSYNC_CACHE_DIR="$WORK/cache" \
 			"$RELSYNC" push "$1" --fleet "$fleet" --release-id "$2" "${spread[@]}"
@@ -325,7 +329,7 @@ field() { jq -r ".$2" <<<"${RESULT[$1]}"; }
 report() {
 	local scenario n
 	echo
-	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each, relsync $([[ -n $RELAY ]] && echo "through a relay tree of fan-out $RELAY" || echo "direct to every node")"
+	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each, relsync $([[ -n $RELAY ]] && echo "through a relay tree of fan-out $RELAY${SOURCE_FANOUT:+ (the source sends to $SOURCE_FANOUT)}" || echo "direct to every node")"
 	for scenario in $FLEET_SCENARIOS; do
 		echo
 		echo "## $scenario ($([[ $scenario == patch ]] && echo "nodes hold A, push B" || echo "empty nodes, push A"))"

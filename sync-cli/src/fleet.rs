@@ -44,6 +44,10 @@ pub struct FleetArgs {
     /// Hosts worked on at once.
     #[arg(long, value_name = "K", default_value_t = 16, requires = "fleet")]
     pub fanout: usize,
+    /// With --relay: hosts the source itself sends to (1 keeps its uplink to one share); each
+    /// of them still relays to --fanout more [default: --fanout].
+    #[arg(long, value_name = "R", requires = "fleet")]
+    pub source_fanout: Option<usize>,
     /// Seconds one host may take for one step (staging, activating, rolling back); a host that
     /// takes longer is given up and reported, the others go on.
     #[arg(long, value_name = "SECS", default_value_t = 600, requires = "fleet")]
@@ -82,11 +86,15 @@ pub(crate) fn options(keys: &KeyArgs, a: &FleetArgs) -> Result<FleetOptions> {
     if a.fanout == 0 {
         return Err(UsageError("--fanout must be at least 1".into()).into());
     }
+    if a.source_fanout == Some(0) {
+        return Err(UsageError("--source-fanout must be at least 1".into()).into());
+    }
     if a.host_timeout == 0 {
         return Err(UsageError("--host-timeout must be at least 1 second".into()).into());
     }
     Ok(FleetOptions {
         fanout: a.fanout,
+        source_fanout: a.source_fanout,
         host_timeout: Duration::from_secs(a.host_timeout),
         connect_timeout: keys.connect_timeout(),
         ..FleetOptions::default()

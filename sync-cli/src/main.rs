@@ -224,9 +224,9 @@ Fleet pushes (--fleet FILE, see fleet.example.toml):
   1. SRC is scanned once and staged on every selected host in parallel (--fanout at once, each
      within --host-timeout); nothing is activated yet. Hosts with the same previous release get
      the same encoded bytes.
-     With --relay the source sends to --fanout hosts only; each forwards the release to
-     --fanout more, file by file as it arrives (a tree of depth about log_fanout(hosts)), and a
-     host whose relay fails is pushed to directly.
+     With --relay the source sends to --fanout hosts only (--source-fanout, if given); each
+     forwards the release to --fanout more, file by file as it arrives (a tree of depth about
+     log_fanout(hosts)), and a host whose relay fails is pushed to directly.
   2. Only if at most --max-failed hosts failed, the staged hosts are activated wave by wave
      (--waves). Each daemon runs its app's activation pipeline (health checks included) and puts
      its previous release back when that fails. A wave in which any host fails stops the

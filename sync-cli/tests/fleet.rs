@@ -478,6 +478,41 @@ fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
     );
 }
 
+/// `--source-fanout 1`: the source sends to n0 alone, n0 relays to n1 and n2, n1 to n3 and n4.
+/// The source's link carries one node's share (and the control traffic to every host).
+#[test]
+fn with_one_root_the_source_sends_one_share() {
+    require_netns!();
+    let mut spec = Spec::new(5);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let tree = blobs(6, 400_000);
+    write_tree(&src, &tree);
+    let before = f.source_tx_bytes();
+    let args = ["--relay", "--source-fanout", "1", "--fanout", "2"];
+    let report = ok_json(&push(&f, &src, "r1", &args));
+    let source_bytes = f.source_tx_bytes() - before;
+    assert_eq!(report["success"], true, "{report}");
+    let h = &report["hosts"];
+    for (i, want) in [None, Some("n0"), Some("n0"), Some("n1"), Some("n1")]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(h[i]["relayed_by"].as_str(), *want, "n{i}: {report}");
+    }
+    for node in &f.nodes {
+        assert_eq!(node.current().as_deref(), Some("r1"), "{}", node.name);
+        assert_live(node, &tree);
+    }
+    let share = n(&h[0]["sent_bytes"]);
+    eprintln!("source sent {source_bytes} bytes on the wire; one share is {share}");
+    assert!(
+        source_bytes * 10 <= 12 * share,
+        "source sent {source_bytes} bytes, over 1.2 shares of {share}"
+    );
+}
+
 /// Fan-out 1 makes a chain n0 → n1 → n2 → n3: every relay but the first is admitted by a
 /// ticket naming the relay above it, and passes its own part of the plan on.
 #[test]

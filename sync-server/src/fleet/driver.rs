@@ -58,9 +58,19 @@ pub struct FleetOptions {
     pub net: NetConfig,
     /// `--bwlimit`: bytes per second the source sends to all hosts together.
     pub bwlimit: Option<u64>,
-    /// `--relay`: stage through a relay tree of fan-out `fanout` (the source sends to `fanout`
-    /// hosts, each forwards to `fanout` more) when there are more than `fanout` hosts.
+    /// `--relay`: stage through a relay tree of fan-out `fanout` (the source sends to
+    /// `source_fanout` hosts, each forwards to `fanout` more) when there are more hosts than the
+    /// source sends to.
     pub relay: bool,
+    /// Hosts the source itself sends to in a relay tree (default: `fanout`).
+    pub source_fanout: Option<usize>,
+}
+
+impl FleetOptions {
+    /// Hosts the source sends to in a relay tree.
+    fn roots(&self) -> usize {
+        self.source_fanout.unwrap_or(self.fanout).max(1)
+    }
 }
 
 impl Default for FleetOptions {
@@ -72,6 +82,7 @@ impl Default for FleetOptions {
             net: fleet_net(),
             bwlimit: None,
             relay: false,
+            source_fanout: None,
         }
     }
 }
@@ -290,7 +301,7 @@ pub async fn push(
     loop {
         match rollout.next_action() {
             Action::Stage(hosts) => {
-                let results = if opts.relay && hosts.len() > opts.fanout.max(1) {
+                let results = if opts.relay && hosts.len() > opts.roots() {
                     stage_relayed(&ctx, &hosts, &staged_req, &push_opts).await
                 } else {
                     each(&ctx, &hosts, opts.host_timeout, |ctx, host| {
@@ -534,7 +545,7 @@ async fn stage_relayed(
         .copied()
         .filter(|h| previous.contains_key(h))
         .collect();
-    let tree = Tree::new(reachable, ctx.opts.fanout);
+    let tree = Tree::with_roots(reachable, ctx.opts.roots(), ctx.opts.fanout);
     let digest = Hash::of(&req.manifest.encode());
     let plans = match relay_plans(ctx, &tree, &req.release, digest) {
         Ok(p) => p,

@@ -1,9 +1,10 @@
 //! The relay tree of a fleet push: which host receives the release from which.
 //!
-//! Hosts are laid out breadth-first with fan-out `k`: the source sends to the first `k` hosts
-//! (the roots), host `i` of the order relays to hosts `k + i·k … k + i·k + k − 1`. So the source
-//! sends `k` copies whatever the fleet's size, every relay sends at most `k`, and the depth is
-//! the smallest `d` with `k + k² + … + k^d ≥ n`, about `log_k n`. A host whose relay failed, or
+//! Hosts are laid out breadth-first: the source sends to the first `r` hosts (the roots; `r` is
+//! the source's fan-out, by default the relays' fan-out `k`), host `i` of the order relays to
+//! hosts `r + i·k … r + i·k + k − 1`. So the source sends `r` copies whatever the fleet's size
+//! (one, with `r = 1`: its uplink carries one share), every relay sends at most `k`, and the
+//! depth is the smallest `d` with `r·(1 + k + … + k^(d−1)) ≥ n`, about `log_k (n / r)`. A host whose relay failed, or
 //! that its relay did not report as staged, is re-parented to the source ([`orphans`]), which
 //! pushes to it directly. Pure: hosts are indices, no I/O.
 
@@ -16,6 +17,9 @@ pub struct Tree {
     order: Vec<usize>,
     /// Each host's place in `order`.
     place: HashMap<usize, usize>,
+    /// Hosts the source sends to.
+    roots: usize,
+    /// Hosts each relay sends to.
     fanout: usize,
 }
 
@@ -23,12 +27,19 @@ impl Tree {
     /// Arranges `hosts`, in the order given, breadth-first with fan-out `fanout` (at least 1).
     /// A host listed twice keeps its first place.
     pub fn new(hosts: Vec<usize>, fanout: usize) -> Tree {
+        Tree::with_roots(hosts, fanout, fanout)
+    }
+
+    /// As [`Tree::new`], but the source sends to `roots` hosts (at least 1) and each relay to
+    /// `fanout`.
+    pub fn with_roots(hosts: Vec<usize>, roots: usize, fanout: usize) -> Tree {
         let mut seen = HashSet::new();
         let order: Vec<usize> = hosts.into_iter().filter(|h| seen.insert(*h)).collect();
         let place = order.iter().enumerate().map(|(p, &h)| (h, p)).collect();
         Tree {
             order,
             place,
+            roots: roots.max(1),
             fanout: fanout.max(1),
         }
     }
@@ -38,12 +49,12 @@ impl Tree {
     }
 
     fn parent_position(&self, p: usize) -> Option<usize> {
-        (p >= self.fanout).then(|| (p - self.fanout) / self.fanout)
+        (p >= self.roots).then(|| (p - self.roots) / self.fanout)
     }
 
     /// The hosts the source sends to.
     pub fn roots(&self) -> &[usize] {
-        &self.order[..self.fanout.min(self.order.len())]
+        &self.order[..self.roots.min(self.order.len())]
     }
 
     /// The host `host` receives the release from (`None`: the source, or not in the tree).
@@ -57,7 +68,7 @@ impl Tree {
         let Some(p) = self.position(host) else {
             return Vec::new();
         };
-        let first = self.fanout.saturating_add(p.saturating_mul(self.fanout));
+        let first = self.roots.saturating_add(p.saturating_mul(self.fanout));
         (first..first.saturating_add(self.fanout))
             .filter_map(|q| self.order.get(q).copied())
             .collect()
@@ -66,10 +77,10 @@ impl Tree {
     /// Levels below the source (0 for an empty tree).
     pub fn depth(&self) -> usize {
         let mut depth = 0;
-        let (mut covered, mut level) = (0usize, 1usize);
+        let (mut covered, mut level) = (0usize, self.roots);
         while covered < self.order.len() {
-            level = level.saturating_mul(self.fanout);
             covered = covered.saturating_add(level);
+            level = level.saturating_mul(self.fanout);
             depth += 1;
         }
         depth
@@ -164,6 +175,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn one_root_feeds_a_tree_of_the_relays_fanout() {
+        // (hosts, roots, fanout, parent of each host in order, depth)
+        type Row = (usize, usize, usize, &'static [Option<usize>], usize);
+        let cases: &[Row] = &[
+            (1, 1, 2, &[None], 1),
+            (3, 1, 2, &[None, Some(0), Some(0)], 2),
+            (
+                7,
+                1,
+                2,
+                &[None, Some(0), Some(0), Some(1), Some(1), Some(2), Some(2)],
+                3,
+            ),
+            (
+                8,
+                1,
+                2,
+                &[
+                    None,
+                    Some(0),
+                    Some(0),
+                    Some(1),
+                    Some(1),
+                    Some(2),
+                    Some(2),
+                    Some(3),
+                ],
+                4,
+            ),
+            (5, 2, 3, &[None, None, Some(0), Some(0), Some(0)], 2),
+            (4, 3, 1, &[None, None, None, Some(0)], 2),
+        ];
+        for &(n, r, k, parents, depth) in cases {
+            let t = Tree::with_roots((0..n).collect(), r, k);
+            assert_eq!(
+                t.roots(),
+                &(0..r.min(n)).collect::<Vec<_>>()[..],
+                "n={n} r={r} k={k}"
+            );
+            let got: Vec<Option<usize>> = (0..n).map(|h| t.parent(h)).collect();
+            assert_eq!(got, parents, "n={n} r={r} k={k}");
+            assert_eq!(t.depth(), depth, "n={n} r={r} k={k}");
+            for h in 0..n {
+                assert!(t.children(h).len() <= k, "n={n} r={r} k={k} host {h}");
+                for c in t.children(h) {
+                    assert_eq!(t.parent(c), Some(h), "n={n} r={r} k={k}");
+                }
+            }
+        }
+        assert_eq!(Tree::with_roots((0..1000).collect(), 1, 4).depth(), 6);
     }
 
     #[test]
