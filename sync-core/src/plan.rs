@@ -29,9 +29,12 @@ pub struct Basis<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// Create a directory (owner-only at first; its final mode is set by `SetDirMode`).
+    /// Create a directory with `mode`: its final mode when creating it so gives that mode
+    /// (see [`PlanOptions::umask`]), else owner-only, and its final mode is set by `SetDirMode`
+    /// once it is filled.
     CreateDir {
         path: RelPath,
+        mode: u32,
     },
     /// Hard-link a file of an earlier release that has the same content and mode.
     Link {
@@ -167,6 +170,17 @@ pub struct PlanOptions {
     pub prune: Vec<ReleaseId>,
     /// (content, mode) pairs available as received objects; used when no kept release has them.
     pub objects: HashSet<(Hash, u32)>,
+    /// The process's file mode creation mask, when the executor knows it: a directory whose final
+    /// mode gives its owner every right, has no special bits and loses nothing to the mask is
+    /// created with that mode, with no `SetDirMode` after it. `None`: every directory is created
+    /// owner-only and set afterwards.
+    pub umask: Option<u32>,
+}
+
+/// The mode to create a directory with, when that already is its final `mode` under `umask`.
+fn created_final(mode: u32, umask: Option<u32>) -> Option<u32> {
+    let umask = umask?;
+    (mode & !0o777 == 0 && mode & 0o700 == 0o700 && mode & umask == 0).then_some(mode)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,10 +219,11 @@ pub fn plan_release(
     // Every directory first (parents before children), so the file operations after them form one
     // run that the executor can apply in parallel.
     for e in target.entries() {
-        if e.is_dir() {
+        if let EntryKind::Dir { mode } = e.kind {
             s.dirs += 1;
             ops.push(Op::CreateDir {
                 path: e.path.clone(),
+                mode: created_final(mode, opts.umask).unwrap_or(0o700),
             });
         }
     }
@@ -296,6 +311,9 @@ pub fn plan_release(
     // Children before parents, so a read-only directory is locked only after it is filled.
     for e in target.entries().iter().rev() {
         if let EntryKind::Dir { mode } = e.kind {
+            if created_final(mode, opts.umask).is_some() {
+                continue;
+            }
             ops.push(Op::SetDirMode {
                 path: e.path.clone(),
                 mode,
@@ -583,11 +601,97 @@ mod tests {
         Entry::dir(p, 0o755).unwrap()
     }
 
+    #[test]
+    fn directories_get_their_final_mode_at_creation_when_the_mask_allows_it() {
+        let target = m(vec![
+            Entry::dir("a", 0o755).unwrap(),
+            Entry::dir("a/group", 0o775).unwrap(),
+            Entry::dir("a/ro", 0o555).unwrap(),
+            Entry::dir("b", 0o700).unwrap(),
+        ]);
+        // (umask, ops after the directories' creation)
+        let cases: &[(Option<u32>, &[&str])] = &[
+            (
+                None,
+                &[
+                    "mkdir a",
+                    "mkdir a/group",
+                    "mkdir a/ro",
+                    "mkdir b",
+                    "chmod b 700",
+                    "chmod a/ro 555",
+                    "chmod a/group 775",
+                    "chmod a 755",
+                ],
+            ),
+            (
+                Some(0o022),
+                &[
+                    "mkdir a 755",
+                    "mkdir a/group",
+                    "mkdir a/ro",
+                    "mkdir b",
+                    "chmod a/ro 555",
+                    "chmod a/group 775",
+                ],
+            ),
+            (
+                Some(0o002),
+                &[
+                    "mkdir a 755",
+                    "mkdir a/group 775",
+                    "mkdir a/ro",
+                    "mkdir b",
+                    "chmod a/ro 555",
+                ],
+            ),
+            // A mask that takes from the owner: everything is set afterwards.
+            (
+                Some(0o222),
+                &[
+                    "mkdir a",
+                    "mkdir a/group",
+                    "mkdir a/ro",
+                    "mkdir b",
+                    "chmod b 700",
+                    "chmod a/ro 555",
+                    "chmod a/group 775",
+                    "chmod a 755",
+                ],
+            ),
+        ];
+        for &(umask, want) in cases {
+            let opts = PlanOptions {
+                umask,
+                ..PlanOptions::default()
+            };
+            let p = plan_release(&id("r1"), &target, &[], &[], &opts).unwrap();
+            let got = render(&p.ops);
+            let dirs: Vec<&str> = got
+                .iter()
+                .map(String::as_str)
+                .filter(|l| l.starts_with("mkdir") || l.starts_with("chmod"))
+                .collect();
+            assert_eq!(dirs, want, "umask {umask:?}");
+            assert_eq!(p.summary.dirs, 4);
+        }
+        // Special bits (a policy may allow them) are always set afterwards.
+        for (mode, umask, want) in [
+            (0o1777, Some(0), None),
+            (0o2755, Some(0o022), None),
+            (0o755, Some(0o022), Some(0o755)),
+            (0o755, None, None),
+        ] {
+            assert_eq!(created_final(mode, umask), want, "{mode:o} {umask:?}");
+        }
+    }
+
     /// Renders a plan as one line per op, so tests read like the itemized output.
     fn render(ops: &[Op]) -> Vec<String> {
         ops.iter()
             .map(|op| match op {
-                Op::CreateDir { path } => format!("mkdir {path}"),
+                Op::CreateDir { path, mode: 0o700 } => format!("mkdir {path}"),
+                Op::CreateDir { path, mode } => format!("mkdir {path} {mode:o}"),
                 Op::Link {
                     path,
                     from,

@@ -349,10 +349,10 @@ impl<'a> Stager<'a> {
                     let path = op_path(op);
                     let parent = dirs.staging(path.parent_str())?;
                     match op {
-                        Op::CreateDir { .. } => rustix::fs::mkdirat(
+                        Op::CreateDir { mode, .. } => rustix::fs::mkdirat(
                             parent,
                             path.file_name(),
-                            rustix::fs::Mode::from_raw_mode(0o700),
+                            rustix::fs::Mode::from_raw_mode(*mode),
                         )
                         .map_err(io::Error::from)
                         .ctx("create directory", self.staged(path))?,
@@ -832,7 +832,7 @@ fn op_path(op: &Op) -> &RelPath {
         | Op::WriteFull { path, .. }
         | Op::WriteDelta { path, .. }
         | Op::Symlink { path, .. }
-        | Op::CreateDir { path }
+        | Op::CreateDir { path, .. }
         | Op::SetDirMode { path, .. } => path,
         other => unreachable!("{} has no path", other.name()),
     }
