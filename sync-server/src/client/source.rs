@@ -396,6 +396,56 @@ mod tests {
         }
     }
 
+    /// A relay's content: `app/a.php` as pushed, and one older version it keeps as a basis.
+    #[derive(Debug)]
+    struct Keeping {
+        at: PathBuf,
+        basis: Vec<u8>,
+    }
+
+    impl Locate for Keeping {
+        fn open(&self, _: &RelPath, _: &Hash, _: u32) -> Option<std::fs::File> {
+            std::fs::File::open(&self.at).ok()
+        }
+
+        fn given_up(&self) -> bool {
+            false
+        }
+
+        fn basis(&self, hash: &Hash, size: u64) -> Option<Vec<u8>> {
+            (Hash::of(&self.basis) == *hash && self.basis.len() as u64 == size)
+                .then(|| self.basis.clone())
+        }
+    }
+
+    #[test]
+    fn a_located_source_makes_zstd_ref_deltas_from_the_bases_it_keeps() {
+        let (tmp, t) = tree();
+        let at = tmp.path().join("src/app/a.php");
+        let keeping = Keeping {
+            at,
+            basis: b"<?php echo 0;".to_vec(),
+        };
+        let basis_hash = Hash::of(&keeping.basis);
+        let located = SourceTree::located(
+            Path::new("relay"),
+            Arc::clone(t.manifest()),
+            Arc::new(keeping) as Arc<dyn Locate>,
+        );
+        let a = Hash::of(b"<?php echo 1;");
+        let with = |hash: Hash| SendFile {
+            method: Method::ZstdRef {
+                basis: BasisRef { hash, size: 13 },
+            },
+            ..send("app/a.php", 13, a)
+        };
+        let kept = located.encode(&with(basis_hash), None).unwrap();
+        assert_eq!(kept.header.format, DeltaFormat::ZstdRef);
+        // A basis the relay does not hold lowers the file to a full send.
+        let missing = located.encode(&with(Hash::of(b"other")), None).unwrap();
+        assert_eq!(missing.header.format, DeltaFormat::Full);
+    }
+
     #[test]
     fn a_located_source_waits_for_content_and_checks_it_against_the_manifest() {
         let (tmp, t) = tree();
