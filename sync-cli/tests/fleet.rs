@@ -11,7 +11,7 @@ mod harness;
 #[path = "support/harness.rs"]
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -414,8 +414,6 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
     assert_live(&f.nodes[3], &a);
 }
 
-/// Mistakes in the fleet file or the selection are usage errors (exit 2) naming what is wrong,
-/// reported before anything is scanned or sent. Needs no namespaces.
 /// Incompressible blobs and a little PHP: what a node's share of a push is, in bytes on the
 /// wire, does not depend on how well the corpus compresses.
 fn blobs(count: u64, size: usize) -> Tree {
@@ -425,18 +423,24 @@ fn blobs(count: u64, size: usize) -> Tree {
         .collect()
 }
 
+/// A fleet of `nodes` whose daemons take relayed pushes, with `tree` written as the source.
+fn relay_fleet(nodes: usize, tree: &Tree) -> (Fleet, PathBuf) {
+    let mut spec = Spec::new(nodes);
+    spec.relay = true;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    write_tree(&src, tree);
+    (f, src)
+}
+
 /// 6 nodes, fan-out 2, depth 2: the source pushes to n0 and n1 only, n0 relays to n2 and n3, n1
 /// to n4 and n5. Every node stages, verifies and activates the release; the source's link
 /// carries about two nodes' shares rather than six.
 #[test]
 fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
     require_netns!();
-    let mut spec = Spec::new(6);
-    spec.relay = true;
-    let f = Fleet::start(&spec);
-    let src = f.path("src");
     let tree = blobs(6, 400_000);
-    write_tree(&src, &tree);
+    let (f, src) = relay_fleet(6, &tree);
     let before = f.source_tx_bytes();
     let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "2"]));
     let source_bytes = f.source_tx_bytes() - before;
@@ -483,12 +487,8 @@ fn a_relayed_push_reaches_every_node_and_the_source_sends_k_shares() {
 #[test]
 fn with_one_root_the_source_sends_one_share() {
     require_netns!();
-    let mut spec = Spec::new(5);
-    spec.relay = true;
-    let f = Fleet::start(&spec);
-    let src = f.path("src");
     let tree = blobs(6, 400_000);
-    write_tree(&src, &tree);
+    let (f, src) = relay_fleet(5, &tree);
     let before = f.source_tx_bytes();
     let args = ["--relay", "--source-fanout", "1", "--fanout", "2"];
     let report = ok_json(&push(&f, &src, "r1", &args));
@@ -518,12 +518,8 @@ fn with_one_root_the_source_sends_one_share() {
 #[test]
 fn a_chain_of_relays_passes_the_release_down_every_level() {
     require_netns!();
-    let mut spec = Spec::new(4);
-    spec.relay = true;
-    let f = Fleet::start(&spec);
-    let src = f.path("src");
     let tree = blobs(3, 200_000);
-    write_tree(&src, &tree);
+    let (f, src) = relay_fleet(4, &tree);
     let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "1"]));
     assert_eq!(report["success"], true, "{report}");
     let h = &report["hosts"];
@@ -560,12 +556,8 @@ fn relay_log(node: &harness::Node, event: &str) -> std::collections::HashMap<Str
 #[test]
 fn a_relay_forwards_what_it_received_and_deltas_against_the_release_it_holds() {
     require_netns!();
-    let mut spec = Spec::new(3);
-    spec.relay = true;
-    let f = Fleet::start(&spec);
-    let src = f.path("src");
     let a = release_a();
-    write_tree(&src, &a);
+    let (f, src) = relay_fleet(3, &a);
     let report = ok_json(&push(&f, &src, "r1", &["--relay", "--fanout", "1"]));
     assert_eq!(report["success"], true, "{report}");
     let b = edited(&a, &["F3.php", "F17.php", "big.php"], "src/New.php", 7);
@@ -670,6 +662,8 @@ fn a_relay_killed_mid_push_fails_alone_and_its_subtree_still_completes() {
     assert_eq!(f.nodes[0].current(), None);
 }
 
+/// Mistakes in the fleet file or the selection are usage errors (exit 2) naming what is wrong,
+/// reported before anything is scanned or sent. Needs no namespaces.
 #[test]
 fn fleet_usage_errors_exit_with_2() {
     let tmp = tempfile::tempdir().unwrap();
