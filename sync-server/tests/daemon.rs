@@ -456,7 +456,9 @@ impl Client {
         };
         let mut config = ClientConfig::default();
         if opts.max_streams > 0 {
+            // This driver opens a stream per file, so files out are streams open.
             config.max_streams = opts.max_streams;
+            config.max_files_out = opts.max_streams;
         }
         let session = ClientSession::push_relayed(config, app(app_name), job, opts.relay, 0);
         let source = Arc::new(Source {
