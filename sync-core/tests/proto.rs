@@ -2164,51 +2164,6 @@ fn absurd_limits_are_clamped_to_the_clients() {
 }
 
 #[test]
-fn the_client_hands_out_at_most_max_streams_files_at_once() {
-    let mut t = Tree::new();
-    for i in 0..10 {
-        t.insert(format!("f{i}"), vec![i as u8; 10]);
-    }
-    let job = PushJob {
-        release: rid("r1"),
-        manifest: Arc::new(manifest_of(&t)),
-        activate: false,
-        cached: HashSet::new(),
-        manifest_basis: None,
-    };
-    let mut c = ClientSession::push(ClientConfig::default(), app(), job, 0);
-    c.poll_transmit(0);
-    c.handle_control(
-        &DaemonMsg::Welcome {
-            version: VERSION,
-            limits: Limits {
-                max_streams: 3,
-                ..Limits::default()
-            },
-            manifest_basis: false,
-        }
-        .frame(),
-        0,
-    );
-    while c.poll_transmit(0).is_some() {}
-    let need = DaemonMsg::Need {
-        files: (0..10).map(|file| NeedFile { file, basis: None }).collect(),
-        last: true,
-        have_files: 0,
-        have_bytes: 0,
-    };
-    c.handle_control(&need.frame(), 0);
-    let out: Vec<SendFile> = std::iter::from_fn(|| c.poll_request())
-        .map(|client::Request::SendFile(f)| f)
-        .collect();
-    assert_eq!(out.len(), 3);
-    c.file_sent(&out[0].header(DeltaFormat::Full, 5).unwrap(), 0);
-    assert!(c.poll_request().is_some());
-    assert!(c.poll_request().is_none());
-    assert_eq!(c.state(), ClientState::Transfer);
-}
-
-#[test]
 fn a_stalled_daemon_is_cut_off_by_the_message_deadline() {
     // No Welcome.
     let mut s = Scripted::new(&tree_a(), true);

@@ -376,7 +376,13 @@ pub async fn push_with(
     if cached.manifest.is_none() {
         cached.manifest.clone_from(&opts.manifest_basis);
     }
-    let session = push_session(conn, req, cached, opts.relay.clone());
+    let mut config = conn.config;
+    if opts.locate.is_some() {
+        // The driver looks again for every file out that has not arrived yet every 20 ms, at a
+        // few failed opens each: keep the files out, and so those looks, to the streams.
+        config.max_files_out = conn.config.max_files_out.min(conn.config.max_streams);
+    }
+    let session = push_session(conn, config, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {
         return Err(ClientError::Internal {
@@ -570,7 +576,7 @@ pub async fn dry_run(
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
     let cached = cached(cache, &conn.target, None).await;
-    let session = push_session(conn, req, cached.clone(), None);
+    let session = push_session(conn, conn.config, req, cached.clone(), None);
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
         target: conn.target.to_string(),
@@ -662,6 +668,7 @@ async fn cached(
 
 fn push_session(
     conn: &Connection,
+    config: ClientConfig,
     req: &PushRequest,
     cached: Cached,
     relay: Option<RelayPlan>,
@@ -673,7 +680,7 @@ fn push_session(
         cached: cached.hashes,
         manifest_basis: cached.manifest,
     };
-    ClientSession::push_relayed(conn.config, conn.target.app().clone(), job, relay, 0)
+    ClientSession::push_relayed(config, conn.target.app().clone(), job, relay, 0)
 }
 
 #[cfg(test)]

@@ -456,7 +456,9 @@ impl Client {
         };
         let mut config = ClientConfig::default();
         if opts.max_streams > 0 {
+            // This driver opens a stream per file, so files out are streams open.
             config.max_streams = opts.max_streams;
+            config.max_files_out = opts.max_streams;
         }
         let session = ClientSession::push_relayed(config, app(app_name), job, opts.relay, 0);
         let source = Arc::new(Source {
@@ -1068,6 +1070,82 @@ async fn files_beyond_the_in_flight_budget_wait_without_stalling_the_connection(
     assert_eq!(r.needed, 8);
     assert!(r.payload_bytes >= 8 * 200_000);
     assert_release_holds(&d.shop(), "r1", &t);
+}
+
+/// Runs relsync's own client (`client::push`) against `d`: it carries many files on each of a
+/// few streams.
+async fn push_with_the_real_client(d: &Daemon, tree: &Tree, release: &str) -> client::PushReport {
+    let src = d.base.join(format!("src-{release}"));
+    for (path, content) in tree {
+        let file = src.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, content).unwrap();
+    }
+    let target =
+        sync_server::client::Target::parse(&format!("127.0.0.1:{}/shop", d.addr().port())).unwrap();
+    let conn = sync_server::client::connect_pinned(
+        &target,
+        &d.shop_key,
+        Some(d.identity.fingerprint()),
+        &NetConfig::default(),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let req = sync_server::client::PushRequest {
+        release: rid(release),
+        manifest: Arc::new(manifest_of(tree)),
+        source: src,
+        activate: true,
+    };
+    let pushed = sync_server::client::push(&conn, &req, None, &|_| {}).await;
+    conn.close().await;
+    pushed.unwrap().session
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_and_a_few_large_files_on_shared_streams_all_arrive_intact() {
+    let mut t: Tree = (0..900u64)
+        .map(|i| {
+            (
+                format!("lib/f{i:03}.php"),
+                text(500 + i, 50 + (i as usize * 53) % 4_000),
+            )
+        })
+        .collect();
+    t.insert("lib/f100.bin".into(), noise(7, 3 << 20));
+    t.insert("lib/f450.bin".into(), noise(8, 600_000));
+    t.insert("vendor/huge.bin".into(), noise(9, 34 << 20));
+    t.insert("lib/empty.txt".into(), Vec::new());
+    // The default limits; and a budget so tight that most headers wait for it, their payloads
+    // read to spool files, with only two streams.
+    let setups = [
+        Setup::default(),
+        Setup {
+            limits: Limits {
+                max_bytes_in_flight: 64 * 1024,
+                max_streams: 2,
+                ..Limits::default()
+            },
+            ..Setup::default()
+        },
+    ];
+    for setup in setups {
+        let limits = setup.limits;
+        let d = Daemon::start_with(setup).await;
+        let r = push_with_the_real_client(&d, &t, "r1").await;
+        assert_eq!(r.needed, t.len() as u64, "{limits:?}");
+        assert_eq!(r.sent_full, r.needed, "{limits:?}");
+        assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
+        let dir = d.shop().join("releases/r1");
+        for (path, content) in &t {
+            let got = std::fs::read(dir.join(path)).unwrap();
+            assert!(
+                Hash::of(&got) == Hash::of(content),
+                "{path} differs on the daemon ({limits:?})"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,9 @@
 //! format per needed file: a reference-prefix zstd delta when the client's cache holds the
 //! daemon's basis, an rsync delta (after asking for the basis signature) when the basis is large
 //! enough to be worth a round trip, plain zstd otherwise. It hands [`Request::SendFile`]s to the
-//! driver, at most `max_streams` at a time, and the driver encodes each file with `delta` and
-//! writes it on a file stream. Every message from the daemon is checked against what the client
+//! driver, at most [`ClientConfig::max_files_out`] at a time, and the driver encodes each file
+//! with `delta` and writes it on one of its file streams (at most the negotiated number open,
+//! each carrying many files one after another). Every message from the daemon is checked against what the client
 //! asked for; anything else (an unknown file, a file needed twice, a malformed signature, a reply
 //! that is not due, absurd limits) ends the session with an error, never with success.
 //!
@@ -38,6 +39,10 @@ pub const MAX_MANIFEST_CHUNK: usize = 1 << 20;
 const FRAME_OVERHEAD: usize = 64;
 /// Bound on the encoded size of one file index.
 const FILE_INDEX_MAX: usize = 5;
+/// Default [`ClientConfig::max_files_out`]: enough queued files to keep a few stream writers
+/// busy with batches of small files, few enough that the order of the queue still follows the
+/// manifest closely.
+pub const DEFAULT_MAX_FILES_OUT: u32 = 1024;
 
 /// The client's own maxima and choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +51,10 @@ pub struct ClientConfig {
     pub max_frame: u32,
     /// Cap on concurrent file streams, whatever the daemon allows.
     pub max_streams: u32,
+    /// Cap on files handed to the driver and not yet reported sent. It is independent of the
+    /// streams: a stream carries many files in turn, and its writer needs files queued behind
+    /// the one it is writing so it never waits for the next request.
+    pub max_files_out: u32,
     pub message_timeout_ms: u64,
     pub push_timeout_ms: u64,
     /// Smallest basis worth a signature round trip; smaller changed files go in full.
@@ -58,6 +67,7 @@ impl Default for ClientConfig {
         ClientConfig {
             max_frame: limits.max_frame,
             max_streams: limits.max_streams,
+            max_files_out: DEFAULT_MAX_FILES_OUT,
             message_timeout_ms: limits.message_timeout_ms,
             push_timeout_ms: limits.push_timeout_ms,
             rsync_min_basis: 64 * 1024,
@@ -552,8 +562,7 @@ impl ClientSession {
         self.fail(err);
     }
 
-    /// The driver wrote a file's header and payload and finished its stream; `header` is what
-    /// it sent.
+    /// The driver wrote a file's header and payload on a file stream; `header` is what it sent.
     pub fn file_sent(&mut self, header: &FileHeader, now: u64) {
         if self.is_finished() {
             return;
@@ -599,8 +608,8 @@ impl ClientSession {
         Some(frame)
     }
 
-    /// The next piece of work for the driver; at most the allowed number of files are out at
-    /// once, so the driver may open one stream per request.
+    /// The next piece of work for the driver; at most [`ClientConfig::max_files_out`] files are
+    /// out (handed out, not yet reported by [`ClientSession::file_sent`]) at once.
     pub fn poll_request(&mut self) -> Option<Request> {
         if let Some(r) = self.requests.pop_front() {
             return Some(r);
@@ -608,7 +617,7 @@ impl ClientSession {
         let State::Sending(s) = &mut self.state else {
             return None;
         };
-        if s.outstanding.len() >= self.streams as usize {
+        if s.outstanding.len() >= self.config.max_files_out.max(1) as usize {
             return None;
         }
         let f = s.ready.pop_front()?;
@@ -1550,5 +1559,105 @@ mod tests {
         });
         s.handle_control(&staged.frame(), 4);
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));
+    }
+
+    /// A push of `files` files of 10 bytes each, past `Need` (all of them needed), with the
+    /// daemon allowing `max_streams` streams.
+    fn sending(config: ClientConfig, max_streams: u32, files: u32) -> ClientSession {
+        let entries = (0..files)
+            .map(|i| Entry::file(&format!("f{i:04}"), 10, 0o644, Hash::of(&i.to_le_bytes())))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let manifest = Manifest::from_unsorted(entries, &Policy::default()).unwrap();
+        let job = PushJob {
+            release: ReleaseId::new("r1").unwrap(),
+            manifest: Arc::new(manifest),
+            activate: false,
+            cached: HashSet::new(),
+            manifest_basis: None,
+        };
+        let mut s = ClientSession::push(config, AppName::new("shop").unwrap(), job, 0);
+        let welcome = DaemonMsg::Welcome {
+            version: VERSION,
+            limits: Limits {
+                max_streams,
+                ..Limits::default()
+            },
+            manifest_basis: false,
+        };
+        s.handle_control(&welcome.frame(), 0);
+        while s.poll_transmit(0).is_some() {}
+        let need = DaemonMsg::Need {
+            files: (0..files)
+                .map(|file| NeedFile { file, basis: None })
+                .collect(),
+            last: true,
+            have_files: 0,
+            have_bytes: 0,
+        };
+        s.handle_control(&need.frame(), 0);
+        assert_eq!(s.state(), ClientState::Transfer);
+        s
+    }
+
+    fn drain(s: &mut ClientSession) -> Vec<SendFile> {
+        std::iter::from_fn(|| s.poll_request())
+            .map(|Request::SendFile(f)| f)
+            .collect()
+    }
+
+    #[test]
+    fn files_out_are_capped_by_max_files_out_not_by_the_streams() {
+        // (client max_streams, daemon max_streams, max_files_out, files, handed out at first)
+        let table = [
+            (64, 64, 1024, 3000, 1024),
+            (64, 3, 1024, 3000, 1024),
+            (2, 64, 100, 3000, 100),
+            (64, 64, 1024, 10, 10),
+            (64, 64, 1, 10, 1),
+            // Zero means one: a session that could hand out nothing would never finish.
+            (64, 64, 0, 10, 1),
+        ];
+        for (client_streams, daemon_streams, max_files_out, files, first) in table {
+            let config = ClientConfig {
+                max_streams: client_streams,
+                max_files_out,
+                ..ClientConfig::default()
+            };
+            let case = format!("{client_streams} {daemon_streams} {max_files_out} {files}");
+            let mut s = sending(config, daemon_streams, files);
+            assert_eq!(
+                s.negotiated().1,
+                client_streams.min(daemon_streams),
+                "{case}"
+            );
+            let mut out = drain(&mut s);
+            assert_eq!(out.len(), first as usize, "{case}");
+            // Each file reported sent lets exactly one more out, in manifest order, until all
+            // went out once.
+            let mut seen: Vec<u32> = out.iter().map(|f| f.file).collect();
+            while let Some(f) = out.first().cloned() {
+                out.remove(0);
+                s.file_sent(&f.header(DeltaFormat::Full, 5).unwrap(), 1);
+                let more = drain(&mut s);
+                assert!(
+                    more.len() <= 1,
+                    "{case}: {} more after one sent",
+                    more.len()
+                );
+                seen.extend(more.iter().map(|f| f.file));
+                out.extend(more);
+                assert!(out.len() <= max_files_out.max(1) as usize, "{case}");
+            }
+            assert_eq!(seen, (0..files).collect::<Vec<_>>(), "{case}");
+            assert_eq!(s.state(), ClientState::Staging, "{case}");
+            assert_eq!(
+                frames_of(&mut s),
+                [ClientMsg::Done {
+                    files_sent: u64::from(files)
+                }],
+                "{case}"
+            );
+        }
     }
 }

@@ -322,6 +322,7 @@ pub fn client_session_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
     let config = ClientConfig {
         max_frame: MIN_MAX_FRAME,
         max_streams: 4,
+        max_files_out: 4,
         ..ClientConfig::default()
     };
     let job = PushJob {
@@ -427,6 +428,7 @@ fn fuzz_client_config() -> ClientConfig {
     ClientConfig {
         max_frame: MIN_MAX_FRAME,
         max_streams: 4,
+        max_files_out: 4,
         ..ClientConfig::default()
     }
 }
@@ -461,7 +463,7 @@ fn client_drive(c: &mut ClientSession, run: &mut ClientRun, manifest: &Manifest,
             moved = true;
             assert!(paths.contains(f.path.as_str()), "file outside the manifest");
             out.push(f);
-            assert!(out.len() <= 4, "more files out than max_streams");
+            assert!(out.len() <= 4, "more files out than max_files_out");
         }
         // Finish the files one by one, as streams complete.
         if let Some(f) = out.pop() {

@@ -1,16 +1,21 @@
-//! The async loop around a `ClientSession`: control-stream bytes in and out, one task per file
-//! the session hands out, and the session's deadlines on tokio's clock.
+//! The async loop around a `ClientSession`: control-stream bytes in and out, the files the
+//! session hands out, and the session's deadlines on tokio's clock.
 //!
-//! Files are read and encoded on blocking threads, at most one per core at a time, with the
-//! memory held by payloads waiting to go out bounded by [`MEMORY_BUDGET_KIB`] (a larger file is
-//! admitted alone). A failure to write a file stream usually means the daemon gave up; its
-//! `Error` frame may still be in flight on the control stream, so the loop keeps reading for a
-//! moment ([`GRACE`]) and reports the daemon's reason when it arrives.
+//! Files go out on a few long-lived file streams, each written by its own task that takes the
+//! next files from a shared queue in the session's order, encodes them in one blocking call,
+//! writes them one after another and reports each as sent. Small files thus cost no task, no
+//! thread hand-off and no stream of their own, and a large file holds up only its own writer
+//! while the others carry the rest. Encoding runs on blocking threads, at most one per core at
+//! a time, with the memory held by payloads waiting to go out bounded by [`MEMORY_BUDGET_KIB`]
+//! (a larger file is admitted alone). A failure to write a file stream usually means the daemon
+//! gave up; its `Error` frame may still be in flight on the control stream, so the loop keeps
+//! reading for a moment ([`GRACE`]) and reports the daemon's reason when it arrives.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quinn::{ConnectionError, WriteError};
+use quinn::{ConnectionError, SendStream, WriteError};
 use sync_core::delta::DeltaFormat;
 use sync_core::proto::client::{ClientState, Method, Outcome, Request, SendFile};
 use sync_core::proto::ClientSession;
@@ -18,12 +23,12 @@ use sync_core::wire::{
     decode, DaemonMsg, FileHeader, FrameDecoder, Message, NeedFile, MAX_MAX_FRAME, MIN_MAX_FRAME,
 };
 use sync_core::RelPath;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::cache::{Cache, MAX_CACHED_FILE};
-use super::memo::{Key, Payload, PayloadMemo};
+use super::memo::{Claim, Key, Payload, PayloadMemo};
 use super::rate::RateLimit;
 use super::source::{SourceError, SourceTree};
 use super::{ClientError, Connection, PerFormat, Progress};
@@ -36,6 +41,17 @@ const GRACE: Duration = Duration::from_secs(2);
 const FINISH_WAIT: Duration = Duration::from_secs(2);
 /// Postcard variant index of `DaemonMsg::Need`.
 const NEED_VARIANT: u8 = 2;
+/// Stream writers per core (at most the negotiated number of streams): more than the encoders,
+/// so that while some encode the others write, and a large file leaves the rest a way past it.
+const WRITERS_PER_CORE: usize = 2;
+/// Most files one writer encodes in one blocking call.
+const BATCH_FILES: usize = 64;
+/// Most file bytes in one batch; a larger file is a batch of its own.
+const BATCH_BYTES: u64 = 512 * 1024;
+/// Payloads up to this size are gathered with their headers and written together.
+const GATHER_MAX: usize = 64 * 1024;
+/// Gathered bytes that are written (and their files reported) at once.
+const FLUSH_BYTES: usize = 256 * 1024;
 
 /// What a push reads from.
 pub(super) struct Files {
@@ -87,6 +103,100 @@ enum FileError {
     Internal(String),
 }
 
+/// What a stream writer tells the loop.
+enum Report {
+    /// These files are written, in this order.
+    Sent(Vec<Sent>),
+    /// The writer stopped.
+    Failed(FileError),
+}
+
+/// Files waiting for a stream writer, in the order the session handed them out.
+struct Work {
+    queue: Mutex<Queue>,
+    wake: Notify,
+    writers: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    files: VecDeque<SendFile>,
+    /// No more files will come: writers finish their streams once the queue is empty.
+    closed: bool,
+}
+
+impl Work {
+    fn new(writers: usize) -> Work {
+        Work {
+            queue: Mutex::default(),
+            wake: Notify::new(),
+            writers: writers.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn extend(&self, files: impl IntoIterator<Item = SendFile>) {
+        let before = {
+            let mut q = self.lock();
+            let before = q.files.len();
+            q.files.extend(files);
+            before < q.files.len()
+        };
+        if before {
+            self.wake.notify_waiters();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_waiters();
+    }
+
+    /// The next files to write; `None` once the queue is closed and empty.
+    async fn next_batch(&self) -> Option<Vec<SendFile>> {
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            // Registered before looking, so files queued after the look wake this writer.
+            woken.as_mut().enable();
+            {
+                let mut q = self.lock();
+                if !q.files.is_empty() {
+                    return Some(take_batch(&mut q.files, self.writers));
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            woken.await;
+        }
+    }
+}
+
+/// Takes the next batch off `files`: in order, at most [`BATCH_FILES`] and an even share of
+/// what is queued among `writers` (so idle writers get work too), and at most [`BATCH_BYTES`]
+/// of files unless the first file alone is larger.
+fn take_batch(files: &mut VecDeque<SendFile>, writers: usize) -> Vec<SendFile> {
+    let share = files.len().div_ceil(writers.max(1)).clamp(1, BATCH_FILES);
+    let mut batch = Vec::with_capacity(share);
+    let mut bytes = 0u64;
+    while batch.len() < share {
+        let Some(f) = files.pop_front() else {
+            break;
+        };
+        if !batch.is_empty() && bytes.saturating_add(f.size) > BATCH_BYTES {
+            files.push_front(f);
+            break;
+        }
+        bytes = bytes.saturating_add(f.size);
+        batch.push(f);
+    }
+    batch
+}
+
 /// Runs `session` on a new control stream of `conn` until it ends (or, with `stop_after_need`,
 /// until the daemon's whole need arrived).
 pub(super) async fn drive(
@@ -133,7 +243,12 @@ pub(super) async fn drive(
             rate: f.rate,
         })
     });
-    let mut tasks: JoinSet<Result<Sent, FileError>> = JoinSet::new();
+    let mut writers: JoinSet<()> = JoinSet::new();
+    let mut work: Option<Arc<Work>> = None;
+    let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
+    // Files a relay does not have yet, and when to look for them again.
+    let mut parked: Vec<SendFile> = Vec::new();
+    let mut ready_check: Option<Instant> = None;
     let mut out: Vec<u8> = Vec::new();
     let mut out_pos = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
@@ -175,6 +290,7 @@ pub(super) async fn drive(
             }
         }
         if net_failure.is_none() {
+            let mut ready = Vec::new();
             while let Some(Request::SendFile(f)) = session.poll_request() {
                 let Some(ctx) = &ctx else {
                     return fail(ClientError::Internal {
@@ -182,7 +298,28 @@ pub(super) async fn drive(
                         message: format!("the session asked to send {} during a command", f.path),
                     });
                 };
-                tasks.spawn(send_file(Arc::clone(ctx), f));
+                // A relay forwards content it may still be receiving: files that are there go
+                // out meanwhile.
+                match ctx.source.ready(&f) {
+                    Ok(true) => ready.push(f),
+                    Ok(false) => {
+                        parked.push(f);
+                        ready_check.get_or_insert_with(|| Instant::now() + READY_POLL);
+                    }
+                    Err(e) => return fail(e.into()),
+                }
+            }
+            if let (false, Some(ctx)) = (ready.is_empty(), &ctx) {
+                let streams = session.negotiated().1;
+                work.get_or_insert_with(|| start_writers(ctx, streams, &mut writers, &report_tx))
+                    .extend(ready);
+            }
+        }
+        // Once the session handed out its last file, writers end their streams when the queue
+        // runs dry.
+        if state != ClientState::Transfer {
+            if let Some(w) = work.take() {
+                w.close();
             }
         }
         if session.is_finished() && out_pos == out.len() {
@@ -224,34 +361,57 @@ pub(super) async fn drive(
                     }
                 }
             },
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
-                Ok(Ok(sent)) => {
-                    let h = sent.header;
-                    match h.format {
-                        DeltaFormat::Full => sent_bytes.full += h.payload_len,
-                        DeltaFormat::ZstdRef => sent_bytes.zstd_ref += h.payload_len,
-                        DeltaFormat::Rsync => sent_bytes.rsync += h.payload_len,
+            Some(report) = reports.recv() => match report {
+                Report::Sent(files) => {
+                    for sent in files {
+                        let h = sent.header;
+                        match h.format {
+                            DeltaFormat::Full => sent_bytes.full += h.payload_len,
+                            DeltaFormat::ZstdRef => sent_bytes.zstd_ref += h.payload_len,
+                            DeltaFormat::Rsync => sent_bytes.rsync += h.payload_len,
+                        }
+                        progress(Progress::Sent { bytes: sent.size, payload: h.payload_len });
+                        session.file_sent(&h, ms());
                     }
-                    progress(Progress::Sent { bytes: sent.size, payload: h.payload_len });
-                    session.file_sent(&h, ms());
                 }
-                Ok(Err(FileError::Source(e))) => return fail(e.into()),
-                Ok(Err(FileError::Net { path, message })) => {
+                Report::Failed(FileError::Source(e)) => return fail(e.into()),
+                Report::Failed(FileError::Net { path, message }) => {
                     if net_failure.is_none() {
                         let err = ClientError::Stream { target: target.clone(), path, message };
                         net_failure = Some((err, Instant::now() + GRACE));
                     }
                 }
-                Ok(Err(FileError::Internal(message))) => {
+                Report::Failed(FileError::Internal(message)) => {
                     return fail(ClientError::Internal { target, message })
                 }
-                Err(e) => {
+            },
+            Some(joined) = writers.join_next(), if !writers.is_empty() => {
+                if let Err(e) = joined {
                     return fail(ClientError::Internal {
                         target,
-                        message: format!("a file task failed: {e}"),
-                    })
+                        message: format!("a stream writer failed: {e}"),
+                    });
                 }
-            },
+            }
+            () = sleep_until(ready_check), if ready_check.is_some() => {
+                ready_check = None;
+                let mut ready = Vec::new();
+                for f in std::mem::take(&mut parked) {
+                    match ctx.as_ref().map(|c| c.source.ready(&f)) {
+                        Some(Ok(true)) => ready.push(f),
+                        Some(Err(e)) => return fail(e.into()),
+                        Some(Ok(false)) | None => parked.push(f),
+                    }
+                }
+                if !parked.is_empty() {
+                    ready_check = Some(Instant::now() + READY_POLL);
+                }
+                if let (false, Some(ctx)) = (ready.is_empty(), &ctx) {
+                    let streams = session.negotiated().1;
+                    work.get_or_insert_with(|| start_writers(ctx, streams, &mut writers, &report_tx))
+                        .extend(ready);
+                }
+            }
             () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(ms()),
             () = sleep_until(grace), if grace.is_some() => {
                 let (err, _) = net_failure.take().expect("grace implies a failure");
@@ -361,76 +521,258 @@ fn weight(f: &SendFile) -> u32 {
     kib.min(u64::from(MEMORY_BUDGET_KIB)) as u32
 }
 
-async fn send_file(ctx: Arc<Ctx>, f: SendFile) -> Result<Sent, FileError> {
-    let closed = |_| FileError::Internal("a semaphore was closed".into());
-    // A relay forwards content it may still be receiving: wait for it before taking memory or
-    // a CPU slot, so files that are there go out meanwhile.
-    while !ctx.source.ready(&f).map_err(FileError::Source)? {
-        tokio::time::sleep(READY_POLL).await;
+/// How many stream writers a push keeps, given the negotiated number of streams.
+pub(super) fn writer_count(streams: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (WRITERS_PER_CORE * cores)
+        .max(2)
+        .min(usize::try_from(streams).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+fn start_writers(
+    ctx: &Arc<Ctx>,
+    streams: u32,
+    writers: &mut JoinSet<()>,
+    report: &mpsc::UnboundedSender<Report>,
+) -> Arc<Work> {
+    let n = writer_count(streams);
+    let work = Arc::new(Work::new(n));
+    for _ in 0..n {
+        writers.spawn(write_stream(
+            Arc::clone(ctx),
+            Arc::clone(&work),
+            report.clone(),
+        ));
     }
+    work
+}
+
+/// One stream writer: batches off the queue until it is closed and empty, all on one file
+/// stream, opened when the first batch is ready.
+async fn write_stream(ctx: Arc<Ctx>, work: Arc<Work>, report: mpsc::UnboundedSender<Report>) {
+    let mut stream = None;
+    while let Some(batch) = work.next_batch().await {
+        if let Err(e) = send_batch(&ctx, &mut stream, batch, &report).await {
+            let _ = report.send(Report::Failed(e));
+            return;
+        }
+    }
+    if let Some(mut stream) = stream {
+        // Every file on it is written and reported; a daemon that stopped the stream says why
+        // on the control stream.
+        let _ = stream.finish();
+    }
+}
+
+fn closed(_: tokio::sync::AcquireError) -> FileError {
+    FileError::Internal("a semaphore was closed".into())
+}
+
+/// Encodes `batch` within the memory budget and writes it on `stream`, reporting files as
+/// their bytes are written.
+async fn send_batch(
+    ctx: &Ctx,
+    stream: &mut Option<SendStream>,
+    batch: Vec<SendFile>,
+    report: &mpsc::UnboundedSender<Report>,
+) -> Result<(), FileError> {
+    let kib = batch
+        .iter()
+        .map(weight)
+        .fold(0u32, u32::saturating_add)
+        .min(ctx.memory_kib);
     let _memory = Arc::clone(&ctx.memory)
-        .acquire_many_owned(weight(&f).min(ctx.memory_kib))
+        .acquire_many_owned(kib)
         .await
         .map_err(closed)?;
-    let encode = || async {
-        let _cpu = Arc::clone(&ctx.cpu).acquire_owned().await.map_err(closed)?;
-        let (source, cache, job) = (Arc::clone(&ctx.source), ctx.cache.clone(), f.clone());
-        tokio::task::spawn_blocking(move || {
-            let enc = source.encode(&job, cache.as_deref())?;
-            if let Some(cache) = &cache {
-                // A full payload is exactly a cache blob: keep it for the next push's deltas.
-                if enc.header.format == DeltaFormat::Full
-                    && (1..=MAX_CACHED_FILE).contains(&job.size)
-                {
-                    if let Err(e) = cache.store_payload(&job.hash, &enc.payload) {
-                        tracing::debug!("{e}");
-                    }
-                }
-            }
-            Ok::<_, SourceError>(Payload {
-                format: enc.header.format,
-                bytes: enc.payload,
-            })
-        })
-        .await
-        .map_err(|e| FileError::Internal(format!("encoding {} failed: {e}", f.path)))?
-        .map_err(FileError::Source)
+    let encoded = match &ctx.memo {
+        Some(memo) => shared_payloads(ctx, memo, batch).await?,
+        None => {
+            let pick = vec![true; batch.len()];
+            let (batch, payloads) = encode_batch(ctx, batch, pick).await?;
+            batch
+                .into_iter()
+                .zip(payloads)
+                .filter_map(|(f, p)| Some((f, Arc::new(p?))))
+                .collect()
+        }
     };
-    let payload = match &ctx.memo {
-        Some(memo) => memo.get_or_encode(Key::of(&f), encode).await?,
-        None => Arc::new(encode().await?),
-    };
-    let header = f
-        .header(payload.format, payload.bytes.len() as u64)
-        .map_err(|e| FileError::Internal(e.to_string()))?;
-    let net = |message: String| FileError::Net {
-        path: f.path.clone(),
+    let mut out = Out::default();
+    for (f, payload) in &encoded {
+        let header = f
+            .header(payload.format, payload.bytes.len() as u64)
+            .map_err(|e| FileError::Internal(e.to_string()))?;
+        out.buf.extend_from_slice(&header.frame());
+        out.first.get_or_insert_with(|| f.path.clone());
+        if payload.bytes.len() > GATHER_MAX {
+            out.flush(ctx, stream).await?;
+            write(ctx, stream, &payload.bytes)
+                .await
+                .map_err(|message| net(&f.path, message))?;
+        } else {
+            out.buf.extend_from_slice(&payload.bytes);
+        }
+        out.sent.push(Sent {
+            header,
+            size: f.size,
+        });
+        if out.buf.len() >= FLUSH_BYTES || payload.bytes.len() > GATHER_MAX {
+            out.flush(ctx, stream).await?;
+            let _ = report.send(Report::Sent(std::mem::take(&mut out.sent)));
+        }
+    }
+    out.flush(ctx, stream).await?;
+    if !out.sent.is_empty() {
+        let _ = report.send(Report::Sent(out.sent));
+    }
+    Ok(())
+}
+
+/// Headers and small payloads gathered for one write, and the files they complete.
+#[derive(Default)]
+struct Out {
+    buf: Vec<u8>,
+    /// The first file with bytes in `buf`, to name in an error.
+    first: Option<RelPath>,
+    sent: Vec<Sent>,
+}
+
+impl Out {
+    async fn flush(&mut self, ctx: &Ctx, stream: &mut Option<SendStream>) -> Result<(), FileError> {
+        // Every file gathered sets `first`, so without it there is nothing to write.
+        let Some(path) = self.first.take() else {
+            return Ok(());
+        };
+        let result = write(ctx, stream, &self.buf).await;
+        self.buf.clear();
+        result.map_err(|message| net(&path, message))
+    }
+}
+
+fn net(path: &RelPath, message: String) -> FileError {
+    FileError::Net {
+        path: path.clone(),
         message,
+    }
+}
+
+/// Writes `bytes` on the writer's stream (opening it first if needed), within the bandwidth
+/// limit; headers count against the limit along with the payloads.
+async fn write(ctx: &Ctx, stream: &mut Option<SendStream>, bytes: &[u8]) -> Result<(), String> {
+    let stream = match stream {
+        Some(s) => s,
+        None => stream.insert(ctx.conn.open_uni().await.map_err(|e| e.to_string())?),
     };
-    let mut stream = ctx.conn.open_uni().await.map_err(|e| net(e.to_string()))?;
-    stream
-        .write_all(&header.frame())
-        .await
-        .map_err(|e| net(e.to_string()))?;
     match &ctx.rate {
-        None => stream
-            .write_all(&payload.bytes)
-            .await
-            .map_err(|e| net(e.to_string()))?,
+        None => stream.write_all(bytes).await.map_err(|e| e.to_string()),
         Some(rate) => {
-            for chunk in payload.bytes.chunks(rate.chunk()) {
+            for chunk in bytes.chunks(rate.chunk()) {
                 rate.acquire(chunk.len()).await;
-                stream
-                    .write_all(chunk)
-                    .await
-                    .map_err(|e| net(e.to_string()))?;
+                stream.write_all(chunk).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Payloads of `batch` through the memo: those another push encoded already are taken, those
+/// nobody has are encoded here in one blocking call (and kept), and only then does the writer
+/// wait for those another push is encoding right now, so two pushes never wait on each other.
+async fn shared_payloads(
+    ctx: &Ctx,
+    memo: &Arc<PayloadMemo>,
+    batch: Vec<SendFile>,
+) -> Result<Vec<(SendFile, Arc<Payload>)>, FileError> {
+    let mut payloads: Vec<Option<Arc<Payload>>> = Vec::with_capacity(batch.len());
+    let mut tickets = Vec::with_capacity(batch.len());
+    for f in &batch {
+        let (payload, ticket) = match memo.claim(Key::of(f)) {
+            Claim::Ready(p) => (Some(p), None),
+            Claim::Encode(ticket) => (None, Some(ticket)),
+            Claim::Busy(_) => (None, None),
+        };
+        payloads.push(payload);
+        tickets.push(ticket);
+    }
+    let mut batch = batch;
+    if tickets.iter().any(Option::is_some) {
+        let pick = tickets.iter().map(Option::is_some).collect();
+        let (back, encoded) = encode_batch(ctx, batch, pick).await?;
+        batch = back;
+        for ((slot, ticket), payload) in payloads.iter_mut().zip(tickets).zip(encoded) {
+            if let (Some(ticket), Some(payload)) = (ticket, payload) {
+                *slot = Some(ticket.fill(payload));
             }
         }
     }
-    stream.finish().map_err(|e| net(e.to_string()))?;
-    Ok(Sent {
-        header,
-        size: f.size,
+    let mut out = Vec::with_capacity(batch.len());
+    for (f, payload) in batch.into_iter().zip(payloads) {
+        let payload = match payload {
+            Some(p) => p,
+            None => {
+                let one = f.clone();
+                memo.get_or_encode(Key::of(&f), || async move {
+                    let (_, mut encoded) = encode_batch(ctx, vec![one], vec![true]).await?;
+                    encoded
+                        .pop()
+                        .flatten()
+                        .ok_or_else(|| FileError::Internal("an encoding went missing".into()))
+                })
+                .await?
+            }
+        };
+        out.push((f, payload));
+    }
+    Ok(out)
+}
+
+/// Encodes the files of `files` marked in `pick`, in one blocking call on one of the CPU
+/// budget's slots; hands the files back with a payload for each picked one.
+async fn encode_batch(
+    ctx: &Ctx,
+    files: Vec<SendFile>,
+    pick: Vec<bool>,
+) -> Result<(Vec<SendFile>, Vec<Option<Payload>>), FileError> {
+    let _cpu = Arc::clone(&ctx.cpu).acquire_owned().await.map_err(closed)?;
+    let first = files
+        .first()
+        .map(|f| f.path.to_string())
+        .unwrap_or_default();
+    let (source, cache) = (Arc::clone(&ctx.source), ctx.cache.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut payloads = Vec::with_capacity(files.len());
+        for (f, picked) in files.iter().zip(pick) {
+            payloads.push(if picked {
+                Some(encode_one(&source, cache.as_deref(), f)?)
+            } else {
+                None
+            });
+        }
+        Ok::<_, SourceError>((files, payloads))
+    })
+    .await
+    .map_err(|e| FileError::Internal(format!("encoding {first} failed: {e}")))?
+    .map_err(FileError::Source)
+}
+
+fn encode_one(
+    source: &SourceTree,
+    cache: Option<&Cache>,
+    f: &SendFile,
+) -> Result<Payload, SourceError> {
+    let enc = source.encode(f, cache)?;
+    if let Some(cache) = cache {
+        // A full payload is exactly a cache blob: keep it for the next push's deltas.
+        if enc.header.format == DeltaFormat::Full && (1..=MAX_CACHED_FILE).contains(&f.size) {
+            if let Err(e) = cache.store_payload(&f.hash, &enc.payload) {
+                tracing::debug!("{e}");
+            }
+        }
+    }
+    Ok(Payload {
+        format: enc.header.format,
+        bytes: enc.payload,
     })
 }
 
@@ -558,6 +900,43 @@ mod tests {
         ];
         for (f, want) in table {
             assert_eq!(weight(&f), want, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn batches_keep_the_order_and_their_bounds() {
+        let mk = |file: u32, size: u64| SendFile {
+            file,
+            path: RelPath::new(format!("f{file}")).unwrap(),
+            size,
+            hash: Hash::of(&file.to_le_bytes()),
+            method: Method::Full,
+        };
+        const K: u64 = 1024;
+        // (file sizes, writers, sizes of the batches taken one after another)
+        let table: [(Vec<u64>, usize, Vec<usize>); 6] = [
+            (vec![100; 10], 4, vec![3, 2, 2, 1, 1, 1]),
+            (vec![100; 200], 1, vec![64, 64, 64, 8]),
+            (vec![10, 600 * K, 10], 1, vec![1, 1, 1]),
+            (vec![300 * K, 300 * K, 100 * K, 100 * K], 1, vec![1, 3]),
+            (vec![u64::MAX, 1], 1, vec![1, 1]),
+            (vec![0; 3], 0, vec![3]),
+        ];
+        for (sizes, writers, want) in table {
+            let mut q: VecDeque<SendFile> =
+                (0u32..).zip(&sizes).map(|(i, &size)| mk(i, size)).collect();
+            let mut got = Vec::new();
+            let mut order = Vec::new();
+            while !q.is_empty() {
+                let b = take_batch(&mut q, writers);
+                assert!(b.len() <= BATCH_FILES);
+                let bytes = b.iter().fold(0u64, |n, f| n.saturating_add(f.size));
+                assert!(b.len() == 1 || bytes <= BATCH_BYTES, "{sizes:?}");
+                got.push(b.len());
+                order.extend(b.iter().map(|f| f.file));
+            }
+            assert_eq!(got, want, "{sizes:?} over {writers} writers");
+            assert_eq!(order, (0..sizes.len() as u32).collect::<Vec<_>>());
         }
     }
 }

@@ -6,7 +6,10 @@
 //! encoding by exactly what determines it — the content hash and the method, with the basis
 //! hash and, for rsync, the digest of the signature the daemon sent (a daemon sending a bogus
 //! signature therefore gets its own entry and cannot spoil the payload of the others) — and
-//! lets the first push that needs a payload encode it while the others wait for the result.
+//! lets the first push that needs a payload encode it while the others wait for the result. A
+//! push claims the keys of a whole batch of files at once without waiting ([`PayloadMemo::claim`]),
+//! encodes those nobody else is encoding, and only then waits for the rest, so pushes claiming
+//! overlapping batches never wait on each other in a circle.
 //!
 //! Entries are kept while their total size is within the memo's budget, oldest dropped first;
 //! a push that finds an entry gone encodes the file again, so the budget bounds memory, not
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use sync_core::delta::DeltaFormat;
 use sync_core::manifest::Hash;
 use sync_core::proto::client::{Method, SendFile};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 /// What determines an encoded payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +63,17 @@ pub struct Payload {
     pub bytes: Vec<u8>,
 }
 
-type Cell = Arc<OnceCell<Arc<Payload>>>;
+/// Where a key's payload stands.
+#[derive(Debug)]
+enum Cell {
+    /// A push is encoding it (its [`Ticket`] has number `ticket`); the receiver learns when it
+    /// filled the cell or gave up, as the ticket's sender is dropped either way.
+    Encoding {
+        ticket: u64,
+        done: watch::Receiver<()>,
+    },
+    Filled(Arc<Payload>),
+}
 
 #[derive(Debug, Default)]
 struct Entries {
@@ -68,6 +81,7 @@ struct Entries {
     /// Filled cells in the order they were filled, with their size.
     filled: VecDeque<(Key, u64)>,
     bytes: u64,
+    tickets: u64,
 }
 
 /// Payloads shared by concurrent pushes of one release (see the module docs).
@@ -90,6 +104,55 @@ pub struct MemoStats {
     pub hits: u64,
     /// Payloads received from elsewhere and kept (see [`PayloadMemo::offer`]).
     pub offered: u64,
+}
+
+/// What [`PayloadMemo::claim`] found.
+#[derive(Debug)]
+pub(super) enum Claim {
+    /// Encoded already.
+    Ready(Arc<Payload>),
+    /// Nobody has it: the caller encodes it and fills the ticket (or drops it, when the
+    /// encoding failed, and the next caller encodes instead).
+    Encode(Ticket),
+    /// Another push is encoding it; the receiver's `changed` resolves once that push filled
+    /// the cell or gave up ([`PayloadMemo::get_or_encode`] waits for that).
+    Busy(watch::Receiver<()>),
+}
+
+/// The duty to encode one key (see [`Claim::Encode`]).
+#[derive(Debug)]
+pub(super) struct Ticket {
+    memo: Arc<PayloadMemo>,
+    key: Key,
+    number: u64,
+    filled: bool,
+    /// Dropped when the ticket is filled or given up, which wakes the waiters.
+    _done: watch::Sender<()>,
+}
+
+impl Ticket {
+    /// Keeps `payload` for `key` and hands it back, shared.
+    pub(super) fn fill(mut self, payload: Payload) -> Arc<Payload> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let payload = Arc::new(payload);
+        self.filled = true;
+        self.memo.encodes.fetch_add(1, Relaxed);
+        self.memo.keep(self.key, self.number, &payload);
+        payload
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.filled {
+            return;
+        }
+        let mut e = self.memo.lock();
+        if matches!(e.cells.get(&self.key), Some(Cell::Encoding { ticket, .. }) if *ticket == self.number)
+        {
+            e.cells.remove(&self.key);
+        }
+    }
 }
 
 impl PayloadMemo {
@@ -122,11 +185,47 @@ impl PayloadMemo {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The payload for `key` if it is there, else the duty to encode it unless another push
+    /// has that duty already. Never waits, so a push can claim a whole batch of files, encode
+    /// the ones it got in one go, and only then wait for the others.
+    pub(super) fn claim(self: &Arc<Self>, key: Key) -> Claim {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut e = self.lock();
+        match e.cells.get(&key) {
+            Some(Cell::Filled(p)) => {
+                let p = Arc::clone(p);
+                drop(e);
+                self.hits.fetch_add(1, Relaxed);
+                Claim::Ready(p)
+            }
+            Some(Cell::Encoding { done, .. }) => Claim::Busy(done.clone()),
+            None => {
+                e.tickets += 1;
+                let number = e.tickets;
+                let (tx, rx) = watch::channel(());
+                e.cells.insert(
+                    key,
+                    Cell::Encoding {
+                        ticket: number,
+                        done: rx,
+                    },
+                );
+                Claim::Encode(Ticket {
+                    memo: Arc::clone(self),
+                    key,
+                    number,
+                    filled: false,
+                    _done: tx,
+                })
+            }
+        }
+    }
+
     /// The payload for `key`: the memo's, or the one `encode` produces (which the memo then
     /// keeps). Concurrent callers with the same key wait for one encoding; if it fails or is
     /// cancelled, the next waiter encodes instead.
     pub(super) async fn get_or_encode<F, Fut, E>(
-        &self,
+        self: &Arc<Self>,
         key: Key,
         encode: F,
     ) -> Result<Arc<Payload>, E>
@@ -134,28 +233,24 @@ impl PayloadMemo {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Payload, E>>,
     {
-        use std::sync::atomic::Ordering::Relaxed;
-        let cell = Arc::clone(self.lock().cells.entry(key).or_default());
-        let mut encoded_here = false;
-        let payload = cell
-            .get_or_try_init(|| async {
-                encoded_here = true;
-                encode().await.map(Arc::new)
-            })
-            .await?;
-        if encoded_here {
-            self.encodes.fetch_add(1, Relaxed);
-            self.keep(key, &cell, payload.bytes.len() as u64);
-        } else {
-            self.hits.fetch_add(1, Relaxed);
-        }
-        Ok(Arc::clone(payload))
+        let ticket = loop {
+            match self.claim(key) {
+                Claim::Ready(p) => return Ok(p),
+                Claim::Encode(ticket) => break ticket,
+                // Resolves once the encoding push filled the cell or gave up; look again.
+                Claim::Busy(mut done) => {
+                    let _ = done.changed().await;
+                }
+            }
+        };
+        Ok(ticket.fill(encode().await?))
     }
 
     /// Keeps `bytes`, a payload in `format` that rebuilds `content` (against `basis`, for a
     /// zstd-reference delta) and was already checked by doing so, for the pushes that would
     /// encode the same. Rsync deltas are not offered: they answer one receiver's signature.
-    /// Returns whether the memo took it (not when it holds that key already).
+    /// Returns whether the memo took it (not when it holds that key already, or a push is
+    /// encoding it).
     pub fn offer(
         &self,
         content: Hash,
@@ -168,27 +263,31 @@ impl PayloadMemo {
             (DeltaFormat::ZstdRef, Some(basis)) => Key::ZstdRef { content, basis },
             _ => return false,
         };
-        let size = bytes.len() as u64;
-        if size > self.budget {
+        if bytes.len() as u64 > self.budget {
             return false;
         }
-        let cell = Arc::clone(self.lock().cells.entry(key).or_default());
-        if cell.set(Arc::new(Payload { format, bytes })).is_err() {
+        let mut e = self.lock();
+        if e.cells.contains_key(&key) {
             return false;
         }
+        self.fill_locked(&mut e, key, &Arc::new(Payload { format, bytes }));
         self.offered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.keep(key, &cell, size);
         true
     }
 
-    /// Accounts a newly filled cell and drops the oldest ones beyond the budget.
-    fn keep(&self, key: Key, cell: &Cell, size: u64) {
+    /// Fills the cell of ticket `number` and drops the oldest filled cells beyond the budget.
+    fn keep(&self, key: Key, number: u64, payload: &Arc<Payload>) {
         let mut e = self.lock();
-        // The cell may have been dropped (and replaced) while it was being filled.
-        if !e.cells.get(&key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+        if !matches!(e.cells.get(&key), Some(Cell::Encoding { ticket, .. }) if *ticket == number) {
             return;
         }
+        self.fill_locked(&mut e, key, payload);
+    }
+
+    fn fill_locked(&self, e: &mut Entries, key: Key, payload: &Arc<Payload>) {
+        let size = payload.bytes.len() as u64;
+        e.cells.insert(key, Cell::Filled(Arc::clone(payload)));
         e.filled.push_back((key, size));
         e.bytes += size;
         while e.bytes > self.budget {
@@ -254,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn different_bases_and_signatures_are_different_payloads() {
-        let memo = PayloadMemo::new(1 << 20, 1);
+        let memo = Arc::new(PayloadMemo::new(1 << 20, 1));
         let (c, b1, b2) = (Hash::of(b"c"), Hash::of(b"b1"), Hash::of(b"b2"));
         let keys = [
             Key::Full(c),
@@ -289,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_encoding_is_retried_and_the_budget_drops_the_oldest() {
-        let memo = PayloadMemo::new(250, 1);
+        let memo = Arc::new(PayloadMemo::new(250, 1));
         let k = |s: &[u8]| Key::Full(Hash::of(s));
         let failed = memo
             .get_or_encode(k(b"x"), || async { Err::<Payload, _>("disk error") })
@@ -321,7 +420,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_offered_payload_is_sent_as_received_and_rsync_deltas_are_not_kept() {
-        let memo = PayloadMemo::new(1000, 1);
+        let memo = Arc::new(PayloadMemo::new(1000, 1));
         let (c, b) = (Hash::of(b"c"), Hash::of(b"b"));
         assert!(memo.offer(c, DeltaFormat::Full, None, vec![7; 10]));
         assert!(memo.offer(c, DeltaFormat::ZstdRef, Some(b), vec![8; 4]));
@@ -364,5 +463,48 @@ mod tests {
             }
         );
         assert_eq!(memo.held_bytes(), 14);
+        // A key a push is encoding is that push's to fill.
+        let busy = Key::Full(b);
+        let Claim::Encode(ticket) = memo.claim(busy) else {
+            panic!("nobody had the key")
+        };
+        assert!(!memo.offer(b, DeltaFormat::Full, None, vec![1; 5]));
+        assert_eq!(ticket.fill(payload(3)).bytes.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_claimed_key_is_busy_until_filled_or_given_up() {
+        let memo = Arc::new(PayloadMemo::new(1 << 20, 1));
+        let key = Key::Full(Hash::of(b"k"));
+        let Claim::Encode(first) = memo.claim(key) else {
+            panic!("nobody had the key")
+        };
+        let Claim::Busy(mut waiting) = memo.claim(key) else {
+            panic!("the key is being encoded")
+        };
+        // Giving up wakes the waiter, and the next claim gets the duty.
+        drop(first);
+        assert!(waiting.changed().await.is_err());
+        let Claim::Encode(second) = memo.claim(key) else {
+            panic!("the first encoder gave up")
+        };
+        let Claim::Busy(mut waiting) = memo.claim(key) else {
+            panic!("the key is being encoded again")
+        };
+        let filled = second.fill(payload(10));
+        assert!(waiting.changed().await.is_err());
+        let Claim::Ready(p) = memo.claim(key) else {
+            panic!("the key was filled")
+        };
+        assert!(Arc::ptr_eq(&p, &filled));
+        assert_eq!(
+            memo.stats(),
+            MemoStats {
+                encodes: 1,
+                hits: 1,
+                offered: 0
+            }
+        );
+        assert_eq!(memo.held_bytes(), 10);
     }
 }

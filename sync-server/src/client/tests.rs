@@ -82,6 +82,8 @@ struct Store {
     formats: Vec<DeltaFormat>,
     /// What a sync's destination holds.
     mirror: Option<Arc<Manifest>>,
+    /// For each file stream, the files it carried, in order.
+    streams: Vec<Vec<u32>>,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -108,17 +110,34 @@ async fn serve(conn: quinn::Connection, store: Shared) {
     let mut s = DaemonSession::new(Limits::default(), 0);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Vec<u8>)>();
     let uni = conn.clone();
+    let streams = Arc::clone(&store);
     tokio::spawn(async move {
         while let Ok(mut stream) = uni.accept_uni().await {
-            let tx = tx.clone();
+            let (tx, store) = (tx.clone(), Arc::clone(&streams));
+            let slot = {
+                let mut st = store.lock().unwrap();
+                st.streams.push(Vec::new());
+                st.streams.len() - 1
+            };
             tokio::spawn(async move {
+                // A stream carries (header, payload) pairs until it ends.
                 let Ok(data) = stream.read_to_end(1 << 30).await else {
                     return;
                 };
-                let mut dec = DaemonSession::file_header_decoder();
                 let mut input = &data[..];
-                if let Ok(Some(frame)) = dec.decode(&mut input) {
-                    let _ = tx.send((frame, input.to_vec()));
+                while !input.is_empty() {
+                    let mut dec = DaemonSession::file_header_decoder();
+                    let Ok(Some(frame)) = dec.decode(&mut input) else {
+                        return;
+                    };
+                    let Ok(h) = decode::<FileHeader>(&frame) else {
+                        return;
+                    };
+                    let len = (h.payload_len as usize).min(input.len());
+                    let (payload, rest) = input.split_at(len);
+                    input = rest;
+                    store.lock().unwrap().streams[slot].push(h.file);
+                    let _ = tx.send((frame, payload.to_vec()));
                 }
             });
         }
@@ -383,6 +402,62 @@ fn release_b() -> Vec<(&'static str, Vec<u8>)> {
     }
     v.push(("src/New.php", php(2000, 5_000)));
     v
+}
+
+/// Bytes zstd cannot shrink, so their payload is as large as the file.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// 600 small files of distinct content, with three large incompressible ones among them (one
+/// larger than a writer's batch of files and its gathered writes).
+fn many_small_and_a_few_large() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v: Vec<(&'static str, Vec<u8>)> = (0..600u64)
+        .map(|i| {
+            let name: &'static str =
+                Box::leak(format!("d{:02}/f{i:03}.php", i / 40).into_boxed_str());
+            (name, php(3000 + i, 100 + (i as usize * 37) % 6_000))
+        })
+        .collect();
+    v.push(("d03/big.bin", noise(1, 700_000)));
+    v.push(("d07/bigger.bin", noise(2, 2_500_000)));
+    v.push(("d14/last.bin", noise(3, 100_000)));
+    v
+}
+
+/// Every file of `files` reached the daemon intact, each on exactly one stream, and the
+/// streams were few, each carrying its files in the order the session handed them out.
+fn assert_streams_carried(store: &Shared, files: &[(&str, Vec<u8>)], needed: u64) {
+    let st = store.lock().unwrap();
+    for (p, c) in files {
+        let got = st.kept.get(&Hash::of(c));
+        assert!(got == Some(c), "{p} is not on the daemon as pushed");
+    }
+    let mut all: Vec<u32> = st.streams.iter().flatten().copied().collect();
+    assert_eq!(all.len() as u64, needed, "every needed file once");
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len() as u64, needed, "no file twice");
+    let writers = driver::writer_count(Limits::default().max_streams);
+    assert!(
+        (1..=writers).contains(&st.streams.len()),
+        "{} streams for {writers} writers",
+        st.streams.len()
+    );
+    for files in &st.streams {
+        assert!(
+            files.is_sorted(),
+            "a stream carried files out of order: {files:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -842,5 +917,87 @@ async fn hostile_daemons_never_get_a_success() {
             Ok(r) => panic!("{name}: reported success {r:?}"),
             Err(e) => assert!(e.to_string().contains(expect), "{name}: {e}"),
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_files_share_a_few_streams_each_once_and_in_order() {
+    // The default memory budget, and one far below the batch and the large files.
+    for memory_kib in [None, Some(64)] {
+        let mut k = keys();
+        let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+        let store = Shared::default();
+        spawn_daemon(ep, Arc::clone(&store));
+        let t = target(addr, "shop");
+        k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let files = many_small_and_a_few_large();
+        let req = tree(&tmp.path().join("src"), "r1", &files);
+        let conn = dial(&k, &t).await.unwrap();
+        let opts = PushOptions {
+            memory_kib,
+            ..PushOptions::default()
+        };
+        let sent = Mutex::new(0u64);
+        let pushed = push_with(&conn, &req, &opts, &|p| {
+            if let Progress::Sent { .. } = p {
+                *sent.lock().unwrap() += 1;
+            }
+        })
+        .await
+        .unwrap();
+        conn.close().await;
+        let s = &pushed.session;
+        assert_eq!((s.needed, s.sent_full), (603, 603), "{memory_kib:?}: {s:?}");
+        assert_eq!(*sent.lock().unwrap(), 603, "one progress event per file");
+        assert_eq!(s.staged.received_bytes, s.payload_bytes);
+        assert_streams_carried(&store, &files, 603);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_through_the_memo_encode_each_payload_once() {
+    let mut k = keys();
+    let mut daemons = Vec::new();
+    for _ in 0..2 {
+        let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+        let store = Shared::default();
+        spawn_daemon(ep, Arc::clone(&store));
+        let t = target(addr, "shop");
+        k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+        daemons.push((t, store));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let files = many_small_and_a_few_large();
+    let req = tree(&tmp.path().join("src"), "r1", &files);
+    let memo = Arc::new(PayloadMemo::new(1 << 30, 2));
+    let opts = PushOptions {
+        memo: Some(Arc::clone(&memo)),
+        memory_kib: Some(1024),
+        ..PushOptions::default()
+    };
+    let push_to = |t: Target| {
+        let (k, req, opts) = (&k, &req, &opts);
+        async move {
+            let conn = dial(k, &t).await.unwrap();
+            let pushed = push_with(&conn, req, opts, &|_| {}).await;
+            conn.close().await;
+            pushed.unwrap()
+        }
+    };
+    let (a, b) = tokio::join!(push_to(daemons[0].0.clone()), push_to(daemons[1].0.clone()));
+    for pushed in [a, b] {
+        assert_eq!(pushed.session.needed, 603, "{:?}", pushed.session);
+    }
+    assert_eq!(
+        memo.stats(),
+        MemoStats {
+            encodes: 603,
+            hits: 603,
+            offered: 0
+        }
+    );
+    for (_, store) in &daemons {
+        assert_streams_carried(store, &files, 603);
     }
 }
