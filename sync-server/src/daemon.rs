@@ -15,6 +15,7 @@ mod connection;
 mod content;
 mod export;
 mod relay;
+mod store;
 mod stream;
 mod work;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 use sync_core::edge::root::AppRoot;
 use sync_core::edge::{error_chain, EdgeError};
 use sync_core::wire::Limits;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{AppConfig, Config, ExportConfig};
@@ -115,8 +116,9 @@ struct Shared {
     apps: HashMap<String, Arc<App>>,
     /// Directories `relsync sync` may mirror into.
     exports: HashMap<String, Arc<ExportConfig>>,
-    /// Bounds how many received files are rebuilt at once (CPU-bound zstd and rsync work).
-    apply_slots: Arc<Semaphore>,
+    /// Rebuild received files, as many at once as there are workers (CPU-bound zstd and rsync
+    /// work).
+    store: Arc<store::Workers>,
     /// How this daemon pushes on to its children in a relay tree.
     relayer: Arc<relay::Relayer>,
 }
@@ -174,16 +176,19 @@ pub async fn serve(
         .iter()
         .map(|(name, e)| (name.clone(), Arc::new(e.clone())))
         .collect();
-    let shared = Arc::new(Shared {
-        limits: config.limits,
-        apps,
-        exports,
-        apply_slots: Arc::new(Semaphore::new(slots)),
-        relayer: Arc::new(relay::Relayer {
-            identity: Arc::new(identity.clone()),
-            net: crate::fleet::driver::fleet_net(),
-        }),
-    });
+    let shared =
+        Arc::new(Shared {
+            limits: config.limits,
+            apps,
+            exports,
+            store: Arc::new(store::Workers::start(slots).map_err(|e| {
+                DaemonError::Startup(format!("cannot start the store workers: {e}"))
+            })?),
+            relayer: Arc::new(relay::Relayer {
+                identity: Arc::new(identity.clone()),
+                net: crate::fleet::driver::fleet_net(),
+            }),
+        });
     tracing::info!(
         %addr,
         key = %identity.fingerprint(),

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument as _, Span};
 
 use super::export::{self, Destination};
+use super::store;
 use super::stream::{self, Payload, ReadPlan};
 use super::work::{self, Basis, Opened};
 use super::{relay, App, Shared};
@@ -102,6 +103,8 @@ pub(super) enum Work {
         file: u32,
         result: Result<(), FileFailure>,
     },
+    /// [`Request::Receive`]s the store workers finished.
+    Files(Vec<(u32, Result<(), FileFailure>)>),
     /// A file stream delivered a header; the reader waits for how to read the payload.
     Header {
         frame: Vec<u8>,
@@ -114,12 +117,13 @@ pub(super) enum Work {
 }
 
 impl Work {
-    /// Whether this completes a work item the driver counted as pending.
-    fn completes(&self) -> bool {
-        !matches!(
-            self,
-            Work::Header { .. } | Work::StreamError(_) | Work::Arrived { .. }
-        )
+    /// How many of the work items the driver counted as pending this completes.
+    fn completes(&self) -> usize {
+        match self {
+            Work::Header { .. } | Work::StreamError(_) | Work::Arrived { .. } => 0,
+            Work::Files(files) => files.len(),
+            _ => 1,
+        }
     }
 }
 
@@ -182,6 +186,8 @@ struct Driver {
     payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
     /// Files whose receive job runs.
     receiving: HashSet<u32>,
+    /// Shared by this connection's store jobs; dropped with `opened`.
+    store: Option<Arc<store::Context>>,
     tx: mpsc::UnboundedSender<Work>,
     rx: mpsc::UnboundedReceiver<Work>,
     /// Work items started and not yet reported back.
@@ -218,6 +224,7 @@ impl Driver {
             basis: None,
             payloads: HashMap::new(),
             receiving: HashSet::new(),
+            store: None,
             tx,
             rx,
             pending: 0,
@@ -231,6 +238,7 @@ impl Driver {
             if self.session.is_finished() && self.pending == 0 {
                 // Nothing runs any more: let the next command in before the client hears back.
                 self.opened = None;
+                self.store = None;
             }
             self.flush().await;
             if self.session.is_finished() {
@@ -305,9 +313,7 @@ impl Driver {
     }
 
     fn on_work(&mut self, work: Work) {
-        if work.completes() {
-            self.pending -= 1;
-        }
+        self.pending -= work.completes();
         let now = self.clock.now();
         match work {
             Work::Opened(Ok(opened)) => {
@@ -341,17 +347,24 @@ impl Driver {
                     self.session.handle_event(e, now);
                 }
             }
-            Work::File { file, result } => {
-                self.receiving.remove(&file);
-                if let Err(failure) = &result {
-                    tracing::warn!(file, ?failure, "file not stored");
+            Work::File { file, result } => self.file_finished(file, result, now),
+            Work::Files(files) => {
+                for (file, result) in files {
+                    self.file_finished(file, result, now);
                 }
-                self.session.file_finished(file, result, now);
             }
             Work::Header { frame, reply } => self.on_header(frame, reply),
             Work::StreamError(e) => self.session.handle_stream_error(e, now),
             Work::Arrived { file } => self.session.payload_arrived(file, now),
         }
+    }
+
+    fn file_finished(&mut self, file: u32, result: Result<(), FileFailure>, now: u64) {
+        self.receiving.remove(&file);
+        if let Err(failure) = &result {
+            tracing::warn!(file, ?failure, "file not stored");
+        }
+        self.session.file_finished(file, result, now);
     }
 
     fn on_header(&mut self, frame: Vec<u8>, reply: oneshot::Sender<Option<ReadPlan>>) {
@@ -522,10 +535,8 @@ impl Driver {
         let file = job.file;
         self.receiving.insert(file);
         let payload = self.payloads.remove(&file);
-        let basis = self.basis.clone();
-        let slots = self.shared.apply_slots.clone();
-        let tx = self.tx.clone();
-        let span = Span::current();
+        let context = self.store_context(held);
+        let workers = Arc::clone(&self.shared.store);
         self.pending += 1;
         tokio::spawn(
             async move {
@@ -538,32 +549,40 @@ impl Driver {
                         message: "no file stream announced this file".into(),
                     }),
                 };
-                let result = match payload {
-                    Ok(payload) => {
-                        let permit = slots.acquire_owned().await;
-                        tokio::task::spawn_blocking(move || {
-                            let _permit = permit;
-                            let _entered = span.enter();
-                            let objects = match &held {
-                                Held::App(o) => o.objects(),
-                                Held::Export(d) => d.objects(),
-                            };
-                            work::store(objects, basis.as_deref(), &job, &payload)
-                        })
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(FileFailure::Local {
-                                kind: ErrorKind::Internal,
-                                message: "storing the file failed unexpectedly".into(),
-                            })
-                        })
+                match payload {
+                    Ok(payload) => workers.submit([store::Job {
+                        context,
+                        file: job,
+                        payload,
+                    }]),
+                    Err(failure) => {
+                        let reply = context.reply.clone();
+                        drop(context);
+                        let _ = reply.send(Work::File {
+                            file,
+                            result: Err(failure),
+                        });
                     }
-                    Err(failure) => Err(failure),
-                };
-                let _ = tx.send(Work::File { file, result });
+                }
             }
             .in_current_span(),
         );
+    }
+
+    /// What the store jobs of this connection share, made once the need (and with it the
+    /// bases) is known.
+    fn store_context(&mut self, held: Held) -> Arc<store::Context> {
+        if let Some(c) = &self.store {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(store::Context {
+            held,
+            basis: self.basis.clone(),
+            span: Span::current(),
+            reply: self.tx.clone(),
+        });
+        self.store = Some(Arc::clone(&c));
+        c
     }
 
     /// Authorizes the peer for `app` before anything touches the disk, then takes the lock and
@@ -860,12 +879,12 @@ impl Driver {
         self.payloads.clear();
         while self.pending > 0 {
             match self.rx.recv().await {
-                Some(work) if work.completes() => self.pending -= 1,
-                Some(_) => {}
+                Some(work) => self.pending -= work.completes(),
                 None => break,
             }
         }
         self.opened = None;
+        self.store = None;
         tracing::debug!("connection finished");
     }
 }

@@ -1,0 +1,203 @@
+//! The store workers: a fixed set of threads, shared by every connection, that rebuild received
+//! files into verified objects (`work::store`).
+//!
+//! Their number bounds how many files are rebuilt at once (zstd and rsync work is CPU-bound), as
+//! a semaphore would, without a task, a permit and a blocking-pool hand-off per file: a worker
+//! takes the oldest queued job, and while more are queued behind it, it holds the results back
+//! and sends them to their connection in one message, so a busy connection's driver wakes once
+//! per batch rather than once per file. Jobs run in the order they were queued, whichever
+//! connection queued them. A job is always run and reported, even for a connection whose session
+//! ended: its driver waits for every job it queued before it lets the app's lock go.
+
+use std::collections::VecDeque;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use sync_core::proto::daemon::{FileFailure, FileJob};
+use sync_core::wire::ErrorKind;
+use tokio::sync::mpsc;
+use tracing::Span;
+
+use super::connection::{Held, Work};
+use super::stream::Payload;
+use super::work::{self, Basis};
+
+/// Results held back for one connection before they are sent anyway.
+const BATCH_MAX: usize = 32;
+/// Payload bytes whose results may be held back at once: a connection whose budget is taken by
+/// large files hears about them promptly and admits the next ones.
+const BATCH_BYTES_MAX: u64 = 1 << 20;
+
+/// What the jobs of one connection share: where to store, the bases, the connection's span for
+/// the log, and where to report.
+pub(super) struct Context {
+    pub held: Held,
+    pub basis: Option<Arc<Basis>>,
+    pub span: Span,
+    pub reply: mpsc::UnboundedSender<Work>,
+}
+
+/// A file whose payload arrived whole, to be stored.
+pub(super) struct Job {
+    pub context: Arc<Context>,
+    pub file: FileJob,
+    pub payload: Payload,
+}
+
+/// The workers; dropping this lets them finish the queue and exit.
+#[derive(Debug)]
+pub(super) struct Workers {
+    queue: Arc<Queue>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<State>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Workers waiting for a job.
+    idle: usize,
+    closed: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("jobs", &self.jobs.len())
+            .field("idle", &self.idle)
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A job never panics while the lock is held (jobs run outside it).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Workers {
+    /// Starts `count` workers (at least one).
+    pub(super) fn start(count: usize) -> std::io::Result<Workers> {
+        let queue = Arc::new(Queue::default());
+        for i in 0..count.max(1) {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("relsyncd-store-{i}"))
+                .spawn(move || run(&queue))?;
+        }
+        Ok(Workers { queue })
+    }
+
+    /// Queues jobs; never blocks on the work itself.
+    pub(super) fn submit(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut state = self.queue.lock();
+        let before = state.jobs.len();
+        state.jobs.extend(jobs);
+        let added = state.jobs.len() - before;
+        let wake = added.min(state.idle);
+        drop(state);
+        for _ in 0..wake {
+            self.queue.ready.notify_one();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+/// Results for one connection, not sent yet.
+struct Batch {
+    reply: mpsc::UnboundedSender<Work>,
+    files: Vec<(u32, Result<(), FileFailure>)>,
+    bytes: u64,
+}
+
+impl Batch {
+    fn send(self) {
+        // A connection that is gone no longer waits for anything.
+        let _ = self.reply.send(Work::Files(self.files));
+    }
+}
+
+fn run(queue: &Queue) {
+    let mut batch: Option<Batch> = None;
+    let mut state = queue.lock();
+    loop {
+        let Some(job) = state.jobs.pop_front() else {
+            // Nothing queued behind the last job: whoever waits for its result hears now.
+            if let Some(b) = batch.take() {
+                drop(state);
+                b.send();
+                state = queue.lock();
+                continue;
+            }
+            if state.closed {
+                return;
+            }
+            state.idle += 1;
+            state = queue
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.idle -= 1;
+            continue;
+        };
+        drop(state);
+        let mut b = match batch.take() {
+            Some(b) if b.reply.same_channel(&job.context.reply) => b,
+            other => {
+                if let Some(other) = other {
+                    other.send();
+                }
+                Batch {
+                    reply: job.context.reply.clone(),
+                    files: Vec::new(),
+                    bytes: 0,
+                }
+            }
+        };
+        let (file, bytes) = (job.file.file, job.file.payload_len);
+        // The job (and with it the connection's handle on the app) is dropped before its result
+        // goes out: a driver that hears of its last file may release the app's lock at once.
+        b.files.push((file, run_job(job)));
+        b.bytes = b.bytes.saturating_add(bytes);
+        if b.files.len() >= BATCH_MAX || b.bytes >= BATCH_BYTES_MAX {
+            b.send();
+        } else {
+            batch = Some(b);
+        }
+        state = queue.lock();
+    }
+}
+
+fn run_job(job: Job) -> Result<(), FileFailure> {
+    let Job {
+        context,
+        file,
+        payload,
+    } = job;
+    let stored = panic::catch_unwind(AssertUnwindSafe(|| {
+        let _entered = context.span.enter();
+        let objects = match &context.held {
+            Held::App(o) => o.objects(),
+            Held::Export(d) => d.objects(),
+        };
+        work::store(objects, context.basis.as_deref(), &file, &payload)
+    }));
+    stored.unwrap_or_else(|_| {
+        Err(FileFailure::Local {
+            kind: ErrorKind::Internal,
+            message: "storing the file failed unexpectedly".into(),
+        })
+    })
+}
