@@ -77,6 +77,9 @@ pub enum EdgeError {
 /// Attaches what was being done and to which path to an `io::Error`.
 pub(crate) trait IoContext<T> {
     fn ctx(self, what: &'static str, path: impl Into<PathBuf>) -> Result<T, EdgeError>;
+
+    /// As [`IoContext::ctx`], with the path made only on failure (for calls made per file).
+    fn ctx_with(self, what: &'static str, path: impl FnOnce() -> PathBuf) -> Result<T, EdgeError>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
@@ -84,6 +87,14 @@ impl<T> IoContext<T> for io::Result<T> {
         self.map_err(|source| EdgeError::Io {
             what,
             path: path.into(),
+            source,
+        })
+    }
+
+    fn ctx_with(self, what: &'static str, path: impl FnOnce() -> PathBuf) -> Result<T, EdgeError> {
+        self.map_err(|source| EdgeError::Io {
+            what,
+            path: path(),
             source,
         })
     }
