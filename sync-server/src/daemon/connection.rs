@@ -293,10 +293,14 @@ impl Driver {
                 chunk = read_control(self.recv.as_mut()) => self.on_control(chunk),
                 uni = self.conn.accept_uni() => match uni {
                     Ok(s) => {
-                        tokio::spawn(
-                            stream::read(s, self.tx.clone(), self.clock.clone(), self.early.clone())
-                                .in_current_span(),
-                        );
+                        // Readers log nothing: they run outside the connection's span rather
+                        // than enter it on every poll of every file stream.
+                        tokio::spawn(stream::read(
+                            s,
+                            self.tx.clone(),
+                            self.clock.clone(),
+                            self.early.clone(),
+                        ));
                     }
                     Err(e) => self.on_connection_lost(&e),
                 },

@@ -201,3 +201,184 @@ fn run_job(job: Job) -> Result<(), FileFailure> {
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use sync_core::delta::{self, DeltaFormat};
+    use sync_core::edge::root::AppRoot;
+    use sync_core::manifest::Hash;
+    use sync_core::path::RelPath;
+    use sync_core::release::ReleaseId;
+    use sync_core::wire::Command;
+
+    use super::*;
+    use crate::config::AppConfig;
+    use crate::daemon::App;
+
+    /// An app opened for a push, as a connection holds it.
+    fn opened(root: &std::path::Path) -> Held {
+        let config = AppConfig {
+            name: "shop".into(),
+            root: root.to_owned(),
+            keep: None,
+            shared: Vec::new(),
+            authorized: HashSet::new(),
+            accept_relayed: false,
+            activation: None,
+        };
+        let app = Arc::new(App {
+            root: AppRoot::open_or_create(root).unwrap(),
+            config,
+        });
+        let push = Command::Push {
+            release: ReleaseId::new("r1").unwrap(),
+            manifest_len: 0,
+            manifest_digest: Hash::of(b""),
+            manifest_basis: None,
+            relay: None,
+        };
+        Held::App(Arc::new(work::open(app, &push).unwrap()))
+    }
+
+    fn context(held: Held) -> (Arc<Context>, mpsc::UnboundedReceiver<Work>) {
+        let (reply, rx) = mpsc::unbounded_channel();
+        let context = Arc::new(Context {
+            held,
+            basis: None,
+            span: Span::none(),
+            reply,
+        });
+        (context, rx)
+    }
+
+    /// A job for file `file` holding `content`, sent as `sent` (a lie when they differ).
+    fn job(context: &Arc<Context>, file: u32, content: &[u8], sent: &[u8]) -> Job {
+        let mut payload = Vec::new();
+        delta::encode_full(sent, &mut payload).unwrap();
+        Job {
+            context: Arc::clone(context),
+            file: FileJob {
+                file,
+                path: RelPath::new(format!("f{file}")).unwrap(),
+                size: content.len() as u64,
+                mode: 0o644,
+                hash: Hash::of(content),
+                format: DeltaFormat::Full,
+                basis: None,
+                payload_len: payload.len() as u64,
+            },
+            payload: Payload::Memory(payload),
+        }
+    }
+
+    fn content(app: u32, file: u32) -> Vec<u8> {
+        format!("<?php // app {app} file {file}\n")
+            .repeat(file as usize % 7 + 1)
+            .into_bytes()
+    }
+
+    /// Every result `rx` receives until `n` files were reported.
+    async fn results(
+        rx: &mut mpsc::UnboundedReceiver<Work>,
+        n: usize,
+    ) -> BTreeMap<u32, Result<(), FileFailure>> {
+        let mut got = BTreeMap::new();
+        while got.len() < n {
+            let work = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+                .await
+                .expect("the workers report in time")
+                .expect("the channel stays open");
+            let Work::Files(files) = work else {
+                panic!("the workers report files only");
+            };
+            for (file, result) in files {
+                assert!(
+                    got.insert(file, result).is_none(),
+                    "file {file} reported twice"
+                );
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn jobs_of_two_connections_are_stored_and_reported_to_their_own_connection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, mut rx_a) = context(opened(&tmp.path().join("a")));
+        let (b, mut rx_b) = context(opened(&tmp.path().join("b")));
+        let workers = Workers::start(2).unwrap();
+        let liar = 77;
+        let mut jobs = Vec::new();
+        for file in 0..150 {
+            let c = content(0, file);
+            let mut sent = c.clone();
+            if file == liar {
+                sent[0] ^= 1;
+            }
+            jobs.push(job(&a, file, &c, &sent));
+            let c = content(1, file);
+            jobs.push(job(&b, file + 1000, &c, &c));
+        }
+        // Queued in several batches, as a driver does as requests come.
+        let mut jobs = jobs.into_iter();
+        for _ in 0..10 {
+            workers.submit(jobs.by_ref().take(30));
+        }
+        let got_a = results(&mut rx_a, 150).await;
+        let got_b = results(&mut rx_b, 150).await;
+        assert_eq!(
+            got_a.keys().copied().collect::<Vec<_>>(),
+            (0..150).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got_b.keys().copied().collect::<Vec<_>>(),
+            (1000..1150).collect::<Vec<_>>()
+        );
+        for (file, result) in &got_a {
+            if *file == liar {
+                assert!(
+                    matches!(result, Err(FileFailure::HashMismatch { .. })),
+                    "{result:?}"
+                );
+            } else {
+                assert_eq!(result, &Ok(()), "file {file}");
+            }
+        }
+        assert!(got_b.values().all(Result::is_ok));
+        // What was stored is in each app's own object store, the lie nowhere.
+        for (held, app, files) in [(&a.held, 0, 0..150), (&b.held, 1, 0..150)] {
+            let Held::App(o) = held else { unreachable!() };
+            let stored = o.objects().unwrap().list().unwrap();
+            let want: HashSet<(Hash, u32)> = files
+                .filter(|f| app == 1 || *f != liar)
+                .map(|f| (Hash::of(&content(app, f)), 0o644))
+                .collect();
+            assert_eq!(stored, want, "app {app}");
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_still_run_when_the_workers_are_let_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, mut rx) = context(opened(tmp.path()));
+        let workers = Workers::start(1).unwrap();
+        workers.submit((0..40).map(|f| {
+            let c = content(0, f);
+            job(&a, f, &c, &c)
+        }));
+        drop(workers);
+        let got = results(&mut rx, 40).await;
+        assert!(got.values().all(Result::is_ok), "{got:?}");
+        // Once every job is done, the last handle on the app is the test's own.
+        drop(a);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the channel closes")
+                .is_none(),
+            "nothing else is reported and no worker keeps the connection's context"
+        );
+    }
+}
