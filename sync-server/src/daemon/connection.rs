@@ -643,13 +643,19 @@ impl Driver {
             Some(Incoming::Announced) => {
                 self.incoming.insert(job.file, Incoming::Wanted(job));
             }
-            Some(Incoming::Wanted(_)) | None => self.store(
-                job,
-                Err(FileFailure::Local {
-                    kind: ErrorKind::Internal,
-                    message: "no file stream announced this file".into(),
-                }),
-            ),
+            other => {
+                // A job already waiting for its payload stays (and is counted) as it was.
+                if let Some(wanted @ Incoming::Wanted(_)) = other {
+                    self.incoming.insert(job.file, wanted);
+                }
+                self.store(
+                    job,
+                    Err(FileFailure::Local {
+                        kind: ErrorKind::Internal,
+                        message: "no file stream announced this file".into(),
+                    }),
+                );
+            }
         }
     }
 

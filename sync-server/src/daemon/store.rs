@@ -24,8 +24,8 @@ use super::work::{self, Basis};
 
 /// Results held back for one connection before they are sent anyway.
 const BATCH_MAX: usize = 32;
-/// Payload bytes whose results may be held back at once: a connection whose budget is taken by
-/// large files hears about them promptly and admits the next ones.
+/// Bytes of rebuilt files whose results may be held back at once: a connection whose budget is
+/// taken by large files hears about them promptly and admits the next ones.
 const BATCH_BYTES_MAX: u64 = 1 << 20;
 
 /// What the jobs of one connection share: where to store, the bases, the connection's span for
@@ -84,14 +84,17 @@ impl Queue {
 impl Workers {
     /// Starts `count` workers (at least one).
     pub(super) fn start(count: usize) -> std::io::Result<Workers> {
-        let queue = Arc::new(Queue::default());
+        // Made first, so that workers already started exit if a later one cannot be.
+        let workers = Workers {
+            queue: Arc::new(Queue::default()),
+        };
         for i in 0..count.max(1) {
-            let queue = Arc::clone(&queue);
+            let queue = Arc::clone(&workers.queue);
             std::thread::Builder::new()
                 .name(format!("relsyncd-store-{i}"))
                 .spawn(move || run(&queue))?;
         }
-        Ok(Workers { queue })
+        Ok(workers)
     }
 
     /// Queues jobs; never blocks on the work itself.
@@ -153,8 +156,12 @@ fn run(queue: &Queue) {
             continue;
         };
         drop(state);
+        // A long job (a large file, however small its delta) does not keep the results before
+        // it waiting.
+        let bytes = job.file.size.max(job.file.payload_len);
+        let long = bytes >= BATCH_BYTES_MAX;
         let mut b = match batch.take() {
-            Some(b) if b.reply.same_channel(&job.context.reply) => b,
+            Some(b) if !long && b.reply.same_channel(&job.context.reply) => b,
             other => {
                 if let Some(other) = other {
                     other.send();
@@ -166,7 +173,7 @@ fn run(queue: &Queue) {
                 }
             }
         };
-        let (file, bytes) = (job.file.file, job.file.payload_len);
+        let file = job.file.file;
         // The job (and with it the connection's handle on the app) is dropped before its result
         // goes out: a driver that hears of its last file may release the app's lock at once.
         b.files.push((file, run_job(job)));
