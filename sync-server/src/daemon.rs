@@ -4,10 +4,12 @@
 //! [`serve`] opens and recovers every app root, starts the endpoint and returns a [`Server`]. Each
 //! connection gets a task (`connection`) that feeds its session control bytes, file-stream
 //! headers, finished work and time, and carries out the session's requests: file-system work runs
-//! on tokio's blocking pool (`work` for apps, `export` for syncs), received files in parallel. Shutdown stops accepting, lets the
-//! sessions in progress run for a grace period, then ends the rest with an error to their clients
-//! and waits for the work they started, so nothing is left half-built: a build in progress either
-//! completes or removes its staging directory, and recovery at the next start covers a crash.
+//! on tokio's blocking pool (`work` for apps, `export` for syncs), except received files, which a
+//! fixed set of store workers rebuilds (`store`), as many at once as the machine has cores.
+//! Shutdown stops accepting, lets the sessions in progress run for a grace period, then ends the
+//! rest with an error to their clients and waits for the work they started, so nothing is left
+//! half-built: a build in progress either completes or removes its staging directory, and
+//! recovery at the next start covers a crash.
 //!
 //! [`DaemonSession`]: sync_core::proto::DaemonSession
 
@@ -176,19 +178,21 @@ pub async fn serve(
         .iter()
         .map(|(name, e)| (name.clone(), Arc::new(e.clone())))
         .collect();
-    let shared =
-        Arc::new(Shared {
-            limits: config.limits,
-            apps,
-            exports,
-            store: Arc::new(store::Workers::start(slots).map_err(|e| {
-                DaemonError::Startup(format!("cannot start the store workers: {e}"))
-            })?),
-            relayer: Arc::new(relay::Relayer {
-                identity: Arc::new(identity.clone()),
-                net: crate::fleet::driver::fleet_net(),
-            }),
-        });
+    let store = store::Workers::start(slots).map_err(|e| {
+        DaemonError::Startup(format!(
+            "cannot start the store workers: {e}; check the limit on threads (ulimit -u)"
+        ))
+    })?;
+    let shared = Arc::new(Shared {
+        limits: config.limits,
+        apps,
+        exports,
+        store: Arc::new(store),
+        relayer: Arc::new(relay::Relayer {
+            identity: Arc::new(identity.clone()),
+            net: crate::fleet::driver::fleet_net(),
+        }),
+    });
     tracing::info!(
         %addr,
         key = %identity.fingerprint(),
