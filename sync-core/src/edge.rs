@@ -77,6 +77,9 @@ pub enum EdgeError {
 /// Attaches what was being done and to which path to an `io::Error`.
 pub(crate) trait IoContext<T> {
     fn ctx(self, what: &'static str, path: impl Into<PathBuf>) -> Result<T, EdgeError>;
+
+    /// As [`IoContext::ctx`], with the path made only on failure (for calls made per file).
+    fn ctx_with(self, what: &'static str, path: impl FnOnce() -> PathBuf) -> Result<T, EdgeError>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
@@ -84,6 +87,14 @@ impl<T> IoContext<T> for io::Result<T> {
         self.map_err(|source| EdgeError::Io {
             what,
             path: path.into(),
+            source,
+        })
+    }
+
+    fn ctx_with(self, what: &'static str, path: impl FnOnce() -> PathBuf) -> Result<T, EdgeError> {
+        self.map_err(|source| EdgeError::Io {
+            what,
+            path: path(),
             source,
         })
     }
@@ -99,4 +110,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The process's umask, read once: relsync never changes it, and setting it to read it would
+/// race with other threads creating files. `None` where `/proc` does not tell; callers then
+/// create owner-only and set modes afterwards.
+pub(crate) fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        parse_umask(&status)
+    })
+}
+
+fn parse_umask(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
 }

@@ -4,10 +4,12 @@
 //! [`serve`] opens and recovers every app root, starts the endpoint and returns a [`Server`]. Each
 //! connection gets a task (`connection`) that feeds its session control bytes, file-stream
 //! headers, finished work and time, and carries out the session's requests: file-system work runs
-//! on tokio's blocking pool (`work` for apps, `export` for syncs), received files in parallel. Shutdown stops accepting, lets the
-//! sessions in progress run for a grace period, then ends the rest with an error to their clients
-//! and waits for the work they started, so nothing is left half-built: a build in progress either
-//! completes or removes its staging directory, and recovery at the next start covers a crash.
+//! on tokio's blocking pool (`work` for apps, `export` for syncs), except received files, which a
+//! fixed set of store workers rebuilds (`store`), as many at once as the machine has cores.
+//! Shutdown stops accepting, lets the sessions in progress run for a grace period, then ends the
+//! rest with an error to their clients and waits for the work they started, so nothing is left
+//! half-built: a build in progress either completes or removes its staging directory, and
+//! recovery at the next start covers a crash.
 //!
 //! [`DaemonSession`]: sync_core::proto::DaemonSession
 
@@ -15,6 +17,7 @@ mod connection;
 mod content;
 mod export;
 mod relay;
+mod store;
 mod stream;
 mod work;
 
@@ -29,7 +32,7 @@ use std::time::Duration;
 use sync_core::edge::root::AppRoot;
 use sync_core::edge::{error_chain, EdgeError};
 use sync_core::wire::Limits;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{AppConfig, Config, ExportConfig};
@@ -115,8 +118,9 @@ struct Shared {
     apps: HashMap<String, Arc<App>>,
     /// Directories `relsync sync` may mirror into.
     exports: HashMap<String, Arc<ExportConfig>>,
-    /// Bounds how many received files are rebuilt at once (CPU-bound zstd and rsync work).
-    apply_slots: Arc<Semaphore>,
+    /// Rebuild received files, as many at once as there are workers (CPU-bound zstd and rsync
+    /// work).
+    store: Arc<store::Workers>,
     /// How this daemon pushes on to its children in a relay tree.
     relayer: Arc<relay::Relayer>,
 }
@@ -174,11 +178,16 @@ pub async fn serve(
         .iter()
         .map(|(name, e)| (name.clone(), Arc::new(e.clone())))
         .collect();
+    let store = store::Workers::start(slots).map_err(|e| {
+        DaemonError::Startup(format!(
+            "cannot start the store workers: {e}; check the limit on threads (ulimit -u)"
+        ))
+    })?;
     let shared = Arc::new(Shared {
         limits: config.limits,
         apps,
         exports,
-        apply_slots: Arc::new(Semaphore::new(slots)),
+        store: Arc::new(store),
         relayer: Arc::new(relay::Relayer {
             identity: Arc::new(identity.clone()),
             net: crate::fleet::driver::fleet_net(),

@@ -945,6 +945,132 @@ async fn an_interrupted_push_resumes_with_only_the_rest() {
     assert_eq!(objects(&d.shop()), 0);
 }
 
+/// Small text files (read with their header), incompressible ones over the early allowance
+/// (read as the driver plans: in memory once admitted, spooled while queued), and empty ones.
+fn tree_mixed(small: u64, large: u64) -> Tree {
+    let mut t = tree_many(small);
+    for i in 0..large {
+        t.insert(
+            format!("assets/b{i:02}.bin"),
+            noise(500 + i, 10_000 + i as usize * 500),
+        );
+    }
+    t.insert("assets/empty".into(), Vec::new());
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_files_under_a_small_budget_arrive_by_every_path_and_a_lie_is_named() {
+    // A 64 KiB budget leaves 4 KiB for payloads read before their file is admitted: small
+    // payloads mostly take that way, the others queue and spool.
+    let d = Daemon::start_with(Setup {
+        limits: Limits {
+            max_bytes_in_flight: 64 << 10,
+            ..Limits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let c = d.shop_client().await;
+    let t = tree_mixed(250, 40);
+    let lie = PushOpts {
+        lie: HashSet::from(["lib/f150.php".to_string()]),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &t, "r1", lie).await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Verify, "{message}");
+    assert!(message.contains("lib/f150.php"), "{message}");
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert_eq!(current_of(&d.shop()), None);
+    let kept = objects(&d.shop()) as u64;
+
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    // Everything stored before the lie was found is kept.
+    assert_eq!(r.needed, t.len() as u64 - kept);
+    assert_release_holds(&d.shop(), "r1", &t);
+    assert_eq!(objects(&d.shop()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_cut_with_many_files_in_flight_keeps_what_was_stored_and_resumes() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let t = tree_mixed(300, 20);
+    let opts = PushOpts {
+        kill_after: Some((40, d.shop())),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &t, "r1", opts).await;
+    assert!(ran.outcome.is_none(), "the client was killed");
+    // The lock goes only once every store the connection queued has finished.
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert_eq!(current_of(&d.shop()), None);
+    let kept = objects(&d.shop()) as u64;
+    assert!(kept >= 40, "{kept} objects");
+
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!(r.have_files, kept);
+    assert_eq!(r.needed, t.len() as u64 - kept);
+    assert_release_holds(&d.shop(), "r1", &t);
+    assert_eq!(objects(&d.shop()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_in_the_middle_of_a_transfer_ends_it_and_a_restart_resumes() {
+    // Almost no grace and a slow client: the session is ended with file streams arriving and
+    // stores queued, which must neither hang the shutdown nor leave anything half-built.
+    let mut d = Daemon::start_with(Setup {
+        options: ServeOptions {
+            grace: Duration::from_millis(1),
+            ..ServeOptions::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let t = tree_mixed(1000, 20);
+    let c = d.shop_client().await;
+    let push = {
+        let t = t.clone();
+        let opts = PushOpts {
+            max_streams: 2,
+            ..PushOpts::default()
+        };
+        tokio::spawn(async move { c.push("shop", &t, "r1", opts).await })
+    };
+    wait_objects(&d.shop(), 30).await;
+    d.stop().await;
+    let ran = tokio::time::timeout(WAIT, push)
+        .await
+        .expect("the client hears the end in time")
+        .unwrap();
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    if matches!(ran.outcome, Some(Ok(_))) || current_of(&d.shop()).is_some() {
+        // The push won the race against the shutdown.
+        assert_release_holds(&d.shop(), "r1", &t);
+        return;
+    }
+    let kept = objects(&d.shop()) as u64;
+    // The release may have been built before the session was ended; then nothing is needed.
+    let built = d.shop().join("releases/r1").exists();
+
+    d.serve().await;
+    let ran = d
+        .shop_client()
+        .await
+        .push("shop", &t, "r1", PushOpts::default())
+        .await;
+    let r = ran.report();
+    let needed = if built { 0 } else { t.len() as u64 - kept };
+    assert_eq!(r.needed, needed, "built before the end: {built}");
+    assert_release_holds(&d.shop(), "r1", &t);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_id_that_exists_is_refused_before_any_transfer() {
     let d = Daemon::start().await;

@@ -152,7 +152,7 @@ pub fn prepare(
             activate: opts.activate,
             prune,
             objects,
-            umask: umask(),
+            umask: super::umask(),
         },
     )?;
     Ok(Prepared {
@@ -161,15 +161,6 @@ pub fn prepare(
         bases,
         seq,
     })
-}
-
-/// The process's file mode creation mask, from `/proc/self/status` (read on every plan: nothing
-/// else reads it without changing it). `None` where the kernel does not say: directories are then
-/// created owner-only and set afterwards, as always before.
-fn umask() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
-    u32::from_str_radix(line.trim(), 8).ok()
 }
 
 /// Builds, verifies and (optionally) activates a new release of `target`.

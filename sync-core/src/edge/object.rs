@@ -2,7 +2,8 @@
 //!
 //! A daemon decodes every received file into `ROOT/.relsync/objects/<blake3>.<mode>`: written to a
 //! fresh temporary file, hashed while written, checked against the manifest's size and hash, given its
-//! final mode through its own descriptor and only then renamed into place. A push that is cut short
+//! final mode (at creation when the umask leaves it whole, else through its own descriptor) and only
+//! then renamed into place. A push that is cut short
 //! leaves these verified objects behind, so re-running it sends only what is still missing; the next
 //! release links them in (`Op::LinkObject`) and they are removed once that release is complete.
 
@@ -30,6 +31,8 @@ const TMP_PREFIX: &str = ".tmp-";
 pub struct ObjectStore {
     dir: Dir,
     path: PathBuf,
+    /// `.tmp-<pid>-`: temporaries of this process, told apart from an earlier one's.
+    tmp_prefix: String,
     counter: AtomicU64,
 }
 
@@ -44,11 +47,7 @@ impl ObjectStore {
             Err(e) => return Err(e).ctx("create", &path),
         }
         let dir = root.dir().open_dir(&rel).ctx("open", &path)?;
-        Ok(ObjectStore {
-            dir,
-            path,
-            counter: AtomicU64::new(0),
-        })
+        Ok(ObjectStore::in_dir(dir, path))
     }
 
     /// A store in an already open directory, such as relsyncd's per-sync work directory inside an
@@ -57,6 +56,7 @@ impl ObjectStore {
         ObjectStore {
             dir,
             path,
+            tmp_prefix: format!("{TMP_PREFIX}{}-", std::process::id()),
             counter: AtomicU64::new(0),
         }
     }
@@ -121,7 +121,7 @@ impl ObjectStore {
     pub fn list(&self) -> Result<HashSet<(Hash, u32)>, EdgeError> {
         let mut set = HashSet::new();
         for e in self.dir.entries().ctx("list", &self.path)? {
-            let e = e.ctx("list", &self.path)?;
+            let e = e.ctx_with("list", || self.path.clone())?;
             if let Some(key) = e.file_name().to_str().and_then(layout::parse_object_name) {
                 set.insert(key);
             }
@@ -157,7 +157,13 @@ impl ObjectStore {
     /// Starts receiving an object of `size` bytes with content `hash` and permission bits `mode`.
     pub fn create(&self, hash: Hash, mode: u32, size: u64) -> Result<ObjectWriter<'_>, EdgeError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = format!("{TMP_PREFIX}{}-{n}", std::process::id());
+        let tmp = format!("{}{n}", self.tmp_prefix);
+        // Created with its final mode when the umask leaves that whole, which spares a chmod;
+        // nobody else opens temporaries, and one that fails verification is removed.
+        let (create_mode, chmod) = match super::umask() {
+            Some(mask) if mode & 0o7777 & mask == 0 && mode & 0o7000 == 0 => (mode & 0o777, false),
+            _ => (0o600, true),
+        };
         let fd = rustix::fs::openat(
             &self.dir,
             tmp.as_str(),
@@ -166,16 +172,17 @@ impl ObjectStore {
                 | rustix::fs::OFlags::EXCL
                 | rustix::fs::OFlags::NOFOLLOW
                 | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::Mode::from_raw_mode(create_mode),
         )
         .map_err(io::Error::from)
-        .ctx("create", self.path.join(&tmp))?;
+        .ctx_with("create", || self.path.join(&tmp))?;
         Ok(ObjectWriter {
             store: self,
             file: Some(File::from(fd)),
             tmp,
             hash,
             mode,
+            chmod,
             size,
             written: 0,
             hasher: blake3::Hasher::new(),
@@ -188,7 +195,7 @@ impl ObjectStore {
         match self.dir.remove_file(&name) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).ctx("remove", self.path.join(name)),
+            Err(e) => Err(e).ctx_with("remove", || self.path.join(name)),
         }
     }
 
@@ -198,7 +205,7 @@ impl ObjectStore {
         let now = SystemTime::now();
         let mut removed = 0;
         for e in self.dir.entries().ctx("list", &self.path)? {
-            let e = e.ctx("list", &self.path)?;
+            let e = e.ctx_with("list", || self.path.clone())?;
             let name = e.file_name().to_string_lossy().into_owned();
             let old = e
                 .metadata()
@@ -225,6 +232,8 @@ pub struct ObjectWriter<'s> {
     tmp: String,
     hash: Hash,
     mode: u32,
+    /// The file was not created with `mode`.
+    chmod: bool,
     size: u64,
     written: u64,
     hasher: blake3::Hasher,
@@ -265,7 +274,6 @@ impl ObjectWriter<'_> {
     /// `Err(..)` a local failure.
     pub fn finish(mut self) -> Result<Result<(), ObjectError>, EdgeError> {
         let file = self.file.take().expect("finish runs once");
-        let tmp_path = self.store.path.join(&self.tmp);
         if self.written != self.size {
             drop(file);
             let _ = self.store.dir.remove_file(&self.tmp);
@@ -283,8 +291,10 @@ impl ObjectWriter<'_> {
                 want: self.hash.to_hex(),
             }));
         }
-        file.set_permissions(std::fs::Permissions::from_mode(self.mode))
-            .ctx("chmod", &tmp_path)?;
+        if self.chmod {
+            file.set_permissions(std::fs::Permissions::from_mode(self.mode))
+                .ctx_with("chmod", || self.store.path.join(&self.tmp))?;
+        }
         drop(file);
         let name = layout::object_name(&self.hash, self.mode);
         rustix::fs::renameat(
@@ -294,7 +304,7 @@ impl ObjectWriter<'_> {
             name.as_str(),
         )
         .map_err(io::Error::from)
-        .ctx("rename", self.store.path.join(&name))?;
+        .ctx_with("rename", || self.store.path.join(&name))?;
         Ok(Ok(()))
     }
 }
@@ -344,5 +354,58 @@ mod tests {
             store.list().unwrap(),
             HashSet::from([(hash, 0o644), (other, 0o644)])
         );
+    }
+
+    #[test]
+    fn objects_get_their_mode_whatever_the_umask_and_only_verified_ones_appear() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |p: &Path| Dir::open_ambient_dir(p, cap_std::ambient_authority()).unwrap();
+        let store = ObjectStore::in_dir(open(tmp.path()), tmp.path().to_owned());
+        // 0o664 and 0o777 are cut by the usual 022 umask, so they take the chmod path.
+        for (i, mode) in [0o644, 0o755, 0o600, 0o664, 0o777, 0o400]
+            .into_iter()
+            .enumerate()
+        {
+            let content = format!("content {i}").into_bytes();
+            let hash = Hash::of(&content);
+            let mut w = store.create(hash, mode, content.len() as u64).unwrap();
+            w.write_all(&content).unwrap();
+            assert_eq!(w.finish().unwrap(), Ok(()));
+            let meta =
+                std::fs::metadata(tmp.path().join(layout::object_name(&hash, mode))).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o7777, mode, "mode {mode:o}");
+        }
+        let lie = Hash::of(b"something else");
+        let mut w = store.create(lie, 0o644, 3).unwrap();
+        w.write_all(b"abc").unwrap();
+        assert!(matches!(w.finish().unwrap(), Err(ObjectError::Hash { .. })));
+        let short = Hash::of(b"abcd");
+        let mut w = store.create(short, 0o644, 4).unwrap();
+        w.write_all(b"abc").unwrap();
+        assert_eq!(
+            w.finish().unwrap(),
+            Err(ObjectError::Size { got: 3, want: 4 })
+        );
+        // Neither the refused objects nor any temporary is left.
+        let names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert!(names.iter().all(|n| layout::parse_object_name(n).is_some()));
+    }
+
+    #[test]
+    fn the_umask_is_read_from_the_status_line() {
+        let cases = [
+            ("Name:\tx\nUmask:\t0022\nState:\tR\n", Some(0o022)),
+            ("Umask:\t0077\n", Some(0o077)),
+            ("Umask:\t0000", Some(0)),
+            ("Name:\tx\n", None),
+            ("Umask:\tzz\n", None),
+        ];
+        for (status, want) in cases {
+            assert_eq!(crate::edge::parse_umask(status), want, "{status:?}");
+        }
     }
 }

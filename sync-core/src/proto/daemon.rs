@@ -953,14 +953,20 @@ impl DaemonSession {
                 self.waiting_label()
             )));
         };
-        let what = t.push.describe(h.file);
+        // Named only in errors: a header arrives for every file, and most are fine.
+        let push = &t.push;
+        let what = || push.describe(h.file);
         let Some(slot) = t.slots.get_mut(&h.file) else {
+            let what = what();
             return Err(ProtoError::Protocol(format!(
                 "client sent {what}, which the daemon did not ask for"
             )));
         };
         if slot.progress != Progress::Pending {
-            return Err(ProtoError::Protocol(format!("client sent {what} twice")));
+            return Err(ProtoError::Protocol(format!(
+                "client sent {} twice",
+                what()
+            )));
         }
         let basis_ok = match h.format {
             DeltaFormat::Full => h.basis.is_none(),
@@ -973,18 +979,20 @@ impl DaemonSession {
         };
         if !basis_ok {
             return Err(ProtoError::Protocol(format!(
-                "client sent a {} payload for {what} against basis {:?}, not the basis the daemon offered",
-                h.format, h.basis
+                "client sent a {} payload for {} against basis {:?}, not the basis the daemon offered",
+                h.format,
+                what(),
+                h.basis
             )));
         }
-        let (_, size, _, _) = t
-            .push
+        let (_, size, _, _) = push
             .file(h.file)
             .ok_or_else(|| ProtoError::Misuse(format!("need lists unknown file {}", h.file)))?;
         if h.payload_len > max_payload_len(size) {
             return Err(ProtoError::Limit(format!(
-                "client announces a payload of {} bytes for {what} of {size} bytes, over the bound of {}",
+                "client announces a payload of {} bytes for {} of {size} bytes, over the bound of {}",
                 h.payload_len,
+                what(),
                 max_payload_len(size)
             )));
         }
@@ -1053,7 +1061,6 @@ impl DaemonSession {
                 "file_finished({file}) while no file transfer runs"
             )));
         };
-        let what = t.push.describe(file);
         let slot = t.slots.get_mut(&file);
         let Some(Slot {
             progress: Progress::Receiving { payload_len },
@@ -1061,16 +1068,19 @@ impl DaemonSession {
         }) = slot
         else {
             return Err(ProtoError::Misuse(format!(
-                "file_finished for {what}, which was not being received"
+                "file_finished for {}, which was not being received",
+                t.push.describe(file)
             )));
         };
         let payload_len = *payload_len;
         let weight = payload_len.min(self.spool_above);
-        let path = t
-            .push
-            .file(file)
-            .map(|(p, ..)| p.to_string())
-            .unwrap_or_default();
+        // Named only in errors, as in `on_header`.
+        let path = || {
+            t.push
+                .file(file)
+                .map(|(p, ..)| p.to_string())
+                .unwrap_or_default()
+        };
         match result {
             Ok(()) => {
                 // A stored file was read whole, whether or not the driver said so.
@@ -1083,23 +1093,26 @@ impl DaemonSession {
             }
             Err(FileFailure::HashMismatch { actual }) => {
                 return Err(ProtoError::Verify(format!(
-                    "{path}: received content hashes to {actual}, not the hash in the manifest; the file changed during the push or the client is faulty, push again"
+                    "{}: received content hashes to {actual}, not the hash in the manifest; the file changed during the push or the client is faulty, push again",
+                    path()
                 )))
             }
             Err(FileFailure::Corrupt(detail)) => {
                 return Err(ProtoError::Verify(format!(
-                    "{path}: payload does not rebuild the file ({detail}); push again"
+                    "{}: payload does not rebuild the file ({detail}); push again",
+                    path()
                 )))
             }
             Err(FileFailure::Truncated { received }) => {
                 return Err(ProtoError::Protocol(format!(
-                    "{path}: file stream ended after {received} of {payload_len} payload bytes"
+                    "{}: file stream ended after {received} of {payload_len} payload bytes",
+                    path()
                 )))
             }
             Err(FileFailure::Local { kind, message }) => {
                 return Err(ProtoError::Local {
                     kind,
-                    message: format!("{path}: {message}"),
+                    message: format!("{}: {message}", path()),
                 })
             }
         }

@@ -8,22 +8,23 @@
 //! released when the session is over and the last of its work has finished, however the
 //! connection ended.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use sync_core::manifest::Policy;
-use sync_core::proto::daemon::{Event, FileFailure, Outcome, Request};
+use sync_core::proto::daemon::{Event, FileFailure, FileJob, Outcome, Request};
 use sync_core::proto::DaemonSession;
 use sync_core::relay::{RelayPlan, Relayed};
 use sync_core::wire::{self, AppName, Command, ErrorKind, FileHeader, Usage};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tracing::{Instrument as _, Span};
 
 use super::export::{self, Destination};
-use super::stream::{self, Payload, ReadPlan};
+use super::store;
+use super::stream::{self, Early, Payload, ReadPlan};
 use super::work::{self, Basis, Opened};
 use super::{relay, App, Shared};
 use crate::client::PayloadMemo;
@@ -103,25 +104,56 @@ pub(super) enum Work {
         file: u32,
         result: Result<(), FileFailure>,
     },
+    /// [`Request::Receive`]s the store workers finished.
+    Files(Vec<(u32, Result<(), FileFailure>)>),
     /// A file stream delivered a header; the reader waits for how to read the payload.
     Header {
         frame: Vec<u8>,
         reply: oneshot::Sender<Option<ReadPlan>>,
     },
+    /// A file stream delivered a small file's header and payload together, read before the
+    /// session admitted the file into `room`.
+    Whole {
+        header: FileHeader,
+        frame: Vec<u8>,
+        payload: Result<Payload, FileFailure>,
+        room: OwnedSemaphorePermit,
+    },
+    /// The payload after a [`Work::Header`] was read whole, or failed.
+    Payload {
+        file: u32,
+        result: Result<Payload, FileFailure>,
+    },
     /// A file stream broke inside a header.
     StreamError(wire::WireError),
-    /// A file stream delivered a whole payload.
-    Arrived { file: u32 },
 }
 
 impl Work {
-    /// Whether this completes a work item the driver counted as pending.
-    fn completes(&self) -> bool {
-        !matches!(
-            self,
-            Work::Header { .. } | Work::StreamError(_) | Work::Arrived { .. }
-        )
+    /// How many of the work items the driver counted as pending this completes.
+    fn completes(&self) -> usize {
+        match self {
+            Work::Header { .. }
+            | Work::Whole { .. }
+            | Work::Payload { .. }
+            | Work::StreamError(_) => 0,
+            Work::Files(files) => files.len(),
+            _ => 1,
+        }
     }
+}
+
+/// Where a file announced on a file stream stands until its store job is queued.
+enum Incoming {
+    /// Its header went to the driver; the payload is being read.
+    Announced,
+    /// Its payload was read (or failed) before the session asked for the file; `room` is the
+    /// early allowance it holds until then.
+    Arrived {
+        payload: Result<Payload, FileFailure>,
+        room: Option<OwnedSemaphorePermit>,
+    },
+    /// The session asked for the file; its payload is being read.
+    Wanted(FileJob),
 }
 
 /// Serves one incoming connection until its session is over.
@@ -179,10 +211,14 @@ struct Driver {
     /// The forwarding started for this push, if any.
     forwarding: Option<Forwarding>,
     basis: Option<Arc<Basis>>,
-    /// Payloads announced by a header and not yet handed to a receive job.
-    payloads: HashMap<u32, oneshot::Receiver<Result<Payload, FileFailure>>>,
-    /// Files whose receive job runs.
-    receiving: HashSet<u32>,
+    /// Files announced on a file stream whose store job is not queued yet.
+    incoming: HashMap<u32, Incoming>,
+    /// Memory for small payloads the file streams read before asking.
+    early: Arc<Early>,
+    /// Store jobs to hand to the workers at once.
+    to_store: Vec<store::Job>,
+    /// Shared by this connection's store jobs; dropped with `opened`.
+    store: Option<Arc<store::Context>>,
     tx: mpsc::UnboundedSender<Work>,
     rx: mpsc::UnboundedReceiver<Work>,
     /// Work items started and not yet reported back.
@@ -200,6 +236,7 @@ impl Driver {
         let mut session = DaemonSession::new(shared.limits, clock.now());
         session.set_spool_above(MEMORY_PAYLOAD_MAX);
         let (tx, rx) = mpsc::unbounded_channel();
+        let early = Arc::new(Early::new(shared.limits.max_bytes_in_flight));
         Driver {
             shared,
             conn,
@@ -217,8 +254,10 @@ impl Driver {
             relay: None,
             forwarding: None,
             basis: None,
-            payloads: HashMap::new(),
-            receiving: HashSet::new(),
+            incoming: HashMap::new(),
+            early,
+            to_store: Vec::new(),
+            store: None,
             tx,
             rx,
             pending: 0,
@@ -232,6 +271,7 @@ impl Driver {
             if self.session.is_finished() && self.pending == 0 {
                 // Nothing runs any more: let the next command in before the client hears back.
                 self.opened = None;
+                self.store = None;
             }
             self.flush().await;
             if self.session.is_finished() {
@@ -254,9 +294,14 @@ impl Driver {
                 chunk = read_control(self.recv.as_mut()) => self.on_control(chunk),
                 uni = self.conn.accept_uni() => match uni {
                     Ok(s) => {
-                        tokio::spawn(
-                            stream::read(s, self.tx.clone(), self.clock.clone()).in_current_span(),
-                        );
+                        // Readers log nothing: they run outside the connection's span rather
+                        // than enter it on every poll of every file stream.
+                        tokio::spawn(stream::read(
+                            s,
+                            self.tx.clone(),
+                            self.clock.clone(),
+                            self.early.clone(),
+                        ));
                     }
                     Err(e) => self.on_connection_lost(&e),
                 },
@@ -306,9 +351,7 @@ impl Driver {
     }
 
     fn on_work(&mut self, work: Work) {
-        if work.completes() {
-            self.pending -= 1;
-        }
+        self.pending -= work.completes();
         let now = self.clock.now();
         match work {
             Work::Opened(Ok(opened)) => {
@@ -342,32 +385,47 @@ impl Driver {
                     self.session.handle_event(e, now);
                 }
             }
-            Work::File { file, result } => {
-                self.receiving.remove(&file);
-                if let Err(failure) = &result {
-                    tracing::warn!(file, ?failure, "file not stored");
+            Work::File { file, result } => self.file_finished(file, result, now),
+            Work::Files(files) => {
+                for (file, result) in files {
+                    self.file_finished(file, result, now);
                 }
-                self.session.file_finished(file, result, now);
             }
             Work::Header { frame, reply } => self.on_header(frame, reply),
+            Work::Whole {
+                header,
+                frame,
+                payload,
+                room,
+            } => self.on_whole(&header, &frame, payload, room),
+            Work::Payload { file, result } => self.on_payload(file, result),
             Work::StreamError(e) => self.session.handle_stream_error(e, now),
-            Work::Arrived { file } => self.session.payload_arrived(file, now),
         }
+        self.submit_stores();
+    }
+
+    fn file_finished(&mut self, file: u32, result: Result<(), FileFailure>, now: u64) {
+        if let Err(failure) = &result {
+            tracing::warn!(file, ?failure, "file not stored");
+        }
+        self.session.file_finished(file, result, now);
     }
 
     fn on_header(&mut self, frame: Vec<u8>, reply: oneshot::Sender<Option<ReadPlan>>) {
         // The session validates the header; decoding it here only tells the reader how much to
         // read and lets the receive job find the payload.
         let header = wire::decode::<FileHeader>(&frame).ok();
-        let (tx, rx) = oneshot::channel();
-        if let Some(h) = &header {
-            self.payloads.insert(h.file, rx);
+        let fresh = header
+            .as_ref()
+            .is_some_and(|h| !self.incoming.contains_key(&h.file));
+        if let (true, Some(h)) = (fresh, &header) {
+            self.incoming.insert(h.file, Incoming::Announced);
         }
         self.session.accept_file(&frame, self.clock.now());
         self.start_requests();
         let plan = match header {
             Some(h) if !self.session.is_finished() => {
-                let admitted = self.receiving.contains(&h.file);
+                let admitted = matches!(self.incoming.get(&h.file), Some(Incoming::Wanted(_)));
                 // A header the budget does not admit yet is spooled to disk rather than left
                 // unread: unread stream data holds the connection's flow-control window, and
                 // with enough of it the admitted files could not arrive either.
@@ -378,18 +436,74 @@ impl Driver {
                     file: h.file,
                     payload_len: h.payload_len,
                     spool,
-                    tx,
                 })
             }
-            _ => None,
+            Some(h) => {
+                if fresh {
+                    self.incoming.remove(&h.file);
+                }
+                None
+            }
+            None => None,
         };
         let _ = reply.send(plan);
+    }
+
+    /// A small file read whole before the session saw its header.
+    fn on_whole(
+        &mut self,
+        header: &FileHeader,
+        frame: &[u8],
+        payload: Result<Payload, FileFailure>,
+        room: OwnedSemaphorePermit,
+    ) {
+        let now = self.clock.now();
+        let file = header.file;
+        // A second header for a file is refused by the session; the first one's state stays.
+        let fresh = !self.incoming.contains_key(&file);
+        let arrived = payload.is_ok();
+        if fresh {
+            self.incoming.insert(
+                file,
+                Incoming::Arrived {
+                    payload,
+                    room: Some(room),
+                },
+            );
+        }
+        self.session.accept_file(frame, now);
+        if fresh && arrived {
+            self.session.payload_arrived(file, now);
+        }
+        self.start_requests();
+    }
+
+    /// The payload after a header the driver planned was read, or failed.
+    fn on_payload(&mut self, file: u32, result: Result<Payload, FileFailure>) {
+        if result.is_ok() {
+            self.session.payload_arrived(file, self.clock.now());
+        }
+        match self.incoming.remove(&file) {
+            Some(Incoming::Wanted(job)) => self.store(job, result),
+            Some(Incoming::Announced) => {
+                self.incoming.insert(
+                    file,
+                    Incoming::Arrived {
+                        payload: result,
+                        room: None,
+                    },
+                );
+            }
+            // Not from a header this session planned (it ended since): nothing waits for it.
+            Some(Incoming::Arrived { .. }) | None => {}
+        }
     }
 
     fn start_requests(&mut self) {
         while let Some(request) = self.session.poll_request() {
             self.start(request);
         }
+        self.submit_stores();
     }
 
     fn fail_now(&mut self, kind: ErrorKind, message: String) {
@@ -454,7 +568,7 @@ impl Driver {
                 );
                 tracing::debug!(count, "signatures requested");
             }
-            (Request::Receive(job), held) => self.receive(job, held),
+            (Request::Receive(job), _) => self.receive(job),
             (Request::Stage { release, manifest }, Held::App(opened)) => {
                 match self.forwarding.take() {
                     Some(forwarding) => self.stage_and_join(opened, release, manifest, forwarding),
@@ -519,60 +633,79 @@ impl Driver {
     }
 
     /// Stores a file once its payload has arrived.
-    fn receive(&mut self, job: sync_core::proto::daemon::FileJob, held: Held) {
-        let file = job.file;
-        self.receiving.insert(file);
-        let payload = self.payloads.remove(&file);
-        let basis = self.basis.clone();
-        let forward = self.forwarding.as_ref().map(|f| Arc::clone(&f.memo));
-        let slots = self.shared.apply_slots.clone();
-        let tx = self.tx.clone();
-        let span = Span::current();
+    fn receive(&mut self, job: FileJob) {
         self.pending += 1;
-        tokio::spawn(
-            async move {
-                let payload = match payload {
-                    Some(rx) => rx
-                        .await
-                        .unwrap_or(Err(FileFailure::Truncated { received: 0 })),
-                    None => Err(FileFailure::Local {
+        match self.incoming.remove(&job.file) {
+            Some(Incoming::Arrived { payload, room }) => {
+                // Admitted: the session's budget counts the payload from here on.
+                drop(room);
+                self.store(job, payload);
+            }
+            Some(Incoming::Announced) => {
+                self.incoming.insert(job.file, Incoming::Wanted(job));
+            }
+            other => {
+                // A job already waiting for its payload stays (and is counted) as it was.
+                if let Some(wanted @ Incoming::Wanted(_)) = other {
+                    self.incoming.insert(job.file, wanted);
+                }
+                self.store(
+                    job,
+                    Err(FileFailure::Local {
                         kind: ErrorKind::Internal,
                         message: "no file stream announced this file".into(),
                     }),
-                };
-                let result = match payload {
-                    Ok(payload) => {
-                        let permit = slots.acquire_owned().await;
-                        tokio::task::spawn_blocking(move || {
-                            let _permit = permit;
-                            let _entered = span.enter();
-                            let objects = match &held {
-                                Held::App(o) => o.objects(),
-                                Held::Export(d) => d.objects(),
-                            };
-                            let stored = work::store(objects, basis.as_deref(), &job, &payload);
-                            if let (Ok(()), Some(memo), Payload::Memory(bytes)) =
-                                (&stored, forward, payload)
-                            {
-                                // Stored means checked: the children may have these bytes.
-                                memo.offer(job.hash, job.format, job.basis.map(|b| b.hash), bytes);
-                            }
-                            stored
-                        })
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(FileFailure::Local {
-                                kind: ErrorKind::Internal,
-                                message: "storing the file failed unexpectedly".into(),
-                            })
-                        })
-                    }
-                    Err(failure) => Err(failure),
-                };
-                let _ = tx.send(Work::File { file, result });
+                );
             }
-            .in_current_span(),
-        );
+        }
+    }
+
+    /// Queues the store job of a file whose payload is here, or reports why it cannot be.
+    fn store(&mut self, job: FileJob, payload: Result<Payload, FileFailure>) {
+        let payload = payload.and_then(|p| match self.store_context() {
+            Some(context) => Ok((context, p)),
+            None => Err(FileFailure::Local {
+                kind: ErrorKind::Internal,
+                message: "the session asked for work before the app was opened".into(),
+            }),
+        });
+        match payload {
+            Ok((context, payload)) => self.to_store.push(store::Job {
+                context,
+                file: job,
+                payload,
+            }),
+            Err(failure) => {
+                let _ = self.tx.send(Work::File {
+                    file: job.file,
+                    result: Err(failure),
+                });
+            }
+        }
+    }
+
+    /// Hands the store jobs queued since the last call to the workers.
+    fn submit_stores(&mut self) {
+        if !self.to_store.is_empty() {
+            self.shared.store.submit(self.to_store.drain(..));
+        }
+    }
+
+    /// What the store jobs of this connection share, made once the need (and with it the
+    /// bases) is known.
+    fn store_context(&mut self) -> Option<Arc<store::Context>> {
+        if let Some(c) = &self.store {
+            return Some(Arc::clone(c));
+        }
+        let c = Arc::new(store::Context {
+            held: self.opened.clone()?,
+            basis: self.basis.clone(),
+            forward: self.forwarding.as_ref().map(|f| Arc::clone(&f.memo)),
+            span: Span::current(),
+            reply: self.tx.clone(),
+        });
+        self.store = Some(Arc::clone(&c));
+        Some(c)
     }
 
     /// Authorizes the peer for `app` before anything touches the disk, then takes the lock and
@@ -872,16 +1005,24 @@ impl Driver {
         } else {
             self.conn.close(1u32.into(), b"session failed");
         }
-        // Readers of a closed connection fail fast, so every started job reports back soon.
-        self.payloads.clear();
+        // Readers of a closed connection fail fast, so every started job reports back soon;
+        // a file the session asked for is still stored if its payload came whole.
+        self.incoming
+            .retain(|_, i| matches!(i, Incoming::Wanted(_)));
         while self.pending > 0 {
             match self.rx.recv().await {
-                Some(work) if work.completes() => self.pending -= 1,
-                Some(_) => {}
+                Some(Work::Payload { file, result }) => {
+                    if let Some(Incoming::Wanted(job)) = self.incoming.remove(&file) {
+                        self.store(job, result);
+                        self.submit_stores();
+                    }
+                }
+                Some(work) => self.pending -= work.completes(),
                 None => break,
             }
         }
         self.opened = None;
+        self.store = None;
         tracing::debug!("connection finished");
     }
 }

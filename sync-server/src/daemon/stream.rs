@@ -1,22 +1,26 @@
 //! File streams: each is read by its own task, header by header.
 //!
 //! A stream is a sequence of (header frame, payload) until it ends. The reader decodes a header
-//! with the session's bounded decoder, hands it to the driver and waits to be told how to read the
-//! payload ([`ReadPlan`]): into memory when the session admitted the file, to an unnamed temporary
-//! file in the app's object directory when it is queued behind the bytes-in-flight budget or large.
-//! It never reads past the announced payload length; what it read beyond a header is kept for the
-//! payload.
+//! with the session's bounded decoder. A small payload it reads into memory straight away, while
+//! the connection's [`Early`] allowance has room, and hands header and payload to the driver in
+//! one message: most files of a push are small and admitted at once, and this spares them a round
+//! trip to the driver. Any other header it hands to the driver and waits to be told how to read
+//! the payload ([`ReadPlan`]): into memory when the session admitted the file, to an unnamed
+//! temporary file in the app's object directory when it is queued behind the bytes-in-flight
+//! budget or large. It never reads past the announced payload length; what it read beyond a
+//! header is kept for the payload.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use quinn::RecvStream;
 use sync_core::proto::daemon::FileFailure;
 use sync_core::proto::DaemonSession;
-use sync_core::wire::{ErrorKind, WireError};
+use sync_core::wire::{self, ErrorKind, FileHeader, WireError};
 use tokio::io::AsyncWriteExt as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::connection::{Clock, Work};
 
@@ -24,6 +28,12 @@ use super::connection::{Clock, Work};
 const CHUNK: usize = 256 * 1024;
 /// Memory reserved up front for a payload; the rest grows as bytes arrive.
 const INITIAL_RESERVE: u64 = 1 << 20;
+/// Largest payload read before the driver was asked.
+const EARLY_PAYLOAD_MAX: u64 = 64 << 10;
+/// Most memory one connection's payloads read before they were admitted may take, as a share of
+/// the bytes-in-flight budget and in bytes.
+const EARLY_SHARE: u64 = 16;
+const EARLY_TOTAL_MAX: u64 = 4 << 20;
 
 /// How to read the payload after a header.
 #[derive(Debug)]
@@ -33,7 +43,6 @@ pub(super) struct ReadPlan {
     pub payload_len: u64,
     /// Spool to an unnamed file in this directory instead of memory.
     pub spool: Option<PathBuf>,
-    pub tx: oneshot::Sender<Result<Payload, FileFailure>>,
 }
 
 /// A payload that arrived whole.
@@ -43,13 +52,43 @@ pub(super) enum Payload {
     Spool { file: File, len: u64 },
 }
 
+/// Memory for small payloads read before the session admitted their file, so that a connection
+/// holds at most the bytes-in-flight budget plus this much (a sixteenth of the budget, 4 MiB at
+/// most) in payloads. A reader that finds no room asks the driver first, as for a large payload.
+#[derive(Debug)]
+pub(super) struct Early {
+    room: Arc<Semaphore>,
+    payload_max: u64,
+}
+
+impl Early {
+    pub(super) fn new(max_bytes_in_flight: u64) -> Early {
+        let total = (max_bytes_in_flight / EARLY_SHARE).min(EARLY_TOTAL_MAX);
+        Early {
+            room: Arc::new(Semaphore::new(usize::try_from(total).unwrap_or(0))),
+            payload_max: EARLY_PAYLOAD_MAX.min(total),
+        }
+    }
+
+    /// Room for a payload of `len` bytes, if it is small and there is room; given back when
+    /// the permit is dropped.
+    fn take(&self, len: u64) -> Option<OwnedSemaphorePermit> {
+        if len > self.payload_max {
+            return None;
+        }
+        let n = u32::try_from(len).ok()?;
+        Arc::clone(&self.room).try_acquire_many_owned(n).ok()
+    }
+}
+
 /// Reads `stream` until it ends, the driver declines a header, or a payload fails.
 pub(super) async fn read(
     mut stream: RecvStream,
     tx: mpsc::UnboundedSender<Work>,
     clock: Arc<Clock>,
+    early: Arc<Early>,
 ) {
-    let mut leftover = Vec::new();
+    let mut leftover = Bytes::new();
     loop {
         let frame = match read_header(&mut stream, &mut leftover, &clock).await {
             Ok(Some(frame)) => frame,
@@ -59,6 +98,26 @@ pub(super) async fn read(
                 return;
             }
         };
+        // A header that does not decode goes to the driver, whose session refuses it.
+        let header = wire::decode::<FileHeader>(&frame).ok();
+        if let Some((header, room)) =
+            header.and_then(|h| early.take(h.payload_len).map(|room| (h, room)))
+        {
+            let payload =
+                read_payload(&mut stream, &mut leftover, header.payload_len, None, &clock).await;
+            let failed = payload.is_err();
+            let sent = tx.send(Work::Whole {
+                header,
+                frame,
+                payload,
+                room,
+            });
+            if failed || sent.is_err() {
+                let _ = stream.stop(0u32.into());
+                return;
+            }
+            continue;
+        }
         let (reply, plan) = oneshot::channel();
         if tx.send(Work::Header { frame, reply }).is_err() {
             return;
@@ -67,22 +126,32 @@ pub(super) async fn read(
             let _ = stream.stop(0u32.into());
             return;
         };
-        let result = read_payload(&mut stream, &mut leftover, &plan, &clock).await;
+        let result = read_payload(
+            &mut stream,
+            &mut leftover,
+            plan.payload_len,
+            plan.spool.as_ref(),
+            &clock,
+        )
+        .await;
         let failed = result.is_err();
-        let _ = plan.tx.send(result);
+        // Once the payload is whole the client owes nothing more for this file; storing it is
+        // the daemon's own work.
+        let _ = tx.send(Work::Payload {
+            file: plan.file,
+            result,
+        });
         if failed {
             let _ = stream.stop(0u32.into());
             return;
         }
-        // The client owes nothing more for this file; storing it is the daemon's own work.
-        let _ = tx.send(Work::Arrived { file: plan.file });
     }
 }
 
 /// The next header frame; `None` when the stream ends (or breaks) between files.
 async fn read_header(
     stream: &mut RecvStream,
-    leftover: &mut Vec<u8>,
+    leftover: &mut Bytes,
     clock: &Clock,
 ) -> Result<Option<Vec<u8>>, WireError> {
     let mut decoder = DaemonSession::file_header_decoder();
@@ -90,13 +159,14 @@ async fn read_header(
     loop {
         let mut input = &buf[..];
         if let Some(frame) = decoder.decode(&mut input)? {
-            *leftover = input.to_vec();
+            let consumed = buf.len() - input.len();
+            *leftover = buf.slice(consumed..);
             return Ok(Some(frame));
         }
         match stream.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
                 clock.touch();
-                buf = chunk.bytes.to_vec();
+                buf = chunk.bytes;
             }
             // A stream that ends or is reset between files is simply done; inside a header it
             // is truncated.
@@ -122,14 +192,15 @@ impl Sink {
     }
 }
 
+/// Reads a payload of `len` bytes into memory, or into an unnamed file in `spool`.
 async fn read_payload(
     stream: &mut RecvStream,
-    leftover: &mut Vec<u8>,
-    plan: &ReadPlan,
+    leftover: &mut Bytes,
+    len: u64,
+    spool: Option<&PathBuf>,
     clock: &Clock,
 ) -> Result<Payload, FileFailure> {
-    let len = plan.payload_len;
-    let mut sink = match &plan.spool {
+    let mut sink = match spool {
         Some(dir) => {
             let dir2 = dir.clone();
             let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(&dir2))
@@ -150,8 +221,7 @@ async fn read_payload(
         .unwrap_or(usize::MAX)
         .min(leftover.len());
     if from_leftover > 0 {
-        sink.write(&leftover[..from_leftover]).await?;
-        leftover.drain(..from_leftover);
+        sink.write(&leftover.split_to(from_leftover)).await?;
         got += from_leftover as u64;
     }
     while got < len {
