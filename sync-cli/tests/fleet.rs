@@ -716,6 +716,11 @@ fn fleet_usage_errors_exit_with_2() {
         ),
         (
             good.clone(),
+            vec!["push", s, "--fleet", f, "--relay", "--source-fanout", "0"],
+            "--source-fanout must be at least 1",
+        ),
+        (
+            good.clone(),
             vec!["push", s, "--fleet", f, "web1/shop"],
             "cannot be used",
         ),
