@@ -85,9 +85,9 @@ pub(super) struct RelayContent {
     objects: ObjectStore,
     /// Files of kept releases by content.
     kept: HashMap<Hash, Vec<PathBuf>>,
-    /// One file of a kept release per content: the bases this daemon can encode zstd-reference
-    /// deltas against, for a child that holds the same release.
-    bases: HashMap<Hash, PathBuf>,
+    /// One file of a kept release per content, with its size: the bases this daemon can encode
+    /// zstd-reference deltas against, for a child that holds the same release.
+    bases: HashMap<Hash, (PathBuf, u64)>,
     /// The contents of `bases`, as the children's pushes take them.
     held: Arc<HashSet<Hash>>,
     /// The encoded manifest of this daemon's current release: a child on the same release gets
@@ -110,7 +110,7 @@ impl RelayContent {
         let wanted: std::collections::HashSet<&Hash> =
             manifest.files().map(|(_, _, _, h)| h).collect();
         let mut kept: HashMap<Hash, Vec<PathBuf>> = HashMap::new();
-        let mut bases: HashMap<Hash, PathBuf> = HashMap::new();
+        let mut bases: HashMap<Hash, (PathBuf, u64)> = HashMap::new();
         let records = root.records().map_err(|e| e.to_string())?;
         for r in records.iter().filter(|r| r.id != *release) {
             for (path, size, _, hash) in r.manifest.files() {
@@ -121,7 +121,7 @@ impl RelayContent {
                 // A larger basis is read whole into memory for the delta: those go by rsync
                 // delta, as from a client whose cache leaves them out.
                 if size <= MAX_CACHED_FILE {
-                    bases.entry(*hash).or_insert(p);
+                    bases.entry(*hash).or_insert((p, size));
                 }
             }
         }
@@ -157,7 +157,11 @@ impl Locate for RelayContent {
     }
 
     fn basis(&self, hash: &Hash, size: u64) -> Option<Vec<u8>> {
-        let path = self.bases.get(hash)?;
+        // The size comes from the child's need: only the recorded one is read (and allocated).
+        let (path, recorded) = self.bases.get(hash)?;
+        if *recorded != size {
+            return None;
+        }
         let mut bytes = Vec::with_capacity(usize::try_from(size).ok()?);
         File::open(path)
             .ok()?
