@@ -293,7 +293,7 @@ impl Cache {
     /// Removes blobs that no target's last manifest references, and stale temporary files.
     pub fn prune(&self) -> Result<u64, CacheError> {
         let _lock = self.lock()?;
-        self.prune_locked()
+        Ok(self.prune_locked()?.0)
     }
 
     /// Counts `added` new blobs and prunes once those added since the last prune reach a
@@ -314,17 +314,13 @@ impl Cache {
                 return Ok(0);
             }
         }
-        let removed = self.prune_locked()?;
-        write(self.blob_count()?, 0)?;
+        let (removed, left) = self.prune_locked()?;
+        write(left, 0)?;
         Ok(removed)
     }
 
-    fn blob_count(&self) -> Result<u64, CacheError> {
-        let list = fs::read_dir(&self.blobs).map_err(io_err("list", &self.blobs))?;
-        Ok(list.count() as u64)
-    }
-
-    fn prune_locked(&self) -> Result<u64, CacheError> {
+    /// The blobs removed, and the blobs left.
+    fn prune_locked(&self) -> Result<(u64, u64), CacheError> {
         let mut referenced = HashSet::new();
         for e in fs::read_dir(&self.targets).map_err(io_err("list", &self.targets))? {
             let e = e.map_err(io_err("list", &self.targets))?;
@@ -343,7 +339,7 @@ impl Cache {
                 }
             }
         }
-        let mut removed = 0;
+        let (mut removed, mut left) = (0, 0);
         for e in fs::read_dir(&self.blobs).map_err(io_err("list", &self.blobs))? {
             let e = e.map_err(io_err("list", &self.blobs))?;
             let path = e.path();
@@ -357,9 +353,11 @@ impl Cache {
                 .is_some_and(|h| referenced.contains(&h));
             if !keep && fs::remove_file(&path).is_ok() {
                 removed += 1;
+            } else {
+                left += 1;
             }
         }
-        Ok(removed)
+        Ok((removed, left))
     }
 
     fn lock(&self) -> Result<File, CacheError> {

@@ -309,10 +309,9 @@ pub(super) async fn drive(
                     Err(e) => return fail(e.into()),
                 }
             }
-            if let (false, Some(ctx)) = (ready.is_empty(), &ctx) {
+            if let Some(ctx) = &ctx {
                 let streams = session.negotiated().1;
-                work.get_or_insert_with(|| start_writers(ctx, streams, &mut writers, &report_tx))
-                    .extend(ready);
+                hand_out(&mut work, ctx, streams, &mut writers, &report_tx, ready);
             }
         }
         // Once the session handed out its last file, writers end their streams when the queue
@@ -406,10 +405,9 @@ pub(super) async fn drive(
                 if !parked.is_empty() {
                     ready_check = Some(Instant::now() + READY_POLL);
                 }
-                if let (false, Some(ctx)) = (ready.is_empty(), &ctx) {
+                if let Some(ctx) = &ctx {
                     let streams = session.negotiated().1;
-                    work.get_or_insert_with(|| start_writers(ctx, streams, &mut writers, &report_tx))
-                        .extend(ready);
+                    hand_out(&mut work, ctx, streams, &mut writers, &report_tx, ready);
                 }
             }
             () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(ms()),
@@ -528,6 +526,22 @@ pub(super) fn writer_count(streams: u32) -> usize {
         .max(2)
         .min(usize::try_from(streams).unwrap_or(usize::MAX))
         .max(1)
+}
+
+/// Queues `ready` for the stream writers, starting them with the first files.
+fn hand_out(
+    work: &mut Option<Arc<Work>>,
+    ctx: &Arc<Ctx>,
+    streams: u32,
+    writers: &mut JoinSet<()>,
+    report: &mpsc::UnboundedSender<Report>,
+    ready: Vec<SendFile>,
+) {
+    if ready.is_empty() {
+        return;
+    }
+    work.get_or_insert_with(|| start_writers(ctx, streams, writers, report))
+        .extend(ready);
 }
 
 fn start_writers(
