@@ -20,6 +20,7 @@ mod signature;
 use std::fmt;
 use std::io::{self, Write};
 
+use crate::manifest::Hash;
 use serde::{Deserialize, Serialize};
 
 use frame::Frame;
@@ -327,7 +328,7 @@ fn write_smaller(
 /// [`DeltaFormat::Full`].
 ///
 /// On error, `out` may hold a partial or wrong file and must be discarded; the hash is only known
-/// to match once this returns `Ok`.
+/// to match once this returns `Ok`, with a [`Verified`] that says so.
 pub fn apply(
     format: DeltaFormat,
     basis: Option<&[u8]>,
@@ -335,7 +336,7 @@ pub fn apply(
     expected_size: u64,
     expected_hash: &blake3::Hash,
     out: &mut (impl Write + ?Sized),
-) -> Result<(), DeltaError> {
+) -> Result<Verified, DeltaError> {
     let mut sink = VerifyingSink::new(out, expected_size);
     match format {
         DeltaFormat::Full => {
@@ -377,7 +378,7 @@ pub fn apply_full_from(
     expected_size: u64,
     expected_hash: &blake3::Hash,
     out: &mut (impl Write + ?Sized),
-) -> Result<(), DeltaError> {
+) -> Result<Verified, DeltaError> {
     let mut sink = VerifyingSink::new(out, expected_size);
     frame::decode_plain_stream(payload, expected_size, &mut |chunk| sink.push(chunk))?;
     sink.finish(expected_hash)
@@ -455,7 +456,7 @@ impl<'a, W: Write + ?Sized> VerifyingSink<'a, W> {
         }
     }
 
-    fn finish(self, expected_hash: &blake3::Hash) -> Result<(), DeltaError> {
+    fn finish(self, expected_hash: &blake3::Hash) -> Result<Verified, DeltaError> {
         if self.written != self.limit {
             return Err(DeltaError::OutputTooShort {
                 actual: self.written,
@@ -469,7 +470,31 @@ impl<'a, W: Write + ?Sized> VerifyingSink<'a, W> {
                 actual,
             });
         }
-        Ok(())
+        Ok(Verified {
+            hash: actual.into(),
+            size: self.written,
+        })
+    }
+}
+
+/// What [`apply`] wrote, hashed as it went: exactly `size` bytes hashing to `hash`, which equal
+/// the expected ones. Only this module makes one, so a writer that receives it (the daemon's
+/// object store) can rely on the check instead of hashing the same bytes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    hash: Hash,
+    size: u64,
+}
+
+impl Verified {
+    /// The content's hash.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// The content's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 }
 

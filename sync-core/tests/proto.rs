@@ -346,7 +346,7 @@ impl Daemon {
             &expected,
             &mut out,
         ) {
-            Ok(()) => {
+            Ok(_) => {
                 self.objects.insert(job.hash, out);
                 Ok(())
             }

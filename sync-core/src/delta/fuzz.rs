@@ -86,7 +86,7 @@ pub fn apply_one(data: &[u8]) -> Result<(), DeltaError> {
         "{format}: wrote {} bytes, declared {expected_size}",
         out.len()
     );
-    if result.is_ok() {
+    if let Ok(verified) = &result {
         assert_eq!(
             out.len() as u64,
             expected_size,
@@ -97,8 +97,13 @@ pub fn apply_one(data: &[u8]) -> Result<(), DeltaError> {
             expected_hash,
             "{format}: wrong output accepted"
         );
+        assert_eq!(
+            (verified.hash(), verified.size()),
+            (expected_hash.into(), expected_size),
+            "{format}: the check vouches for something else"
+        );
     }
-    result
+    result.map(|_| ())
 }
 
 /// Build a [`signature_decode_one`] input: the declared basis length (u64 LE), the signature

@@ -1,7 +1,9 @@
 //! The object store: verified file content a push delivered, kept until a release holds it.
 //!
 //! A daemon decodes every received file into `ROOT/.relsync/objects/<blake3>.<mode>`: written to a
-//! fresh temporary file, hashed while written, checked against the manifest's size and hash, given its
+//! fresh temporary file through `delta::apply`, which hashes what it writes; the writer checks that
+//! every byte it took is what that check vouched for ([`Verified`]) and that size and hash are the
+//! manifest's, so the content is hashed once on its way in, not twice; it is given its
 //! final mode (at creation when the umask leaves it whole, else through its own descriptor) and only
 //! then renamed into place. A push that is cut short
 //! leaves these verified objects behind, so re-running it sends only what is still missing; the next
@@ -20,6 +22,7 @@ use cap_std::fs::Dir;
 use super::exec::hash_file;
 use super::root::AppRoot;
 use super::{EdgeError, IoContext};
+use crate::delta::Verified;
 use crate::layout;
 use crate::manifest::Hash;
 use crate::path::RelPath;
@@ -185,7 +188,6 @@ impl ObjectStore {
             chmod,
             size,
             written: 0,
-            hasher: blake3::Hasher::new(),
         })
     }
 
@@ -225,7 +227,8 @@ impl ObjectStore {
 }
 
 /// An object being received. Bytes beyond the declared size are refused; [`ObjectWriter::finish`]
-/// checks size and hash before the object becomes visible. Dropped unfinished, it removes itself.
+/// checks size and hash (as `delta::apply` verified them while writing here) before the object
+/// becomes visible. Dropped unfinished, it removes itself.
 pub struct ObjectWriter<'s> {
     store: &'s ObjectStore,
     file: Option<File>,
@@ -236,7 +239,6 @@ pub struct ObjectWriter<'s> {
     chmod: bool,
     size: u64,
     written: u64,
-    hasher: blake3::Hasher,
 }
 
 impl Write for ObjectWriter<'_> {
@@ -249,7 +251,6 @@ impl Write for ObjectWriter<'_> {
         }
         let f = self.file.as_mut().expect("file present until finish");
         let n = f.write(buf)?;
-        self.hasher.update(&buf[..n]);
         self.written += n as u64;
         Ok(n)
     }
@@ -270,9 +271,10 @@ pub enum ObjectError {
 }
 
 impl ObjectWriter<'_> {
-    /// Verifies and publishes the object. `Ok(Err(..))` is a content mismatch (the sender's fault);
-    /// `Err(..)` a local failure.
-    pub fn finish(mut self) -> Result<Result<(), ObjectError>, EdgeError> {
+    /// Publishes the object if `verified` (what `delta::apply` returned after writing the content
+    /// here) vouches for exactly the bytes written, and they have the manifest's size and hash.
+    /// `Ok(Err(..))` is a content mismatch (the sender's fault); `Err(..)` a local failure.
+    pub fn finish(mut self, verified: &Verified) -> Result<Result<(), ObjectError>, EdgeError> {
         let file = self.file.take().expect("finish runs once");
         if self.written != self.size {
             drop(file);
@@ -282,8 +284,9 @@ impl ObjectWriter<'_> {
                 want: self.size,
             }));
         }
-        let got: Hash = self.hasher.finalize().into();
-        if got != self.hash {
+        // A check of fewer bytes than were written vouches for none of them.
+        let got = verified.hash();
+        if got != self.hash || verified.size() != self.written {
             drop(file);
             let _ = self.store.dir.remove_file(&self.tmp);
             return Ok(Err(ObjectError::Hash {
@@ -356,6 +359,22 @@ mod tests {
         );
     }
 
+    /// Writes `content` into `w` the way the daemon does, through a full payload and
+    /// `delta::apply`, and returns the check it vouches with.
+    fn apply(content: &[u8], w: &mut ObjectWriter<'_>) -> Verified {
+        let mut payload = Vec::new();
+        crate::delta::encode_full(content, &mut payload).unwrap();
+        crate::delta::apply(
+            crate::delta::DeltaFormat::Full,
+            None,
+            &payload,
+            content.len() as u64,
+            &blake3::hash(content),
+            w,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn objects_get_their_mode_whatever_the_umask_and_only_verified_ones_appear() {
         let tmp = tempfile::tempdir().unwrap();
@@ -369,24 +388,37 @@ mod tests {
             let content = format!("content {i}").into_bytes();
             let hash = Hash::of(&content);
             let mut w = store.create(hash, mode, content.len() as u64).unwrap();
-            w.write_all(&content).unwrap();
-            assert_eq!(w.finish().unwrap(), Ok(()));
+            let verified = apply(&content, &mut w);
+            assert_eq!(w.finish(&verified).unwrap(), Ok(()));
             let meta =
                 std::fs::metadata(tmp.path().join(layout::object_name(&hash, mode))).unwrap();
             assert_eq!(meta.permissions().mode() & 0o7777, mode, "mode {mode:o}");
         }
+        // Content other than the name says.
         let lie = Hash::of(b"something else");
         let mut w = store.create(lie, 0o644, 3).unwrap();
-        w.write_all(b"abc").unwrap();
-        assert!(matches!(w.finish().unwrap(), Err(ObjectError::Hash { .. })));
+        let verified = apply(b"abc", &mut w);
+        assert!(matches!(
+            w.finish(&verified).unwrap(),
+            Err(ObjectError::Hash { .. })
+        ));
+        // Fewer bytes than the manifest's size.
         let short = Hash::of(b"abcd");
         let mut w = store.create(short, 0o644, 4).unwrap();
-        w.write_all(b"abc").unwrap();
+        let verified = apply(b"abc", &mut w);
         assert_eq!(
-            w.finish().unwrap(),
+            w.finish(&verified).unwrap(),
             Err(ObjectError::Size { got: 3, want: 4 })
         );
-        // Neither the refused objects nor any temporary is left.
+        // Right size and a check of the right content, but a byte the check never saw.
+        let mut w = store.create(Hash::of(b"abc"), 0o644, 4).unwrap();
+        w.write_all(b"x").unwrap();
+        let verified = apply(b"abc", &mut w);
+        assert!(matches!(
+            w.finish(&verified).unwrap(),
+            Err(ObjectError::Hash { .. })
+        ));
+        // None of the refused objects nor any temporary is left.
         let names: Vec<String> = std::fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

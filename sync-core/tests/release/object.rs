@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
-use sync_core::edge::object::{ObjectError, ObjectStore};
+use sync_core::delta::{self, DeltaFormat, Verified};
+use sync_core::edge::object::{ObjectError, ObjectStore, ObjectWriter};
 use sync_core::edge::root::AppRoot;
 use sync_core::manifest::{Entry, Hash, Manifest, Policy};
 
@@ -22,6 +23,22 @@ impl sync_core::edge::exec::ContentSource for NoSource {
     ) -> Result<(), sync_core::edge::EdgeError> {
         panic!("{path} should have come from the object store")
     }
+}
+
+/// Writes `content` into `w` as the daemon does, through a full payload and `delta::apply`.
+fn put(w: &mut ObjectWriter<'_>, content: &[u8]) -> Verified {
+    let mut payload = Vec::new();
+    delta::encode_full(content, &mut payload).unwrap();
+    let hash = blake3::hash(content);
+    delta::apply(
+        DeltaFormat::Full,
+        None,
+        &payload,
+        content.len() as u64,
+        &hash,
+        w,
+    )
+    .unwrap()
 }
 
 fn store_names(root: &std::path::Path) -> Vec<String> {
@@ -44,21 +61,27 @@ fn objects_are_verified_on_receipt_and_linked_into_the_release() {
 
     // Wrong content: refused, nothing published, no temporary left.
     let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
-    w.write_all(b"<?php echo 'LYING!';").unwrap();
-    assert!(matches!(w.finish().unwrap(), Err(ObjectError::Hash { .. })));
+    let lie = put(&mut w, b"<?php echo 'LYING!';");
+    assert!(matches!(
+        w.finish(&lie).unwrap(),
+        Err(ObjectError::Hash { .. })
+    ));
     // More bytes than declared: the write itself fails.
     let mut w = store.create(h, 0o644, 3).unwrap();
     assert!(w.write_all(&good).is_err());
     drop(w);
     // Too few bytes.
     let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
-    w.write_all(&good[..4]).unwrap();
-    assert!(matches!(w.finish().unwrap(), Err(ObjectError::Size { .. })));
+    let short = put(&mut w, &good[..4]);
+    assert!(matches!(
+        w.finish(&short).unwrap(),
+        Err(ObjectError::Size { .. })
+    ));
     assert!(store_names(&path).is_empty(), "{:?}", store_names(&path));
 
     let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
-    w.write_all(&good).unwrap();
-    w.finish().unwrap().unwrap();
+    let verified = put(&mut w, &good);
+    w.finish(&verified).unwrap().unwrap();
     assert_eq!(store.list().unwrap(), HashSet::from([(h, 0o644)]));
     let obj = path
         .join(".relsync/objects")
@@ -96,8 +119,8 @@ fn corrupt_and_stale_objects_are_dropped() {
     let b = b"bbbb".to_vec();
     for data in [&a, &b] {
         let mut w = store.create(Hash::of(data), 0o644, 4).unwrap();
-        w.write_all(data).unwrap();
-        w.finish().unwrap().unwrap();
+        let verified = put(&mut w, data);
+        w.finish(&verified).unwrap().unwrap();
     }
     // Damage one behind the store's back (as a crash before writeback could).
     let damaged = path

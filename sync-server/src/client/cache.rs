@@ -167,7 +167,7 @@ impl Cache {
         let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         let expected = blake3::Hash::from_bytes(hash.0);
         match delta::apply(DeltaFormat::Full, None, &payload, size, &expected, &mut out) {
-            Ok(()) => Ok(Some(out)),
+            Ok(_) => Ok(Some(out)),
             Err(e) => {
                 tracing::debug!("cache: dropping damaged blob {}: {e}", path.display());
                 let _ = fs::remove_file(&path);

@@ -277,6 +277,7 @@ fn answer(
                 &blake3::Hash::from_bytes(job.hash.0),
                 &mut out,
             )
+            .map(|_| ())
             .map_err(|e| FileFailure::Corrupt(e.to_string()));
             if result.is_ok() {
                 st.formats.push(job.format);

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::{Dir, OpenOptions};
 use memmap2::Mmap;
-use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat};
+use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat, Verified};
 use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
 use sync_core::edge::object::{ObjectError, ObjectStore};
@@ -481,12 +481,12 @@ fn store_spooled_full(
 
 /// Classifies the result of rebuilding a file into `writer`, then completes the object.
 fn finish_store(
-    applied: Result<(), DeltaError>,
+    applied: Result<Verified, DeltaError>,
     writer: sync_core::edge::object::ObjectWriter<'_>,
 ) -> Result<(), FileFailure> {
     let local = |kind, message: String| FileFailure::Local { kind, message };
-    match applied {
-        Ok(()) => {}
+    let verified = match applied {
+        Ok(verified) => verified,
         Err(DeltaError::HashMismatch { actual, .. }) => {
             return Err(FileFailure::HashMismatch {
                 actual: actual.into(),
@@ -500,8 +500,8 @@ fn finish_store(
         }
         Err(e) if e.wants_full_resend() => return Err(FileFailure::Corrupt(error_chain(&e))),
         Err(e) => return Err(local(ErrorKind::Internal, error_chain(&e))),
-    }
-    match writer.finish() {
+    };
+    match writer.finish(&verified) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(ObjectError::Hash { got, .. })) => Err(FileFailure::HashMismatch {
             actual: Hash::from_hex(&got).unwrap_or(Hash([0; 32])),
