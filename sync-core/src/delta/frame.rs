@@ -5,6 +5,13 @@
 //! buffer zstd allocates for its window (zstd sizes it as the smaller of window and content), so
 //! a frame claiming a huge window or expanding far beyond its size ("zstd bomb") is refused up
 //! front.
+//!
+//! A large file that samples as incompressible (media, archives, encrypted data) is not given to
+//! zstd at all: it is written as a frame of Raw blocks (RFC 8878 §3.1.1), the data copied
+//! straight to the writer between 3-byte block headers. zstd would end up storing such blocks
+//! raw anyway, but only after copying all input into its window and trying each block, which
+//! cost about a tenth of the client's CPU when pushing random data. The frame looks to decoders
+//! like any other plain payload: same declared content size, same 2 MiB window, no checksum.
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
@@ -14,12 +21,10 @@ use zstd::zstd_safe;
 
 use super::{DeltaError, DeltaFormat};
 
-/// Compression level for every payload: a good ratio at ~250 MB/s on one core.
+/// Compression level for every compressed payload: a good ratio at ~250 MB/s on one core.
 const LEVEL: i32 = 3;
-/// Level for content that does not compress (media, archives, encrypted data): zstd stores such
-/// blocks raw at any level, and a fast level finds that out at ~1 GB/s instead of ~600 MB/s.
-const INCOMPRESSIBLE_LEVEL: i32 = -1;
-/// Files smaller than this are compressed at [`LEVEL`] without looking first.
+/// Files smaller than this are compressed at [`LEVEL`] without looking first; larger ones that
+/// look incompressible are stored in Raw blocks instead (see [`write_raw`]).
 const SAMPLE_FROM: usize = 1 << 20;
 /// Bytes sampled at each of three places of a large file.
 const SAMPLE: usize = 32 << 10;
@@ -58,6 +63,14 @@ const PLAIN_WINDOW_LOG: u32 = 21;
 /// Decoded bytes handed to the sink per step.
 const CHUNK: usize = 128 * 1024;
 
+/// Largest block content a frame may carry: RFC 8878's Block_Maximum_Size, the smaller of the
+/// window and 128 KiB.
+const MAX_BLOCK: usize = 128 << 10;
+
+// The Window_Descriptor below encodes the window log as an exponent from 10 with no mantissa,
+// and the blocks assume a window of at least one maximal block.
+const _: () = assert!(PLAIN_WINDOW_LOG >= 17 && PLAIN_WINDOW_LOG <= 41);
+
 /// Whether one zstd window can span a basis of `basis_len` followed by `target_len` bytes.
 pub(super) fn window_covers(basis_len: usize, target_len: usize) -> bool {
     (basis_len as u64).saturating_add(target_len as u64) <= 1u64 << WINDOW_LOG_MAX
@@ -77,7 +90,8 @@ fn window_log_for(total: u64) -> u32 {
 }
 
 /// Compress `data` into one frame that declares its content size, with `prefix` as reference
-/// prefix if given, streaming to `w`.
+/// prefix if given, streaming to `w`. Without a prefix, data that [`looks_incompressible`] is
+/// stored in Raw blocks rather than compressed.
 pub(super) fn compress(
     data: &[u8],
     prefix: Option<&[u8]>,
@@ -88,7 +102,7 @@ pub(super) fn compress(
     }
     let mut enc = match prefix {
         Some(prefix) => write::Encoder::with_ref_prefix(&mut *w, LEVEL, prefix)?,
-        None if looks_incompressible(data) => write::Encoder::new(&mut *w, INCOMPRESSIBLE_LEVEL)?,
+        None if looks_incompressible(data) => return write_raw(data, w),
         None => write::Encoder::new(&mut *w, LEVEL)?,
     };
     enc.include_contentsize(true)?;
@@ -108,6 +122,41 @@ pub(super) fn compress(
     }
     enc.write_all(data)?;
     enc.finish()?;
+    Ok(())
+}
+
+/// Write `data` as one zstd frame of Raw blocks, with the frame parameters of every plain
+/// payload: content size declared, [`PLAIN_WINDOW_LOG`] as window (not single-segment, so the
+/// decoder's window bound holds), no checksum, no dictionary. Empty data is one empty last block.
+fn write_raw(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> {
+    let size = data.len() as u64;
+    // Frame_Content_Size_Flag 2 is a 4-byte field, 3 an 8-byte one; flag 0 would mean no field
+    // at all outside single-segment frames, and flag 1 cannot encode sizes below 256.
+    let (fcs_flag, fcs_len) = if u32::try_from(size).is_ok() {
+        (2u8, 4)
+    } else {
+        (3u8, 8)
+    };
+    let mut header = [0u8; 4 + 1 + 1 + 8];
+    header[..4].copy_from_slice(&ZSTD_MAGIC);
+    // Frame_Header_Descriptor: content size flag in bits 7-6; Single_Segment, checksum and
+    // dictionary id flags all zero.
+    header[4] = fcs_flag << 6;
+    // Window_Descriptor: exponent (window log - 10) in bits 7-3, mantissa 0.
+    header[5] = ((PLAIN_WINDOW_LOG - 10) as u8) << 3;
+    header[6..6 + fcs_len].copy_from_slice(&size.to_le_bytes()[..fcs_len]);
+    w.write_all(&header[..6 + fcs_len])?;
+
+    let blocks = data.len().div_ceil(MAX_BLOCK).max(1);
+    for i in 0..blocks {
+        let start = i * MAX_BLOCK;
+        let block = &data[start..(start + MAX_BLOCK).min(data.len())];
+        let last = u32::from(i + 1 == blocks);
+        // Block_Header: Last_Block in bit 0, Block_Type 0 (Raw) in bits 1-2, Block_Size above.
+        let block_header = (block.len() as u32) << 3 | last;
+        w.write_all(&block_header.to_le_bytes()[..3])?;
+        w.write_all(block)?;
+    }
     Ok(())
 }
 
@@ -397,6 +446,8 @@ fn declared_size(format: DeltaFormat, payload: &[u8]) -> Result<Option<u64>, Del
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn noise(len: usize) -> Vec<u8> {
@@ -411,8 +462,164 @@ mod tests {
             .collect()
     }
 
+    /// Block types of the one frame in `payload` (0 Raw, 1 RLE, 2 Compressed), and whether it is
+    /// single-segment, read by walking its headers as RFC 8878 lays them out; `None` unless the
+    /// walk ends exactly at the end of `payload`.
+    fn frame_shape(payload: &[u8]) -> Option<(bool, Vec<u8>)> {
+        let descriptor = *payload.get(4)?;
+        let single_segment = descriptor & 0x20 != 0;
+        let fcs_len = match (descriptor >> 6, single_segment) {
+            (0, false) => 0,
+            (0, true) => 1,
+            (1, _) => 2,
+            (2, _) => 4,
+            _ => 8,
+        };
+        let did_len = [0, 1, 2, 4][usize::from(descriptor & 3)];
+        let mut at = 4 + 1 + usize::from(!single_segment) + did_len + fcs_len;
+        let mut types = Vec::new();
+        loop {
+            let h = payload.get(at..at + 3)?;
+            let h = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+            let block_type = ((h >> 1) & 3) as u8;
+            let size = (h >> 3) as usize;
+            at += 3 + if block_type == 1 { 1 } else { size };
+            types.push(block_type);
+            if h & 1 == 1 {
+                break;
+            }
+        }
+        at += if descriptor & 4 != 0 { 4 } else { 0 };
+        (at == payload.len()).then_some((single_segment, types))
+    }
+
+    fn raw_frame(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_raw(data, &mut out).unwrap();
+        out
+    }
+
+    /// Content decoded by every path a plain payload takes in this crate, each with its checks:
+    /// in memory and streamed as `Full`, and into memory as an rsync delta would be.
+    fn decoded_by_every_path(payload: &[u8], len: usize, hash: &blake3::Hash) -> Vec<Vec<u8>> {
+        let mut applied = Vec::new();
+        crate::delta::apply(
+            DeltaFormat::Full,
+            None,
+            payload,
+            len as u64,
+            hash,
+            &mut applied,
+        )
+        .unwrap();
+        let mut streamed = Vec::new();
+        crate::delta::apply_full_from(&mut &payload[..], len as u64, hash, &mut streamed).unwrap();
+        let to_vec = Frame::at_most(DeltaFormat::Rsync, payload, len as u64)
+            .unwrap()
+            .decode_to_vec()
+            .unwrap();
+        vec![applied, streamed, to_vec]
+    }
+
     #[test]
-    fn only_large_incompressible_data_takes_the_fast_level() {
+    fn raw_frames_decode_to_their_input() {
+        let sizes = [
+            0,
+            1,
+            MAX_BLOCK - 1,
+            MAX_BLOCK,
+            MAX_BLOCK + 1,
+            3 * MAX_BLOCK + 17,
+            SAMPLE_FROM + 5,
+            (1 << PLAIN_WINDOW_LOG) + MAX_BLOCK / 2,
+        ];
+        for len in sizes {
+            let data = noise(len);
+            let payload = raw_frame(&data);
+            let blocks = len.div_ceil(MAX_BLOCK).max(1);
+            // Magic, descriptor, window descriptor, 4-byte content size; 3 bytes per block.
+            assert_eq!(payload.len(), 10 + len + 3 * blocks, "{len}: length");
+            assert_eq!(
+                frame_shape(&payload),
+                Some((false, vec![0; blocks])),
+                "{len}: shape"
+            );
+            assert_eq!(
+                declared_size(DeltaFormat::Full, &payload).unwrap(),
+                Some(len as u64),
+                "{len}: declared size"
+            );
+            let bulk = zstd::bulk::decompress(&payload, len).unwrap();
+            assert!(bulk == data, "{len}: zstd::bulk");
+            let streamed = zstd::stream::decode_all(&payload[..]).unwrap();
+            assert!(streamed == data, "{len}: zstd::stream");
+            for (i, back) in decoded_by_every_path(&payload, len, &blake3::hash(&data))
+                .into_iter()
+                .enumerate()
+            {
+                assert!(back == data, "{len}: crate path {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn raw_frames_declare_the_plain_window() {
+        // Not single-segment: even a small frame asks for the full window, so a decoder allowing
+        // one less refuses it, while zstd's own single-segment frame of the same data (window =
+        // content size) passes. Reading in small steps keeps zstd off its one-pass shortcut, which
+        // needs no window and so skips the check.
+        let data = noise(1000);
+        let single_segment = frame_of(&data);
+        let cases = [
+            ("raw", raw_frame(&data), PLAIN_WINDOW_LOG - 1, false),
+            ("raw", raw_frame(&data), PLAIN_WINDOW_LOG, true),
+            ("single-segment", single_segment, PLAIN_WINDOW_LOG - 1, true),
+        ];
+        for (name, payload, log, ok) in cases {
+            let mut dec = read::Decoder::with_buffer(&payload[..]).unwrap();
+            dec.window_log_max(log).unwrap();
+            let got = dec.read(&mut [0u8; 16]);
+            assert_eq!(got.is_ok(), ok, "{name} at window log max {log}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn raw_frames_keep_the_crate_checks() {
+        let data = noise(MAX_BLOCK + 100);
+        let hash = blake3::hash(&data);
+        let payload = raw_frame(&data);
+        let len = data.len() as u64;
+        let apply = |payload: &[u8], size: u64, hash: &blake3::Hash| {
+            crate::delta::apply(
+                DeltaFormat::Full,
+                None,
+                payload,
+                size,
+                hash,
+                &mut Vec::new(),
+            )
+        };
+        let mut flipped = payload.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            apply(&payload, len - 1, &hash),
+            Err(DeltaError::DeclaredSize { .. })
+        ));
+        assert!(matches!(
+            apply(&payload[..payload.len() - 1], len, &hash),
+            Err(DeltaError::MalformedFrame { .. })
+        ));
+        assert!(matches!(
+            apply(&flipped, len, &hash),
+            Err(DeltaError::HashMismatch { .. })
+        ));
+        let streamed =
+            crate::delta::apply_full_from(&mut &flipped[..], len, &hash, &mut Vec::new());
+        assert!(matches!(streamed, Err(DeltaError::HashMismatch { .. })));
+    }
+
+    #[test]
+    fn only_large_incompressible_data_is_stored_raw() {
         let text: Vec<u8> = b"<?php echo $x; // relsync\n"
             .iter()
             .copied()
@@ -421,17 +628,33 @@ mod tests {
             .collect();
         let mut mixed = noise(2 << 20);
         mixed[..SAMPLE].copy_from_slice(&text[..SAMPLE]);
+        // Noise up to the window size: zstd would store it in Raw blocks too, but in a
+        // single-segment frame, so the shape tells the two paths apart.
+        let large_noise = noise((3 << 19) + 5);
         let cases: [(&str, Vec<u8>, bool); 4] = [
             ("small noise", noise(SAMPLE_FROM - 1), false),
-            ("large noise", noise(2 << 20), true),
+            ("large noise", large_noise, true),
             ("large text", text, false),
             ("noise with a compressible head", mixed, false),
         ];
         for (name, data, want) in cases {
             assert_eq!(looks_incompressible(&data), want, "{name}");
-            // Whatever the level, the frame round-trips through the same checks.
             let mut out = Vec::new();
             compress(&data, None, &mut out).unwrap();
+            let (single_segment, types) = frame_shape(&out).unwrap();
+            let raw = !single_segment && types.iter().all(|&t| t == 0);
+            assert_eq!(raw, want, "{name}: frame kind");
+            assert_eq!(out == raw_frame(&data), want, "{name}: raw writer's bytes");
+            if want {
+                assert_eq!(
+                    out.len(),
+                    10 + data.len() + 3 * types.len(),
+                    "{name}: overhead"
+                );
+            } else if name != "small noise" {
+                assert!(types.contains(&2), "{name}: compressed blocks {types:?}");
+            }
+            // Whatever the path, the frame round-trips through the same checks.
             let frame = Frame::exact(DeltaFormat::Full, &out, data.len() as u64).unwrap();
             let mut back = Vec::new();
             frame
@@ -441,6 +664,28 @@ mod tests {
                 })
                 .unwrap();
             assert!(back == data, "{name}: round trip");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn raw_frames_round_trip(
+            len in prop_oneof![
+                0..=4 * MAX_BLOCK,
+                (0..=4usize, -2..=2isize)
+                    .prop_map(|(k, d)| (k * MAX_BLOCK).saturating_add_signed(d)),
+            ],
+            seed in any::<u8>(),
+        ) {
+            let data: Vec<u8> = noise(len).iter().map(|b| b ^ seed).collect();
+            let payload = raw_frame(&data);
+            prop_assert_eq!(payload.len(), 10 + len + 3 * len.div_ceil(MAX_BLOCK).max(1));
+            prop_assert!(zstd::stream::decode_all(&payload[..]).unwrap() == data);
+            for back in decoded_by_every_path(&payload, len, &blake3::hash(&data)) {
+                prop_assert!(back == data);
+            }
         }
     }
 
