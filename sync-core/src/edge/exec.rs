@@ -104,8 +104,22 @@ pub struct ExecOptions {
     /// size and mtime (any write through any name changes the mtime). Re-hashing also catches an
     /// in-place edit that deliberately restored the old mtime, at the cost of reading every file.
     pub verify_links: bool,
+    /// Objects this process verified as it wrote them (`ObjectStore::verified_stamps`), with the
+    /// inode, size and mtime each had then. An object linked into the release that still has
+    /// them is verified by identity, by the same rule as a linked file; any other object is
+    /// re-hashed.
+    pub object_stamps: Arc<HashMap<(Hash, u32), FileStamp>>,
     #[doc(hidden)]
     pub faults: Faults,
+}
+
+/// How a file that was not written here can be verified without reading it.
+#[derive(Debug, Clone, Copy)]
+enum Identity {
+    /// Hard-linked from a kept release after its identity check: the inode it shares.
+    Linked(u64),
+    /// Linked from an object verified while written, which then had this identity.
+    Object(FileStamp),
 }
 
 /// What the executor did beyond the plan.
@@ -139,8 +153,8 @@ pub struct Stager<'a> {
     staging: Dir,
     staging_path: PathBuf,
     device: u64,
-    /// Paths hard-linked so far, with the inode each now shares.
-    linked: ahash::AHashMap<RelPath, u64>,
+    /// Paths hard-linked so far, with what they can be verified by.
+    linked: ahash::AHashMap<RelPath, Identity>,
     /// Serializes rewrites during verification, which may open up a read-only parent directory.
     rewrite: Mutex<()>,
     stamps: Vec<FileStamp>,
@@ -273,7 +287,7 @@ impl<'a> Stager<'a> {
                 let chunks: Vec<&[Op]> = ops[i..end]
                     .chunk_by(|a, b| op_path(a).parent_str() == op_path(b).parent_str())
                     .collect();
-                let linked: Vec<Vec<(RelPath, u64)>> = chunks
+                let linked: Vec<Vec<(RelPath, Identity)>> = chunks
                     .par_iter()
                     .map(|chunk| {
                         let mut dirs = DirCache::new(this);
@@ -428,20 +442,22 @@ impl<'a> Stager<'a> {
                 self.root.remove_release(release)
             }
             file_op => {
-                if let Some((path, ino)) = self.apply_file_op(file_op, &mut DirCache::new(self))? {
-                    self.linked.insert(path, ino);
+                if let Some((path, identity)) =
+                    self.apply_file_op(file_op, &mut DirCache::new(self))?
+                {
+                    self.linked.insert(path, identity);
                 }
                 Ok(())
             }
         }
     }
 
-    /// Applies one file operation; for a hard link, returns the path and the inode it now shares.
+    /// Applies one file operation; for a hard link, returns the path and what verifies it.
     fn apply_file_op(
         &self,
         op: &Op,
         dirs: &mut DirCache<'_>,
-    ) -> Result<Option<(RelPath, u64)>, EdgeError> {
+    ) -> Result<Option<(RelPath, Identity)>, EdgeError> {
         match op {
             Op::Link {
                 path,
@@ -465,7 +481,7 @@ impl<'a> Stager<'a> {
                     .map_err(io::Error::from)
                     .ctx("link", self.staged(path))?;
                     (self.progress)(*size);
-                    Ok(Some((path.clone(), ino)))
+                    Ok(Some((path.clone(), Identity::Linked(ino))))
                 } else {
                     tracing::warn!(release = %from, path = %from_path, "link source changed since it was verified; writing {path} in full");
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -490,7 +506,8 @@ impl<'a> Stager<'a> {
                 .map_err(io::Error::from)
                 .ctx("link received object to", self.staged(path))?;
                 (self.progress)(*size);
-                Ok(None)
+                let stamp = self.opts.object_stamps.get(&(*hash, *mode));
+                Ok(stamp.map(|s| (path.clone(), Identity::Object(*s))))
             }
             Op::WriteFull {
                 path, size, mode, ..
@@ -668,7 +685,7 @@ impl<'a> Stager<'a> {
         dirs: &mut DirCache<'_>,
         path: &RelPath,
         kind: &EntryKind,
-        linked_ino: Option<u64>,
+        identity: Option<Identity>,
     ) -> Result<Option<FileStamp>, EdgeError> {
         let fail = |reason: String| EdgeError::Verify {
             path: path.clone(),
@@ -714,6 +731,15 @@ impl<'a> Stager<'a> {
                     ino: st.st_ino,
                     size: st.st_size as u64,
                     mtime_ns: stat_mtime_ns(&st),
+                };
+                let linked_ino = match identity {
+                    Some(Identity::Linked(ino)) => Some(ino),
+                    // Still the inode whose content was hashed as it was written, unchanged
+                    // since; otherwise it is read like a written file.
+                    Some(Identity::Object(stamp)) if here == stamp && !self.opts.verify_links => {
+                        return Ok(Some(here));
+                    }
+                    Some(Identity::Object(_)) | None => None,
                 };
                 if let Some(ino) = linked_ino {
                     if st.st_ino != ino {

@@ -9,12 +9,13 @@
 //! leaves these verified objects behind, so re-running it sends only what is still missing; the next
 //! release links them in (`Op::LinkObject`) and they are removed once that release is complete.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use cap_std::fs::Dir;
@@ -26,6 +27,7 @@ use crate::delta::Verified;
 use crate::layout;
 use crate::manifest::Hash;
 use crate::path::RelPath;
+use crate::release::FileStamp;
 
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -37,6 +39,9 @@ pub struct ObjectStore {
     /// `.tmp-<pid>-`: temporaries of this process, told apart from an earlier one's.
     tmp_prefix: String,
     counter: AtomicU64,
+    /// Identity of each object this store verified as it was written, taken once it was
+    /// complete: the release build verifies such an object by it instead of reading it again.
+    stamps: Mutex<HashMap<(Hash, u32), FileStamp>>,
 }
 
 impl ObjectStore {
@@ -61,6 +66,7 @@ impl ObjectStore {
             path,
             tmp_prefix: format!("{TMP_PREFIX}{}-", std::process::id()),
             counter: AtomicU64::new(0),
+            stamps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -191,8 +197,21 @@ impl ObjectStore {
         })
     }
 
+    /// The identity (inode, size, mtime) of every object this store wrote and verified, as it
+    /// was when complete; see `ExecOptions::object_stamps`. An object of an earlier process is
+    /// not among them and gets read again.
+    pub fn verified_stamps(&self) -> HashMap<(Hash, u32), FileStamp> {
+        self.lock_stamps().clone()
+    }
+
+    fn lock_stamps(&self) -> std::sync::MutexGuard<'_, HashMap<(Hash, u32), FileStamp>> {
+        // Nothing panics while holding it.
+        self.stamps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Removes an object (after a complete release took it over).
     pub fn remove(&self, hash: &Hash, mode: u32) -> Result<(), EdgeError> {
+        self.lock_stamps().remove(&(*hash, mode));
         let name = layout::object_name(hash, mode);
         match self.dir.remove_file(&name) {
             Ok(()) => Ok(()),
@@ -298,6 +317,14 @@ impl ObjectWriter<'_> {
             file.set_permissions(std::fs::Permissions::from_mode(self.mode))
                 .ctx_with("chmod", || self.store.path.join(&self.tmp))?;
         }
+        let st = rustix::fs::fstat(&file)
+            .map_err(io::Error::from)
+            .ctx_with("stat", || self.store.path.join(&self.tmp))?;
+        let stamp = FileStamp {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        };
         drop(file);
         let name = layout::object_name(&self.hash, self.mode);
         rustix::fs::renameat(
@@ -308,6 +335,9 @@ impl ObjectWriter<'_> {
         )
         .map_err(io::Error::from)
         .ctx_with("rename", || self.store.path.join(&name))?;
+        self.store
+            .lock_stamps()
+            .insert((self.hash, self.mode), stamp);
         Ok(Ok(()))
     }
 }

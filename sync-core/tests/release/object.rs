@@ -143,3 +143,87 @@ fn corrupt_and_stale_objects_are_dropped() {
     assert_eq!(store.clean(std::time::Duration::ZERO).unwrap(), 1);
     assert!(store.list().unwrap().is_empty());
 }
+
+/// Objects the store verified as it wrote them are verified by identity when the release is
+/// built, as linked files are; any other object is read again. The cases edit the object in place
+/// after it was stored and restore its mtime, which only a re-read can notice.
+#[test]
+fn objects_verified_on_receipt_are_checked_by_identity_others_are_read() {
+    struct Case {
+        name: &'static str,
+        /// Pass the store's stamps to the build (the daemon that received the object does).
+        stamps: bool,
+        /// Restore the object's mtime after the in-place edit.
+        restore_mtime: bool,
+        /// Re-hash linked content anyway (`--verify-all`).
+        verify_all: bool,
+        built: bool,
+    }
+    let cases = [
+        Case {
+            name: "stamp kept, identity trusted",
+            stamps: true,
+            restore_mtime: true,
+            verify_all: false,
+            built: true,
+        },
+        Case {
+            name: "mtime changed, read again",
+            stamps: true,
+            restore_mtime: false,
+            verify_all: false,
+            built: false,
+        },
+        Case {
+            name: "no stamps (another process), read again",
+            stamps: false,
+            restore_mtime: true,
+            verify_all: false,
+            built: false,
+        },
+        Case {
+            name: "verify-all reads it",
+            stamps: true,
+            restore_mtime: true,
+            verify_all: true,
+            built: false,
+        },
+    ];
+    for case in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("app");
+        let root = AppRoot::open_or_create(&path).unwrap();
+        let store = ObjectStore::open(&root).unwrap();
+        let good = b"<?php echo 'pushed';".to_vec();
+        let h = Hash::of(&good);
+        let mut w = store.create(h, 0o644, good.len() as u64).unwrap();
+        let verified = put(&mut w, &good);
+        w.finish(&verified).unwrap().unwrap();
+        let stamps = store.verified_stamps();
+        assert_eq!(stamps.len(), 1, "{}", case.name);
+
+        let obj = path.join(".relsync/objects").join(&store_names(&path)[0]);
+        let mtime = std::fs::metadata(&obj).unwrap().modified().unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+        f.write_all(b"<?php echo 'EDITED';").unwrap();
+        if case.restore_mtime {
+            f.set_modified(mtime).unwrap();
+        }
+        drop(f);
+
+        let target = Manifest::from_unsorted(
+            vec![Entry::file("pushed.php", good.len() as u64, 0o644, h).unwrap()],
+            &Policy::default(),
+        )
+        .unwrap();
+        let lock = root.lock(|_| {}).unwrap();
+        let mut o = opts("r1", false);
+        o.use_objects = true;
+        o.exec.verify_links = case.verify_all;
+        if case.stamps {
+            o.exec.object_stamps = std::sync::Arc::new(stamps);
+        }
+        let built = sync_core::edge::deploy::deploy(&root, &lock, &target, &NoSource, &o, &|_| {});
+        assert_eq!(built.is_ok(), case.built, "{}: {built:?}", case.name);
+    }
+}
