@@ -121,6 +121,9 @@ struct Shared {
     /// Rebuild received files, as many at once as there are workers (CPU-bound zstd and rsync
     /// work).
     store: Arc<store::Workers>,
+    /// Slots for files rebuilt while their payload arrives (`stream::ReadInto::Direct`), as many as
+    /// store workers: each holds a blocking thread and a few MiB of pieces.
+    direct: Arc<tokio::sync::Semaphore>,
     /// How this daemon pushes on to its children in a relay tree.
     relayer: Arc<relay::Relayer>,
 }
@@ -188,6 +191,7 @@ pub async fn serve(
         apps,
         exports,
         store: Arc::new(store),
+        direct: Arc::new(tokio::sync::Semaphore::new(slots)),
         relayer: Arc::new(relay::Relayer {
             identity: Arc::new(identity.clone()),
             net: crate::fleet::driver::fleet_net(),

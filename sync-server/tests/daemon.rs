@@ -373,6 +373,8 @@ struct PushOpts {
     cache: HashMap<Hash, Vec<u8>>,
     /// Paths sent with one byte flipped.
     lie: HashSet<String>,
+    /// Paths whose file stream is reset halfway through the payload.
+    cut: HashSet<String>,
     /// Drop the connection once this many files are stored on the daemon.
     kill_after: Option<(usize, PathBuf)>,
     /// Concurrent file streams (0: the daemon's limit).
@@ -465,6 +467,7 @@ impl Client {
             tree: tree.clone(),
             cache: opts.cache,
             lie: opts.lie,
+            cut: opts.cut,
         });
         drive(self.connect().await, session, source, opts.kill_after).await
     }
@@ -479,6 +482,7 @@ impl Client {
             tree: Tree::new(),
             cache: HashMap::new(),
             lie: HashSet::new(),
+            cut: HashSet::new(),
         });
         drive(self.connect().await, session, source, None)
             .await
@@ -546,6 +550,7 @@ struct Source {
     tree: Tree,
     cache: HashMap<Hash, Vec<u8>>,
     lie: HashSet<String>,
+    cut: HashSet<String>,
 }
 
 impl Source {
@@ -599,8 +604,16 @@ async fn drive(
             let (header, bytes) = source.encode(&f);
             headers.push(header);
             let (conn, tx) = (conn.clone(), done_tx.clone());
+            let cut = source.cut.contains(f.path.as_str());
             tokio::spawn(async move {
                 let mut uni = conn.open_uni().await?;
+                if cut {
+                    uni.write_all(&bytes[..bytes.len() / 2]).await?;
+                    // Let the bytes go before the reset discards what is unsent.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    uni.reset(0u32.into())?;
+                    return anyhow::Ok(());
+                }
                 uni.write_all(&bytes).await?;
                 uni.finish()?;
                 let _ = tx.send(header);
@@ -877,6 +890,7 @@ async fn a_mode_change_makes_a_new_inode_from_local_content() {
         tree: a.clone(),
         cache: HashMap::new(),
         lie: HashSet::new(),
+        cut: HashSet::new(),
     });
     let ran = drive(c.connect().await, session, source, None).await;
     let r = ran.report();
@@ -1272,6 +1286,89 @@ async fn many_small_and_a_few_large_files_on_shared_streams_all_arrive_intact() 
             );
         }
     }
+}
+
+/// Temporary files left in the object store (unfinished objects).
+fn object_temporaries(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join(".relsync/objects"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with('.').then_some(name)
+        })
+        .collect()
+}
+
+/// Small files and one plain payload over the size that is rebuilt as it arrives
+/// (`ReadInto::Direct`) rather than spooled.
+fn tree_with_a_large_file() -> Tree {
+    let mut t = tree_many(12);
+    t.insert("assets/big.bin".into(), noise(77, 33 << 20));
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_payload_rebuilt_as_it_arrives_is_checked_like_any_other() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let t = tree_with_a_large_file();
+    let lie = PushOpts {
+        lie: HashSet::from(["assets/big.bin".to_string()]),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &t, "r1", lie).await;
+    let (kind, message) = ran.remote_error();
+    assert_eq!(kind, ErrorKind::Verify, "{message}");
+    assert!(message.contains("assets/big.bin"), "{message}");
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert_eq!(object_temporaries(&d.shop()), Vec::<String>::new());
+    assert_eq!(current_of(&d.shop()), None);
+    let kept = objects(&d.shop()) as u64;
+
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!(r.have_files, kept);
+    assert_eq!(r.needed, t.len() as u64 - kept);
+    assert_eq!(ran.format_of(&t, "assets/big.bin"), Some(DeltaFormat::Full));
+    assert_release_holds(&d.shop(), "r1", &t);
+    assert_eq!(objects(&d.shop()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_payload_cut_while_it_is_rebuilt_leaves_nothing_half_written() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let t = tree_with_a_large_file();
+    let cut = PushOpts {
+        cut: HashSet::from(["assets/big.bin".to_string()]),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &t, "r1", cut).await;
+    assert!(
+        !matches!(ran.outcome, Some(Ok(_))),
+        "a push missing a file cannot succeed: {:?}",
+        ran.outcome
+    );
+    wait_lock_free(&d.shop()).await;
+    assert!(staging_dirs(&d.shop()).is_empty());
+    assert_eq!(object_temporaries(&d.shop()), Vec::<String>::new());
+    assert_eq!(current_of(&d.shop()), None);
+    let big = Hash::of(&t["assets/big.bin"]);
+    assert!(
+        !d.shop()
+            .join(".relsync/objects")
+            .join(format!("{}.644", big.to_hex()))
+            .exists(),
+        "no object for the cut file"
+    );
+    let kept = objects(&d.shop()) as u64;
+
+    let ran = c.push("shop", &t, "r1", PushOpts::default()).await;
+    let r = ran.report();
+    assert_eq!(r.have_files, kept);
+    assert_eq!(r.needed, t.len() as u64 - kept);
+    assert_release_holds(&d.shop(), "r1", &t);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::{ConnectionError, SendStream, WriteError};
 use sync_core::delta::DeltaFormat;
 use sync_core::proto::client::{ClientState, Method, Outcome, Request, SendFile};
@@ -621,7 +622,10 @@ async fn send_batch(
         out.first.get_or_insert_with(|| f.path.clone());
         if payload.bytes.len() > GATHER_MAX {
             out.flush(ctx, stream).await?;
-            write(ctx, stream, &payload.bytes)
+            // Handed to the stream as it is, not copied into it: quinn keeps the bytes (and with
+            // them the payload) until they are acknowledged.
+            let bytes = Bytes::from_owner(Shared(Arc::clone(payload)));
+            write_chunk(ctx, stream, bytes)
                 .await
                 .map_err(|message| net(&f.path, message))?;
         } else {
@@ -684,6 +688,39 @@ async fn write(ctx: &Ctx, stream: &mut Option<SendStream>, bytes: &[u8]) -> Resu
             for chunk in bytes.chunks(rate.chunk()) {
                 rate.acquire(chunk.len()).await;
                 stream.write_all(chunk).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A payload that [`Bytes`] can point into.
+struct Shared(Arc<Payload>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+/// [`write`] of bytes the stream may keep instead of copying.
+async fn write_chunk(
+    ctx: &Ctx,
+    stream: &mut Option<SendStream>,
+    bytes: Bytes,
+) -> Result<(), String> {
+    let stream = match stream {
+        Some(s) => s,
+        None => stream.insert(ctx.conn.open_uni().await.map_err(|e| e.to_string())?),
+    };
+    match &ctx.rate {
+        None => stream.write_chunk(bytes).await.map_err(|e| e.to_string()),
+        Some(rate) => {
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let chunk = rest.split_to(rate.chunk().min(rest.len()));
+                rate.acquire(chunk.len()).await;
+                stream.write_chunk(chunk).await.map_err(|e| e.to_string())?;
             }
             Ok(())
         }

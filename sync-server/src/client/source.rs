@@ -295,7 +295,14 @@ impl SourceTree {
             _ => Basis::None,
         };
         // Most payloads are far smaller than their file; start small and let the vector grow.
-        let mut payload = Vec::with_capacity((content.len() / 4).min(1 << 20));
+        // A large file without a basis may go out almost as large (stored raw when it does not
+        // compress): room for all of it up front spares growing it by copying, and the pages it
+        // does not fill are never touched.
+        let reserve = match basis {
+            Basis::None if content.len() >= 1 << 20 => content.len() + content.len() / 64 + 1024,
+            _ => (content.len() / 4).min(1 << 20),
+        };
+        let mut payload = Vec::with_capacity(reserve);
         let enc =
             delta::encode(basis, &content, &mut payload).map_err(|source| SourceError::Encode {
                 path: self.root.join(f.path.as_str()),

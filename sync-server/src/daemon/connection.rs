@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
+use sync_core::delta::DeltaFormat;
 use sync_core::manifest::Policy;
 use sync_core::proto::daemon::{Event, FileFailure, FileJob, Outcome, Request};
 use sync_core::proto::DaemonSession;
@@ -24,7 +25,7 @@ use tracing::{Instrument as _, Span};
 
 use super::export::{self, Destination};
 use super::store;
-use super::stream::{self, Early, Payload, ReadPlan};
+use super::stream::{self, Early, Payload, Pieces, ReadInto, ReadPlan};
 use super::work::{self, Basis, Opened};
 use super::{relay, App, Shared};
 use crate::client::PayloadMemo;
@@ -154,6 +155,9 @@ enum Incoming {
     },
     /// The session asked for the file; its payload is being read.
     Wanted(FileJob),
+    /// The session asked for the file and its payload goes straight to the job rebuilding it
+    /// (`ReadInto::Direct`), which reports the result.
+    Streaming,
 }
 
 /// Serves one incoming connection until its session is over.
@@ -426,16 +430,21 @@ impl Driver {
         let plan = match header {
             Some(h) if !self.session.is_finished() => {
                 let admitted = matches!(self.incoming.get(&h.file), Some(Incoming::Wanted(_)));
+                let large = h.payload_len > MEMORY_PAYLOAD_MAX;
                 // A header the budget does not admit yet is spooled to disk rather than left
                 // unread: unread stream data holds the connection's flow-control window, and
                 // with enough of it the admitted files could not arrive either.
-                let spool = (!admitted || h.payload_len > MEMORY_PAYLOAD_MAX)
-                    .then(|| self.opened.as_ref().and_then(Held::spool_dir))
-                    .flatten();
+                let into = match (admitted && large).then(|| self.start_direct(h.file)) {
+                    Some(Some(to)) => ReadInto::Direct(to),
+                    _ => (!admitted || large)
+                        .then(|| self.opened.as_ref().and_then(Held::spool_dir))
+                        .flatten()
+                        .map_or(ReadInto::Memory, ReadInto::Spool),
+                };
                 Some(ReadPlan {
                     file: h.file,
                     payload_len: h.payload_len,
-                    spool,
+                    into,
                 })
             }
             Some(h) => {
@@ -478,6 +487,25 @@ impl Driver {
         self.start_requests();
     }
 
+    /// Starts the job that rebuilds the admitted file `file` from its payload as the payload
+    /// arrives, when it is a plain one and a direct slot is free; the sender is where the
+    /// stream hands the bytes. Other payloads (deltas need their basis mapped whole) are
+    /// spooled as before.
+    fn start_direct(&mut self, file: u32) -> Option<tokio::sync::mpsc::Sender<stream::Piece>> {
+        match self.incoming.get(&file) {
+            Some(Incoming::Wanted(job)) if job.format == DeltaFormat::Full => {}
+            _ => return None,
+        }
+        let slot = Arc::clone(&self.shared.direct).try_acquire_owned().ok()?;
+        let context = self.store_context()?;
+        let Some(Incoming::Wanted(job)) = self.incoming.insert(file, Incoming::Streaming) else {
+            unreachable!("checked above")
+        };
+        let (to, pieces) = Pieces::channel();
+        tokio::task::spawn_blocking(move || store::run_direct(context, job, pieces, slot));
+        Some(to)
+    }
+
     /// The payload after a header the driver planned was read, or failed.
     fn on_payload(&mut self, file: u32, result: Result<Payload, FileFailure>) {
         if result.is_ok() {
@@ -485,6 +513,8 @@ impl Driver {
         }
         match self.incoming.remove(&file) {
             Some(Incoming::Wanted(job)) => self.store(job, result),
+            // Its job reports the file, failed or not.
+            Some(Incoming::Streaming) => {}
             Some(Incoming::Announced) => {
                 self.incoming.insert(
                     file,
@@ -646,8 +676,8 @@ impl Driver {
             }
             other => {
                 // A job already waiting for its payload stays (and is counted) as it was.
-                if let Some(wanted @ Incoming::Wanted(_)) = other {
-                    self.incoming.insert(job.file, wanted);
+                if let Some(kept @ (Incoming::Wanted(_) | Incoming::Streaming)) = other {
+                    self.incoming.insert(job.file, kept);
                 }
                 self.store(
                     job,

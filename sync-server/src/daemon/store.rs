@@ -15,11 +15,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use sync_core::proto::daemon::{FileFailure, FileJob};
 use sync_core::wire::ErrorKind;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Span;
 
 use super::connection::{Held, Work};
-use super::stream::Payload;
+use super::stream::{Payload, Pieces};
 use super::work::{self, Basis};
 use crate::client::PayloadMemo;
 
@@ -189,6 +189,44 @@ fn run(queue: &Queue) {
         }
         state = queue.lock();
     }
+}
+
+/// Runs the job of a file whose payload a file stream hands over as it arrives
+/// (`stream::ReadInto::Direct`), on a blocking thread of its own rather than a worker (it waits on
+/// the network), holding `slot` (the daemon bounds how many run at once). Reports the result
+/// as the workers do, the job dropped first.
+pub(super) fn run_direct(
+    context: Arc<Context>,
+    file: FileJob,
+    mut pieces: Pieces,
+    slot: OwnedSemaphorePermit,
+) {
+    let id = file.file;
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        let _entered = context.span.enter();
+        let objects = match &context.held {
+            Held::App(o) => o.objects(),
+            Held::Export(d) => d.objects(),
+        };
+        let stored = work::store_full_from(objects, &file, &mut pieces);
+        // A payload cut short is reported as such, not as the undecodable frame it left.
+        match pieces.failure() {
+            Some(failure) => Err(failure),
+            None => stored,
+        }
+    }))
+    .unwrap_or_else(|_| {
+        Err(FileFailure::Local {
+            kind: ErrorKind::Internal,
+            message: "storing the file failed unexpectedly".into(),
+        })
+    });
+    // The stream stops handing over bytes it has no taker for.
+    drop(pieces);
+    drop(slot);
+    let reply = context.reply.clone();
+    drop(context);
+    let _ = reply.send(Work::File { file: id, result });
 }
 
 fn run_job(job: Job) -> Result<(), FileFailure> {

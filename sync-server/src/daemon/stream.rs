@@ -5,10 +5,12 @@
 //! the connection's [`Early`] allowance has room, and hands header and payload to the driver in
 //! one message: most files of a push are small and admitted at once, and this spares them a round
 //! trip to the driver. Any other header it hands to the driver and waits to be told how to read
-//! the payload ([`ReadPlan`]): into memory when the session admitted the file, to an unnamed
-//! temporary file in the app's object directory when it is queued behind the bytes-in-flight
-//! budget or large. It never reads past the announced payload length; what it read beyond a
-//! header is kept for the payload.
+//! the payload ([`ReadPlan`]): into memory when the session admitted the file; straight to the
+//! job already rebuilding it ([`ReadInto::Direct`]) when it is a large plain payload the session
+//! admitted, so the bytes are decoded as they arrive instead of written to disk and read back;
+//! to an unnamed temporary file in the app's object directory when it is queued behind the
+//! bytes-in-flight budget, or large otherwise. It never reads past the announced payload
+//! length; what it read beyond a header is kept for the payload.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -41,15 +43,38 @@ pub(super) struct ReadPlan {
     /// The file the header announced.
     pub file: u32,
     pub payload_len: u64,
-    /// Spool to an unnamed file in this directory instead of memory.
-    pub spool: Option<PathBuf>,
+    pub into: ReadInto,
 }
+
+/// Where a payload's bytes go as they are read.
+#[derive(Debug)]
+pub(super) enum ReadInto {
+    Memory,
+    /// An unnamed file in this directory.
+    Spool(PathBuf),
+    /// The job rebuilding the file, in pieces of about [`PIECE`] bytes. A failure to read the
+    /// payload is sent too, so the job reports it; the piece channel closes after the
+    /// [`Work::Payload`] for the file went to the driver, so the job cannot finish before the
+    /// driver heard the payload arrived.
+    Direct(mpsc::Sender<Piece>),
+}
+
+/// Bytes of a payload in the order received, or why the rest will not come.
+pub(super) type Piece = Result<Vec<Bytes>, FileFailure>;
+
+/// Received bytes gathered into one [`Piece`] before the job is woken.
+pub(super) const PIECE: usize = 256 * 1024;
 
 /// A payload that arrived whole.
 #[derive(Debug)]
 pub(super) enum Payload {
     Memory(Vec<u8>),
-    Spool { file: File, len: u64 },
+    Spool {
+        file: File,
+        len: u64,
+    },
+    /// Handed piece by piece to the job that rebuilds the file (`ReadInto::Direct`).
+    Streamed,
 }
 
 /// Memory for small payloads read before the session admitted their file, so that a connection
@@ -103,8 +128,14 @@ pub(super) async fn read(
         if let Some((header, room)) =
             header.and_then(|h| early.take(h.payload_len).map(|room| (h, room)))
         {
-            let payload =
-                read_payload(&mut stream, &mut leftover, header.payload_len, None, &clock).await;
+            let payload = read_payload(
+                &mut stream,
+                &mut leftover,
+                header.payload_len,
+                &ReadInto::Memory,
+                &clock,
+            )
+            .await;
             let failed = payload.is_err();
             let sent = tx.send(Work::Whole {
                 header,
@@ -130,7 +161,7 @@ pub(super) async fn read(
             &mut stream,
             &mut leftover,
             plan.payload_len,
-            plan.spool.as_ref(),
+            &plan.into,
             &clock,
         )
         .await;
@@ -141,6 +172,8 @@ pub(super) async fn read(
             file: plan.file,
             result,
         });
+        // Only now may a direct job see the end of its pieces (see `ReadInto::Direct`).
+        drop(plan);
         if failed {
             let _ = stream.stop(0u32.into());
             return;
@@ -175,33 +208,89 @@ async fn read_header(
     }
 }
 
-enum Sink {
+enum Sink<'a> {
     Memory(Vec<u8>),
     Spool(tokio::fs::File, PathBuf),
+    Direct {
+        /// `None` once the job stopped taking pieces: the rest of the payload is read and
+        /// dropped, so the stream stays usable for the files after it.
+        to: Option<&'a mpsc::Sender<Piece>>,
+        piece: Vec<Bytes>,
+        bytes: usize,
+    },
 }
 
-impl Sink {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), FileFailure> {
+impl Sink<'_> {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), FileFailure> {
         match self {
             Sink::Memory(v) => {
-                v.extend_from_slice(bytes);
+                v.extend_from_slice(&bytes);
                 Ok(())
             }
-            Sink::Spool(f, dir) => f.write_all(bytes).await.map_err(|e| spool_failure(dir, &e)),
+            Sink::Spool(f, dir) => f
+                .write_all(&bytes)
+                .await
+                .map_err(|e| spool_failure(dir, &e)),
+            Sink::Direct {
+                to,
+                piece,
+                bytes: gathered,
+            } => {
+                if to.is_none() {
+                    return Ok(());
+                }
+                *gathered += bytes.len();
+                piece.push(bytes);
+                if *gathered >= PIECE {
+                    *gathered = 0;
+                    send_piece(to, std::mem::take(piece)).await;
+                }
+                Ok(())
+            }
         }
     }
 }
 
-/// Reads a payload of `len` bytes into memory, or into an unnamed file in `spool`.
+/// Hands `piece` to a direct job; waiting here while the job is behind holds back the stream. A
+/// job that stopped early (it reports why itself) gets nothing more.
+async fn send_piece(to: &mut Option<&mpsc::Sender<Piece>>, piece: Vec<Bytes>) {
+    if let Some(sender) = to {
+        if !piece.is_empty() && sender.send(Ok(piece)).await.is_err() {
+            *to = None;
+        }
+    }
+}
+
+/// Reads a payload of `len` bytes into where `into` says.
 async fn read_payload(
     stream: &mut RecvStream,
     leftover: &mut Bytes,
     len: u64,
-    spool: Option<&PathBuf>,
+    into: &ReadInto,
     clock: &Clock,
 ) -> Result<Payload, FileFailure> {
-    let mut sink = match spool {
-        Some(dir) => {
+    let result = read_payload_into(stream, leftover, len, into, clock).await;
+    if let (Err(failure), ReadInto::Direct(to)) = (&result, into) {
+        // The job reports the failure; if it already stopped, it reported its own.
+        let _ = to.send(Err(failure.clone())).await;
+    }
+    result
+}
+
+async fn read_payload_into(
+    stream: &mut RecvStream,
+    leftover: &mut Bytes,
+    len: u64,
+    into: &ReadInto,
+    clock: &Clock,
+) -> Result<Payload, FileFailure> {
+    let mut sink = match into {
+        ReadInto::Direct(to) => Sink::Direct {
+            to: Some(to),
+            piece: Vec::new(),
+            bytes: 0,
+        },
+        ReadInto::Spool(dir) => {
             let dir2 = dir.clone();
             let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(&dir2))
                 .await
@@ -212,7 +301,7 @@ async fn read_payload(
                 .map_err(|e| spool_failure(dir, &e))?;
             Sink::Spool(tokio::fs::File::from_std(file), dir.clone())
         }
-        None => Sink::Memory(Vec::with_capacity(
+        ReadInto::Memory => Sink::Memory(Vec::with_capacity(
             usize::try_from(len.min(INITIAL_RESERVE)).unwrap_or(0),
         )),
     };
@@ -221,7 +310,7 @@ async fn read_payload(
         .unwrap_or(usize::MAX)
         .min(leftover.len());
     if from_leftover > 0 {
-        sink.write(&leftover.split_to(from_leftover)).await?;
+        sink.write(leftover.split_to(from_leftover)).await?;
         got += from_leftover as u64;
     }
     while got < len {
@@ -229,14 +318,18 @@ async fn read_payload(
         match stream.read_chunk(want, true).await {
             Ok(Some(chunk)) => {
                 clock.touch();
-                sink.write(&chunk.bytes).await?;
                 got += chunk.bytes.len() as u64;
+                sink.write(chunk.bytes).await?;
             }
             Ok(None) | Err(_) => return Err(FileFailure::Truncated { received: got }),
         }
     }
     match sink {
         Sink::Memory(v) => Ok(Payload::Memory(v)),
+        Sink::Direct { mut to, piece, .. } => {
+            send_piece(&mut to, piece).await;
+            Ok(Payload::Streamed)
+        }
         Sink::Spool(mut f, dir) => {
             f.flush().await.map_err(|e| spool_failure(&dir, &e))?;
             Ok(Payload::Spool {
@@ -251,5 +344,120 @@ fn spool_failure(dir: &std::path::Path, e: &std::io::Error) -> FileFailure {
     FileFailure::Local {
         kind: super::work::io_kind(e),
         message: format!("cannot spool the payload under {}: {e}", dir.display()),
+    }
+}
+
+/// The receiving end of [`ReadInto::Direct`], read by the job on a blocking thread: the pieces in
+/// order, then the end of the payload once the reader let go of the channel.
+pub(super) struct Pieces {
+    rx: mpsc::Receiver<Piece>,
+    piece: std::collections::VecDeque<Bytes>,
+    /// Why the payload stopped coming, once the reader said so.
+    failure: Option<FileFailure>,
+}
+
+impl Pieces {
+    /// A channel for one payload's pieces; a few in flight keep the reader ahead of the job.
+    pub(super) fn channel() -> (mpsc::Sender<Piece>, Pieces) {
+        let (tx, rx) = mpsc::channel(PIECES_QUEUED);
+        let pieces = Pieces {
+            rx,
+            piece: std::collections::VecDeque::new(),
+            failure: None,
+        };
+        (tx, pieces)
+    }
+
+    /// Why reading the payload failed, if the reader reported it.
+    pub(super) fn failure(&mut self) -> Option<FileFailure> {
+        self.failure.take()
+    }
+}
+
+/// Pieces queued per direct payload: with [`PIECE`] bytes each, about 2 MiB.
+const PIECES_QUEUED: usize = 8;
+
+impl std::io::Read for Pieces {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(front) = self.piece.front_mut() {
+                let n = front.len().min(buf.len());
+                buf[..n].copy_from_slice(&front.split_to(n));
+                if front.is_empty() {
+                    self.piece.pop_front();
+                }
+                return Ok(n);
+            }
+            if self.failure.is_some() {
+                return Err(std::io::Error::other("the payload was cut short"));
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(piece)) => self
+                    .piece
+                    .extend(piece.into_iter().filter(|b| !b.is_empty())),
+                Some(Err(failure)) => self.failure = Some(failure),
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    /// What a job reading `sent` through [`Pieces`] gets: the bytes up to the end or the
+    /// failure, and the failure it is told.
+    async fn read_through(sent: Vec<Piece>) -> (Vec<u8>, bool, Option<FileFailure>) {
+        let (to, mut pieces) = Pieces::channel();
+        let job = tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            let ok = pieces.read_to_end(&mut got).is_ok();
+            (got, ok, pieces.failure())
+        });
+        for piece in sent {
+            to.send(piece).await.unwrap();
+        }
+        drop(to);
+        job.await.unwrap()
+    }
+
+    /// A case: what the reader sends, the bytes the job reads, whether reading ends well, and
+    /// the failure the job is told.
+    type Case = (&'static str, Vec<Piece>, &'static [u8], bool, Option<FileFailure>);
+
+    fn piece(parts: &[&'static [u8]]) -> Piece {
+        Ok(parts.iter().map(|p| Bytes::from_static(p)).collect())
+    }
+
+    #[tokio::test]
+    async fn pieces_read_in_order_and_a_failure_reaches_the_job() {
+        let cut = FileFailure::Truncated { received: 7 };
+        let cases: Vec<Case> = vec![
+            ("nothing", vec![], b"", true, None),
+            (
+                "parts and pieces, empty ones too",
+                vec![piece(&[b"ab", b"", b"c"]), piece(&[]), piece(&[b"defg"])],
+                b"abcdefg",
+                true,
+                None,
+            ),
+            (
+                "cut after some bytes",
+                vec![piece(&[b"abc", b"defg"]), Err(cut.clone())],
+                b"abcdefg",
+                false,
+                Some(cut.clone()),
+            ),
+            ("cut at once", vec![Err(cut.clone())], b"", false, Some(cut)),
+        ];
+        for (name, sent, bytes, ok, failure) in cases {
+            let (got, read_ok, told) = read_through(sent).await;
+            assert_eq!(got, bytes, "{name}");
+            assert_eq!(read_ok, ok, "{name}");
+            assert_eq!(told, failure, "{name}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use memmap2::Mmap;
 use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat, Verified};
 use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
+use sync_core::edge::exec::ExecOptions;
 use sync_core::edge::object::{ObjectError, ObjectStore};
 use sync_core::edge::root::LockGuard;
 use sync_core::edge::{error_chain, EdgeError};
@@ -396,13 +397,19 @@ pub(super) fn store(
         objects.ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
     if let (Payload::Spool { file, len }, DeltaFormat::Full) = (payload, job.format) {
         if *len > 0 {
-            return store_spooled_full(objects, job, file);
+            return store_spooled_full(Some(objects), job, file);
         }
     }
     let spool_map;
     let payload: &[u8] = match payload {
         Payload::Memory(v) => v,
         Payload::Spool { len: 0, .. } => &[],
+        Payload::Streamed => {
+            return Err(local(
+                ErrorKind::Internal,
+                "a streamed payload reached the store queue".into(),
+            ))
+        }
         Payload::Spool { file, .. } => {
             // SAFETY: the spool file is unnamed and ours alone; nothing else can change it.
             spool_map = unsafe { Mmap::map(file) }.map_err(|e| {
@@ -456,25 +463,38 @@ pub(super) fn store(
 /// the whole payload in the daemon's resident memory while it decodes, and large files are what
 /// gets spooled.
 fn store_spooled_full(
-    objects: &ObjectStore,
+    objects: Option<&ObjectStore>,
     job: &FileJob,
     spool: &std::fs::File,
 ) -> Result<(), FileFailure> {
-    let local = |kind, message: String| FileFailure::Local { kind, message };
     let mut reader = spool;
-    reader.rewind().map_err(|e| {
-        local(
-            ErrorKind::Internal,
-            format!("cannot read the spooled payload: {e}"),
-        )
+    reader.rewind().map_err(|e| FileFailure::Local {
+        kind: ErrorKind::Internal,
+        message: format!("cannot read the spooled payload: {e}"),
     })?;
+    store_full_from(
+        objects,
+        job,
+        &mut std::io::BufReader::with_capacity(256 * 1024, reader),
+    )
+}
+
+/// Stores a `Full` payload read from `payload` as it comes (a spool file, or the pieces a file
+/// stream hands over while it receives them), with memory bounded by the decoder's window.
+pub(super) fn store_full_from(
+    objects: Option<&ObjectStore>,
+    job: &FileJob,
+    payload: &mut dyn std::io::Read,
+) -> Result<(), FileFailure> {
+    let local = |kind, message: String| FileFailure::Local { kind, message };
+    let objects =
+        objects.ok_or_else(|| local(ErrorKind::Internal, "the object store is not open".into()))?;
     let mut writer = objects
         .create(job.hash, job.mode, job.size)
         .map_err(|e| local(edge_kind(&e), error_chain(&e)))?;
     let expected = blake3::Hash::from_bytes(job.hash.0);
-    let mut reader = std::io::BufReader::with_capacity(256 * 1024, reader);
     finish_store(
-        delta::apply_full_from(&mut reader, job.size, &expected, &mut writer),
+        delta::apply_full_from(payload, job.size, &expected, &mut writer),
         writer,
     )
 }
@@ -550,6 +570,17 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             shared: config.shared.clone(),
             now_unix: now_unix(),
             use_objects: true,
+            exec: ExecOptions {
+                // What this daemon received is verified by identity, not read a second time.
+                object_stamps: Arc::new(
+                    opened
+                        .objects
+                        .as_ref()
+                        .map(ObjectStore::verified_stamps)
+                        .unwrap_or_default(),
+                ),
+                ..ExecOptions::default()
+            },
             ..DeployOptions::default()
         };
         let report = deploy::deploy(root, lock, manifest, &source, &opts, &|_| {})
