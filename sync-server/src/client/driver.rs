@@ -662,7 +662,8 @@ impl Out {
         let Some(path) = self.first.take() else {
             return Ok(());
         };
-        let result = write(ctx, stream, &self.buf).await;
+        // quinn would copy a slice into `Bytes` anyway; the buffer stays for the next gather.
+        let result = write_chunk(ctx, stream, Bytes::copy_from_slice(&self.buf)).await;
         self.buf.clear();
         result.map_err(|message| net(&path, message))
     }
@@ -675,25 +676,6 @@ fn net(path: &RelPath, message: String) -> FileError {
     }
 }
 
-/// Writes `bytes` on the writer's stream (opening it first if needed), within the bandwidth
-/// limit; headers count against the limit along with the payloads.
-async fn write(ctx: &Ctx, stream: &mut Option<SendStream>, bytes: &[u8]) -> Result<(), String> {
-    let stream = match stream {
-        Some(s) => s,
-        None => stream.insert(ctx.conn.open_uni().await.map_err(|e| e.to_string())?),
-    };
-    match &ctx.rate {
-        None => stream.write_all(bytes).await.map_err(|e| e.to_string()),
-        Some(rate) => {
-            for chunk in bytes.chunks(rate.chunk()) {
-                rate.acquire(chunk.len()).await;
-                stream.write_all(chunk).await.map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        }
-    }
-}
-
 /// A payload that [`Bytes`] can point into.
 struct Shared(Arc<Payload>);
 
@@ -703,7 +685,9 @@ impl AsRef<[u8]> for Shared {
     }
 }
 
-/// [`write`] of bytes the stream may keep instead of copying.
+/// Writes `bytes` on the writer's stream (opening it first if needed), within the bandwidth
+/// limit; headers count against the limit along with the payloads. The stream keeps `bytes`
+/// until they are acknowledged rather than copying them.
 async fn write_chunk(
     ctx: &Ctx,
     stream: &mut Option<SendStream>,
