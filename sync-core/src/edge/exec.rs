@@ -702,10 +702,29 @@ impl<'a> Stager<'a> {
         let perm = st.st_mode & 0o7777;
         match kind {
             EntryKind::Dir { mode } => {
-                if ftype != rustix::fs::FileType::Directory || perm != *mode {
-                    return Err(fail(format!("expected a directory with mode {mode:o}")));
+                let right = |st: &rustix::fs::Stat| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                        && st.st_mode & 0o7777 == *mode
+                };
+                if right(&st) {
+                    return Ok(None);
                 }
-                Ok(None)
+                // A rewrite of a file inside it (below) may have opened a read-only directory
+                // up for a moment, while other directories are verified in parallel: look
+                // again once no rewrite is under way.
+                let _no_rewrite = self.rewrite.lock().expect("lock poisoned");
+                let again = rustix::fs::statat(
+                    sdir,
+                    path.file_name(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| fail(format!("missing from the staged release ({e})")))?;
+                if right(&again) {
+                    Ok(None)
+                } else {
+                    Err(fail(format!("expected a directory with mode {mode:o}")))
+                }
             }
             EntryKind::Symlink { target } => {
                 let t = rustix::fs::readlinkat(sdir, path.file_name(), Vec::new())
