@@ -106,6 +106,32 @@ fn hosts(report: &Value) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The command of every connection `node`'s daemon opened so far, in order, as its log says.
+fn openings(node: &harness::Node) -> Vec<String> {
+    node.log_lines(" opening")
+        .iter()
+        .filter_map(|l| {
+            let v = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("command="))?;
+            Some(v.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// The commands of the connections `node`'s daemon opened after its first `since`, once there
+/// are `want` of them (the log comes through a pipe, a little after the fact) or after 5 s.
+fn opened_since(node: &harness::Node, since: usize, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = openings(node);
+        if all.len() >= since + want || Instant::now() > deadline {
+            return all[since.min(all.len())..].to_vec();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn push(f: &Fleet, src: &Path, release: &str, extra: &[&str]) -> Output {
     let file = f.fleet_file();
     let mut args = vec![
@@ -210,7 +236,17 @@ fn full_and_patch_pushes_reach_every_node_whatever_it_ran_before() {
         11,
     );
     write_tree(&src, &c);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
     let second = ok_json(&push(&f, &src, "r2", &[]));
+    // Per host: the query of what it runs, the push, and the activation, which also prunes.
+    for (node, since) in f.nodes.iter().zip(opened) {
+        assert_eq!(
+            opened_since(node, since, 3),
+            ["releases", "push", "activate"],
+            "{}",
+            node.name
+        );
+    }
     for (name, current, result) in hosts(&second) {
         assert_eq!(
             (current.as_str(), result.as_str()),
@@ -402,6 +438,16 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
     }
     let health = report["hosts"][2]["activate"]["error"].as_str().unwrap();
     assert!(health.contains("health"), "{health}");
+    for (i, h) in report["hosts"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(h["previous"], "r1", "n{i}: {report}");
+    }
+    // The activations that went through pruned (nothing, within the default `keep`), n1's
+    // before the client rolled it back; a failed or skipped activation prunes nothing.
+    assert_eq!(report["hosts"][0]["pruned"], serde_json::json!([]));
+    assert_eq!(report["hosts"][1]["pruned"], serde_json::json!([]));
+    for i in 2..6 {
+        assert!(report["hosts"][i]["pruned"].is_null(), "n{i}: {report}");
+    }
     assert_eq!(report["hosts"][1]["rollback"]["ok"], true);
     assert!(report["hosts"][3]["activate"].is_null());
     for (i, node) in f.nodes.iter().enumerate() {

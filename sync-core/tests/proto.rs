@@ -24,7 +24,7 @@ use sync_core::proto::{fuzz as proto_fuzz, ProtoError};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     self, AppName, BasisRef, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, Limits, Message,
-    NeedFile, PhaseTime, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
+    NeedFile, PhaseTime, Pruning, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -247,10 +247,15 @@ impl Daemon {
                     now,
                 );
             }
-            daemon::Request::Activate { release } => {
+            daemon::Request::Activate { release, prune } => {
                 let event = if self.releases.contains_key(&release) {
                     self.current = Some(release.clone());
-                    Event::Activated { release }
+                    // Nothing is ever beyond `keep` here; what matters is that a prune is
+                    // answered exactly when asked for.
+                    Event::Activated {
+                        release,
+                        pruned: prune.then(|| Pruning::Removed(vec![])),
+                    }
                 } else {
                     Event::Failed {
                         kind: ErrorKind::NotFound,
@@ -281,7 +286,13 @@ impl Daemon {
             daemon::Request::Rollback { to } => {
                 let release = to.unwrap_or_else(|| self.releases.keys().next().unwrap().clone());
                 self.current = Some(release.clone());
-                s.handle_event(Event::Activated { release }, now);
+                s.handle_event(
+                    Event::Activated {
+                        release,
+                        pruned: None,
+                    },
+                    now,
+                );
             }
             daemon::Request::Prune { .. } => s.handle_event(Event::Pruned { removed: vec![] }, now),
             daemon::Request::Clear => {
@@ -861,9 +872,21 @@ fn run_command(d: Daemon, command: Command) -> (Result<client::Outcome, String>,
 fn activating_the_current_release_again_is_ok() {
     let mut d = pushed(&tree_a(), "r1");
     assert_eq!(d.current, Some(rid("r1")));
-    for _ in 0..2 {
-        let (out, next) = run_command(d, Command::Activate { release: rid("r1") });
-        assert_eq!(out, Ok(client::Outcome::Activated { release: rid("r1") }));
+    for prune in [false, true] {
+        let (out, next) = run_command(
+            d,
+            Command::Activate {
+                release: rid("r1"),
+                prune,
+            },
+        );
+        assert_eq!(
+            out,
+            Ok(client::Outcome::Activated {
+                release: rid("r1"),
+                pruned: prune.then(|| Pruning::Removed(vec![])),
+            })
+        );
         assert_eq!(next.log, ["Open", "Activate"]);
         assert_eq!(next.current, Some(rid("r1")));
         d = next;
@@ -872,6 +895,7 @@ fn activating_the_current_release_again_is_ok() {
         d,
         Command::Activate {
             release: rid("nope"),
+            prune: false,
         },
     );
     let err = out.unwrap_err();
@@ -894,7 +918,13 @@ fn commands_list_roll_back_and_prune() {
         [("r1", ReleaseStatus::Good), ("r2", ReleaseStatus::Current)]
     );
     let (out, d) = run_command(d, Command::Rollback { to: None });
-    assert_eq!(out, Ok(client::Outcome::Activated { release: rid("r1") }));
+    assert_eq!(
+        out,
+        Ok(client::Outcome::Activated {
+            release: rid("r1"),
+            pruned: None
+        })
+    );
     assert_eq!(d.current, Some(rid("r1")));
     let (out, d) = run_command(d, Command::Prune { keep: Some(5) });
     assert_eq!(out, Ok(client::Outcome::Pruned { removed: vec![] }));
@@ -1898,7 +1928,10 @@ fn a_scripted_honest_daemon_gets_a_successful_push() {
     ));
     s.feed(&s.staged("r2"));
     assert!(matches!(s.sent.last(), Some(ClientMsg::Activate { .. })));
-    s.feed(&DaemonMsg::Activated { release: rid("r2") });
+    s.feed(&DaemonMsg::Activated {
+        release: rid("r2"),
+        pruned: Some(Pruning::Removed(vec![rid("r0")])),
+    });
     assert!(matches!(
         s.client.outcome(),
         Some(Ok(client::Outcome::Pushed(PushReport {
@@ -2037,13 +2070,19 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
         ("activated before staged", |s| {
             s.welcome();
             s.feed(&s.need(&[], true));
-            s.feed(&DaemonMsg::Activated { release: rid("r2") });
+            s.feed(&DaemonMsg::Activated {
+                release: rid("r2"),
+                pruned: None,
+            });
         }),
         ("activated another release", |s| {
             s.welcome();
             s.feed(&s.need(&[], true));
             s.feed(&s.staged("r2"));
-            s.feed(&DaemonMsg::Activated { release: rid("r1") });
+            s.feed(&DaemonMsg::Activated {
+                release: rid("r1"),
+                pruned: None,
+            });
         }),
         ("unexpected message", |s| {
             s.welcome();

@@ -8,8 +8,9 @@
 //! Staging one host is two connections: `Releases`, to learn which release it runs (the one a
 //! failing wave returns it to), then the push without activation. All pushes share one
 //! [`PayloadMemo`] (hosts with the same basis get the same bytes, encoded once) and one listing of
-//! the client cache; the cache is updated once for every host that staged, after staging. Hosts
-//! that end on the new release are then pruned to their app's `keep`, as a single push does.
+//! the client cache; the cache is updated once for every host that staged, after staging. Each
+//! activation asks the daemon to prune the host to its app's `keep` in the same request, as a
+//! single push does, so pruning costs no connection of its own.
 
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use sync_core::manifest::Hash;
 use sync_core::proto::client::Outcome;
 use sync_core::relay::{RelayNode, RelayPlan};
-use sync_core::wire::{Command, ErrorKind, ReleaseInfo, ReleaseStatus};
+use sync_core::wire::{Command, ErrorKind, Pruning, ReleaseInfo, ReleaseStatus};
 use sync_core::ReleaseId;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -127,7 +128,8 @@ pub struct FleetReport {
     pub rollout: RolloutReport,
     /// Milliseconds each host spent, over all its steps.
     pub millis: Vec<u64>,
-    /// Releases removed after activation beyond the app's `keep`, per host that activated.
+    /// Releases removed after activation beyond the app's `keep`, per host that activated (also
+    /// one a failing wave later rolled back: the prune had happened by then).
     pub pruned: Vec<Option<Result<Vec<ReleaseId>, String>>>,
     /// What the client cache did (`None` without a cache or when nothing staged).
     pub cache: Option<Result<CacheUpdate, String>>,
@@ -297,6 +299,7 @@ pub async fn push(
         ..req.clone()
     });
     let mut millis = vec![0u64; n];
+    let mut pruned = vec![None; n];
     let mut recording = None;
     loop {
         match rollout.next_action() {
@@ -345,9 +348,14 @@ pub async fn push(
                 })
                 .await;
                 for (host, r) in results {
-                    let (result, daemon_said, ms) =
-                        r.unwrap_or_else(|e| (Err(e), false, opts.host_timeout.as_millis() as u64));
+                    let (result, daemon_said, ms, prune) = r.unwrap_or_else(|e| {
+                        (Err(e), false, opts.host_timeout.as_millis() as u64, None)
+                    });
                     millis[host] += ms;
+                    if let Some(Err(e)) = &prune {
+                        tracing::warn!("{}: {e}", ctx.hosts[host].target);
+                    }
+                    pruned[host] = prune;
                     (ctx.on_event)(Event::End {
                         host,
                         step: Step::Activate,
@@ -413,31 +421,6 @@ pub async fn push(
                 Ok(current) => rollout.observed(host, current),
                 Err(e) => tracing::debug!("{}: {e}", ctx.hosts[host].target),
             }
-        }
-    }
-    // As a single push does after activating: keep only the app's configured number of
-    // releases, on the hosts now running the new one. A failure here is reported, not fatal.
-    let mut pruned = vec![None; n];
-    if req.activate {
-        let report = rollout.report();
-        let live: Vec<usize> = (0..n)
-            .filter(|&h| report.hosts[h].succeeded(true))
-            .collect();
-        let results = each(&ctx, &live, opts.host_timeout, |ctx, host| async move {
-            match ctx.command(host, Command::Prune { keep: None }).await? {
-                Outcome::Pruned { removed } => Ok(removed),
-                o => Err(unexpected(&o)),
-            }
-        })
-        .await;
-        for (host, r) in results {
-            if let Err(e) = &r {
-                tracing::warn!(
-                    "{}: pruning old releases failed: {e}",
-                    ctx.hosts[host].target
-                );
-            }
-            pruned[host] = Some(r);
         }
     }
     let cache = match recording {
@@ -710,9 +693,19 @@ fn relay_plans(
     Ok(plans)
 }
 
-/// Activates `release` on `host`. Returns the result, whether the daemon itself answered (so
-/// it ran its pipeline, and on failure put the previous release back), and the time taken.
-async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> (StepResult, bool, u64) {
+/// What activating one host did: the result, whether the daemon itself answered (so it ran its
+/// pipeline, and on failure put the previous release back), the time taken, and what the prune
+/// asked with the activation removed (`None` unless the release went live).
+type Activation = (
+    StepResult,
+    bool,
+    u64,
+    Option<Result<Vec<ReleaseId>, String>>,
+);
+
+/// Activates `release` on `host` and, in the same request, prunes the host's old releases to
+/// its app's `keep`.
+async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> Activation {
     let started = Instant::now();
     (ctx.on_event)(Event::Begin {
         host,
@@ -721,22 +714,29 @@ async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> (StepResult, b
     let ms = || started.elapsed().as_millis() as u64;
     let conn = match ctx.connect(host).await {
         // Never reached the daemon: nothing changed there.
-        Err(e) => return (Err(chain(&e)), true, ms()),
+        Err(e) => return (Err(chain(&e)), true, ms(), None),
         Ok(c) => c,
     };
     let outcome = client::command(
         &conn,
         Command::Activate {
             release: release.clone(),
+            prune: true,
         },
     )
     .await;
     conn.close().await;
     match outcome {
-        Ok(Outcome::Activated { release: r }) if &r == release => (Ok(()), true, ms()),
-        Ok(o) => (Err(unexpected(&o)), false, ms()),
-        Err(e @ ClientError::Session { .. }) => (Err(chain(&e)), true, ms()),
-        Err(e) => (Err(chain(&e)), false, ms()),
+        Ok(Outcome::Activated { release: r, pruned }) if &r == release => {
+            let pruned = pruned.map(|p| match p {
+                Pruning::Removed(ids) => Ok(ids),
+                Pruning::Failed(why) => Err(why),
+            });
+            (Ok(()), true, ms(), pruned)
+        }
+        Ok(o) => (Err(unexpected(&o)), false, ms(), None),
+        Err(e @ ClientError::Session { .. }) => (Err(chain(&e)), true, ms(), None),
+        Err(e) => (Err(chain(&e)), false, ms(), None),
     }
 }
 
@@ -769,7 +769,7 @@ async fn rollback_one(
         )
         .await
     {
-        Ok(Outcome::Activated { release: r }) if r == to => Ok(()),
+        Ok(Outcome::Activated { release: r, .. }) if r == to => Ok(()),
         Ok(o) => Err(unexpected(&o)),
         Err(e) => Err(e),
     };
@@ -879,7 +879,7 @@ pub async fn rollback(
         let to = to.clone();
         async move {
             match ctx.command(host, Command::Rollback { to }).await? {
-                Outcome::Activated { release } => Ok(release),
+                Outcome::Activated { release, .. } => Ok(release),
                 o => Err(unexpected(&o)),
             }
         }
