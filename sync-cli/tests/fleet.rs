@@ -238,11 +238,11 @@ fn full_and_patch_pushes_reach_every_node_whatever_it_ran_before() {
     write_tree(&src, &c);
     let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
     let second = ok_json(&push(&f, &src, "r2", &[]));
-    // Per host: the query of what it runs, the push, and the activation, which also prunes.
+    // Per host: the push, which says what the host ran, and the activation, which also prunes.
     for (node, since) in f.nodes.iter().zip(opened) {
         assert_eq!(
-            opened_since(node, since, 3),
-            ["releases", "push", "activate"],
+            opened_since(node, since, 2),
+            ["push", "activate"],
             "{}",
             node.name
         );
@@ -458,6 +458,66 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
     }
     assert_live(&f.nodes[0], &b);
     assert_live(&f.nodes[3], &a);
+}
+
+/// A relayed push (n0 feeds n1 and n2, n1 feeds n3) in waves of 1 and the rest, where n3 fails
+/// its health check: n0 stays on r2, n1 and n2 go back to what they ran before, which only
+/// their relays reported (n2 ran a hotfix of its own), and n3's daemon puts its r1 back. No host
+/// was asked what it runs: each opened connections for its push, activation and rollback only.
+#[test]
+fn a_failing_relayed_wave_returns_each_host_to_what_its_relay_said_it_ran() {
+    require_netns!();
+    let mut spec = Spec::new(4);
+    spec.relay = true;
+    spec.waves = "1,100%".into();
+    let mut f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    let relay = ["--relay", "--source-fanout", "1", "--fanout", "2"];
+    ok_json(&push(&f, &src, "r1", &relay));
+    let hotfix = edited(&a, &["/F3.php"], "src/Module1/Hotfix.php", 7);
+    write_tree(&src, &hotfix);
+    ok_json(&push(&f, &src, "r1b", &["--hosts", "n2"]));
+    assert_eq!(f.nodes[2].current().as_deref(), Some("r1b"));
+    f.kill(3);
+    f.start_daemon(
+        3,
+        Some("health_check = [{ url = \"http://127.0.0.1:1/health\", timeout = \"1s\", interval = \"200ms\" }]"),
+    );
+    let b = edited(&a, &["/F2.php"], "src/Module0/New.php", 3);
+    write_tree(&src, &b);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
+    let out = push(&f, &src, "r2", &relay);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report = stdout_json(&out);
+    assert_eq!(report["ending"]["kind"], "wave_failed", "{report}");
+    let h = &report["hosts"];
+    let want = [
+        (None, "r1", "r2", "activated"),
+        (Some("n0"), "r1", "r1", "rolled back"),
+        (Some("n0"), "r1b", "r1b", "rolled back"),
+        (Some("n1"), "r1", "r1", "activation failed"),
+    ];
+    for (i, (relayed_by, previous, current, result)) in want.into_iter().enumerate() {
+        assert_eq!(h[i]["relayed_by"].as_str(), relayed_by, "n{i}: {report}");
+        assert_eq!(h[i]["previous"], previous, "n{i}: {report}");
+        assert_eq!(h[i]["current"], current, "n{i}: {report}");
+        assert_eq!(h[i]["result"], result, "n{i}: {report}");
+        assert_eq!(f.nodes[i].current().as_deref(), Some(current), "n{i}");
+    }
+    assert_live(&f.nodes[0], &b);
+    assert_live(&f.nodes[2], &hotfix);
+    let calls = [
+        &["push", "activate"][..],
+        &["push", "activate", "rollback"],
+        &["push", "activate", "rollback"],
+        &["push", "activate"],
+    ];
+    for ((node, since), want) in f.nodes.iter().zip(opened).zip(calls) {
+        assert_eq!(opened_since(node, since, want.len()), want, "{}", node.name);
+    }
 }
 
 /// Incompressible blobs and a little PHP: what a node's share of a push is, in bytes on the

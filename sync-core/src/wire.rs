@@ -27,8 +27,9 @@ use crate::release::ReleaseId;
 /// The protocol version this crate speaks (2: manifests travel compressed, against a basis
 /// manifest when both sides hold one; 3: a push may carry a relay plan, `Staged` reports what
 /// became of its nodes and the daemon's time per phase; 4: `Command::Activate` may ask for the
-/// prune that follows an activating push, and `Activated` says what it removed).
-pub const VERSION: u16 = 4;
+/// prune that follows an activating push, and `Activated` says what it removed; 5: `Staged` and
+/// every `Relayed` say which release the host ran before the push).
+pub const VERSION: u16 = 5;
 /// The QUIC ALPN of the protocol family; the exact version is checked in `Hello`/`Welcome`.
 pub const ALPN: &[u8] = b"relsync/1";
 /// Bytes of the length prefix of every frame.
@@ -280,6 +281,9 @@ pub struct Staged {
     pub phases: Vec<PhaseTime>,
     /// What the daemon process used, for the same; zero when it does not say.
     pub usage: Usage,
+    /// The release that was current when the push opened the app (`None`: there was none):
+    /// the one a fleet returns the host to if its wave fails, learned without asking.
+    pub previous: Option<ReleaseId>,
 }
 
 /// Resources of a daemon process, as it measured them.
@@ -955,9 +959,11 @@ mod tests {
                     peak_rss_kib: 40_960,
                 },
                 relayed: vec![
-                    Relayed::new(0, None),
+                    Relayed::staged(0, Some(rid("r0"))),
+                    Relayed::staged(2, None),
                     Relayed::new(1, Some("connection lost".into())),
                 ],
+                previous: Some(rid("r0")),
             }),
             DaemonMsg::Activated {
                 release: rid("r1"),

@@ -243,6 +243,7 @@ impl Daemon {
                         linked,
                         phases: vec![],
                         relayed: Vec::new(),
+                        previous: self.current.clone(),
                     },
                     now,
                 );
@@ -687,6 +688,29 @@ fn pushed(tree: &Tree, release: &str) -> Daemon {
 
 // ---------------------------------------------------------------------------------------------
 // Full pushes
+
+#[test]
+fn staged_says_which_release_the_daemon_ran_before_the_push() {
+    // (release pushed, activate it, what `Staged` says was current before)
+    let table = [
+        ("r1", false, None),
+        ("r2", true, None),
+        ("r3", false, Some("r2")),
+        ("r4", true, Some("r2")),
+        ("r5", true, Some("r4")),
+    ];
+    let mut d = Daemon::default();
+    for (release, activate, want) in table {
+        let mut net = Net::push(&tree_a(), release, activate, d);
+        net.run();
+        assert_eq!(
+            net.report().staged.previous,
+            want.map(rid),
+            "pushing {release}"
+        );
+        d = net.into_daemon();
+    }
+}
 
 #[test]
 fn first_push_sends_every_distinct_file_in_full() {
@@ -1593,6 +1617,7 @@ fn activate_must_name_the_staged_release() {
             linked: 7,
             phases: vec![],
             relayed: Vec::new(),
+            previous: None,
         },
         0,
     );
@@ -1637,6 +1662,7 @@ fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
             linked: 3,
             relayed: Vec::new(),
             phases: build,
+            previous: None,
         },
         131,
     );
@@ -1892,6 +1918,7 @@ impl Scripted {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         })
     }
 

@@ -794,7 +794,12 @@ async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
     let d = Daemon::start().await;
     let c = d.shop_client().await;
     let (a, b) = (tree_a(), tree_b());
-    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let first = c.push("shop", &a, "r1", PushOpts::default()).await;
+    assert_eq!(
+        first.report().staged.previous,
+        None,
+        "the app had no release"
+    );
     let ran = c
         .push(
             "shop",
@@ -807,6 +812,11 @@ async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
         )
         .await;
     let r = ran.report();
+    assert_eq!(
+        r.staged.previous,
+        Some(rid("r1")),
+        "what ran before the push"
+    );
     // Only big.php's basis is large enough for an rsync round trip.
     assert_eq!(r.signatures, 1);
     assert_eq!(

@@ -1613,6 +1613,7 @@ mod tests {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         });
         s.handle_control(&staged.frame(), 4);
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));

@@ -121,10 +121,13 @@ pub enum Event {
     /// The release is complete; `linked` files came from kept releases by hard link. For a
     /// relayed push, `relayed` says what became of each node of the relay plan. `phases` is
     /// where building it took its time (the session adds its own need and receive phases).
+    /// `previous` is the release that was current before the push (the push holds the app's
+    /// lock, so nothing else changed it since the session opened the app).
     Staged {
         linked: u64,
         relayed: Vec<crate::relay::Relayed>,
         phases: Vec<PhaseTime>,
+        previous: Option<ReleaseId>,
     },
     /// `release` is current; `pruned` is what the prune asked with it did.
     Activated {
@@ -1268,6 +1271,7 @@ impl DaemonSession {
                     linked,
                     relayed,
                     phases,
+                    previous,
                 },
             ) => {
                 let Goal::Release(release) = &t.push.goal else {
@@ -1300,6 +1304,7 @@ impl DaemonSession {
                     phases,
                     relayed,
                     usage: self.usage,
+                    previous,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };
@@ -1979,6 +1984,7 @@ mod tests {
                 linked: 0,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous: None,
             },
             1,
         );

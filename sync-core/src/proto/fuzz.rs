@@ -241,6 +241,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                             linked: 0,
                             phases: vec![],
                             relayed: Vec::new(),
+                            previous: None,
                         },
                         now,
                     );

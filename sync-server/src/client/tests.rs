@@ -300,6 +300,7 @@ fn answer(
                 linked,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous: st.current.clone(),
             }
         }
         daemon::Request::Activate { release, prune } => {
@@ -855,6 +856,7 @@ async fn hostile_daemons_never_get_a_success() {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         }))
     };
     let cases: Vec<(&str, Vec<Step>, &str)> = vec![

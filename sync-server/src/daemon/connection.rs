@@ -896,12 +896,18 @@ impl Driver {
                 .await
                 .unwrap_or_else(|_| panicked("building the release"));
                 let event = match built {
-                    Event::Staged { linked, phases, .. } => {
+                    Event::Staged {
+                        linked,
+                        phases,
+                        previous,
+                        ..
+                    } => {
                         let relayed = forwarding.join().await;
                         Event::Staged {
                             linked,
                             relayed,
                             phases,
+                            previous,
                         }
                     }
                     other => {

@@ -537,6 +537,9 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
     let build = || -> Result<Event, Event> {
         let lock = opened.lock()?;
         let root = &opened.app.root;
+        // The lock is held since the push opened the app, and the push activates only after
+        // this: what is current now is what the host ran before the push.
+        let previous = root.current().map_err(|e| edge_failed(&e))?;
         let records = root.records().map_err(|e| edge_failed(&e))?;
         if records
             .iter()
@@ -559,6 +562,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
                 linked: manifest.file_count() as u64,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous,
             });
         }
         let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
@@ -599,6 +603,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             linked: s.linked_files,
             phases: report.timings,
             relayed: Vec::new(),
+            previous,
         })
     };
     build().unwrap_or_else(|e| {
