@@ -391,6 +391,76 @@ fn a_node_killed_mid_push_is_reported_and_the_others_activate() {
     assert_eq!(f.nodes[5].current(), None);
 }
 
+/// A host whose daemon refuses the push (its app is locked by another process: `Busy`) fails
+/// staging alone; the push said nothing of what it runs, so the source asks it afterwards, and
+/// only it: the report still knows its live release.
+#[test]
+fn a_host_that_refuses_the_push_is_asked_what_it_runs_afterwards() {
+    require_netns!();
+    let mut spec = Spec::new(3);
+    spec.max_failed = 1;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    ok_json(&push(&f, &src, "r1", &[]));
+    let lock = f.nodes[2].root.join(".relsync/lock");
+    // `--no-fork`: the process killed below is the one holding the lock.
+    let mut holder = std::process::Command::new("flock")
+        .args(["-x", "--no-fork"])
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let held = || {
+        let free = std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        !free.success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !held() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(held(), "the test could not take n2's lock");
+    let b = edited(&a, &["/F2.php"], "src/Module0/New.php", 3);
+    write_tree(&src, &b);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
+    let out = push(&f, &src, "r2", &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report = stdout_json(&out);
+    let rows = hosts(&report);
+    let want = [
+        ("n0", "r2", "activated"),
+        ("n1", "r2", "activated"),
+        ("n2", "r1", "stage failed"),
+    ];
+    for ((name, current, result), (wn, wc, wr)) in rows.iter().zip(want) {
+        assert_eq!(
+            (name.as_str(), current.as_str(), result.as_str()),
+            (wn, wc, wr),
+            "{report}"
+        );
+    }
+    assert_eq!(report["hosts"][2]["current_known"], true, "{report}");
+    let busy = report["hosts"][2]["stage"]["error"].as_str().unwrap();
+    assert!(busy.contains("busy"), "{busy}");
+    let calls = [
+        &["push", "activate"][..],
+        &["push", "activate"],
+        &["push", "releases"],
+    ];
+    for ((node, since), want) in f.nodes.iter().zip(opened).zip(calls) {
+        assert_eq!(opened_since(node, since, want.len()), want, "{}", node.name);
+    }
+}
+
 /// Waves 1, 2, 3 hosts; one host of the second wave fails its health check. Its daemon puts the
 /// previous release back, the other host of that wave is rolled back by the client, the third
 /// wave is never activated (its hosts keep r2 staged only), and the report says who runs what.
