@@ -609,6 +609,7 @@ impl Remote {
     fn back_to_a(&self) -> Result<()> {
         self.command(WireCommand::Activate {
             release: ReleaseId::new(RELEASE_A)?,
+            prune: false,
         })?;
         self.command(WireCommand::Prune { keep: Some(1) })?;
         Ok(())

@@ -700,15 +700,20 @@ fn print_releases(mut list: Vec<ReleaseInfo>, json: bool) -> Result<()> {
 }
 
 pub fn activate(keys: &KeyArgs, target: &Target, id: ReleaseId) -> Result<()> {
-    match run_command(keys, target, WireCommand::Activate { release: id })? {
-        Outcome::Activated { release } => line(&format!("activated {release} on {target}")),
+    // As before: an explicit activation leaves the other releases alone (`relsync prune`).
+    let cmd = WireCommand::Activate {
+        release: id,
+        prune: false,
+    };
+    match run_command(keys, target, cmd)? {
+        Outcome::Activated { release, .. } => line(&format!("activated {release} on {target}")),
         o => Err(unexpected(target, o)),
     }
 }
 
 pub fn rollback(keys: &KeyArgs, target: &Target, to: Option<ReleaseId>) -> Result<()> {
     match run_command(keys, target, WireCommand::Rollback { to })? {
-        Outcome::Activated { release } => line(&format!("rolled back {target} to {release}")),
+        Outcome::Activated { release, .. } => line(&format!("rolled back {target} to {release}")),
         o => Err(unexpected(target, o)),
     }
 }

@@ -106,6 +106,32 @@ fn hosts(report: &Value) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The command of every connection `node`'s daemon opened so far, in order, as its log says.
+fn openings(node: &harness::Node) -> Vec<String> {
+    node.log_lines(" opening")
+        .iter()
+        .filter_map(|l| {
+            let v = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("command="))?;
+            Some(v.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// The commands of the connections `node`'s daemon opened after its first `since`, once there
+/// are `want` of them (the log comes through a pipe, a little after the fact) or after 5 s.
+fn opened_since(node: &harness::Node, since: usize, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = openings(node);
+        if all.len() >= since + want || Instant::now() > deadline {
+            return all[since.min(all.len())..].to_vec();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn push(f: &Fleet, src: &Path, release: &str, extra: &[&str]) -> Output {
     let file = f.fleet_file();
     let mut args = vec![
@@ -210,7 +236,17 @@ fn full_and_patch_pushes_reach_every_node_whatever_it_ran_before() {
         11,
     );
     write_tree(&src, &c);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
     let second = ok_json(&push(&f, &src, "r2", &[]));
+    // Per host: the push, which says what the host ran, and the activation, which also prunes.
+    for (node, since) in f.nodes.iter().zip(opened) {
+        assert_eq!(
+            opened_since(node, since, 2),
+            ["push", "activate"],
+            "{}",
+            node.name
+        );
+    }
     for (name, current, result) in hosts(&second) {
         assert_eq!(
             (current.as_str(), result.as_str()),
@@ -355,6 +391,76 @@ fn a_node_killed_mid_push_is_reported_and_the_others_activate() {
     assert_eq!(f.nodes[5].current(), None);
 }
 
+/// A host whose daemon refuses the push (its app is locked by another process: `Busy`) fails
+/// staging alone; the push said nothing of what it runs, so the source asks it afterwards, and
+/// only it: the report still knows its live release.
+#[test]
+fn a_host_that_refuses_the_push_is_asked_what_it_runs_afterwards() {
+    require_netns!();
+    let mut spec = Spec::new(3);
+    spec.max_failed = 1;
+    let f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    ok_json(&push(&f, &src, "r1", &[]));
+    let lock = f.nodes[2].root.join(".relsync/lock");
+    // `--no-fork`: the process killed below is the one holding the lock.
+    let mut holder = std::process::Command::new("flock")
+        .args(["-x", "--no-fork"])
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let held = || {
+        let free = std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        !free.success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !held() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(held(), "the test could not take n2's lock");
+    let b = edited(&a, &["/F2.php"], "src/Module0/New.php", 3);
+    write_tree(&src, &b);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
+    let out = push(&f, &src, "r2", &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report = stdout_json(&out);
+    let rows = hosts(&report);
+    let want = [
+        ("n0", "r2", "activated"),
+        ("n1", "r2", "activated"),
+        ("n2", "r1", "stage failed"),
+    ];
+    for ((name, current, result), (wn, wc, wr)) in rows.iter().zip(want) {
+        assert_eq!(
+            (name.as_str(), current.as_str(), result.as_str()),
+            (wn, wc, wr),
+            "{report}"
+        );
+    }
+    assert_eq!(report["hosts"][2]["current_known"], true, "{report}");
+    let busy = report["hosts"][2]["stage"]["error"].as_str().unwrap();
+    assert!(busy.contains("busy"), "{busy}");
+    let calls = [
+        &["push", "activate"][..],
+        &["push", "activate"],
+        &["push", "releases"],
+    ];
+    for ((node, since), want) in f.nodes.iter().zip(opened).zip(calls) {
+        assert_eq!(opened_since(node, since, want.len()), want, "{}", node.name);
+    }
+}
+
 /// Waves 1, 2, 3 hosts; one host of the second wave fails its health check. Its daemon puts the
 /// previous release back, the other host of that wave is rolled back by the client, the third
 /// wave is never activated (its hosts keep r2 staged only), and the report says who runs what.
@@ -402,6 +508,16 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
     }
     let health = report["hosts"][2]["activate"]["error"].as_str().unwrap();
     assert!(health.contains("health"), "{health}");
+    for (i, h) in report["hosts"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(h["previous"], "r1", "n{i}: {report}");
+    }
+    // The activations that went through pruned (nothing, within the default `keep`), n1's
+    // before the client rolled it back; a failed or skipped activation prunes nothing.
+    assert_eq!(report["hosts"][0]["pruned"], serde_json::json!([]));
+    assert_eq!(report["hosts"][1]["pruned"], serde_json::json!([]));
+    for i in 2..6 {
+        assert!(report["hosts"][i]["pruned"].is_null(), "n{i}: {report}");
+    }
     assert_eq!(report["hosts"][1]["rollback"]["ok"], true);
     assert!(report["hosts"][3]["activate"].is_null());
     for (i, node) in f.nodes.iter().enumerate() {
@@ -412,6 +528,66 @@ fn a_failing_wave_rolls_back_and_later_waves_never_activate() {
     }
     assert_live(&f.nodes[0], &b);
     assert_live(&f.nodes[3], &a);
+}
+
+/// A relayed push (n0 feeds n1 and n2, n1 feeds n3) in waves of 1 and the rest, where n3 fails
+/// its health check: n0 stays on r2, n1 and n2 go back to what they ran before, which only
+/// their relays reported (n2 ran a hotfix of its own), and n3's daemon puts its r1 back. No host
+/// was asked what it runs: each opened connections for its push, activation and rollback only.
+#[test]
+fn a_failing_relayed_wave_returns_each_host_to_what_its_relay_said_it_ran() {
+    require_netns!();
+    let mut spec = Spec::new(4);
+    spec.relay = true;
+    spec.waves = "1,100%".into();
+    let mut f = Fleet::start(&spec);
+    let src = f.path("src");
+    let a = release_a();
+    write_tree(&src, &a);
+    let relay = ["--relay", "--source-fanout", "1", "--fanout", "2"];
+    ok_json(&push(&f, &src, "r1", &relay));
+    let hotfix = edited(&a, &["/F3.php"], "src/Module1/Hotfix.php", 7);
+    write_tree(&src, &hotfix);
+    ok_json(&push(&f, &src, "r1b", &["--hosts", "n2"]));
+    assert_eq!(f.nodes[2].current().as_deref(), Some("r1b"));
+    f.kill(3);
+    f.start_daemon(
+        3,
+        Some("health_check = [{ url = \"http://127.0.0.1:1/health\", timeout = \"1s\", interval = \"200ms\" }]"),
+    );
+    let b = edited(&a, &["/F2.php"], "src/Module0/New.php", 3);
+    write_tree(&src, &b);
+    let opened: Vec<usize> = f.nodes.iter().map(|n| openings(n).len()).collect();
+    let out = push(&f, &src, "r2", &relay);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report = stdout_json(&out);
+    assert_eq!(report["ending"]["kind"], "wave_failed", "{report}");
+    let h = &report["hosts"];
+    let want = [
+        (None, "r1", "r2", "activated"),
+        (Some("n0"), "r1", "r1", "rolled back"),
+        (Some("n0"), "r1b", "r1b", "rolled back"),
+        (Some("n1"), "r1", "r1", "activation failed"),
+    ];
+    for (i, (relayed_by, previous, current, result)) in want.into_iter().enumerate() {
+        assert_eq!(h[i]["relayed_by"].as_str(), relayed_by, "n{i}: {report}");
+        assert_eq!(h[i]["previous"], previous, "n{i}: {report}");
+        assert_eq!(h[i]["current"], current, "n{i}: {report}");
+        assert_eq!(h[i]["result"], result, "n{i}: {report}");
+        assert_eq!(f.nodes[i].current().as_deref(), Some(current), "n{i}");
+    }
+    assert_live(&f.nodes[0], &b);
+    assert_live(&f.nodes[2], &hotfix);
+    let calls = [
+        &["push", "activate"][..],
+        &["push", "activate", "rollback"],
+        &["push", "activate", "rollback"],
+        &["push", "activate"],
+    ];
+    for ((node, since), want) in f.nodes.iter().zip(opened).zip(calls) {
+        assert_eq!(opened_since(node, since, want.len()), want, "{}", node.name);
+    }
 }
 
 /// Incompressible blobs and a little PHP: what a node's share of a push is, in bytes on the

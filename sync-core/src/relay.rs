@@ -161,9 +161,20 @@ pub struct Relayed {
     pub node: u32,
     /// `None`: the node staged the release; otherwise why it did not.
     pub error: Option<String>,
+    /// For a node that staged: the release it ran before the push (its `Staged::previous`).
+    pub previous: Option<ReleaseId>,
 }
 
 impl Relayed {
+    /// The report of a node that staged the release, having run `previous` before.
+    pub fn staged(node: u32, previous: Option<ReleaseId>) -> Relayed {
+        Relayed {
+            node,
+            error: None,
+            previous,
+        }
+    }
+
     /// A report whose message is cut to [`MAX_REPORT_MESSAGE`] bytes (at a character boundary).
     pub fn new(node: u32, error: Option<String>) -> Relayed {
         let error = error.map(|mut m| {
@@ -176,7 +187,11 @@ impl Relayed {
             }
             m
         });
-        Relayed { node, error }
+        Relayed {
+            node,
+            error,
+            previous: None,
+        }
     }
 }
 

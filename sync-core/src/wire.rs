@@ -26,8 +26,10 @@ use crate::release::ReleaseId;
 
 /// The protocol version this crate speaks (2: manifests travel compressed, against a basis
 /// manifest when both sides hold one; 3: a push may carry a relay plan, `Staged` reports what
-/// became of its nodes and the daemon's time per phase).
-pub const VERSION: u16 = 3;
+/// became of its nodes and the daemon's time per phase; 4: `Command::Activate` may ask for the
+/// prune that follows an activating push, and `Activated` says what it removed; 5: `Staged` and
+/// every `Relayed` say which release the host ran before the push).
+pub const VERSION: u16 = 5;
 /// The QUIC ALPN of the protocol family; the exact version is checked in `Hello`/`Welcome`.
 pub const ALPN: &[u8] = b"relsync/1";
 /// Bytes of the length prefix of every frame.
@@ -176,8 +178,10 @@ pub enum Command {
     },
     /// List the app's releases.
     Releases,
-    /// Point `current` at an existing release.
-    Activate { release: ReleaseId },
+    /// Point `current` at an existing release; with `prune`, then remove old releases beyond the
+    /// app's `keep` as an activating push does (a fleet push activates on its own connection and
+    /// saves one for the prune).
+    Activate { release: ReleaseId, prune: bool },
     /// Activate `to`, or the newest good release older than `current`.
     Rollback { to: Option<ReleaseId> },
     /// Remove old releases beyond `keep` (the app's setting when absent).
@@ -277,6 +281,9 @@ pub struct Staged {
     pub phases: Vec<PhaseTime>,
     /// What the daemon process used, for the same; zero when it does not say.
     pub usage: Usage,
+    /// The release that was current when the push opened the app (`None`: there was none):
+    /// the one a fleet returns the host to if its wave fails, learned without asking.
+    pub previous: Option<ReleaseId>,
 }
 
 /// Resources of a daemon process, as it measured them.
@@ -474,6 +481,15 @@ pub struct ReleaseInfo {
     pub manifest: Hash,
 }
 
+/// What the prune after an activation did; the activation stands either way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pruning {
+    /// These releases were removed (none when nothing lay beyond `keep`).
+    Removed(Vec<ReleaseId>),
+    /// Pruning failed, for this reason (at most [`MAX_ERROR_MESSAGE`] bytes).
+    Failed(String),
+}
+
 /// What went wrong, as told to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -540,8 +556,11 @@ pub enum DaemonMsg {
         data: Vec<u8>,
     },
     Staged(Staged),
+    /// `release` is current. `pruned` says what the prune that followed did, when one did (an
+    /// activating push, or `Command::Activate` with `prune`).
     Activated {
         release: ReleaseId,
+        pruned: Option<Pruning>,
     },
     Releases {
         list: Vec<ReleaseInfo>,
@@ -873,6 +892,24 @@ mod tests {
             },
             ClientMsg::Done { files_sent: 3 },
             ClientMsg::Activate { release: rid("r1") },
+            ClientMsg::Hello {
+                version: VERSION,
+                app: AppName::new("shop").unwrap(),
+                command: Command::Activate {
+                    release: rid("r1"),
+                    prune: false,
+                },
+                max_frame: MIN_MAX_FRAME,
+            },
+            ClientMsg::Hello {
+                version: VERSION,
+                app: AppName::new("shop").unwrap(),
+                command: Command::Activate {
+                    release: rid("r1"),
+                    prune: true,
+                },
+                max_frame: MIN_MAX_FRAME,
+            },
         ];
         let daemon = vec![
             DaemonMsg::Welcome {
@@ -922,11 +959,24 @@ mod tests {
                     peak_rss_kib: 40_960,
                 },
                 relayed: vec![
-                    Relayed::new(0, None),
+                    Relayed::staged(0, Some(rid("r0"))),
+                    Relayed::staged(2, None),
                     Relayed::new(1, Some("connection lost".into())),
                 ],
+                previous: Some(rid("r0")),
             }),
-            DaemonMsg::Activated { release: rid("r1") },
+            DaemonMsg::Activated {
+                release: rid("r1"),
+                pruned: None,
+            },
+            DaemonMsg::Activated {
+                release: rid("r1"),
+                pruned: Some(Pruning::Removed(vec![rid("r0"), rid("old")])),
+            },
+            DaemonMsg::Activated {
+                release: rid("r1"),
+                pruned: Some(Pruning::Failed("no space left".into())),
+            },
             DaemonMsg::Releases {
                 list: vec![ReleaseInfo {
                     id: rid("r0"),
@@ -1070,6 +1120,21 @@ mod tests {
         };
         // Variant 1, length 3, the bytes, `true`.
         assert_eq!(&m.frame()[4..], &[1, 3, 0xAA, 0xAA, 0xAA, 1]);
+    }
+
+    #[test]
+    fn an_activation_asks_for_its_prune_in_a_trailing_flag() {
+        for prune in [false, true] {
+            let cmd = Command::Activate {
+                release: rid("r1"),
+                prune,
+            };
+            // Variant 2, the release as a string, then the flag.
+            assert_eq!(
+                &encode_frame(&cmd)[4..],
+                &[2, 2, b'r', b'1', u8::from(prune)]
+            );
+        }
     }
 
     #[test]

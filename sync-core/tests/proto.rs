@@ -24,7 +24,7 @@ use sync_core::proto::{fuzz as proto_fuzz, ProtoError};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     self, AppName, BasisRef, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, Limits, Message,
-    NeedFile, PhaseTime, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
+    NeedFile, PhaseTime, Pruning, ReleaseInfo, ReleaseStatus, Staged, MIN_MAX_FRAME, VERSION,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -243,14 +243,20 @@ impl Daemon {
                         linked,
                         phases: vec![],
                         relayed: Vec::new(),
+                        previous: self.current.clone(),
                     },
                     now,
                 );
             }
-            daemon::Request::Activate { release } => {
+            daemon::Request::Activate { release, prune } => {
                 let event = if self.releases.contains_key(&release) {
                     self.current = Some(release.clone());
-                    Event::Activated { release }
+                    // Nothing is ever beyond `keep` here; what matters is that a prune is
+                    // answered exactly when asked for.
+                    Event::Activated {
+                        release,
+                        pruned: prune.then(|| Pruning::Removed(vec![])),
+                    }
                 } else {
                     Event::Failed {
                         kind: ErrorKind::NotFound,
@@ -281,7 +287,13 @@ impl Daemon {
             daemon::Request::Rollback { to } => {
                 let release = to.unwrap_or_else(|| self.releases.keys().next().unwrap().clone());
                 self.current = Some(release.clone());
-                s.handle_event(Event::Activated { release }, now);
+                s.handle_event(
+                    Event::Activated {
+                        release,
+                        pruned: None,
+                    },
+                    now,
+                );
             }
             daemon::Request::Prune { .. } => s.handle_event(Event::Pruned { removed: vec![] }, now),
             daemon::Request::Clear => {
@@ -678,6 +690,29 @@ fn pushed(tree: &Tree, release: &str) -> Daemon {
 // Full pushes
 
 #[test]
+fn staged_says_which_release_the_daemon_ran_before_the_push() {
+    // (release pushed, activate it, what `Staged` says was current before)
+    let table = [
+        ("r1", false, None),
+        ("r2", true, None),
+        ("r3", false, Some("r2")),
+        ("r4", true, Some("r2")),
+        ("r5", true, Some("r4")),
+    ];
+    let mut d = Daemon::default();
+    for (release, activate, want) in table {
+        let mut net = Net::push(&tree_a(), release, activate, d);
+        net.run();
+        assert_eq!(
+            net.report().staged.previous,
+            want.map(rid),
+            "pushing {release}"
+        );
+        d = net.into_daemon();
+    }
+}
+
+#[test]
 fn first_push_sends_every_distinct_file_in_full() {
     let a = tree_a();
     let mut net = Net::push(&a, "r1", true, Daemon::default());
@@ -861,9 +896,21 @@ fn run_command(d: Daemon, command: Command) -> (Result<client::Outcome, String>,
 fn activating_the_current_release_again_is_ok() {
     let mut d = pushed(&tree_a(), "r1");
     assert_eq!(d.current, Some(rid("r1")));
-    for _ in 0..2 {
-        let (out, next) = run_command(d, Command::Activate { release: rid("r1") });
-        assert_eq!(out, Ok(client::Outcome::Activated { release: rid("r1") }));
+    for prune in [false, true] {
+        let (out, next) = run_command(
+            d,
+            Command::Activate {
+                release: rid("r1"),
+                prune,
+            },
+        );
+        assert_eq!(
+            out,
+            Ok(client::Outcome::Activated {
+                release: rid("r1"),
+                pruned: prune.then(|| Pruning::Removed(vec![])),
+            })
+        );
         assert_eq!(next.log, ["Open", "Activate"]);
         assert_eq!(next.current, Some(rid("r1")));
         d = next;
@@ -872,6 +919,7 @@ fn activating_the_current_release_again_is_ok() {
         d,
         Command::Activate {
             release: rid("nope"),
+            prune: false,
         },
     );
     let err = out.unwrap_err();
@@ -894,7 +942,13 @@ fn commands_list_roll_back_and_prune() {
         [("r1", ReleaseStatus::Good), ("r2", ReleaseStatus::Current)]
     );
     let (out, d) = run_command(d, Command::Rollback { to: None });
-    assert_eq!(out, Ok(client::Outcome::Activated { release: rid("r1") }));
+    assert_eq!(
+        out,
+        Ok(client::Outcome::Activated {
+            release: rid("r1"),
+            pruned: None
+        })
+    );
     assert_eq!(d.current, Some(rid("r1")));
     let (out, d) = run_command(d, Command::Prune { keep: Some(5) });
     assert_eq!(out, Ok(client::Outcome::Pruned { removed: vec![] }));
@@ -1563,6 +1617,7 @@ fn activate_must_name_the_staged_release() {
             linked: 7,
             phases: vec![],
             relayed: Vec::new(),
+            previous: None,
         },
         0,
     );
@@ -1607,6 +1662,7 @@ fn staged_reports_the_need_and_receive_phases_then_the_build_phases() {
             linked: 3,
             relayed: Vec::new(),
             phases: build,
+            previous: None,
         },
         131,
     );
@@ -1862,6 +1918,7 @@ impl Scripted {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         })
     }
 
@@ -1898,7 +1955,10 @@ fn a_scripted_honest_daemon_gets_a_successful_push() {
     ));
     s.feed(&s.staged("r2"));
     assert!(matches!(s.sent.last(), Some(ClientMsg::Activate { .. })));
-    s.feed(&DaemonMsg::Activated { release: rid("r2") });
+    s.feed(&DaemonMsg::Activated {
+        release: rid("r2"),
+        pruned: Some(Pruning::Removed(vec![rid("r0")])),
+    });
     assert!(matches!(
         s.client.outcome(),
         Some(Ok(client::Outcome::Pushed(PushReport {
@@ -2037,13 +2097,19 @@ fn a_hostile_daemon_never_gets_a_successful_push() {
         ("activated before staged", |s| {
             s.welcome();
             s.feed(&s.need(&[], true));
-            s.feed(&DaemonMsg::Activated { release: rid("r2") });
+            s.feed(&DaemonMsg::Activated {
+                release: rid("r2"),
+                pruned: None,
+            });
         }),
         ("activated another release", |s| {
             s.welcome();
             s.feed(&s.need(&[], true));
             s.feed(&s.staged("r2"));
-            s.feed(&DaemonMsg::Activated { release: rid("r1") });
+            s.feed(&DaemonMsg::Activated {
+                release: rid("r1"),
+                pruned: None,
+            });
         }),
         ("unexpected message", |s| {
             s.welcome();

@@ -21,7 +21,7 @@ use sync_core::relay::{RelayNode, RelayPlan, Ticket};
 use sync_core::release::ReleaseId;
 use sync_core::wire::{
     AppName, ClientMsg, Command, DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, Message,
-    ReleaseInfo, ReleaseStatus, MIN_MAX_FRAME, VERSION,
+    Pruning, ReleaseInfo, ReleaseStatus, MIN_MAX_FRAME, VERSION,
 };
 use sync_server::config::{AppConfig, Config};
 use sync_server::daemon::{self, ServeOptions, Server};
@@ -794,7 +794,12 @@ async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
     let d = Daemon::start().await;
     let c = d.shop_client().await;
     let (a, b) = (tree_a(), tree_b());
-    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let first = c.push("shop", &a, "r1", PushOpts::default()).await;
+    assert_eq!(
+        first.report().staged.previous,
+        None,
+        "the app had no release"
+    );
     let ran = c
         .push(
             "shop",
@@ -807,6 +812,11 @@ async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
         )
         .await;
     let r = ran.report();
+    assert_eq!(
+        r.staged.previous,
+        Some(rid("r1")),
+        "what ran before the push"
+    );
     // Only big.php's basis is large enough for an rsync round trip.
     assert_eq!(r.signatures, 1);
     assert_eq!(
@@ -828,10 +838,16 @@ async fn a_patch_without_the_basis_asks_for_a_signature_and_goes_as_rsync() {
     assert_release_holds(&d.shop(), "r2", &b);
     // Activate it with the separate command.
     let out = c
-        .command("shop", Command::Activate { release: rid("r2") })
+        .command(
+            "shop",
+            Command::Activate {
+                release: rid("r2"),
+                prune: false,
+            },
+        )
         .await;
     assert!(
-        matches!(out, Ok(client::Outcome::Activated { ref release }) if release.as_str() == "r2"),
+        matches!(out, Ok(client::Outcome::Activated { ref release, pruned: None }) if release.as_str() == "r2"),
         "{out:?}"
     );
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
@@ -1406,6 +1422,49 @@ async fn an_activated_push_keeps_only_the_configured_number_of_releases() {
     .await
     .report();
     assert_eq!(c.releases("shop").await.len(), 3);
+    // Nor does activating it with the command, unless the command asks for the prune.
+    let activate = |release: &str, prune| Command::Activate {
+        release: rid(release),
+        prune,
+    };
+    let out = c.command("shop", activate("r4", false)).await;
+    assert!(
+        matches!(out, Ok(client::Outcome::Activated { ref release, pruned: None }) if release.as_str() == "r4"),
+        "{out:?}"
+    );
+    assert_eq!(c.releases("shop").await.len(), 3);
+    t.insert("index.php".into(), text(81, 1000));
+    c.push(
+        "shop",
+        &t,
+        "r5",
+        PushOpts {
+            no_activate: true,
+            ..PushOpts::default()
+        },
+    )
+    .await
+    .report();
+    let out = c.command("shop", activate("r5", true)).await;
+    match out {
+        Ok(client::Outcome::Activated {
+            release,
+            pruned: Some(Pruning::Removed(removed)),
+        }) => {
+            assert_eq!(release, rid("r5"));
+            assert_eq!(removed, [rid("r2"), rid("r3")]);
+        }
+        other => panic!("activating with a prune: {other:?}"),
+    }
+    let ids: Vec<String> = c
+        .releases("shop")
+        .await
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(ids, ["r4", "r5"]);
+    assert!(!d.shop().join("releases/r2").exists());
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r5"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1437,7 +1496,7 @@ async fn list_rollback_activate_and_prune_over_the_wire() {
 
     let out = c.command("shop", Command::Rollback { to: None }).await;
     assert!(
-        matches!(out, Ok(client::Outcome::Activated { ref release }) if release.as_str() == "r2"),
+        matches!(out, Ok(client::Outcome::Activated { ref release, pruned: None }) if release.as_str() == "r2"),
         "{out:?}"
     );
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
@@ -1458,7 +1517,13 @@ async fn list_rollback_activate_and_prune_over_the_wire() {
     );
 
     let out = c
-        .command("shop", Command::Activate { release: rid("r3") })
+        .command(
+            "shop",
+            Command::Activate {
+                release: rid("r3"),
+                prune: false,
+            },
+        )
         .await;
     match out {
         Err(ProtoError::Remote { kind, message }) => {
@@ -1468,7 +1533,13 @@ async fn list_rollback_activate_and_prune_over_the_wire() {
         other => panic!("activating a pruned release should fail: {other:?}"),
     }
     let out = c
-        .command("shop", Command::Activate { release: rid("r1") })
+        .command(
+            "shop",
+            Command::Activate {
+                release: rid("r1"),
+                prune: false,
+            },
+        )
         .await;
     assert!(
         matches!(out, Ok(client::Outcome::Activated { .. })),
@@ -1477,7 +1548,13 @@ async fn list_rollback_activate_and_prune_over_the_wire() {
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r1"));
     // Activating the current release again is fine.
     let out = c
-        .command("shop", Command::Activate { release: rid("r1") })
+        .command(
+            "shop",
+            Command::Activate {
+                release: rid("r1"),
+                prune: false,
+            },
+        )
         .await;
     assert!(
         matches!(out, Ok(client::Outcome::Activated { .. })),

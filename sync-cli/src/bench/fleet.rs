@@ -284,6 +284,7 @@ impl FleetNode {
     pub fn back_to_a(&self) -> Result<()> {
         self.on_every_host(WireCommand::Activate {
             release: ReleaseId::new(RELEASE_A)?,
+            prune: false,
         })?;
         self.on_every_host(WireCommand::Prune { keep: Some(1) })
     }

@@ -26,7 +26,7 @@ use crate::plan::{mirror_summary, MirrorOp, MirrorPlan, MirrorStats};
 use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, peek_version, AppName, BasisRef, ClientMsg, Command, DaemonMsg,
-    FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, ReleaseInfo, Staged, Synced,
+    FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, Pruning, ReleaseInfo, Staged, Synced,
     MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME, MIN_MAX_FRAME, VERSION,
 };
 
@@ -219,9 +219,11 @@ pub enum Outcome {
     Pushed(PushReport),
     Synced(SyncReport),
     Releases(Vec<ReleaseInfo>),
-    /// `activate` or `rollback` made `release` current.
+    /// `activate` or `rollback` made `release` current; `pruned` is what the prune that an
+    /// `activate` asked for did (`None` when it asked for none, and for a rollback).
     Activated {
         release: ReleaseId,
+        pruned: Option<Pruning>,
     },
     Pruned {
         removed: Vec<ReleaseId>,
@@ -749,7 +751,7 @@ impl ClientSession {
             (State::AwaitStaged, DaemonMsg::Staged(staged)) => self.on_staged(staged),
             (State::AwaitSynced(_), DaemonMsg::MirrorPlan { steps }) => self.on_plan(steps),
             (State::AwaitSynced(_), DaemonMsg::Synced(synced)) => self.on_synced(synced),
-            (State::AwaitActivated(_), DaemonMsg::Activated { release }) => {
+            (State::AwaitActivated(_), DaemonMsg::Activated { release, .. }) => {
                 let State::AwaitActivated(staged) =
                     std::mem::replace(&mut self.state, State::Finished)
                 else {
@@ -1167,16 +1169,25 @@ impl ClientSession {
     fn on_reply(&mut self, msg: DaemonMsg) -> Result<(), ProtoError> {
         let outcome = match (&self.command, msg) {
             (Command::Releases, DaemonMsg::Releases { list }) => Outcome::Releases(list),
-            (Command::Activate { release: want }, DaemonMsg::Activated { release })
-                if *want == release =>
-            {
-                Outcome::Activated { release }
+            (
+                Command::Activate {
+                    release: want,
+                    prune,
+                },
+                DaemonMsg::Activated { release, pruned },
+            ) if *want == release && pruned.is_some() == *prune => {
+                Outcome::Activated { release, pruned }
             }
-            (Command::Rollback { to }, DaemonMsg::Activated { release })
-                if to.as_ref().is_none_or(|t| *t == release) =>
-            {
-                Outcome::Activated { release }
-            }
+            (
+                Command::Rollback { to },
+                DaemonMsg::Activated {
+                    release,
+                    pruned: None,
+                },
+            ) if to.as_ref().is_none_or(|t| *t == release) => Outcome::Activated {
+                release,
+                pruned: None,
+            },
             (Command::Prune { .. } | Command::Clear, DaemonMsg::Pruned { removed }) => {
                 Outcome::Pruned { removed }
             }
@@ -1312,6 +1323,52 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.poll_timeout(), Some(30_000));
+    }
+
+    #[test]
+    fn an_activation_reply_must_report_a_prune_exactly_when_one_was_asked_for() {
+        let r = ReleaseId::new("r2").unwrap();
+        let removed = Some(Pruning::Removed(vec![ReleaseId::new("r0").unwrap()]));
+        let failed = Some(Pruning::Failed("disk error".into()));
+        let table = [
+            (false, None, true),
+            (false, removed.clone(), false),
+            (true, removed, true),
+            (true, failed, true),
+            (true, None, false),
+        ];
+        for (prune, pruned, ok) in table {
+            let mut s = ClientSession::command(
+                ClientConfig::default(),
+                AppName::new("shop").unwrap(),
+                Command::Activate {
+                    release: r.clone(),
+                    prune,
+                },
+                0,
+            );
+            while s.poll_transmit(0).is_some() {}
+            let welcome = DaemonMsg::Welcome {
+                version: VERSION,
+                limits: Limits::default(),
+                manifest_basis: false,
+            };
+            s.handle_control(&welcome.frame(), 1);
+            let reply = DaemonMsg::Activated {
+                release: r.clone(),
+                pruned: pruned.clone(),
+            };
+            s.handle_control(&reply.frame(), 2);
+            let want = Outcome::Activated {
+                release: r.clone(),
+                pruned: pruned.clone(),
+            };
+            match s.outcome() {
+                Some(Ok(o)) if ok => assert_eq!(o, &want),
+                Some(Err(ProtoError::Protocol(_))) if !ok => {}
+                other => panic!("prune {prune}, {pruned:?}: {other:?}"),
+            }
+        }
     }
 
     use crate::wire::Message as _;
@@ -1556,6 +1613,7 @@ mod tests {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         });
         s.handle_control(&staged.frame(), 4);
         assert!(matches!(s.outcome(), Some(Err(ProtoError::Protocol(_)))));

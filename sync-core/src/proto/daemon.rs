@@ -28,7 +28,7 @@ use crate::release::ReleaseId;
 use crate::wire::{
     decode, encode_frame, max_payload_len, peek_version, AppName, BasisRef, ClientMsg, Command,
     DaemonMsg, ErrorKind, FileHeader, FrameDecoder, Limits, MirrorStep, NeedFile, PhaseTime,
-    ReleaseInfo, Staged, Synced, Usage, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE,
+    Pruning, ReleaseInfo, Staged, Synced, Usage, WireError, FRAME_HEADER_LEN, MAX_ERROR_MESSAGE,
     MAX_EXCLUDES, MAX_EXCLUDE_LEN, MAX_FILE_HEADER, MAX_MAX_FRAME, MAX_PHASES, MAX_PHASE_NAME,
     MIN_MAX_FRAME, VERSION,
 };
@@ -87,9 +87,10 @@ pub enum Request {
         delete: bool,
         dry_run: bool,
     },
-    /// Point `current` at `release` (already current is fine) and fsync. Answer
-    /// [`Event::Activated`].
-    Activate { release: ReleaseId },
+    /// Point `current` at `release` (already current is fine) and fsync; with `prune` (an
+    /// activating push, or `Command::Activate` asking for it), then remove old releases beyond the
+    /// app's `keep`. Answer [`Event::Activated`], whose `pruned` is `Some` exactly when `prune`.
+    Activate { release: ReleaseId, prune: bool },
     /// Answer [`Event::Releases`].
     ListReleases,
     /// Answer [`Event::Activated`] with the release now current.
@@ -120,13 +121,18 @@ pub enum Event {
     /// The release is complete; `linked` files came from kept releases by hard link. For a
     /// relayed push, `relayed` says what became of each node of the relay plan. `phases` is
     /// where building it took its time (the session adds its own need and receive phases).
+    /// `previous` is the release that was current before the push (the push holds the app's
+    /// lock, so nothing else changed it since the session opened the app).
     Staged {
         linked: u64,
         relayed: Vec<crate::relay::Relayed>,
         phases: Vec<PhaseTime>,
+        previous: Option<ReleaseId>,
     },
+    /// `release` is current; `pruned` is what the prune asked with it did.
     Activated {
         release: ReleaseId,
+        pruned: Option<Pruning>,
     },
     Releases(Vec<ReleaseInfo>),
     Pruned {
@@ -142,6 +148,14 @@ pub enum Event {
         kind: ErrorKind,
         message: String,
     },
+}
+
+/// `message` cut to at most `max` bytes, at a character boundary.
+fn cut(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        message.truncate(message.floor_char_boundary(max));
+    }
+    message
 }
 
 /// What the daemon lacks for a manifest.
@@ -392,7 +406,7 @@ impl Transfer {
 #[derive(Debug)]
 enum Awaiting {
     Releases,
-    Activate(ReleaseId),
+    Activate { release: ReleaseId, prune: bool },
     Rollback(Option<ReleaseId>),
     Prune,
 }
@@ -636,14 +650,7 @@ impl DaemonSession {
         if self.is_finished() {
             return;
         }
-        let mut message = err.to_string();
-        if message.len() > MAX_ERROR_MESSAGE {
-            let mut cut = MAX_ERROR_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        let message = cut(err.to_string(), MAX_ERROR_MESSAGE);
         self.send(&DaemonMsg::Error {
             kind: err.kind(),
             message,
@@ -940,7 +947,10 @@ impl DaemonSession {
             self.state = State::Staged { staged };
             return Err(err);
         }
-        self.requests.push_back(Request::Activate { release });
+        self.requests.push_back(Request::Activate {
+            release,
+            prune: true,
+        });
         self.state = State::Activating { staged };
         Ok(())
     }
@@ -1206,11 +1216,12 @@ impl DaemonSession {
                         self.requests.push_back(Request::ListReleases);
                         State::Command(Awaiting::Releases)
                     }
-                    Command::Activate { release } => {
+                    Command::Activate { release, prune } => {
                         self.requests.push_back(Request::Activate {
                             release: release.clone(),
+                            prune,
                         });
-                        State::Command(Awaiting::Activate(release))
+                        State::Command(Awaiting::Activate { release, prune })
                     }
                     Command::Rollback { to } => {
                         self.requests
@@ -1260,6 +1271,7 @@ impl DaemonSession {
                     linked,
                     relayed,
                     phases,
+                    previous,
                 },
             ) => {
                 let Goal::Release(release) = &t.push.goal else {
@@ -1292,36 +1304,41 @@ impl DaemonSession {
                     phases,
                     relayed,
                     usage: self.usage,
+                    previous,
                 };
                 self.send(&DaemonMsg::Staged(staged.clone()));
                 self.state = State::Staged { staged };
                 Ok(())
             }
-            (State::Activating { staged }, Event::Activated { release })
-                if release == staged.release =>
+            (State::Activating { staged }, Event::Activated { release, pruned })
+                if release == staged.release && pruned.is_some() =>
             {
-                self.send(&DaemonMsg::Activated { release });
+                self.send_activated(release, pruned);
                 self.finish(Outcome::Pushed {
                     staged,
                     activated: true,
                 });
                 Ok(())
             }
-            (State::Command(Awaiting::Activate(want)), Event::Activated { release })
-                if release == want =>
-            {
-                self.send(&DaemonMsg::Activated {
-                    release: release.clone(),
-                });
+            (
+                State::Command(Awaiting::Activate {
+                    release: want,
+                    prune,
+                }),
+                Event::Activated { release, pruned },
+            ) if release == want && pruned.is_some() == prune => {
+                self.send_activated(release.clone(), pruned);
                 self.finish(Outcome::Activated { release });
                 Ok(())
             }
-            (State::Command(Awaiting::Rollback(to)), Event::Activated { release })
-                if to.as_ref().is_none_or(|t| *t == release) =>
-            {
-                self.send(&DaemonMsg::Activated {
-                    release: release.clone(),
-                });
+            (
+                State::Command(Awaiting::Rollback(to)),
+                Event::Activated {
+                    release,
+                    pruned: None,
+                },
+            ) if to.as_ref().is_none_or(|t| *t == release) => {
+                self.send_activated(release.clone(), None);
                 self.finish(Outcome::RolledBack { release });
                 Ok(())
             }
@@ -1351,6 +1368,34 @@ impl DaemonSession {
                 )))
             }
         }
+    }
+
+    /// Tells the client `release` is current. The release is live by now whatever the prune
+    /// did, so a prune report that is too long to send is cut rather than failing the session
+    /// (the client would take that for a failed activation).
+    fn send_activated(&mut self, release: ReleaseId, pruned: Option<Pruning>) {
+        let pruned = pruned.map(|p| match p {
+            Pruning::Failed(m) => Pruning::Failed(cut(m, MAX_ERROR_MESSAGE)),
+            removed => removed,
+        });
+        let mut frame = encode_frame(&DaemonMsg::Activated {
+            release: release.clone(),
+            pruned: pruned.clone(),
+        });
+        if frame.len() - FRAME_HEADER_LEN > self.client_max_frame as usize {
+            let n = match &pruned {
+                Some(Pruning::Removed(ids)) => ids.len(),
+                _ => 0,
+            };
+            frame = encode_frame(&DaemonMsg::Activated {
+                release,
+                pruned: Some(Pruning::Failed(format!(
+                    "{n} releases were removed, too many to list within the client's max_frame of {} bytes; run `relsync releases` to see what is left",
+                    self.client_max_frame
+                ))),
+            });
+        }
+        self.transmit.push_back(frame);
     }
 
     fn send_reply(&mut self, msg: &DaemonMsg, what: &str) -> Result<(), ProtoError> {
@@ -1595,6 +1640,7 @@ mod tests {
     #[test]
     fn commands_other_than_push_map_to_one_request_each() {
         let r = ReleaseId::new("r1").unwrap();
+        let old = ReleaseId::new("r0").unwrap();
         let table: Vec<(Command, Request, Event, DaemonMsg, Outcome)> = vec![
             (
                 Command::Releases,
@@ -1604,17 +1650,73 @@ mod tests {
                 Outcome::Listed,
             ),
             (
-                Command::Activate { release: r.clone() },
-                Request::Activate { release: r.clone() },
-                Event::Activated { release: r.clone() },
-                DaemonMsg::Activated { release: r.clone() },
+                Command::Activate {
+                    release: r.clone(),
+                    prune: false,
+                },
+                Request::Activate {
+                    release: r.clone(),
+                    prune: false,
+                },
+                Event::Activated {
+                    release: r.clone(),
+                    pruned: None,
+                },
+                DaemonMsg::Activated {
+                    release: r.clone(),
+                    pruned: None,
+                },
+                Outcome::Activated { release: r.clone() },
+            ),
+            (
+                Command::Activate {
+                    release: r.clone(),
+                    prune: true,
+                },
+                Request::Activate {
+                    release: r.clone(),
+                    prune: true,
+                },
+                Event::Activated {
+                    release: r.clone(),
+                    pruned: Some(Pruning::Removed(vec![old.clone()])),
+                },
+                DaemonMsg::Activated {
+                    release: r.clone(),
+                    pruned: Some(Pruning::Removed(vec![old.clone()])),
+                },
+                Outcome::Activated { release: r.clone() },
+            ),
+            (
+                Command::Activate {
+                    release: r.clone(),
+                    prune: true,
+                },
+                Request::Activate {
+                    release: r.clone(),
+                    prune: true,
+                },
+                Event::Activated {
+                    release: r.clone(),
+                    pruned: Some(Pruning::Failed("disk error".into())),
+                },
+                DaemonMsg::Activated {
+                    release: r.clone(),
+                    pruned: Some(Pruning::Failed("disk error".into())),
+                },
                 Outcome::Activated { release: r.clone() },
             ),
             (
                 Command::Rollback { to: None },
                 Request::Rollback { to: None },
-                Event::Activated { release: r.clone() },
-                DaemonMsg::Activated { release: r.clone() },
+                Event::Activated {
+                    release: r.clone(),
+                    pruned: None,
+                },
+                DaemonMsg::Activated {
+                    release: r.clone(),
+                    pruned: None,
+                },
                 Outcome::RolledBack { release: r.clone() },
             ),
             (
@@ -1669,6 +1771,89 @@ mod tests {
             assert!(matches!(frames[0], DaemonMsg::Welcome { .. }));
             assert_eq!(frames[1], reply);
             assert_eq!(s.outcome().unwrap().as_ref().unwrap(), &outcome);
+        }
+    }
+
+    /// A session for `command`, opened and past its request for the work.
+    fn opened(command: Command) -> DaemonSession {
+        let mut s = DaemonSession::new(Limits::default(), 0);
+        s.handle_control(&hello(command), 1);
+        assert!(matches!(s.poll_request(), Some(Request::Open { .. })));
+        s.handle_event(
+            Event::Opened {
+                policy: Policy::default(),
+                manifest_basis: None,
+            },
+            2,
+        );
+        assert!(s.poll_request().is_some());
+        s
+    }
+
+    #[test]
+    fn an_activation_reports_a_prune_exactly_when_it_asked_for_one() {
+        let r = ReleaseId::new("r1").unwrap();
+        let removed = Some(Pruning::Removed(vec![]));
+        for (prune, pruned) in [(false, removed), (true, None)] {
+            let mut s = opened(Command::Activate {
+                release: r.clone(),
+                prune,
+            });
+            s.handle_event(
+                Event::Activated {
+                    release: r.clone(),
+                    pruned,
+                },
+                3,
+            );
+            assert!(
+                matches!(s.outcome(), Some(Err(ProtoError::Misuse(_)))),
+                "prune {prune}: {:?}",
+                s.outcome()
+            );
+        }
+    }
+
+    #[test]
+    fn a_prune_report_too_long_for_the_client_is_cut_not_fatal() {
+        let r = ReleaseId::new("r1").unwrap();
+        let many: Vec<ReleaseId> = (0..20_000)
+            .map(|i| ReleaseId::new(format!("20240101-{i:06}")).unwrap())
+            .collect();
+        let long = "é".repeat(MAX_ERROR_MESSAGE);
+        let table = [
+            (Pruning::Removed(many), "20000 releases were removed"),
+            (Pruning::Failed(long), "é"),
+        ];
+        for (pruned, want) in table {
+            let mut s = opened(Command::Activate {
+                release: r.clone(),
+                prune: true,
+            });
+            s.handle_event(
+                Event::Activated {
+                    release: r.clone(),
+                    pruned: Some(pruned),
+                },
+                3,
+            );
+            assert_eq!(
+                s.outcome().unwrap().as_ref().unwrap(),
+                &Outcome::Activated { release: r.clone() }
+            );
+            let last = std::iter::from_fn(|| s.poll_transmit(3)).last().unwrap();
+            assert!(last.len() - 4 <= MIN_MAX_FRAME as usize);
+            match decode::<DaemonMsg>(&last[4..]).unwrap() {
+                DaemonMsg::Activated {
+                    release,
+                    pruned: Some(Pruning::Failed(m)),
+                } => {
+                    assert_eq!(release, r);
+                    assert!(m.starts_with(want), "{m}");
+                    assert!(m.len() <= MAX_ERROR_MESSAGE, "{}", m.len());
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
@@ -1799,6 +1984,7 @@ mod tests {
                 linked: 0,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous: None,
             },
             1,
         );

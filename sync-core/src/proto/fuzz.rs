@@ -241,6 +241,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                             linked: 0,
                             phases: vec![],
                             relayed: Vec::new(),
+                            previous: None,
                         },
                         now,
                     );
@@ -266,9 +267,13 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                         now,
                     );
                 }
-                daemon::Request::Activate { release } => {
-                    s.handle_event(Event::Activated { release }, now)
-                }
+                daemon::Request::Activate { release, prune } => s.handle_event(
+                    Event::Activated {
+                        release,
+                        pruned: prune.then(|| crate::wire::Pruning::Removed(vec![])),
+                    },
+                    now,
+                ),
                 daemon::Request::ListReleases => s.handle_event(
                     Event::Releases(vec![ReleaseInfo {
                         id: release(),
@@ -283,6 +288,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                 daemon::Request::Rollback { to } => s.handle_event(
                     Event::Activated {
                         release: to.unwrap_or_else(release),
+                        pruned: None,
                     },
                     now,
                 ),

@@ -12,8 +12,8 @@ use sync_core::manifest::{Entry, Policy};
 use sync_core::proto::client::ClientConfig;
 use sync_core::proto::daemon::{self, compute_need, DaemonSession, Event, FileFailure};
 use sync_core::wire::{
-    decode, ClientMsg, DaemonMsg, FileHeader, FrameDecoder, Limits, Message, NeedFile, ReleaseInfo,
-    ReleaseStatus, VERSION,
+    decode, ClientMsg, DaemonMsg, FileHeader, FrameDecoder, Limits, Message, NeedFile, Pruning,
+    ReleaseInfo, ReleaseStatus, VERSION,
 };
 use tokio::time::{Duration, Instant};
 
@@ -300,11 +300,15 @@ fn answer(
                 linked,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous: st.current.clone(),
             }
         }
-        daemon::Request::Activate { release } => {
+        daemon::Request::Activate { release, prune } => {
             st.current = Some(release.clone());
-            Event::Activated { release }
+            Event::Activated {
+                release,
+                pruned: prune.then(|| Pruning::Removed(vec![])),
+            }
         }
         daemon::Request::ListReleases => Event::Releases(
             st.releases
@@ -326,7 +330,10 @@ fn answer(
         daemon::Request::Rollback { to } => {
             let release = to.unwrap_or_else(|| st.releases.keys().next().unwrap().clone());
             st.current = Some(release.clone());
-            Event::Activated { release }
+            Event::Activated {
+                release,
+                pruned: None,
+            }
         }
         daemon::Request::Prune { .. } | daemon::Request::Clear => Event::Pruned { removed: vec![] },
     };
@@ -672,7 +679,8 @@ async fn push_then_delta_push_then_commands() {
     assert_eq!(
         back,
         Outcome::Activated {
-            release: ReleaseId::new("r1").unwrap()
+            release: ReleaseId::new("r1").unwrap(),
+            pruned: None,
         }
     );
 }
@@ -848,6 +856,7 @@ async fn hostile_daemons_never_get_a_success() {
             phases: vec![],
             usage: Default::default(),
             relayed: Vec::new(),
+            previous: None,
         }))
     };
     let cases: Vec<(&str, Vec<Step>, &str)> = vec![

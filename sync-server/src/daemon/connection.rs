@@ -203,8 +203,6 @@ struct Driver {
     recv: Option<RecvStream>,
     control_seen: bool,
     opened: Option<Held>,
-    /// The session is a push (an activation then also prunes, as a local deploy does).
-    push: bool,
     /// The peer is a relay admitted by its ticket, not an authorized key: it may stage only.
     relayed_peer: bool,
     /// The process's CPU time (µs) when the session opened its app: `Staged` reports the
@@ -252,7 +250,6 @@ impl Driver {
             recv: None,
             control_seen: false,
             opened: None,
-            push: false,
             relayed_peer: false,
             cpu_at_open: 0,
             relay: None,
@@ -629,8 +626,7 @@ impl Driver {
                 },
                 Work::Events(vec![panicked("applying the sync")]),
             ),
-            (Request::Activate { release }, Held::App(opened)) => {
-                let prune = self.push;
+            (Request::Activate { release, prune }, Held::App(opened)) => {
                 self.spawn_work(
                     move || Work::Events(vec![work::activate(&opened, &release, prune)]),
                     Work::Events(vec![panicked("activating the release")]),
@@ -765,7 +761,6 @@ impl Driver {
         span.record("app", name);
         if let Command::Push { release, relay, .. } = &command {
             span.record("release", release.as_str());
-            self.push = true;
             if let (Some(plan), Ok(app)) = (relay, AppName::new(name)) {
                 self.relay = Some((app, plan.clone()));
             }
@@ -901,12 +896,18 @@ impl Driver {
                 .await
                 .unwrap_or_else(|_| panicked("building the release"));
                 let event = match built {
-                    Event::Staged { linked, phases, .. } => {
+                    Event::Staged {
+                        linked,
+                        phases,
+                        previous,
+                        ..
+                    } => {
                         let relayed = forwarding.join().await;
                         Event::Staged {
                             linked,
                             relayed,
                             phases,
+                            previous,
                         }
                     }
                     other => {

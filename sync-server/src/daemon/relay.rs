@@ -298,13 +298,18 @@ async fn push_child(
                 rsync = report.sent_bytes.rsync,
                 "relayed the release"
             );
-            out.push(Relayed::new(index(child), None));
+            out.push(Relayed::staged(
+                index(child),
+                report.session.staged.previous.clone(),
+            ));
             let mut seen = vec![false; map.len()];
             for r in report.session.staged.relayed {
                 // A child reports on its own plan's numbering; anything outside it is ignored.
                 if let Some(&ours) = map.get(r.node as usize) {
                     seen[r.node as usize] = true;
-                    out.push(Relayed::new(index(ours), r.error));
+                    let mut rel = Relayed::new(index(ours), r.error);
+                    rel.previous = r.previous;
+                    out.push(rel);
                 }
             }
             for (i, &ours) in map.iter().enumerate() {

@@ -27,7 +27,7 @@ use sync_core::proto::daemon::{
 };
 use sync_core::release::ReleaseId;
 use sync_core::retention;
-use sync_core::wire::{BasisRef, Command, ErrorKind, ReleaseInfo, ReleaseStatus};
+use sync_core::wire::{BasisRef, Command, ErrorKind, Pruning, ReleaseInfo, ReleaseStatus};
 
 use super::content::{KeptContent, LocalContent};
 use super::stream::Payload;
@@ -537,6 +537,9 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
     let build = || -> Result<Event, Event> {
         let lock = opened.lock()?;
         let root = &opened.app.root;
+        // The lock is held since the push opened the app, and the push activates only after
+        // this: what is current now is what the host ran before the push.
+        let previous = root.current().map_err(|e| edge_failed(&e))?;
         let records = root.records().map_err(|e| edge_failed(&e))?;
         if records
             .iter()
@@ -559,6 +562,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
                 linked: manifest.file_count() as u64,
                 phases: vec![],
                 relayed: Vec::new(),
+                previous,
             });
         }
         let source = LocalContent::new(root, manifest, &records).map_err(|e| edge_failed(&e))?;
@@ -599,6 +603,7 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             linked: s.linked_files,
             phases: report.timings,
             relayed: Vec::new(),
+            previous,
         })
     };
     build().unwrap_or_else(|e| {
@@ -626,11 +631,9 @@ pub(super) fn activate(opened: &Opened, release: &ReleaseId, prune: bool) -> Eve
         deploy::activate_with(&opened.app.root, lock, release, &activation_options(opened))
             .map_err(|e| edge_failed(&e))?;
         tracing::info!(%release, "activated");
-        if prune {
-            prune_after_push(opened, lock);
-        }
         Ok(Event::Activated {
             release: release.clone(),
+            pruned: prune.then(|| prune_after_activation(opened, lock)),
         })
     };
     run().unwrap_or_else(|e| e)
@@ -644,7 +647,10 @@ pub(super) fn rollback(opened: &Opened, to: Option<&ReleaseId>) -> Event {
                 .map_err(|e| edge_failed(&e))?
                 .release;
         tracing::info!(%release, "rolled back");
-        Ok(Event::Activated { release })
+        Ok(Event::Activated {
+            release,
+            pruned: None,
+        })
     };
     run().unwrap_or_else(|e| e)
 }
@@ -675,13 +681,22 @@ pub(super) fn clear(opened: &Opened) -> Event {
     run().unwrap_or_else(|e| e)
 }
 
-/// After an activated push: keep only the app's configured number of releases. A failure is
-/// logged; the push itself succeeded.
-fn prune_after_push(opened: &Opened, lock: &LockGuard) {
+/// After an activation that asked for it (an activating push, or a fleet's activation): keep
+/// only the app's configured number of releases. A failure is logged and reported; the
+/// activation itself succeeded.
+fn prune_after_activation(opened: &Opened, lock: &LockGuard) -> Pruning {
     match deploy::prune(&opened.app.root, lock, opened.app.config.keep, now_unix()) {
-        Ok(removed) if removed.is_empty() => {}
-        Ok(removed) => tracing::info!(removed = ?removed, "pruned old releases"),
-        Err(e) => tracing::warn!("pruning old releases failed: {}", error_chain(&e)),
+        Ok(removed) => {
+            if !removed.is_empty() {
+                tracing::info!(removed = ?removed, "pruned old releases");
+            }
+            Pruning::Removed(removed)
+        }
+        Err(e) => {
+            let why = error_chain(&e);
+            tracing::warn!("pruning old releases failed: {why}");
+            Pruning::Failed(format!("pruning old releases failed: {why}"))
+        }
     }
 }
 

@@ -5,11 +5,14 @@
 //! rollout's; this module connects (pinning each daemon to its fleet-file key), runs the client
 //! functions, turns their errors into report lines and feeds the results back.
 //!
-//! Staging one host is two connections: `Releases`, to learn which release it runs (the one a
-//! failing wave returns it to), then the push without activation. All pushes share one
+//! Staging one host is one connection: the push without activation, whose `Staged` answer also
+//! says which release the host ran before (the one a failing wave returns it to; a relay passes
+//! on the same for each host it fed). A host whose daemon refused the push is asked what it runs
+//! at the end, with the hosts whose state an activation left in doubt. All pushes share one
 //! [`PayloadMemo`] (hosts with the same basis get the same bytes, encoded once) and one listing of
-//! the client cache; the cache is updated once for every host that staged, after staging. Hosts
-//! that end on the new release are then pruned to their app's `keep`, as a single push does.
+//! the client cache; the cache is updated once for every host that staged, after staging. Each
+//! activation asks the daemon to prune the host to its app's `keep` in the same request, as a
+//! single push does, so pruning costs no connection of its own.
 
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use sync_core::manifest::Hash;
 use sync_core::proto::client::Outcome;
 use sync_core::relay::{RelayNode, RelayPlan};
-use sync_core::wire::{Command, ErrorKind, ReleaseInfo, ReleaseStatus};
+use sync_core::wire::{Command, ErrorKind, Pruning, ReleaseInfo, ReleaseStatus};
 use sync_core::ReleaseId;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -127,7 +130,8 @@ pub struct FleetReport {
     pub rollout: RolloutReport,
     /// Milliseconds each host spent, over all its steps.
     pub millis: Vec<u64>,
-    /// Releases removed after activation beyond the app's `keep`, per host that activated.
+    /// Releases removed after activation beyond the app's `keep`, per host that activated (also
+    /// one a failing wave later rolled back: the prune had happened by then).
     pub pruned: Vec<Option<Result<Vec<ReleaseId>, String>>>,
     /// What the client cache did (`None` without a cache or when nothing staged).
     pub cache: Option<Result<CacheUpdate, String>>,
@@ -297,6 +301,10 @@ pub async fn push(
         ..req.clone()
     });
     let mut millis = vec![0u64; n];
+    let mut pruned = vec![None; n];
+    // Hosts whose daemon refused the push: alive, running what they ran, which only a query
+    // tells (a push that fails says nothing of it).
+    let mut ask_after = Vec::new();
     let mut recording = None;
     loop {
         match rollout.next_action() {
@@ -312,7 +320,7 @@ pub async fn push(
                 };
                 let mut staged_targets = Vec::new();
                 for (host, r) in results {
-                    let (result, previous, ms) = r.unwrap_or_else(|e| (Err(e), None, 0));
+                    let (result, refused, ms) = r.unwrap_or_else(|e| (Err(e), false, 0));
                     millis[host] += ms;
                     (ctx.on_event)(Event::End {
                         host,
@@ -322,11 +330,10 @@ pub async fn push(
                     if result.is_ok() {
                         staged_targets.push(ctx.hosts[host].target.clone());
                     }
-                    let failed = result.is_err();
-                    rollout.staged(host, result);
-                    if let (true, Some(p)) = (failed, previous) {
-                        rollout.observed(host, p);
+                    if refused {
+                        ask_after.push(host);
                     }
+                    rollout.staged(host, result);
                 }
                 if let (Some(c), false) = (&cache, staged_targets.is_empty()) {
                     recording = Some(record(Arc::clone(c), req, staged_targets));
@@ -345,9 +352,14 @@ pub async fn push(
                 })
                 .await;
                 for (host, r) in results {
-                    let (result, daemon_said, ms) =
-                        r.unwrap_or_else(|e| (Err(e), false, opts.host_timeout.as_millis() as u64));
+                    let (result, daemon_said, ms, prune) = r.unwrap_or_else(|e| {
+                        (Err(e), false, opts.host_timeout.as_millis() as u64, None)
+                    });
                     millis[host] += ms;
+                    if let Some(Err(e)) = &prune {
+                        tracing::warn!("{}: {e}", ctx.hosts[host].target);
+                    }
+                    pruned[host] = prune;
                     (ctx.on_event)(Event::End {
                         host,
                         step: Step::Activate,
@@ -392,12 +404,13 @@ pub async fn push(
         }
     }
     // Ask the hosts whose live release is in doubt (a lost connection during activation or
-    // rollback) what they run now.
+    // rollback, a refused push) what they run now.
     let report = rollout.report();
     let doubtful: Vec<usize> = (0..n)
         .filter(|&h| {
             let r = &report.hosts[h];
-            r.current.is_none() && (r.activate.is_some() || r.rollback.is_some())
+            r.current.is_none()
+                && (r.activate.is_some() || r.rollback.is_some() || ask_after.contains(&h))
         })
         .collect();
     if !doubtful.is_empty() {
@@ -415,31 +428,6 @@ pub async fn push(
             }
         }
     }
-    // As a single push does after activating: keep only the app's configured number of
-    // releases, on the hosts now running the new one. A failure here is reported, not fatal.
-    let mut pruned = vec![None; n];
-    if req.activate {
-        let report = rollout.report();
-        let live: Vec<usize> = (0..n)
-            .filter(|&h| report.hosts[h].succeeded(true))
-            .collect();
-        let results = each(&ctx, &live, opts.host_timeout, |ctx, host| async move {
-            match ctx.command(host, Command::Prune { keep: None }).await? {
-                Outcome::Pruned { removed } => Ok(removed),
-                o => Err(unexpected(&o)),
-            }
-        })
-        .await;
-        for (host, r) in results {
-            if let Err(e) = &r {
-                tracing::warn!(
-                    "{}: pruning old releases failed: {e}",
-                    ctx.hosts[host].target
-                );
-            }
-            pruned[host] = Some(r);
-        }
-    }
     let cache = match recording {
         Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
         None => None,
@@ -453,10 +441,17 @@ pub async fn push(
     }
 }
 
-type StageResult = (Result<Staged, String>, Option<Option<ReleaseId>>, u64);
+/// What staging one host did: the result, whether its daemon refused the push (so it is alive
+/// and still runs what it ran, worth asking what that is) and the time taken.
+type StageResult = (Result<Staged, String>, bool, u64);
 
-/// Stages `req` on `host`: asks what it runs, then pushes without activating. Returns the
-/// result, what the host runs (when it was learned, also for a failed push) and the time taken.
+/// Whether `e` is the daemon's own refusal of a push, rather than a lost or failed connection.
+fn refused(e: &ClientError) -> bool {
+    matches!(e, ClientError::Session { .. })
+}
+
+/// Stages `req` on `host`: pushes without activating; the daemon's answer says what the host
+/// ran before.
 async fn stage(
     ctx: &Ctx,
     host: usize,
@@ -470,14 +465,10 @@ async fn stage(
         step: Step::Stage,
     });
     let ms = || started.elapsed().as_millis() as u64;
-    let previous = match ctx.current(host).await {
-        Ok(p) => p,
-        Err(e) => return Ok((Err(e), None, ms())),
-    };
     let pushed = loop {
         let conn = match ctx.connect(host).await {
             Ok(c) => c,
-            Err(e) => return Ok((Err(chain(&e)), Some(previous), ms())),
+            Err(e) => return Ok((Err(chain(&e)), false, ms())),
         };
         let on_event = Arc::clone(&ctx.on_event);
         let pushed = client::push_with(&conn, req, push_opts, &move |p| {
@@ -495,9 +486,10 @@ async fn stage(
             other => break other,
         }
     };
+    let refused = pushed.as_ref().is_err_and(refused);
     let result = pushed
         .map(|r| Staged {
-            previous: previous.clone(),
+            previous: r.session.staged.previous.clone(),
             sent_bytes: r.session.payload_bytes,
             millis: ms(),
             phases: r.session.staged.phases.clone(),
@@ -505,13 +497,14 @@ async fn stage(
             relayed_by: None,
         })
         .map_err(|e| chain(&e));
-    Ok((result, Some(previous), ms()))
+    Ok((result, refused, ms()))
 }
 
-/// Stages `req` through a relay tree: asks every host what it runs, pushes to the roots with
-/// the rest of the tree as their relay plans (and a ticket, signed with the client's key, for
-/// every relay of the tree), then pushes directly to every host its relay did not report as
-/// staged, so only the content such a host still misses is sent.
+/// Stages `req` through a relay tree: pushes to the roots with the rest of the tree as their
+/// relay plans (and a ticket, signed with the client's key, for every relay of the tree), then
+/// pushes directly to every host its relay did not report as staged, so only the content such a
+/// host still misses is sent. What each host ran before comes back with its report: from a root
+/// in its `Staged`, from a relayed host in its relay's `Relayed` entry.
 async fn stage_relayed(
     ctx: &Arc<Ctx>,
     hosts: &[usize],
@@ -526,26 +519,10 @@ async fn stage_relayed(
             step: Step::Stage,
         });
     }
-    let asked = each(ctx, hosts, timeout, |ctx, host| async move {
-        ctx.current(host).await
-    })
-    .await;
     let mut out: Vec<(usize, Result<StageResult, String>)> = Vec::new();
-    let mut previous: HashMap<usize, Option<ReleaseId>> = HashMap::new();
-    for (host, r) in asked {
-        match r {
-            Ok(p) => {
-                previous.insert(host, p);
-            }
-            Err(e) => out.push((host, Ok((Err(e), None, 0)))),
-        }
-    }
-    let reachable: Vec<usize> = hosts
-        .iter()
-        .copied()
-        .filter(|h| previous.contains_key(h))
-        .collect();
-    let tree = Tree::with_roots(reachable, ctx.opts.roots(), ctx.opts.fanout);
+    // A host that cannot be reached is found out by its relay's push (or the source's, for a
+    // root), and the hosts below it are then pushed to directly, as for any failed relay.
+    let tree = Tree::with_roots(hosts.to_vec(), ctx.opts.roots(), ctx.opts.fanout);
     let digest = Hash::of(&req.manifest.encode());
     let plans = match relay_plans(ctx, &tree, &req.release, digest) {
         Ok(p) => p,
@@ -565,7 +542,10 @@ async fn stage_relayed(
         let (req, mut opts) = (Arc::clone(req), push_opts.clone());
         opts.relay = plans.get(&root).map(|(plan, _)| plan.clone());
         async move {
-            let conn = ctx.connect(root).await.map_err(|e| chain(&e))?;
+            let conn = match ctx.connect(root).await {
+                Ok(c) => c,
+                Err(e) => return Ok((Err(chain(&e)), false)),
+            };
             let on_event = Arc::clone(&ctx.on_event);
             let pushed = client::push_with(&conn, &req, &opts, &move |p| {
                 on_event(Event::Push {
@@ -575,28 +555,31 @@ async fn stage_relayed(
             })
             .await;
             conn.close().await;
-            pushed.map_err(|e| chain(&e))
+            let refused = pushed.as_ref().is_err_and(refused);
+            Ok((pushed.map_err(|e| chain(&e)), refused))
         }
     })
     .await;
     let ms = |t: Instant| t.elapsed().as_millis() as u64;
     let mut staged: HashSet<usize> = HashSet::new();
+    // What each relayed host that staged ran before, as its relay reported.
+    let mut previous: HashMap<usize, Option<ReleaseId>> = HashMap::new();
     let mut relay_errors: HashMap<usize, String> = HashMap::new();
     for (root, r) in pushed {
-        let prev = previous.get(&root).cloned().flatten();
         let below = plans.get(&root).map(|(_, hosts)| hosts.as_slice());
+        let (r, refused) = r.unwrap_or_else(|e| (Err(e), false));
         match r {
             Ok(report) => {
                 staged.insert(root);
                 let result = Staged {
-                    previous: prev.clone(),
+                    previous: report.session.staged.previous.clone(),
                     sent_bytes: report.session.payload_bytes,
                     millis: ms(started),
                     relayed_by: None,
                     phases: report.session.staged.phases.clone(),
                     usage: report.session.staged.usage,
                 };
-                out.push((root, Ok((Ok(result), Some(prev), ms(started)))));
+                out.push((root, Ok((Ok(result), false, ms(started)))));
                 for rel in &report.session.staged.relayed {
                     let Some(&host) = below.and_then(|b| b.get(rel.node as usize)) else {
                         continue;
@@ -604,6 +587,7 @@ async fn stage_relayed(
                     match &rel.error {
                         None => {
                             staged.insert(host);
+                            previous.insert(host, rel.previous.clone());
                         }
                         Some(e) => {
                             relay_errors.insert(host, e.clone());
@@ -616,16 +600,12 @@ async fn stage_relayed(
                     relay_errors
                         .insert(h, format!("its relay {} failed", ctx.hosts[root].host.name));
                 }
-                out.push((root, Ok((Err(e), Some(prev), ms(started)))));
+                out.push((root, Ok((Err(e), refused, ms(started)))));
             }
         }
     }
     // Relayed hosts that staged: reported by their relay, fed by it, nothing from the source.
-    for &host in previous.keys() {
-        if tree.roots().contains(&host) || !staged.contains(&host) {
-            continue;
-        }
-        let prev = previous.get(&host).cloned().flatten();
+    for (&host, prev) in &previous {
         let result = Staged {
             previous: prev.clone(),
             sent_bytes: 0,
@@ -635,7 +615,7 @@ async fn stage_relayed(
             phases: Vec::new(),
             usage: Default::default(),
         };
-        out.push((host, Ok((Ok(result), Some(prev), ms(started)))));
+        out.push((host, Ok((Ok(result), false, ms(started)))));
     }
     // Re-parented to the source: pushed directly; the objects a failed relay already delivered
     // stay on the host, so only what is missing goes out.
@@ -710,9 +690,19 @@ fn relay_plans(
     Ok(plans)
 }
 
-/// Activates `release` on `host`. Returns the result, whether the daemon itself answered (so
-/// it ran its pipeline, and on failure put the previous release back), and the time taken.
-async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> (StepResult, bool, u64) {
+/// What activating one host did: the result, whether the daemon itself answered (so it ran its
+/// pipeline, and on failure put the previous release back), the time taken, and what the prune
+/// asked with the activation removed (`None` unless the release went live).
+type Activation = (
+    StepResult,
+    bool,
+    u64,
+    Option<Result<Vec<ReleaseId>, String>>,
+);
+
+/// Activates `release` on `host` and, in the same request, prunes the host's old releases to
+/// its app's `keep`.
+async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> Activation {
     let started = Instant::now();
     (ctx.on_event)(Event::Begin {
         host,
@@ -721,22 +711,29 @@ async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> (StepResult, b
     let ms = || started.elapsed().as_millis() as u64;
     let conn = match ctx.connect(host).await {
         // Never reached the daemon: nothing changed there.
-        Err(e) => return (Err(chain(&e)), true, ms()),
+        Err(e) => return (Err(chain(&e)), true, ms(), None),
         Ok(c) => c,
     };
     let outcome = client::command(
         &conn,
         Command::Activate {
             release: release.clone(),
+            prune: true,
         },
     )
     .await;
     conn.close().await;
     match outcome {
-        Ok(Outcome::Activated { release: r }) if &r == release => (Ok(()), true, ms()),
-        Ok(o) => (Err(unexpected(&o)), false, ms()),
-        Err(e @ ClientError::Session { .. }) => (Err(chain(&e)), true, ms()),
-        Err(e) => (Err(chain(&e)), false, ms()),
+        Ok(Outcome::Activated { release: r, pruned }) if &r == release => {
+            let pruned = pruned.map(|p| match p {
+                Pruning::Removed(ids) => Ok(ids),
+                Pruning::Failed(why) => Err(why),
+            });
+            (Ok(()), true, ms(), pruned)
+        }
+        Ok(o) => (Err(unexpected(&o)), false, ms(), None),
+        Err(e @ ClientError::Session { .. }) => (Err(chain(&e)), true, ms(), None),
+        Err(e) => (Err(chain(&e)), false, ms(), None),
     }
 }
 
@@ -769,7 +766,7 @@ async fn rollback_one(
         )
         .await
     {
-        Ok(Outcome::Activated { release: r }) if r == to => Ok(()),
+        Ok(Outcome::Activated { release: r, .. }) if r == to => Ok(()),
         Ok(o) => Err(unexpected(&o)),
         Err(e) => Err(e),
     };
@@ -879,7 +876,7 @@ pub async fn rollback(
         let to = to.clone();
         async move {
             match ctx.command(host, Command::Rollback { to }).await? {
-                Outcome::Activated { release } => Ok(release),
+                Outcome::Activated { release, .. } => Ok(release),
                 o => Err(unexpected(&o)),
             }
         }
