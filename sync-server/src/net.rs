@@ -61,6 +61,10 @@ pub struct NetConfig {
     pub keep_alive_interval: Option<Duration>,
     /// Requested UDP send and receive buffer size, in bytes.
     pub socket_buffer: usize,
+    /// Probe for a path MTU above QUIC's 1,200 bytes. Worth it for a transfer (fewer, larger
+    /// packets); on a connection that carries one short command the probes (up to 1,452 bytes
+    /// each, several of them) are most of what it sends.
+    pub mtu_discovery: bool,
 }
 
 impl Default for NetConfig {
@@ -74,6 +78,7 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Some(Duration::from_secs(10)),
             socket_buffer: 4 * MIB as usize,
+            mtu_discovery: true,
         }
     }
 }
@@ -107,6 +112,9 @@ impl NetConfig {
             .keep_alive_interval(self.keep_alive_interval)
             // relsync sends no datagrams; refusing them removes a buffer a peer could fill.
             .datagram_receive_buffer_size(None);
+        if !self.mtu_discovery {
+            transport.mtu_discovery_config(None);
+        }
         Ok(transport)
     }
 }

@@ -854,3 +854,34 @@ async fn throughput_tuned_vs_quinn_defaults() {
         }
     }
 }
+
+/// A connection for a transfer probes for a larger path MTU; one for a short command does not
+/// (the probes would be most of what it sends).
+#[tokio::test]
+async fn only_transfer_connections_probe_the_path_mtu() {
+    let me = Identity::generate("client").unwrap();
+    let daemon = Daemon::start(&[me.fingerprint()]);
+    for (mtu_discovery, probes) in [(true, true), (false, false)] {
+        let net = NetConfig {
+            mtu_discovery,
+            ..NetConfig::default()
+        };
+        let verifier = pinned(&daemon, Some(daemon.identity.fingerprint()));
+        let conn = connect(&client(), daemon.addr, "localhost", verifier, &me, &net)
+            .await
+            .unwrap();
+        assert_eq!(echo(&conn, b"activate").await.unwrap(), b"activate");
+        // Discovery starts once the handshake is confirmed and takes a few round trips.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while conn.stats().path.sent_plpmtud_probes == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sent = conn.stats().path.sent_plpmtud_probes;
+        assert_eq!(
+            sent > 0,
+            probes,
+            "mtu_discovery {mtu_discovery}: {sent} probes"
+        );
+        conn.close(0u32.into(), b"done");
+    }
+}

@@ -148,12 +148,27 @@ struct Ctx {
 
 impl Ctx {
     async fn connect(&self, host: usize) -> Result<Connection, ClientError> {
+        self.connect_with(host, &self.opts.net).await
+    }
+
+    /// A connection for one short command (activate, releases, rollback): no path MTU probes,
+    /// which would be most of the bytes it sends, and with many hosts most of what the source
+    /// sends for a patch.
+    async fn connect_for_command(&self, host: usize) -> Result<Connection, ClientError> {
+        let net = NetConfig {
+            mtu_discovery: false,
+            ..self.opts.net.clone()
+        };
+        self.connect_with(host, &net).await
+    }
+
+    async fn connect_with(&self, host: usize, net: &NetConfig) -> Result<Connection, ClientError> {
         let h = &self.hosts[host];
         client::connect_pinned(
             &h.target,
             &self.identity,
             Some(h.host.key),
-            &self.opts.net,
+            net,
             self.opts.connect_timeout,
         )
         .await
@@ -161,7 +176,10 @@ impl Ctx {
 
     /// Runs one command on `host` on its own connection.
     async fn command(&self, host: usize, cmd: Command) -> Result<Outcome, String> {
-        let conn = self.connect(host).await.map_err(|e| chain(&e))?;
+        let conn = self
+            .connect_for_command(host)
+            .await
+            .map_err(|e| chain(&e))?;
         let outcome = client::command(&conn, cmd).await;
         conn.close().await;
         outcome.map_err(|e| chain(&e))
@@ -709,7 +727,7 @@ async fn activate(ctx: &Ctx, host: usize, release: &ReleaseId) -> Activation {
         step: Step::Activate,
     });
     let ms = || started.elapsed().as_millis() as u64;
-    let conn = match ctx.connect(host).await {
+    let conn = match ctx.connect_for_command(host).await {
         // Never reached the daemon: nothing changed there.
         Err(e) => return (Err(chain(&e)), true, ms(), None),
         Ok(c) => c,
