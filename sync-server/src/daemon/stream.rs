@@ -63,7 +63,7 @@ pub(super) enum ReadInto {
 pub(super) type Piece = Result<Vec<Bytes>, FileFailure>;
 
 /// Received bytes gathered into one [`Piece`] before the job is woken.
-pub(super) const PIECE: usize = 256 * 1024;
+const PIECE: usize = 256 * 1024;
 
 /// A payload that arrived whole.
 #[derive(Debug)]
