@@ -243,14 +243,31 @@ impl Connection {
         self.config = config;
     }
 
-    /// Closes the connection, giving the endpoint a moment to tell the daemon.
+    /// Closes the connection and returns once the close frame went out (or the daemon had
+    /// closed it already), at most [`CLOSE_WAIT`] later.
     ///
     /// `wait_idle` would also sit out QUIC's draining period (three probe timeouts, 70 ms even
-    /// on loopback); the close frame leaves long before that, and a daemon that misses it only
-    /// holds a finished connection until its idle timeout.
+    /// on loopback), and a fixed pause costs every command its length; the frame leaves on the
+    /// endpoint's next turn, and a daemon that misses it only holds a finished connection until
+    /// its idle timeout.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let sent = self.conn.stats().frame_tx.connection_close > 0;
+            // Closed by the daemon first (its close arrived before ours was sent): there is
+            // nothing left to tell it.
+            let by_daemon = !matches!(
+                self.conn.close_reason(),
+                Some(quinn::ConnectionError::LocallyClosed) | None
+            );
+            if sent || by_daemon || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The socket goes only now, with the frame sent.
+        drop(self.endpoint);
     }
 }
 

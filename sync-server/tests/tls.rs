@@ -37,6 +37,8 @@ struct Daemon {
     identity: Identity,
     authorized: Arc<AuthorizedClientVerifier>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Error codes of the connections clients closed (their close frame arrived).
+    closes: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Daemon {
@@ -61,10 +63,11 @@ impl Daemon {
     ) -> Self {
         let addr = endpoint.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (ep, log) = (endpoint.clone(), seen.clone());
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let (ep, log, closed) = (endpoint.clone(), seen.clone(), closes.clone());
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let log = log.clone();
+                let (log, closes) = (log.clone(), closed.clone());
                 tokio::spawn(async move {
                     let conn = match incoming.await {
                         Ok(conn) => conn,
@@ -76,11 +79,20 @@ impl Daemon {
                     log.lock()
                         .unwrap()
                         .push(Seen::Connected(peer_fingerprint(&conn)));
-                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        log.lock().unwrap().push(Seen::Stream);
-                        if let Ok(data) = recv.read_to_end(1 << 20).await {
-                            let _ = send.write_all(&data).await;
-                            let _ = send.finish();
+                    loop {
+                        match conn.accept_bi().await {
+                            Ok((mut send, mut recv)) => {
+                                log.lock().unwrap().push(Seen::Stream);
+                                if let Ok(data) = recv.read_to_end(1 << 20).await {
+                                    let _ = send.write_all(&data).await;
+                                    let _ = send.finish();
+                                }
+                            }
+                            Err(ConnectionError::ApplicationClosed(c)) => {
+                                closes.lock().unwrap().push(c.error_code.into_inner());
+                                break;
+                            }
+                            Err(_) => break,
                         }
                     }
                 });
@@ -91,6 +103,7 @@ impl Daemon {
             identity,
             authorized,
             seen,
+            closes,
         }
     }
 
@@ -883,5 +896,32 @@ async fn only_transfer_connections_probe_the_path_mtu() {
             "mtu_discovery {mtu_discovery}: {sent} probes"
         );
         conn.close(0u32.into(), b"done");
+    }
+}
+
+/// relsync's client returns from `close` as soon as its close frame left, and the frame reaches
+/// the daemon: it does not wait out QUIC's draining period, nor leave the daemon to time out.
+#[tokio::test]
+async fn a_closed_client_connection_tells_the_daemon() {
+    let me = Identity::generate("client").unwrap();
+    let daemon = Daemon::start(&[me.fingerprint()]);
+    let target =
+        sync_server::client::Target::parse(&format!("{}/app", daemon.host_port())).unwrap();
+    for n in 1..=3 {
+        let conn = sync_server::client::connect_pinned(
+            &target,
+            &me,
+            Some(daemon.identity.fingerprint()),
+            &NetConfig::default(),
+            WAIT,
+        )
+        .await
+        .unwrap();
+        conn.close().await;
+        let deadline = Instant::now() + WAIT;
+        while daemon.closes.lock().unwrap().len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*daemon.closes.lock().unwrap(), vec![0; n]);
     }
 }
