@@ -166,10 +166,23 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub(crate) async fn dial(keys: &KeyArgs, target: &Target) -> Result<Connection> {
+    dial_with(keys, target, &NetConfig::default()).await
+}
+
+/// [`dial`] for one short command: no path MTU probes, which would be most of what it sends.
+async fn dial_for_command(keys: &KeyArgs, target: &Target) -> Result<Connection> {
+    let net = NetConfig {
+        mtu_discovery: false,
+        ..NetConfig::default()
+    };
+    dial_with(keys, target, &net).await
+}
+
+async fn dial_with(keys: &KeyArgs, target: &Target, net: &NetConfig) -> Result<Connection> {
     let identity = keys.identity()?;
     let known = keys.known_hosts()?;
     let timeout = Duration::from_secs(keys.connect_timeout.max(1));
-    Ok(client::connect(target, &identity, &known, &NetConfig::default(), timeout).await?)
+    Ok(client::connect(target, &identity, &known, net, timeout).await?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,7 +652,7 @@ fn run_command(keys: &KeyArgs, target: &Target, cmd: WireCommand) -> Result<Outc
     let what = cmd.name();
     runtime()?
         .block_on(async {
-            let conn = dial(keys, target).await?;
+            let conn = dial_for_command(keys, target).await?;
             let outcome = client::command(&conn, cmd).await;
             conn.close().await;
             anyhow::Ok(outcome?)
