@@ -257,8 +257,18 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     keys.identity()?;
     keys.known_hosts()?;
     let show = !a.json && std::io::stderr().is_terminal();
-    let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
     let cache = open_cache();
+    // What the cache holds for the target does not depend on the scan: read it meanwhile. If
+    // that fails, the push reads it again and says why it goes without.
+    let ahead = cache.clone().filter(|_| !a.dry_run).map(|c| {
+        let target = target.clone();
+        std::thread::spawn(move || client::read_cache_for(&c, &target))
+    });
+    let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
+    let (cached, manifest_basis) = match ahead.map(std::thread::JoinHandle::join) {
+        Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest),
+        _ => (None, None),
+    };
     let req = PushRequest {
         release,
         manifest: Arc::new(scanned.manifest),
@@ -283,6 +293,8 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         let opts = client::PushOptions {
             cache: cache.clone(),
             record: true,
+            cached,
+            manifest_basis,
             rate: a.bwlimit.map(|r| Arc::new(client::RateLimit::new(r))),
             ..client::PushOptions::default()
         };

@@ -243,31 +243,21 @@ impl Connection {
         self.config = config;
     }
 
-    /// Closes the connection and returns once the close frame went out (or the daemon had
-    /// closed it already), at most [`CLOSE_WAIT`] later.
+    /// Closes the connection, giving the endpoint up to [`CLOSE_WAIT`] to tell the daemon, and
+    /// returns at once when the daemon closed it first (there is nothing left to tell).
     ///
     /// `wait_idle` would also sit out QUIC's draining period (three probe timeouts, 70 ms even
-    /// on loopback), and a fixed pause costs every command its length; the frame leaves on the
-    /// endpoint's next turn, and a daemon that misses it only holds a finished connection until
-    /// its idle timeout.
+    /// on loopback); the close frame leaves long before that, and a daemon that misses it only
+    /// holds a finished connection until its idle timeout.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
-        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
-        loop {
-            let sent = self.conn.stats().frame_tx.connection_close > 0;
-            // Closed by the daemon first (its close arrived before ours was sent): there is
-            // nothing left to tell it.
-            let by_daemon = !matches!(
-                self.conn.close_reason(),
-                Some(quinn::ConnectionError::LocallyClosed) | None
-            );
-            if sent || by_daemon || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let closed_by_daemon = !matches!(
+            self.conn.close_reason(),
+            Some(quinn::ConnectionError::LocallyClosed) | None
+        );
+        if !closed_by_daemon {
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
         }
-        // The socket goes only now, with the frame sent.
-        drop(self.endpoint);
     }
 }
 
@@ -353,8 +343,9 @@ pub struct PushOptions {
     /// Read the files from here, waiting for content still on its way, instead of from
     /// `PushRequest::source` (a relay forwarding a release it is still receiving).
     pub locate: Option<Arc<dyn Locate>>,
-    /// Without a cache: the encoded manifest the daemon probably holds (a relay's current
-    /// release), to send the new one as a delta against.
+    /// The encoded manifest the daemon probably holds, to send the new one as a delta against:
+    /// a relay's current release, or what [`read_cache_for`] read ahead. When given, the cache's
+    /// last manifest for the target is not read again.
     pub manifest_basis: Option<Arc<[u8]>>,
 }
 
@@ -389,7 +380,13 @@ pub async fn push_with(
         )),
         None => open_source(&req.source, &req.manifest)?,
     };
-    let mut cached = cached(opts.cache.as_ref(), &conn.target, opts.cached.as_deref()).await;
+    let mut cached = cached(
+        opts.cache.as_ref(),
+        &conn.target,
+        opts.cached.as_deref(),
+        opts.manifest_basis.is_none(),
+    )
+    .await;
     if cached.manifest.is_none() {
         cached.manifest.clone_from(&opts.manifest_basis);
     }
@@ -464,7 +461,7 @@ pub async fn sync(
         cached: if req.dry_run {
             HashSet::new()
         } else {
-            cached(cache, &req.destination, None).await.hashes
+            cached(cache, &req.destination, None, false).await.hashes
         },
     };
     let session = ClientSession::sync(conn.config, job, 0);
@@ -592,7 +589,7 @@ pub async fn dry_run(
     req: &PushRequest,
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
-    let cached = cached(cache, &conn.target, None).await;
+    let cached = cached(cache, &conn.target, None, true).await;
     let session = push_session(conn, conn.config, req, cached.clone(), None);
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
@@ -648,11 +645,13 @@ struct Cached {
     manifest: Option<Arc<[u8]>>,
 }
 
-/// `known`: the contents the cache holds, when the caller listed them already.
+/// `known`: the contents the cache holds, when the caller listed them already; `manifest`:
+/// whether to read the manifest last pushed to `target` too.
 async fn cached(
     cache: Option<&Arc<Cache>>,
     target: &(dyn std::fmt::Display + Sync),
     known: Option<&HashSet<Hash>>,
+    manifest: bool,
 ) -> Cached {
     let Some(c) = cache.cloned() else {
         return Cached {
@@ -662,17 +661,8 @@ async fn cached(
     };
     let target = target.to_string();
     let known = known.cloned();
-    let listed = tokio::task::spawn_blocking(move || {
-        let hashes = match known {
-            Some(h) => h,
-            None => c.hashes()?,
-        };
-        let manifest = c
-            .last_manifest(&target)?
-            .map(|m| Arc::<[u8]>::from(m.encode()));
-        Ok::<_, cache::CacheError>(Cached { hashes, manifest })
-    })
-    .await;
+    let listed =
+        tokio::task::spawn_blocking(move || read_cached(&c, &target, known, manifest)).await;
     match listed {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -681,6 +671,50 @@ async fn cached(
         }
         Err(_) => Cached::default(),
     }
+}
+
+fn read_cached(
+    c: &Cache,
+    target: &str,
+    known: Option<HashSet<Hash>>,
+    manifest: bool,
+) -> Result<Cached, cache::CacheError> {
+    let started = std::time::Instant::now();
+    let hashes = match known {
+        Some(h) => h,
+        None => c.hashes()?,
+    };
+    let manifest = match manifest {
+        true => c
+            .last_manifest(&target)?
+            .map(|m| Arc::<[u8]>::from(m.encode())),
+        false => None,
+    };
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "cache: contents listed and last manifest read"
+    );
+    Ok(Cached { hashes, manifest })
+}
+
+/// What the client cache holds for a push to one target (see [`read_cache_for`]).
+#[derive(Debug, Clone)]
+pub struct CacheView {
+    /// The contents it can reproduce: [`PushOptions::cached`].
+    pub contents: Arc<HashSet<Hash>>,
+    /// The encoding of the manifest last pushed there: [`PushOptions::manifest_basis`].
+    pub last_manifest: Option<Arc<[u8]>>,
+}
+
+/// What `cache` holds for a push to `target`. Read ahead (while the source is scanned, say), it
+/// is off the push's own path: listing the contents and decoding the manifest take tens of
+/// milliseconds for a large tree.
+pub fn read_cache_for(cache: &Cache, target: &Target) -> Result<CacheView, cache::CacheError> {
+    let c = read_cached(cache, &target.to_string(), None, true)?;
+    Ok(CacheView {
+        contents: Arc::new(c.hashes),
+        last_manifest: c.manifest,
+    })
 }
 
 fn push_session(

@@ -899,8 +899,8 @@ async fn only_transfer_connections_probe_the_path_mtu() {
     }
 }
 
-/// relsync's client returns from `close` as soon as its close frame left, and the frame reaches
-/// the daemon: it does not wait out QUIC's draining period, nor leave the daemon to time out.
+/// relsync's client's `close` tells the daemon (an application close with code 0), rather than
+/// leaving it to time the connection out.
 #[tokio::test]
 async fn a_closed_client_connection_tells_the_daemon() {
     let me = Identity::generate("client").unwrap();
