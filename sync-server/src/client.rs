@@ -684,16 +684,13 @@ fn read_cached(
         Some(h) => h,
         None => c.hashes()?,
     };
-    let manifest = match manifest {
-        true => c
-            .last_manifest(&target)?
-            .map(|m| Arc::<[u8]>::from(m.encode())),
-        false => None,
+    let manifest = if manifest {
+        c.last_manifest(&target)?
+            .map(|m| Arc::<[u8]>::from(m.encode()))
+    } else {
+        None
     };
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "cache: contents listed and last manifest read"
-    );
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "cache: read");
     Ok(Cached { hashes, manifest })
 }
 

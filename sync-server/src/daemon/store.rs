@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+use sync_core::edge::object::ObjectStore;
 use sync_core::proto::daemon::{FileFailure, FileJob};
 use sync_core::wire::ErrorKind;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -202,24 +203,13 @@ pub(super) fn run_direct(
     slot: OwnedSemaphorePermit,
 ) {
     let id = file.file;
-    let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        let _entered = context.span.enter();
-        let objects = match &context.held {
-            Held::App(o) => o.objects(),
-            Held::Export(d) => d.objects(),
-        };
+    let result = guarded(&context, |objects| {
         let stored = work::store_full_from(objects, &file, &mut pieces);
         // A payload cut short is reported as such, not as the undecodable frame it left.
         match pieces.failure() {
             Some(failure) => Err(failure),
             None => stored,
         }
-    }))
-    .unwrap_or_else(|_| {
-        Err(FileFailure::Local {
-            kind: ErrorKind::Internal,
-            message: "storing the file failed unexpectedly".into(),
-        })
     });
     // The stream stops handing over bytes it has no taker for.
     drop(pieces);
@@ -235,20 +225,31 @@ fn run_job(job: Job) -> Result<(), FileFailure> {
         file,
         payload,
     } = job;
-    let stored = panic::catch_unwind(AssertUnwindSafe(|| {
-        let _entered = context.span.enter();
-        let objects = match &context.held {
-            Held::App(o) => o.objects(),
-            Held::Export(d) => d.objects(),
-        };
+    guarded(&context, |objects| {
         let stored = work::store(objects, context.basis.as_deref(), &file, &payload);
         if let (Ok(()), Some(memo), Payload::Memory(bytes)) = (&stored, &context.forward, payload) {
             // Stored means checked against the manifest hash: the children may have these bytes.
             memo.offer(file.hash, file.format, file.basis.map(|b| b.hash), bytes);
         }
         stored
-    }));
-    stored.unwrap_or_else(|_| {
+    })
+}
+
+/// Runs `store` with the connection's object store, in its span; a panic becomes an internal
+/// failure of that one file.
+fn guarded(
+    context: &Context,
+    store: impl FnOnce(Option<&ObjectStore>) -> Result<(), FileFailure>,
+) -> Result<(), FileFailure> {
+    panic::catch_unwind(AssertUnwindSafe(|| {
+        let _entered = context.span.enter();
+        let objects = match &context.held {
+            Held::App(o) => o.objects(),
+            Held::Export(d) => d.objects(),
+        };
+        store(objects)
+    }))
+    .unwrap_or_else(|_| {
         Err(FileFailure::Local {
             kind: ErrorKind::Internal,
             message: "storing the file failed unexpectedly".into(),
