@@ -48,6 +48,9 @@ pub enum EdgeError {
         #[source]
         source: RecordError,
     },
+    /// A build that waited for content a push was delivering, and the push ended first.
+    #[error("building the release was cancelled: {0}")]
+    Cancelled(String),
     #[error("verification failed for {path}: {reason}; the release was not activated")]
     Verify { path: RelPath, reason: String },
     #[error("not enough space under {root}: {need} bytes to write, {free} free")]

@@ -158,6 +158,10 @@ pub struct Plan {
     pub release: ReleaseId,
     pub ops: Vec<Op>,
     pub summary: Summary,
+    /// `ops[..waits_from]` need only content that is local already; the file operations from
+    /// here on need content still arriving ([`PlanOptions::arriving`]). Without arriving
+    /// content it is where the file operations end.
+    pub waits_from: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -175,6 +179,10 @@ pub struct PlanOptions {
     /// created with that mode, with no `SetDirMode` after it. `None`: every directory is created
     /// owner-only and set afterwards.
     pub umask: Option<u32>,
+    /// Content still on its way (a push whose files are in flight when the build starts): the
+    /// file operations that need it go after all the others, from [`Plan::waits_from`] on, so
+    /// the build can apply everything before them while it arrives.
+    pub arriving: HashSet<Hash>,
 }
 
 /// The mode to create a directory with, when that already is its final `mode` under `umask`.
@@ -227,7 +235,13 @@ pub fn plan_release(
             });
         }
     }
+    // File operations on arriving content wait in `later`, in canonical order like the others.
+    let mut later = Vec::new();
     for e in target.entries() {
+        let ops = match &e.kind {
+            EntryKind::File { hash, .. } if opts.arriving.contains(hash) => &mut later,
+            _ => &mut ops,
+        };
         match &e.kind {
             EntryKind::Dir { .. } => {}
             EntryKind::Symlink { target } => {
@@ -301,6 +315,8 @@ pub fn plan_release(
             }
         }
     }
+    let waits_from = ops.len();
+    ops.append(&mut later);
     for p in shared {
         s.symlinks += 1;
         ops.push(Op::Symlink {
@@ -343,6 +359,7 @@ pub fn plan_release(
         release: release.clone(),
         ops,
         summary: s,
+        waits_from,
     })
 }
 
@@ -850,6 +867,76 @@ mod tests {
             (plan.summary.object_files, plan.summary.object_bytes),
             (1, 6)
         );
+    }
+
+    #[test]
+    fn operations_on_arriving_content_wait_at_the_end() {
+        let prev = m(vec![d("b"), f("b/kept", "kept", 0o644)]);
+        let target = m(vec![
+            d("b"),
+            f("a", "arriving", 0o644),
+            f("b/arriving-exec", "arriving", 0o755),
+            f("b/held", "held", 0o644),
+            f("b/kept", "kept", 0o644),
+            Entry::symlink("c", "b/kept").unwrap(),
+            f("d", "arriving too", 0o644),
+        ]);
+        let r1 = id("r1");
+        let bases = [Basis {
+            id: &r1,
+            manifest: &prev,
+        }];
+        let objects: HashSet<_> = [
+            (h("arriving"), 0o644),
+            (h("held"), 0o644),
+            (h("arriving too"), 0o644),
+        ]
+        .into_iter()
+        .collect();
+        // (content still arriving, the ops, where the waiting ones start)
+        let cases: &[(&[&str], &[&str], usize)] = &[
+            (
+                &[],
+                &[
+                    "mkdir b",
+                    "object a",
+                    "full b/arriving-exec",
+                    "object b/held",
+                    "link b/kept <- r1:b/kept",
+                    "symlink c -> b/kept",
+                    "object d",
+                ],
+                7,
+            ),
+            (
+                &["arriving", "arriving too"],
+                &[
+                    "mkdir b",
+                    "object b/held",
+                    "link b/kept <- r1:b/kept",
+                    "symlink c -> b/kept",
+                    "object a",
+                    "full b/arriving-exec",
+                    "object d",
+                ],
+                4,
+            ),
+        ];
+        for (arriving, want, waits_from) in cases {
+            let opts = PlanOptions {
+                objects: objects.clone(),
+                arriving: arriving.iter().map(|c| h(c)).collect(),
+                ..PlanOptions::default()
+            };
+            let plan = plan_release(&id("r2"), &target, &bases, &[], &opts).unwrap();
+            let ops = render(&plan.ops);
+            assert_eq!(&ops[..want.len()], *want, "arriving {arriving:?}");
+            assert_eq!(plan.waits_from, *waits_from, "arriving {arriving:?}");
+            assert_eq!(
+                &ops[want.len()..],
+                ["chmod b 755", "sync", "verify", "record", "complete"]
+            );
+        }
     }
 
     #[test]

@@ -384,12 +384,17 @@ struct PushOpts {
     manifest_basis: Option<Arc<[u8]>>,
     /// Sent in `Push.relay`.
     relay: Option<RelayPlan>,
+    /// Once the first file went out, wait for this path to appear on the daemon (before the
+    /// other files are reported sent, so before `Done`), and note its inode in `Ran::held`.
+    hold_for: Option<PathBuf>,
 }
 
 #[derive(Debug)]
 struct Ran {
     outcome: Option<Result<client::Outcome, ProtoError>>,
     headers: Vec<FileHeader>,
+    /// The inode of `PushOpts::hold_for`, had it appeared in time.
+    held: Option<u64>,
 }
 
 impl Ran {
@@ -469,7 +474,14 @@ impl Client {
             lie: opts.lie,
             cut: opts.cut,
         });
-        drive(self.connect().await, session, source, opts.kill_after).await
+        drive(
+            self.connect().await,
+            session,
+            source,
+            opts.kill_after,
+            opts.hold_for,
+        )
+        .await
     }
 
     async fn command(
@@ -484,7 +496,7 @@ impl Client {
             lie: HashSet::new(),
             cut: HashSet::new(),
         });
-        drive(self.connect().await, session, source, None)
+        drive(self.connect().await, session, source, None, None)
             .await
             .outcome
             .expect("the session ended")
@@ -587,7 +599,9 @@ async fn drive(
     mut s: ClientSession,
     source: Arc<Source>,
     kill_after: Option<(usize, PathBuf)>,
+    mut hold_for: Option<PathBuf>,
 ) -> Ran {
+    let mut held = None;
     let epoch = Instant::now();
     let now = || epoch.elapsed().as_millis() as u64;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -632,11 +646,22 @@ async fn drive(
             Some(header) = done_rx.recv() => {
                 s.file_sent(&header, now());
                 sent += 1;
+                if let Some(path) = hold_for.take() {
+                    let deadline = Instant::now() + WAIT;
+                    while held.is_none() && Instant::now() < deadline {
+                        held = std::fs::symlink_metadata(&path).ok().map(|m| m.ino());
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
                 if let Some((n, root)) = &kill_after {
                     if sent == *n {
                         wait_objects(root, *n).await;
                         conn.close(9u32.into(), b"killed");
-                        return Ran { outcome: None, headers };
+                        return Ran {
+                            outcome: None,
+                            headers,
+                            held,
+                        };
                     }
                 }
             }
@@ -649,6 +674,7 @@ async fn drive(
     let _ = tokio::time::timeout(WAIT, conn.closed()).await;
     conn.close(0u32.into(), b"bye");
     Ran {
+        held,
         outcome: s.outcome().map(|o| match o {
             Ok(o) => Ok(o.clone()),
             Err(e) => Err(clone_error(e)),
@@ -908,7 +934,7 @@ async fn a_mode_change_makes_a_new_inode_from_local_content() {
         lie: HashSet::new(),
         cut: HashSet::new(),
     });
-    let ran = drive(c.connect().await, session, source, None).await;
+    let ran = drive(c.connect().await, session, source, None, None).await;
     let r = ran.report();
     assert_eq!(r.needed, 0);
     let (old, new) = (
@@ -919,6 +945,39 @@ async fn a_mode_change_makes_a_new_inode_from_local_content() {
     assert_eq!(std::fs::metadata(&old).unwrap().mode() & 0o777, 0o644);
     assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o777, 0o755);
     assert_release_holds(&d.shop(), "r2", &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_is_staged_from_what_the_daemon_holds_while_the_files_arrive() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let mut b = a.clone();
+    for i in 0..3 {
+        b.insert(format!("new/f{i}.php"), text(700 + i, 3_000));
+    }
+    // The client reports one new file sent and holds back the others (and so `Done`) until
+    // the unchanged index.php is linked into the staging directory.
+    let opts = PushOpts {
+        hold_for: Some(d.shop().join("releases/r2.staging/index.php")),
+        max_streams: 1,
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &b, "r2", opts).await;
+    let r = ran.report();
+    assert_eq!(r.needed, 3);
+    let linked = std::fs::metadata(d.shop().join("releases/r1/index.php"))
+        .unwrap()
+        .ino();
+    assert_eq!(
+        ran.held,
+        Some(linked),
+        "index.php was linked from r1 before the push's files were all in"
+    );
+    assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
+    assert_release_holds(&d.shop(), "r2", &b);
+    assert_eq!(objects(&d.shop()), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

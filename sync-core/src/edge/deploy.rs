@@ -1,17 +1,18 @@
 //! Deploy, activate, roll back and prune an app root: the pure planner and retention wired to the
 //! executor, under the deploy lock, with a journal entry per event.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::activate::{self, ActivationOptions, ActivationReport};
-use super::exec::{ContentSource, ExecOptions, ExecStats, Stager};
+use super::exec::{ContentSource, ExecOptions, ExecStats, ObjectStamps, Stager};
 use super::object::ObjectStore;
 use super::root::{operator, AppRoot, JournalEntry, LockGuard, Recovery};
 use super::EdgeError;
-use crate::manifest::Manifest;
+use crate::manifest::{Hash, Manifest};
 use crate::path::RelPath;
 use crate::plan::{plan_release, Basis, Op, Plan, PlanOptions};
 use crate::release::{ReleaseId, ReleaseRecord};
@@ -89,6 +90,18 @@ pub fn prepare(
     target: &Manifest,
     opts: &DeployOptions,
 ) -> Result<Prepared, EdgeError> {
+    prepare_arriving(root, target, opts, &HashSet::new())
+}
+
+/// [`prepare`] for a build that starts while a push still delivers `arriving`: the (content,
+/// mode) pairs the object store will hold once every file is in. The plan links them from
+/// there and orders the operations that need them last ([`Plan::waits_from`]).
+pub fn prepare_arriving(
+    root: &AppRoot,
+    target: &Manifest,
+    opts: &DeployOptions,
+    arriving: &HashSet<(Hash, u32)>,
+) -> Result<Prepared, EdgeError> {
     let t = std::time::Instant::now();
     let records = root.records()?;
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "records loaded");
@@ -132,13 +145,14 @@ pub fn prepare(
         })
         .collect();
     let objects = if opts.use_objects {
-        let wanted: std::collections::HashSet<_> =
-            target.files().map(|(_, _, mode, h)| (*h, mode)).collect();
-        ObjectStore::open(root)?
+        let wanted: HashSet<_> = target.files().map(|(_, _, mode, h)| (*h, mode)).collect();
+        let mut objects: HashSet<_> = ObjectStore::open(root)?
             .list()?
             .intersection(&wanted)
             .copied()
-            .collect()
+            .collect();
+        objects.extend(arriving.intersection(&wanted).copied());
+        objects
     } else {
         Default::default()
     };
@@ -153,6 +167,7 @@ pub fn prepare(
             prune,
             objects,
             umask: super::umask(),
+            arriving: arriving.iter().map(|(h, _)| *h).collect(),
         },
     )?;
     Ok(Prepared {
@@ -161,6 +176,16 @@ pub fn prepare(
         bases,
         seq,
     })
+}
+
+/// Content a push is still delivering when its release build starts ([`deploy_arriving`]).
+pub struct Arriving<'w> {
+    /// The (content, mode) pairs the object store will hold once every file is in.
+    pub objects: HashSet<(Hash, u32)>,
+    /// Blocks until they are all there, then gives the stamps of the objects this process
+    /// verified as it wrote them ([`ExecOptions::object_stamps`]); [`EdgeError::Cancelled`]
+    /// when they never will be (the push ended first).
+    pub wait: &'w mut dyn FnMut() -> Result<ObjectStamps, EdgeError>,
 }
 
 /// Builds, verifies and (optionally) activates a new release of `target`.
@@ -172,10 +197,50 @@ pub fn deploy(
     opts: &DeployOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<DeployReport, EdgeError> {
+    deploy_inner(root, lock, target, source, opts, progress, None)
+}
+
+/// [`deploy`] started while a push still delivers some of its content: everything that needs
+/// only local content (directories, links from kept releases, symlinks) is staged first; then
+/// `arriving.wait` blocks until the rest is in the object store and the build goes on as
+/// [`deploy`] does. When the wait is cancelled, the staging directory is removed and nothing
+/// is journaled: the push never got to build its release.
+///
+/// The root is not recovered here (recovery would remove the temporaries of the objects being
+/// written): the caller recovers it when it takes the lock, before the push receives anything.
+pub fn deploy_arriving(
+    root: &AppRoot,
+    lock: &LockGuard,
+    target: &Manifest,
+    source: &dyn ContentSource,
+    opts: &DeployOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    arriving: Arriving<'_>,
+) -> Result<DeployReport, EdgeError> {
+    deploy_inner(root, lock, target, source, opts, progress, Some(arriving))
+}
+
+fn deploy_inner(
+    root: &AppRoot,
+    lock: &LockGuard,
+    target: &Manifest,
+    source: &dyn ContentSource,
+    opts: &DeployOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    mut arriving: Option<Arriving<'_>>,
+) -> Result<DeployReport, EdgeError> {
     let started = Instant::now();
-    let recovered = root.recover(lock)?;
+    // Recovery removes the temporaries of interrupted receives: not while a push writes its
+    // objects. The caller of `deploy_arriving` recovered when it took the lock.
+    let recovered = match arriving {
+        Some(_) => Recovery::default(),
+        None => root.recover(lock)?,
+    };
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "recovered");
-    let prep = prepare(root, target, opts)?;
+    let prep = match &arriving {
+        Some(a) => prepare_arriving(root, target, opts, &a.objects)?,
+        None => prepare(root, target, opts)?,
+    };
     let planned = started.elapsed();
     tracing::debug!(
         ms = planned.as_millis() as u64,
@@ -212,7 +277,22 @@ pub fn deploy(
         .position(|o| matches!(o, Op::MarkComplete))
         .map_or(prep.plan.ops.len(), |i| i + 1);
     let (build, finish) = prep.plan.ops.split_at(split);
-    let result = stager.apply(build);
+    let result = match arriving.as_mut() {
+        Some(a) => {
+            let (ready, rest) = build.split_at(prep.plan.waits_from.min(build.len()));
+            stager.apply(ready).and_then(|()| {
+                let t = Instant::now();
+                let stamps = (a.wait)()?;
+                tracing::debug!(
+                    ms = t.elapsed().as_millis() as u64,
+                    "waited for arriving content"
+                );
+                stager.set_object_stamps(stamps);
+                stager.apply(rest)
+            })
+        }
+        None => stager.apply(build),
+    };
     let journal = |result: &str| JournalEntry {
         time_unix: opts.now_unix,
         event: "deploy".into(),
@@ -226,6 +306,9 @@ pub fn deploy(
     };
     if let Err(e) = result {
         stager.abort()?;
+        if matches!(e, EdgeError::Cancelled(_)) {
+            return Err(e);
+        }
         root.append_journal(&journal(&format!("failed: {}", super::error_chain(&e))))?;
         return Err(e);
     }

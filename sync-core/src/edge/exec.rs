@@ -108,10 +108,13 @@ pub struct ExecOptions {
     /// inode, size and mtime each had then. An object linked into the release that still has
     /// them is verified by identity, by the same rule as a linked file; any other object is
     /// re-hashed.
-    pub object_stamps: Arc<HashMap<(Hash, u32), FileStamp>>,
+    pub object_stamps: ObjectStamps,
     #[doc(hidden)]
     pub faults: Faults,
 }
+
+/// Objects by (content, mode) with the inode, size and mtime each had when it was verified.
+pub type ObjectStamps = Arc<HashMap<(Hash, u32), FileStamp>>;
 
 /// How a file that was not written here can be verified without reading it.
 #[derive(Debug, Clone, Copy)]
@@ -238,6 +241,12 @@ impl<'a> Stager<'a> {
             timings: Vec::new(),
             progress,
         })
+    }
+
+    /// Replaces [`ExecOptions::object_stamps`]: for a build that started before the objects
+    /// it links were all written.
+    pub fn set_object_stamps(&mut self, stamps: ObjectStamps) {
+        self.opts.object_stamps = stamps;
     }
 
     pub fn stats(&self) -> ExecStats {

@@ -225,6 +225,17 @@ struct Driver {
     rx: mpsc::UnboundedReceiver<Work>,
     /// Work items started and not yet reported back.
     pending: usize,
+    /// The push whose need is being computed: its build starts once the need is known.
+    pushing: Option<(Arc<Opened>, sync_core::ReleaseId, Arc<sync_core::Manifest>)>,
+    /// The release build started as soon as the need was known.
+    building: Option<Building>,
+}
+
+/// A release build running while the push's files arrive ([`work::stage`] with an arrival).
+struct Building {
+    /// Told once every needed file is stored; dropped to cancel the build.
+    stored: std::sync::mpsc::Sender<()>,
+    task: tokio::task::JoinHandle<Event>,
 }
 
 impl Driver {
@@ -262,6 +273,8 @@ impl Driver {
             tx,
             rx,
             pending: 0,
+            pushing: None,
+            building: None,
         }
     }
 
@@ -373,8 +386,18 @@ impl Driver {
                 self.session.handle_event(event, now);
             }
             Work::Need(Ok((event, basis))) => {
+                let arrival = match (&event, self.pushing.take()) {
+                    (Event::Need(need), Some((opened, release, manifest))) => {
+                        let objects = work::arriving_objects(&manifest, need);
+                        Some((opened, release, manifest, objects))
+                    }
+                    _ => None,
+                };
                 self.basis = basis;
                 self.session.handle_event(event, now);
+                if let Some((opened, release, manifest, objects)) = arrival {
+                    self.start_building(opened, release, manifest, objects);
+                }
             }
             Work::Events(events) => {
                 for e in events {
@@ -560,6 +583,7 @@ impl Driver {
                     bytes = manifest.total_file_bytes(),
                     "manifest received"
                 );
+                self.pushing = Some((Arc::clone(&opened), release.clone(), Arc::clone(&manifest)));
                 self.spawn_work(
                     move || Work::Need(work::compute_need(&opened, &release, &manifest)),
                     Work::Need(Err(panicked("computing the need"))),
@@ -597,13 +621,22 @@ impl Driver {
             }
             (Request::Receive(job), _) => self.receive(job),
             (Request::Stage { release, manifest }, Held::App(opened)) => {
-                match self.forwarding.take() {
-                    Some(forwarding) => self.stage_and_join(opened, release, manifest, forwarding),
-                    None => self.spawn_work(
-                        move || Work::Events(vec![work::stage(&opened, &release, &manifest)]),
-                        Work::Events(vec![panicked("building the release")]),
-                    ),
-                }
+                let built = match self.building.take() {
+                    Some(building) => {
+                        // Every needed file is stored: the build goes on with them.
+                        let _ = building.stored.send(());
+                        building.task
+                    }
+                    None => {
+                        let span = Span::current();
+                        tokio::task::spawn_blocking(move || {
+                            let _entered = span.enter();
+                            work::stage(&opened, &release, &manifest, None)
+                        })
+                    }
+                };
+                let forwarding = self.forwarding.take();
+                self.stage_and_join(built, forwarding);
             }
             (Request::Activate { .. }, Held::App(_)) if self.relayed_peer => self.fail_now(
                 ErrorKind::Unauthorized,
@@ -874,34 +907,53 @@ impl Driver {
         });
     }
 
-    /// Builds the release, then waits for the forwarding to end; the `Staged` event carries
-    /// what became of every node of the plan. The app's lock is held until then, so the
-    /// release directory and objects the children are fed from stay in place.
-    fn stage_and_join(
+    /// Starts building the release of the push whose need is now known: what needs no file
+    /// of the push is staged while they arrive (see [`work::stage`]).
+    fn start_building(
         &mut self,
         opened: Arc<Opened>,
         release: sync_core::ReleaseId,
         manifest: Arc<sync_core::Manifest>,
-        forwarding: Forwarding,
+        objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
+    ) {
+        let (stored, arrived) = std::sync::mpsc::channel();
+        let span = Span::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let arrival = work::Arrival {
+                objects,
+                stored: arrived,
+            };
+            work::stage(&opened, &release, &manifest, Some(arrival))
+        });
+        self.building = Some(Building { stored, task });
+    }
+
+    /// Waits for the release build, then (for a relay) for the forwarding to end; the `Staged`
+    /// event carries what became of every node of the plan. The app's lock is held until
+    /// then, so the release directory and objects the children are fed from stay in place.
+    fn stage_and_join(
+        &mut self,
+        built: tokio::task::JoinHandle<Event>,
+        forwarding: Option<Forwarding>,
     ) {
         self.pending += 1;
         let tx = self.tx.clone();
-        let span = Span::current();
         tokio::spawn(
             async move {
-                let built = tokio::task::spawn_blocking(move || {
-                    let _entered = span.enter();
-                    work::stage(&opened, &release, &manifest)
-                })
-                .await
-                .unwrap_or_else(|_| panicked("building the release"));
-                let event = match built {
-                    Event::Staged {
-                        linked,
-                        phases,
-                        previous,
-                        ..
-                    } => {
+                let built = built
+                    .await
+                    .unwrap_or_else(|_| panicked("building the release"));
+                let event = match (built, forwarding) {
+                    (
+                        Event::Staged {
+                            linked,
+                            phases,
+                            previous,
+                            ..
+                        },
+                        Some(forwarding),
+                    ) => {
                         let relayed = forwarding.join().await;
                         Event::Staged {
                             linked,
@@ -910,8 +962,10 @@ impl Driver {
                             previous,
                         }
                     }
-                    other => {
-                        forwarding.cancel();
+                    (other, forwarding) => {
+                        if let Some(f) = forwarding {
+                            f.cancel();
+                        }
                         other
                     }
                 };
@@ -1050,6 +1104,14 @@ impl Driver {
                 }
                 Some(work) => self.pending -= work.completes(),
                 None => break,
+            }
+        }
+        if let Some(building) = self.building.take() {
+            // The push ended before its files were all in: the build removes what it staged,
+            // and the lock goes only after that.
+            drop(building.stored);
+            if let Err(e) = building.task.await {
+                tracing::warn!("the cancelled release build failed: {e}");
             }
         }
         self.opened = None;

@@ -172,7 +172,9 @@ impl<'r> KeptContent<'r> {
 pub(super) struct LocalContent<'r> {
     target: &'r Manifest,
     objects: Option<Dir>,
-    object_names: HashMap<Hash, Vec<String>>,
+    /// The objects holding wanted content, by content; see [`LocalContent::refresh_objects`].
+    object_names: std::sync::RwLock<HashMap<Hash, Vec<String>>>,
+    wanted: HashSet<Hash>,
     kept: KeptContent<'r>,
 }
 
@@ -184,26 +186,36 @@ impl<'r> LocalContent<'r> {
     ) -> Result<LocalContent<'r>, EdgeError> {
         let wanted: HashSet<Hash> = target.files().map(|(_, _, _, h)| *h).collect();
         let objects = open_dir(root, &format!("{}/{}", layout::META, layout::OBJECTS)).ok();
+        let current = root.current()?;
+        let kept = KeptContent::new(root, records, current.as_ref(), &wanted)?;
+        let content = LocalContent {
+            target,
+            objects,
+            object_names: Default::default(),
+            wanted,
+            kept,
+        };
+        content.refresh_objects();
+        Ok(content)
+    }
+
+    /// Lists the object store again: for a build that started while the push's objects were
+    /// still being written.
+    pub(super) fn refresh_objects(&self) {
         let mut object_names: HashMap<Hash, Vec<String>> = HashMap::default();
-        if let Some(dir) = &objects {
+        if let Some(dir) = &self.objects {
             if let Ok(entries) = dir.entries() {
                 for e in entries.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
                     if let Some((hash, _)) = layout::parse_object_name(&name) {
-                        if wanted.contains(&hash) {
+                        if self.wanted.contains(&hash) {
                             object_names.entry(hash).or_default().push(name);
                         }
                     }
                 }
             }
         }
-        let current = root.current()?;
-        Ok(LocalContent {
-            target,
-            objects,
-            object_names,
-            kept: KeptContent::new(root, records, current.as_ref(), &wanted)?,
-        })
+        *self.object_names.write().unwrap_or_else(|p| p.into_inner()) = object_names;
     }
 }
 
@@ -218,11 +230,15 @@ impl ContentSource for LocalContent<'_> {
                 })
             }
         };
-        let objects = self
+        let names = self
             .object_names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&hash)
-            .into_iter()
-            .flatten()
+            .cloned()
+            .unwrap_or_default();
+        let objects = names
+            .iter()
             .filter_map(|name| open_nofollow(self.objects.as_ref()?, name));
         for src in objects.chain(self.kept.copies(&hash)) {
             let copied = copy_verified(src, size, &hash, out).map_err(|e| EdgeError::Source {

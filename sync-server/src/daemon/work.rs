@@ -533,7 +533,41 @@ fn finish_store(
 
 /// Builds the pushed release from kept releases and received objects; it is complete (synced,
 /// verified, recorded) but not active when this returns.
-pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -> Event {
+/// What a build started before the push's files are all in waits for (see [`stage`]).
+pub(super) struct Arrival {
+    /// The (content, mode) pairs the needed files become in the object store.
+    pub(super) objects: StdHashSet<(Hash, u32)>,
+    /// Gets a message once every needed file is stored; dropped when the push ends first.
+    pub(super) stored: std::sync::mpsc::Receiver<()>,
+}
+
+/// The (content, mode) pairs `need`'s files of `manifest` become as objects.
+pub(super) fn arriving_objects(manifest: &Manifest, need: &NeedList) -> StdHashSet<(Hash, u32)> {
+    let mut wanted: Vec<u32> = need.files.iter().map(|n| n.file).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut wanted = wanted.into_iter().peekable();
+    let mut objects = StdHashSet::new();
+    for (i, (_, _, mode, hash)) in manifest.files().enumerate() {
+        if wanted.next_if_eq(&(i as u32)).is_some() {
+            objects.insert((*hash, mode));
+        }
+        if wanted.peek().is_none() {
+            break;
+        }
+    }
+    objects
+}
+
+/// Builds the release from `manifest`. With `arrival`, this starts as soon as the need is
+/// known: directories, links from kept releases and symlinks are staged while the needed
+/// files arrive, and the rest once `arrival.stored` says they are all in.
+pub(super) fn stage(
+    opened: &Opened,
+    release: &ReleaseId,
+    manifest: &Manifest,
+    arrival: Option<Arrival>,
+) -> Event {
     let build = || -> Result<Event, Event> {
         let lock = opened.lock()?;
         let root = &opened.app.root;
@@ -587,8 +621,30 @@ pub(super) fn stage(opened: &Opened, release: &ReleaseId, manifest: &Manifest) -
             },
             ..DeployOptions::default()
         };
-        let report = deploy::deploy(root, lock, manifest, &source, &opts, &|_| {})
-            .map_err(|e| edge_failed(&e))?;
+        let report = match arrival {
+            None => deploy::deploy(root, lock, manifest, &source, &opts, &|_| {}),
+            Some(arrival) => {
+                let mut wait = || {
+                    arrival.stored.recv().map_err(|_| {
+                        EdgeError::Cancelled("the push ended before its files were all in".into())
+                    })?;
+                    source.refresh_objects();
+                    Ok(Arc::new(
+                        opened
+                            .objects
+                            .as_ref()
+                            .map(ObjectStore::verified_stamps)
+                            .unwrap_or_default(),
+                    ))
+                };
+                let arriving = deploy::Arriving {
+                    objects: arrival.objects,
+                    wait: &mut wait,
+                };
+                deploy::deploy_arriving(root, lock, manifest, &source, &opts, &|_| {}, arriving)
+            }
+        }
+        .map_err(|e| edge_failed(&e))?;
         let s = &report.summary;
         tracing::info!(
             files = s.files,
@@ -731,4 +787,48 @@ pub(super) fn list(opened: &Opened) -> Event {
         Ok(Event::Releases(list))
     };
     run().unwrap_or_else(|e| edge_failed(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sync_core::manifest::{Entry, Policy};
+    use sync_core::wire::NeedFile;
+
+    #[test]
+    fn arriving_objects_are_the_needed_files_content_and_mode() {
+        let h = |s: &str| Hash::of(s.as_bytes());
+        let manifest = Manifest::from_unsorted(
+            vec![
+                Entry::file("a", 1, 0o644, h("a")).unwrap(),
+                Entry::dir("d", 0o755).unwrap(),
+                Entry::file("d/b", 1, 0o755, h("b")).unwrap(),
+                Entry::file("d/c", 1, 0o644, h("b")).unwrap(),
+                Entry::file("e", 1, 0o600, h("e")).unwrap(),
+            ],
+            &Policy::default(),
+        )
+        .unwrap();
+        // (needed file indices, in the order the need lists them; the objects they become)
+        type Case<'a> = (&'a [u32], &'a [(&'a str, u32)]);
+        let cases: &[Case] = &[
+            (&[], &[]),
+            (&[0], &[("a", 0o644)]),
+            (&[3, 1], &[("b", 0o755), ("e", 0o600)]),
+            (&[2, 0, 1], &[("a", 0o644), ("b", 0o755), ("b", 0o644)]),
+            (&[3, 3, 9], &[("e", 0o600)]),
+        ];
+        for (files, want) in cases {
+            let need = NeedList {
+                files: files
+                    .iter()
+                    .map(|&file| NeedFile { file, basis: None })
+                    .collect(),
+                have_files: 0,
+                have_bytes: 0,
+            };
+            let want: StdHashSet<(Hash, u32)> = want.iter().map(|(c, m)| (h(c), *m)).collect();
+            assert_eq!(arriving_objects(&manifest, &need), want, "{files:?}");
+        }
+    }
 }
