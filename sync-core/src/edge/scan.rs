@@ -234,7 +234,7 @@ fn scan_fd(
     // The parallel walk yields entries in no particular order. Sorting here, on all cores, hands
     // the manifest a canonical list, which it checks (a wrong order is an error, not a wrong
     // manifest) without sorting it again on one core.
-    scanned.par_sort_unstable_by(|a, b| canonical_cmp(&a.entry.path, &b.entry.path));
+    scanned.par_sort_unstable_by(|a, b| a.entry.path.cmp(&b.entry.path));
 
     let mut stats = ScanStats::default();
     let mut entries = Vec::with_capacity(scanned.len());
@@ -278,29 +278,6 @@ fn scan_fd(
     let manifest = manifest.map_err(|source| ScanError::Manifest { root, source })?;
     tracing::debug!(?stats, "scan done");
     Ok(Scan { manifest, stats })
-}
-
-/// [`RelPath`]'s order, computed eight bytes at a time. The sort waits for the whole walk, so its
-/// comparisons are on the critical path, and `RelPath`'s byte-by-byte one was most of its time.
-fn canonical_cmp(a: &RelPath, b: &RelPath) -> std::cmp::Ordering {
-    let (a, b) = (a.as_str().as_bytes(), b.as_str().as_bytes());
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        let x = u64::from_le_bytes(a[i..i + 8].try_into().expect("8 bytes"));
-        let y = u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if x != y {
-            i += ((x ^ y).trailing_zeros() / 8) as usize;
-            break;
-        }
-        i += 8;
-    }
-    while i < n && a[i] == b[i] {
-        i += 1;
-    }
-    // `/` sorts before every other byte, so that a directory's contents follow it directly.
-    let key = |c: Option<&u8>| c.map(|&c| if c == b'/' { 0 } else { u16::from(c) + 1 });
-    key(a.get(i)).cmp(&key(b.get(i)))
 }
 
 fn epoch_ns(t: SystemTime) -> i128 {
@@ -366,32 +343,5 @@ fn rel_error(path: PathBuf, e: PathError) -> ScanError {
         },
         PathError::Reserved(_) => ScanError::Reserved { path },
         source => ScanError::Path { path, source },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    fn path() -> impl Strategy<Value = Vec<String>> {
-        // Few distinct bytes, so that paths share long prefixes and differ around `/`, `.`, `-`
-        // and multi-byte characters, on both sides of an eight-byte boundary.
-        prop::collection::vec("[ab.é-]{1,9}", 0..5)
-    }
-
-    proptest! {
-        #[test]
-        fn canonical_cmp_is_the_relpath_order(common in path(), x in path(), y in path()) {
-            let make = |tail: &[String]| {
-                let comps: Vec<&str> = common.iter().chain(tail).map(String::as_str).collect();
-                RelPath::new(comps.join("/")).ok()
-            };
-            if let (Some(a), Some(b)) = (make(&x), make(&y)) {
-                prop_assert_eq!(canonical_cmp(&a, &b), a.cmp(&b), "{} vs {}", a, b);
-                prop_assert_eq!(canonical_cmp(&b, &a), b.cmp(&a), "{} vs {}", b, a);
-            }
-        }
     }
 }
