@@ -109,6 +109,11 @@ pub struct ExecOptions {
     /// them is verified by identity, by the same rule as a linked file; any other object is
     /// re-hashed.
     pub object_stamps: ObjectStamps,
+    /// Link sources (by release, then path) whose identity this process checked against their
+    /// record a moment ago, with the app locked: they are linked without checking them again.
+    /// Verification compares every linked file with its record all the same, so a source
+    /// changed in between fails the build instead of entering the release.
+    pub checked_links: CheckedLinks,
     #[doc(hidden)]
     pub faults: Faults,
 }
@@ -116,11 +121,16 @@ pub struct ExecOptions {
 /// Objects by (content, mode) with the inode, size and mtime each had when it was verified.
 pub type ObjectStamps = Arc<HashMap<(Hash, u32), FileStamp>>;
 
+/// Files of kept releases, by release, whose identity was just checked
+/// ([`ExecOptions::checked_links`]).
+pub type CheckedLinks = Arc<HashMap<ReleaseId, std::collections::HashSet<RelPath>>>;
+
 /// How a file that was not written here can be verified without reading it.
 #[derive(Debug, Clone, Copy)]
 enum Identity {
-    /// Hard-linked from a kept release after its identity check: the inode it shares.
-    Linked(u64),
+    /// Hard-linked from a kept release after its identity check: the recorded stamp of the
+    /// inode it shares.
+    Linked(FileStamp),
     /// Linked from an object verified while written, which then had this identity.
     Object(FileStamp),
 }
@@ -476,7 +486,7 @@ impl<'a> Stager<'a> {
                 mode,
                 ..
             } => {
-                if let Some(ino) = self.link_source_ok(dirs, from, from_path, *size, *mode) {
+                if let Some(stamp) = self.link_source_ok(dirs, from, from_path, *size, *mode) {
                     let (bdir, sdir) =
                         dirs.link_pair(from, from_path.parent_str(), path.parent_str())?;
                     let bdir = bdir.expect("checked by link_source_ok");
@@ -490,7 +500,7 @@ impl<'a> Stager<'a> {
                     .map_err(io::Error::from)
                     .ctx("link", self.staged(path))?;
                     (self.progress)(*size);
-                    Ok(Some((path.clone(), Identity::Linked(ino))))
+                    Ok(Some((path.clone(), Identity::Linked(stamp))))
                 } else {
                     tracing::warn!(release = %from, path = %from_path, "link source changed since it was verified; writing {path} in full");
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -544,9 +554,10 @@ impl<'a> Stager<'a> {
         }
     }
 
-    /// The basis file's inode if it is still exactly what its release recorded: a regular file (not
-    /// followed through a symlink) on our device with the recorded inode, size and mtime, and the
-    /// mode the new file needs.
+    /// The basis file's recorded stamp if it is still exactly what its release recorded: a regular
+    /// file (not followed through a symlink) on our device with the recorded inode, size and
+    /// mtime, and the mode the new file needs. A file in [`ExecOptions::checked_links`] is taken
+    /// as checked.
     fn link_source_ok(
         &self,
         dirs: &mut DirCache<'_>,
@@ -554,8 +565,17 @@ impl<'a> Stager<'a> {
         p: &RelPath,
         size: u64,
         mode: u32,
-    ) -> Option<u64> {
+    ) -> Option<FileStamp> {
         let stamp = *self.bases.get(from)?.stamps.get(p)?;
+        if stamp.size == size
+            && self
+                .opts
+                .checked_links
+                .get(from)
+                .is_some_and(|checked| checked.contains(p))
+        {
+            return Some(stamp);
+        }
         let bdir = dirs.basis(from, p.parent_str()).ok()??;
         let st =
             rustix::fs::statat(bdir, p.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
@@ -567,7 +587,7 @@ impl<'a> Stager<'a> {
             && st.st_size as u64 == size
             && stat_mtime_ns(&st) == stamp.mtime_ns
             && st.st_mode & 0o7777 == mode;
-        ok.then_some(stamp.ino)
+        ok.then_some(stamp)
     }
 
     fn write_file(
@@ -760,8 +780,8 @@ impl<'a> Stager<'a> {
                     size: st.st_size as u64,
                     mtime_ns: stat_mtime_ns(&st),
                 };
-                let linked_ino = match identity {
-                    Some(Identity::Linked(ino)) => Some(ino),
+                let linked = match identity {
+                    Some(Identity::Linked(stamp)) => Some(stamp),
                     // Still the inode whose content was hashed as it was written, unchanged
                     // since; otherwise it is read like a written file.
                     Some(Identity::Object(stamp)) if here == stamp && !self.opts.verify_links => {
@@ -769,9 +789,11 @@ impl<'a> Stager<'a> {
                     }
                     Some(Identity::Object(_)) | None => None,
                 };
-                if let Some(ino) = linked_ino {
-                    if st.st_ino != ino {
-                        return Err(fail("linked file changed identity while staging".into()));
+                if let Some(stamp) = linked {
+                    if here != stamp {
+                        return Err(fail(
+                            "linked file changed while staging (its inode, size or mtime is no longer what its release recorded)".into(),
+                        ));
                     }
                     if !self.opts.verify_links {
                         return Ok(Some(here));
@@ -793,7 +815,7 @@ impl<'a> Stager<'a> {
                 if actual == hash {
                     return Ok(Some(here));
                 }
-                if linked_ino.is_none() {
+                if linked.is_none() {
                     return Err(fail(format!(
                         "content hash {} does not match the manifest's {}",
                         &actual.to_hex()[..16],

@@ -171,3 +171,47 @@ fn basis_replaced_by_symlink_to_outside_file() {
 fn basis_directory_replaced_by_symlink_to_outside_directory() {
     run(Tamper::DirSymlinkOutside);
 }
+
+/// A link source the caller checked a moment ago (`ExecOptions::checked_links`) is linked
+/// without a second look; when it changed in between (here: edited in place before the build),
+/// verification compares the staged file with its record, names it, and nothing is activated.
+/// Without the claim the executor checks the source itself and writes that file in full.
+#[test]
+fn a_link_source_changed_after_its_check_fails_verification_by_name() {
+    let t = scratch();
+    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
+    source_a(&src_a);
+    source_b(&src_b);
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
+    let victim = in_release(&path, "r1", "app/same.php");
+    let mut f = OpenOptions::new().write(true).open(&victim).unwrap();
+    f.write_all(b"<?php // edited in place\n").unwrap();
+    drop(f);
+    set_mtime(&victim, node(&victim).mtime_ns + 1_000_000_000);
+
+    let mut claimed = opts("r2", true);
+    let checked =
+        std::collections::HashSet::from([sync_core::RelPath::new("app/same.php").unwrap()]);
+    claimed.exec.checked_links =
+        std::sync::Arc::new(std::collections::HashMap::from([(id("r1"), checked)]));
+    let err = deploy_tree(&app, &src_b, &claimed).unwrap_err();
+    let message = err.to_string();
+    // Both are linked from the changed file; verification runs in parallel and names the first.
+    assert!(
+        message.contains("app/same.php") || message.contains("app/dup.php"),
+        "{message}"
+    );
+    assert!(message.contains("changed while staging"), "{message}");
+    assert!(!path.join("releases/r2").exists());
+    assert!(!path.join("releases/r2.staging").exists());
+    assert_eq!(
+        fs::read_link(path.join("current")).unwrap(),
+        Path::new("releases/r1")
+    );
+
+    let report = deploy_tree(&app, &src_b, &opts("r2", true)).unwrap();
+    assert!(report.exec.link_fallbacks >= 1, "{:?}", report.exec);
+    check_release(&AppRoot::open(&path).unwrap(), &path, "r2");
+}

@@ -97,7 +97,7 @@ pub(super) enum Work {
     Opened(Result<Held, Event>),
     /// Answer to [`Request::ComputeNeed`] and [`Request::ComputeMirrorNeed`], with where the
     /// bases are.
-    Need(Result<(Event, Option<Arc<Basis>>), Event>),
+    Need(Result<work::Needed, Event>),
     /// Answers to any other request.
     Events(Vec<Event>),
     /// A [`Request::Receive`] ended.
@@ -385,7 +385,11 @@ impl Driver {
             Work::Opened(Err(event)) | Work::Need(Err(event)) => {
                 self.session.handle_event(event, now);
             }
-            Work::Need(Ok((event, basis))) => {
+            Work::Need(Ok(work::Needed {
+                event,
+                basis,
+                checked,
+            })) => {
                 let arrival = match (&event, self.pushing.take()) {
                     (Event::Need(need), Some((opened, release, manifest))) => {
                         let objects = work::arriving_objects(&manifest, need);
@@ -396,7 +400,7 @@ impl Driver {
                 self.basis = basis;
                 self.session.handle_event(event, now);
                 if let Some((opened, release, manifest, objects)) = arrival {
-                    self.start_building(opened, release, manifest, objects);
+                    self.start_building(opened, release, manifest, objects, checked);
                 }
             }
             Work::Events(events) => {
@@ -596,7 +600,17 @@ impl Driver {
                     "manifest received"
                 );
                 self.spawn_work(
-                    move || Work::Need(export::compute_need(&dest, &manifest)),
+                    move || {
+                        Work::Need(
+                            export::compute_need(&dest, &manifest).map(|(event, basis)| {
+                                work::Needed {
+                                    event,
+                                    basis,
+                                    checked: Default::default(),
+                                }
+                            }),
+                        )
+                    },
                     Work::Need(Err(panicked("scanning the destination"))),
                 );
             }
@@ -915,6 +929,7 @@ impl Driver {
         release: sync_core::ReleaseId,
         manifest: Arc<sync_core::Manifest>,
         objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
+        checked: sync_core::edge::exec::CheckedLinks,
     ) {
         let (stored, arrived) = std::sync::mpsc::channel();
         let span = Span::current();
@@ -923,6 +938,7 @@ impl Driver {
             let arrival = work::Arrival {
                 objects,
                 stored: arrived,
+                checked,
             };
             work::stage(&opened, &release, &manifest, Some(arrival))
         });

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions};
-use sync_core::edge::exec::ContentSource;
+use sync_core::edge::exec::{CheckedLinks, ContentSource};
 use sync_core::edge::root::AppRoot;
 use sync_core::edge::EdgeError;
 use sync_core::layout;
@@ -35,6 +35,8 @@ use sync_core::release::{FileStamp, ReleaseId, ReleaseRecord};
 /// Kept release files, by content, with the release they belong to first.
 pub(super) struct KeptContent<'r> {
     dirs: Vec<Option<Dir>>,
+    /// The records' release ids, in the records' order.
+    ids: Vec<ReleaseId>,
     by_hash: HashMap<Hash, Vec<(usize, &'r RelPath, FileStamp)>>,
     device: u64,
 }
@@ -71,6 +73,7 @@ impl<'r> KeptContent<'r> {
         }
         Ok(KeptContent {
             dirs,
+            ids: records.iter().map(|r| r.id.clone()).collect(),
             by_hash,
             device: root.device()?,
         })
@@ -85,12 +88,25 @@ impl<'r> KeptContent<'r> {
         })
     }
 
-    /// Which of `hashes` some intact kept file holds: [`KeptContent::has`] for many at once.
+    /// Which of `hashes` some intact kept file holds ([`KeptContent::held_checked`] alone).
+    #[cfg(test)]
+    pub(super) fn held<'h>(&self, hashes: impl Iterator<Item = &'h Hash>) -> HashSet<Hash> {
+        self.held_checked(hashes).0
+    }
+
+    /// Which of `hashes` some intact kept file holds: [`KeptContent::has`] for many at once; and
+    /// the preferred copies found intact, by release: what a build starting right away may link
+    /// without checking them again ([`ExecOptions::checked_links`]).
     ///
     /// Each hash's preferred copy (current release first) is checked with one `fstatat` relative
     /// to its directory, opened once per directory and in parallel across directories; only a
     /// hash whose preferred copy fails falls back to trying the others one by one.
-    pub(super) fn held<'h>(&self, hashes: impl Iterator<Item = &'h Hash>) -> HashSet<Hash> {
+    ///
+    /// [`ExecOptions::checked_links`]: sync_core::edge::exec::ExecOptions::checked_links
+    pub(super) fn held_checked<'h>(
+        &self,
+        hashes: impl Iterator<Item = &'h Hash>,
+    ) -> (HashSet<Hash>, CheckedLinks) {
         // Keyed by (record, parent directory).
         type Candidates<'p> = Vec<(Hash, &'p RelPath, FileStamp)>;
         let mut by_dir: HashMap<(usize, Option<&str>), Candidates<'_>> = HashMap::default();
@@ -103,7 +119,7 @@ impl<'r> KeptContent<'r> {
             }
         }
         let groups: Vec<_> = by_dir.into_iter().collect();
-        let checked: Vec<(Hash, bool)> = groups
+        let checked: Vec<(Hash, usize, &RelPath, bool)> = groups
             .par_iter()
             .flat_map_iter(|((i, parent), files)| {
                 let dir = self
@@ -118,15 +134,25 @@ impl<'r> KeptContent<'r> {
                     let ok = dir
                         .as_ref()
                         .is_some_and(|d| self.stat_matches(d, path.file_name(), stamp));
-                    (*h, ok)
+                    (*h, *i, *path, ok)
                 })
             })
             .collect();
-        checked
+        let mut intact: StdHashMap<ReleaseId, StdHashSet<RelPath>> = StdHashMap::new();
+        for (_, i, path, ok) in &checked {
+            if *ok {
+                intact
+                    .entry(self.ids[*i].clone())
+                    .or_default()
+                    .insert((*path).clone());
+            }
+        }
+        let held = checked
             .into_iter()
-            .filter(|(h, ok)| *ok || self.has(h))
-            .map(|(h, _)| h)
-            .collect()
+            .filter(|(h, _, _, ok)| *ok || self.has(h))
+            .map(|(h, ..)| h)
+            .collect();
+        (held, Arc::new(intact))
     }
 
     fn stat_matches(&self, dir: &Dir, name: &str, stamp: &FileStamp) -> bool {

@@ -15,7 +15,7 @@ use memmap2::Mmap;
 use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat, Verified};
 use sync_core::edge::activate::ActivationOptions;
 use sync_core::edge::deploy::{self, DeployOptions};
-use sync_core::edge::exec::ExecOptions;
+use sync_core::edge::exec::{CheckedLinks, ExecOptions};
 use sync_core::edge::object::{ObjectError, ObjectStore};
 use sync_core::edge::root::LockGuard;
 use sync_core::edge::{error_chain, EdgeError};
@@ -228,11 +228,21 @@ fn kept_manifest(app: &App, digest: &Hash) -> Option<Arc<[u8]>> {
 /// What the daemon lacks of `manifest`: content held by an intact file of a kept release or by a
 /// verified object is not needed; a basis is offered only while the current release's file is
 /// intact, so the client's delta rebuilds against exactly the content it was made for.
+/// What [`compute_need`] found.
+pub(super) struct Needed {
+    /// `Event::Need`, for the session.
+    pub(super) event: Event,
+    /// The release the needed files' bases are read from.
+    pub(super) basis: Option<Arc<Basis>>,
+    /// The kept files found intact, which a build starting right away need not check again.
+    pub(super) checked: CheckedLinks,
+}
+
 pub(super) fn compute_need(
     opened: &Opened,
     release: &ReleaseId,
     manifest: &Manifest,
-) -> Result<(Event, Option<Arc<Basis>>), Event> {
+) -> Result<Needed, Event> {
     let root = &opened.app.root;
     let records = root.records().map_err(|e| edge_failed(&e))?;
     if let Some(existing) = records.iter().find(|r| &r.id == release) {
@@ -253,13 +263,17 @@ pub(super) fn compute_need(
             have_files: manifest.file_count() as u64,
             have_bytes: manifest.total_file_bytes(),
         };
-        return Ok((Event::Need(need), None));
+        return Ok(Needed {
+            event: Event::Need(need),
+            basis: None,
+            checked: CheckedLinks::default(),
+        });
     }
     let current = root.current().map_err(|e| edge_failed(&e))?;
     let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
     let kept =
         KeptContent::new(root, &records, current.as_ref(), &wanted).map_err(|e| edge_failed(&e))?;
-    let kept_have: HashSet<Hash> = kept.held(wanted.iter());
+    let (kept_have, checked) = kept.held_checked(wanted.iter());
     let objects = opened
         .objects
         .as_ref()
@@ -330,7 +344,11 @@ pub(super) fn compute_need(
         bases_dropped = dropped,
         "need computed"
     );
-    Ok((Event::Need(need), basis))
+    Ok(Needed {
+        event: Event::Need(need),
+        basis,
+        checked,
+    })
 }
 
 /// A basis file, mapped and checked against the content it should have.
@@ -539,6 +557,8 @@ pub(super) struct Arrival {
     pub(super) objects: StdHashSet<(Hash, u32)>,
     /// Gets a message once every needed file is stored; dropped when the push ends first.
     pub(super) stored: std::sync::mpsc::Receiver<()>,
+    /// The kept files the need computation found intact just before.
+    pub(super) checked: CheckedLinks,
 }
 
 /// The (content, mode) pairs `need`'s files of `manifest` become as objects.
@@ -617,6 +637,11 @@ pub(super) fn stage(
                         .map(ObjectStore::verified_stamps)
                         .unwrap_or_default(),
                 ),
+                // Checked by the need computation a moment ago, with the lock held since.
+                checked_links: arrival
+                    .as_ref()
+                    .map(|a| Arc::clone(&a.checked))
+                    .unwrap_or_default(),
                 ..ExecOptions::default()
             },
             ..DeployOptions::default()
