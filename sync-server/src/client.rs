@@ -511,9 +511,10 @@ async fn transfer(
             let mut slot = storing.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
                 let (c, s) = (Arc::clone(c), Arc::clone(&source));
+                let listed = opts.cached.clone();
                 *slot = Some(tokio::task::spawn_blocking(move || {
                     let t = std::time::Instant::now();
-                    let stored = c.store_missing(&s);
+                    let stored = c.store_missing_from(&s, listed.as_deref());
                     tracing::debug!(ms = t.elapsed().as_millis() as u64, "cache: stored");
                     stored
                 }));

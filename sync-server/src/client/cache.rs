@@ -209,8 +209,26 @@ impl Cache {
     /// cache lock until the result is passed to [`Cache::commit`] (or dropped, when the push
     /// failed: the new blobs then go at the next prune).
     pub fn store_missing(&self, source: &SourceTree) -> Result<Stored, CacheError> {
+        self.store_missing_from(source, None)
+    }
+
+    /// [`Cache::store_missing`] with the contents the cache held when the caller listed them
+    /// (`present`), instead of listing them again. A blob stored since is written once more; one
+    /// removed since is not: the next push has one basis less.
+    pub fn store_missing_from(
+        &self,
+        source: &SourceTree,
+        present: Option<&HashSet<Hash>>,
+    ) -> Result<Stored, CacheError> {
         let lock = self.lock()?;
-        let present = self.hashes()?;
+        let listed;
+        let present = match present {
+            Some(p) => p,
+            None => {
+                listed = self.hashes()?;
+                &listed
+            }
+        };
         let mut seen = HashSet::new();
         let mut skipped = 0u64;
         let todo: Vec<_> = source
@@ -516,6 +534,36 @@ mod tests {
             assert_eq!(m.digest(), t2.manifest().digest(), "{h}");
         }
         assert_eq!(fx.cache.hashes().unwrap(), hashes(&[b]));
+    }
+
+    #[test]
+    fn contents_listed_ahead_are_not_stored_again() {
+        let fx = fixture();
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (b"alpha content", b"beta content", b"gamma");
+        let t = tree(&fx, &[("a", a)]);
+        fx.cache.record(&target("web1/shop"), &t).unwrap();
+        let t2 = tree(&fx, &[("a", a), ("b", b), ("c", c)]);
+        // (what the caller listed, what is stored, what the cache then holds)
+        type Contents<'a> = &'a [&'a [u8]];
+        let cases: &[(Option<Contents>, u64, Contents)] = &[
+            (None, 2, &[a, b, c]),
+            // The listing holds `a` only: `b` and `c` are stored.
+            (Some(&[a]), 2, &[a, b, c]),
+            // A listing that says `c` is there already: it is not written.
+            (Some(&[a, b, c]), 0, &[a]),
+        ];
+        for (listed, stored, holds) in cases {
+            for h in fx.cache.hashes().unwrap() {
+                if h != Hash::of(a) {
+                    fs::remove_file(fx.cache.blob_path(&h)).unwrap();
+                }
+            }
+            let listed = listed.map(hashes);
+            let s = fx.cache.store_missing_from(&t2, listed.as_ref()).unwrap();
+            assert_eq!(s.update.stored_files, *stored, "{listed:?}");
+            drop(s);
+            assert_eq!(fx.cache.hashes().unwrap(), hashes(holds), "{listed:?}");
+        }
     }
 
     #[test]
