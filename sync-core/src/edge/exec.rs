@@ -19,6 +19,7 @@ use ahash::AHashMap;
 use cap_fs_ext::DirExt as _;
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, Permissions};
 use rayon::prelude::*;
+use rustix::fs::{FileType, OFlags};
 
 use super::root::{sync_dir, sync_fs, AppRoot, LockGuard};
 use super::{EdgeError, IoContext};
@@ -693,10 +694,48 @@ impl<'a> Stager<'a> {
             .par_iter()
             .map(|chunk| {
                 let mut dirs = DirCache::new(this);
+                // Linked files need only their inode: one listing of the directory gives every
+                // entry's, where an `lstat` per file costs a system call each.
+                let by_identity = chunk
+                    .iter()
+                    .filter(|e| matches!(linked.get(&e.path), Some(Identity::Linked(_))))
+                    .count();
+                let listed = if by_identity >= LIST_DIR_FROM && !this.opts.verify_links {
+                    let parent = chunk[0].path.parent_str();
+                    Some(list_inodes(dirs.staging(parent)?).ctx(
+                        "list",
+                        parent.map_or(this.staging_path.clone(), |p| this.staging_path.join(p)),
+                    )?)
+                } else {
+                    None
+                };
                 chunk
                     .iter()
                     .map(|e| {
-                        this.verify_entry(&mut dirs, &e.path, &e.kind, linked.get(&e.path).copied())
+                        let identity = linked.get(&e.path).copied();
+                        if let (Some(Identity::Linked(stamp)), Some(listed)) = (identity, &listed) {
+                            let name = e.path.file_name().as_bytes();
+                            match listed.get(name) {
+                                Some(&(ino, FileType::RegularFile)) if ino == stamp.ino => {
+                                    return Ok(Some(stamp));
+                                }
+                                // The file system does not say: look as for any other file.
+                                Some((_, FileType::Unknown)) => {}
+                                Some(_) => {
+                                    return Err(EdgeError::Verify {
+                                        path: e.path.clone(),
+                                        reason: LINK_CHANGED.into(),
+                                    })
+                                }
+                                None => {
+                                    return Err(EdgeError::Verify {
+                                        path: e.path.clone(),
+                                        reason: "missing from the staged release".into(),
+                                    })
+                                }
+                            }
+                        }
+                        this.verify_entry(&mut dirs, &e.path, &e.kind, identity)
                     })
                     .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()
             })
@@ -791,9 +830,7 @@ impl<'a> Stager<'a> {
                 };
                 if let Some(stamp) = linked {
                     if here != stamp {
-                        return Err(fail(
-                            "linked file changed while staging (its inode, size or mtime is no longer what its release recorded)".into(),
-                        ));
+                        return Err(fail(LINK_CHANGED.into()));
                     }
                     if !self.opts.verify_links {
                         return Ok(Some(here));
@@ -894,6 +931,40 @@ impl<'a> Stager<'a> {
     pub fn staging_path(&self) -> &Path {
         &self.staging_path
     }
+}
+
+/// Why a linked file fails verification.
+const LINK_CHANGED: &str =
+    "linked file changed while staging (it is no longer the inode its release recorded)";
+
+/// A directory whose chunk links this many files is listed for their inodes, not `lstat`ed file
+/// by file: a directory split into many small chunks by its subdirectories would be listed once
+/// per chunk.
+const LIST_DIR_FROM: usize = 4;
+
+/// A directory's entries by name: inode and type.
+type Listing = AHashMap<Box<[u8]>, (u64, FileType)>;
+
+/// Every entry of `dir` with its inode and type, by name, from one pass of `getdents64`.
+fn list_inodes(dir: &Dir) -> io::Result<Listing> {
+    // The handle may be a path-only one, which cannot be read: open the directory itself.
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
+    let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
+    let mut out = AHashMap::new();
+    while let Some(entry) = entries.next() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.insert(name.into(), (entry.ino(), entry.file_type()));
+        }
+    }
+    Ok(out)
 }
 
 fn stat_mtime_ns(st: &rustix::fs::Stat) -> i128 {

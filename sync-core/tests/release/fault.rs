@@ -174,3 +174,54 @@ fn corrupted_staged_file_is_never_activated() {
     .unwrap_err();
     assert_aborted_then_retry(&s, &err);
 }
+
+/// Linked files in a directory with many of them are verified from one listing of the
+/// directory (their inodes), the others one `lstat` each: a staged file swapped for another
+/// inode is named either way.
+#[test]
+fn a_swapped_linked_file_is_named_whether_its_directory_is_listed_or_not() {
+    let t = scratch();
+    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
+    for src in [&src_a, &src_b] {
+        mkdir(src, "", 0o755);
+        mkdir(src, "many", 0o755);
+        for i in 0..12 {
+            put(
+                src,
+                &format!("many/f{i:02}.php"),
+                format!("<?php // {i}\n").as_bytes(),
+                0o644,
+            );
+        }
+        mkdir(src, "few", 0o755);
+        put(src, "few/one.php", b"<?php // one\n", 0o644);
+    }
+    put(&src_b, "many/new.php", b"<?php // new in b\n", 0o644);
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
+    for victim in ["many/f07.php", "few/one.php"] {
+        let err = deploy_tree(
+            &app,
+            &src_b,
+            &with_faults(Faults {
+                corrupt: Some(rel(victim)),
+                ..Faults::default()
+            }),
+        )
+        .unwrap_err();
+        match &err {
+            EdgeError::Verify { path, reason } => {
+                assert_eq!(path.as_str(), victim, "{reason}");
+                assert!(reason.contains("inode"), "{reason}");
+            }
+            other => panic!("{victim}: expected a verification error, got {other:?}"),
+        }
+        assert!(leftovers(&path).is_empty(), "{victim}");
+    }
+    deploy_tree(&app, &src_b, &opts("r2", true)).unwrap();
+    assert_eq!(
+        node(&in_release(&path, "r2", "many/f07.php")).ino,
+        node(&in_release(&path, "r1", "many/f07.php")).ino
+    );
+}

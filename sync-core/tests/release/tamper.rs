@@ -173,9 +173,10 @@ fn basis_directory_replaced_by_symlink_to_outside_directory() {
 }
 
 /// A link source the caller checked a moment ago (`ExecOptions::checked_links`) is linked
-/// without a second look; when it changed in between (here: edited in place before the build),
-/// verification compares the staged file with its record, names it, and nothing is activated.
-/// Without the claim the executor checks the source itself and writes that file in full.
+/// without a second look; when it was replaced in between (here: before the build, by another
+/// file with the same size and mtime), verification finds another inode than the record's,
+/// names the file, and nothing is activated. Without the claim the executor checks the source
+/// itself and writes that file in full.
 #[test]
 fn a_link_source_changed_after_its_check_fails_verification_by_name() {
     let t = scratch();
@@ -186,10 +187,13 @@ fn a_link_source_changed_after_its_check_fails_verification_by_name() {
     let app = new_app(&path);
     deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
     let victim = in_release(&path, "r1", "app/same.php");
-    let mut f = OpenOptions::new().write(true).open(&victim).unwrap();
-    f.write_all(b"<?php // edited in place\n").unwrap();
-    drop(f);
-    set_mtime(&victim, node(&victim).mtime_ns + 1_000_000_000);
+    let before = node(&victim);
+    let forged = fs::read(&victim).unwrap().to_ascii_uppercase();
+    let swap = victim.with_extension("swap");
+    fs::write(&swap, forged).unwrap();
+    fs::rename(&swap, &victim).unwrap();
+    set_mtime(&victim, before.mtime_ns);
+    assert_ne!(node(&victim).ino, before.ino);
 
     let mut claimed = opts("r2", true);
     let checked =
