@@ -100,10 +100,12 @@ pub struct Faults {
 
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
-    /// Re-hash linked files too. By default a linked file is verified by identity: it must be the
-    /// very inode whose content was blake3-verified when its release was built, with the recorded
-    /// size and mtime (any write through any name changes the mtime). Re-hashing also catches an
-    /// in-place edit that deliberately restored the old mtime, at the cost of reading every file.
+    /// Re-hash linked files too. By default a linked file is verified by identity: its source
+    /// must be the very inode whose content was blake3-verified when its release was built,
+    /// with the recorded size and mtime (any write through any name changes the mtime), when it
+    /// is linked; and the staged name must still be that inode when the release is verified.
+    /// Re-hashing also catches an in-place edit that deliberately restored the old mtime, at the
+    /// cost of reading every file.
     pub verify_links: bool,
     /// Objects this process verified as it wrote them (`ObjectStore::verified_stamps`), with the
     /// inode, size and mtime each had then. An object linked into the release that still has
@@ -112,8 +114,8 @@ pub struct ExecOptions {
     pub object_stamps: ObjectStamps,
     /// Link sources (by release, then path) whose identity this process checked against their
     /// record a moment ago, with the app locked: they are linked without checking them again.
-    /// Verification compares every linked file with its record all the same, so a source
-    /// changed in between fails the build instead of entering the release.
+    /// Verification checks every linked file's inode all the same, so a source replaced in
+    /// between fails the build instead of entering the release.
     pub checked_links: CheckedLinks,
     #[doc(hidden)]
     pub faults: Faults,
