@@ -117,6 +117,9 @@ pub struct ExecOptions {
     /// Verification checks every linked file's inode all the same, so a source replaced in
     /// between fails the build instead of entering the release.
     pub checked_links: CheckedLinks,
+    /// Set by another thread to stop the build between groups of operations; it then fails
+    /// with [`EdgeError::Cancelled`] (for a build whose push ended while it ran).
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     #[doc(hidden)]
     pub faults: Faults,
 }
@@ -271,6 +274,16 @@ impl<'a> Stager<'a> {
         }
     }
 
+    /// [`EdgeError::Cancelled`] once [`ExecOptions::cancel`] is set.
+    fn check_cancel(&self) -> Result<(), EdgeError> {
+        match &self.opts.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(EdgeError::Cancelled(
+                "the push ended while its release was being built".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn time(&mut self, phase: &'static str, took: Duration) {
         match self.timings.iter_mut().find(|(p, _)| *p == phase) {
             Some((_, d)) => *d += took,
@@ -286,6 +299,7 @@ impl<'a> Stager<'a> {
     pub fn apply(&mut self, ops: &[Op]) -> Result<(), EdgeError> {
         let mut i = 0;
         while i < ops.len() {
+            self.check_cancel()?;
             let parallel = |op: &Op| {
                 matches!(
                     op,
@@ -312,6 +326,7 @@ impl<'a> Stager<'a> {
                 let linked: Vec<Vec<(RelPath, Identity)>> = chunks
                     .par_iter()
                     .map(|chunk| {
+                        this.check_cancel()?;
                         let mut dirs = DirCache::new(this);
                         let mut linked = Vec::new();
                         for op in chunk.iter() {
@@ -380,6 +395,7 @@ impl<'a> Stager<'a> {
                 .chunk_by(|a, b| op_path(a).parent_str() == op_path(b).parent_str())
                 .collect();
             chunks.par_iter().try_for_each(|chunk| {
+                self.check_cancel()?;
                 let mut dirs = DirCache::new(self);
                 for op in chunk.iter() {
                     let path = op_path(op);

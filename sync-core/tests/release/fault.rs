@@ -225,3 +225,52 @@ fn a_swapped_linked_file_is_named_whether_its_directory_is_listed_or_not() {
         node(&in_release(&path, "r1", "many/f07.php")).ino
     );
 }
+
+/// A build started while its content arrives (`deploy_arriving`) and cancelled, before its
+/// first operation or while it waits for that content, leaves no staging and no journal entry,
+/// and the release is then built as usual.
+#[test]
+fn a_cancelled_build_leaves_nothing_and_journals_nothing() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use sync_core::edge::deploy::{self, Arriving};
+    use sync_core::edge::exec::LocalSource;
+
+    let s = setup();
+    let manifest = manifest_of(&s.src_b);
+    let source = LocalSource::open(&s.src_b).unwrap();
+    let journaled = journal(&s.path).len();
+    // (cancelled before it starts, cancelled while it waits)
+    for flagged in [true, false] {
+        let cancel = Arc::new(AtomicBool::new(flagged));
+        let mut o = opts("r2", true);
+        o.exec.cancel = Some(Arc::clone(&cancel));
+        let mut waited = false;
+        let mut wait = || {
+            waited = true;
+            Err(EdgeError::Cancelled("the push ended".into()))
+        };
+        let lock = s.app.lock(|_| {}).unwrap();
+        let err = deploy::deploy_arriving(
+            &s.app,
+            &lock,
+            &manifest,
+            &source,
+            &o,
+            &|_| {},
+            Arriving {
+                objects: Default::default(),
+                wait: &mut wait,
+            },
+        )
+        .unwrap_err();
+        drop(lock);
+        assert!(matches!(err, EdgeError::Cancelled(_)), "{err:?}");
+        assert_eq!(waited, !flagged, "flagged: {flagged}");
+        assert!(leftovers(&s.path).is_empty(), "flagged: {flagged}");
+        assert_eq!(journal(&s.path).len(), journaled, "flagged: {flagged}");
+        assert_eq!(assert_i0(&s.path).current.as_deref(), Some("r1"));
+    }
+    deploy_tree(&s.app, &s.src_b, &opts("r2", true)).unwrap();
+    assert_eq!(assert_i0(&s.path).current.as_deref(), Some("r2"));
+}

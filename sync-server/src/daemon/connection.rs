@@ -235,6 +235,8 @@ struct Driver {
 struct Building {
     /// Told once every needed file is stored; dropped to cancel the build.
     stored: std::sync::mpsc::Sender<()>,
+    /// Stops the build where it is (with `stored` dropped) when the push ends first.
+    cancel: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Event>,
 }
 
@@ -932,17 +934,23 @@ impl Driver {
         checked: sync_core::edge::exec::CheckedLinks,
     ) {
         let (stored, arrived) = std::sync::mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
         let span = Span::current();
+        let arrival = work::Arrival {
+            objects,
+            stored: arrived,
+            checked,
+            cancel: Arc::clone(&cancel),
+        };
         let task = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let arrival = work::Arrival {
-                objects,
-                stored: arrived,
-                checked,
-            };
             work::stage(&opened, &release, &manifest, Some(arrival))
         });
-        self.building = Some(Building { stored, task });
+        self.building = Some(Building {
+            stored,
+            cancel,
+            task,
+        });
     }
 
     /// Waits for the release build, then (for a relay) for the forwarding to end; the `Staged`
@@ -1065,6 +1073,11 @@ impl Driver {
     /// The session is over: log how, let the client read the last frames, close, and wait for the
     /// work still running before the lock goes.
     async fn finish(mut self) {
+        if let Some(building) = &self.building {
+            // The push ended before its files were all in: stop building its release now (it
+            // is waited for below, before the lock goes).
+            building.cancel.store(true, Ordering::Relaxed);
+        }
         if let Some(f) = self.forwarding.take() {
             // This push failed before its release was built: the children are pushed to
             // directly by the source.
@@ -1123,8 +1136,7 @@ impl Driver {
             }
         }
         if let Some(building) = self.building.take() {
-            // The push ended before its files were all in: the build removes what it staged,
-            // and the lock goes only after that.
+            // The build removes what it staged; the lock goes only after that.
             drop(building.stored);
             if let Err(e) = building.task.await {
                 tracing::warn!("the cancelled release build failed: {e}");

@@ -559,6 +559,8 @@ pub(super) struct Arrival {
     pub(super) stored: std::sync::mpsc::Receiver<()>,
     /// The kept files the need computation found intact just before.
     pub(super) checked: CheckedLinks,
+    /// Set when the push ends before its files are all in: the build stops where it is.
+    pub(super) cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The (content, mode) pairs `need`'s files of `manifest` become as objects.
@@ -642,6 +644,7 @@ pub(super) fn stage(
                     .as_ref()
                     .map(|a| Arc::clone(&a.checked))
                     .unwrap_or_default(),
+                cancel: arrival.as_ref().map(|a| Arc::clone(&a.cancel)),
                 ..ExecOptions::default()
             },
             ..DeployOptions::default()
