@@ -171,14 +171,9 @@ fn crash_after_every_prefix_of_a_deploy_recovers_to_old_or_new() {
 
 #[test]
 fn crash_around_the_swap_and_mid_prune_is_recovered() {
-    let t = scratch();
-    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
-    source_a(&src_a);
-    source_b(&src_b);
-    let path = t.path().join("app");
-    let app = new_app(&path);
-    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
-    deploy_tree(&app, &src_b, &opts("r2", false)).unwrap();
+    let w = with_a_deployed();
+    let (path, src_b, app) = (&w.path, &w.src_b, &w.app);
+    deploy_tree(app, src_b, &opts("r2", false)).unwrap();
     let current_ino = node(&path.join("current")).ino;
 
     for tmp_target in ["releases/r2", "releases/does-not-exist"] {
@@ -186,7 +181,7 @@ fn crash_around_the_swap_and_mid_prune_is_recovered() {
         symlink(tmp_target, path.join("current.tmp")).unwrap();
         // And an interrupted record write left its temporary file.
         put(
-            &path,
+            path,
             ".relsync/releases/.tmp-r3.rec",
             b"half a record",
             0o644,
@@ -195,7 +190,7 @@ fn crash_around_the_swap_and_mid_prune_is_recovered() {
         let rec = app.recover(&lock).unwrap();
         drop(lock);
         assert!(rec.current_tmp_removed, "{tmp_target}: {rec:?}");
-        let state = assert_i0(&path);
+        let state = assert_i0(path);
         assert_eq!(state.current.as_deref(), Some("r1"), "{tmp_target}");
         assert_eq!(state.releases(), ["r1", "r2"]);
         // `current` itself was not rewritten.
@@ -203,14 +198,14 @@ fn crash_around_the_swap_and_mid_prune_is_recovered() {
     }
 
     // A prune that crashed right after renaming r1 to r1.trash (before dropping its record).
-    sync_core::edge::deploy::activate(&app, &app.lock(|_| {}).unwrap(), &id("r2"), NOW).unwrap();
+    sync_core::edge::deploy::activate(app, &app.lock(|_| {}).unwrap(), &id("r2"), NOW).unwrap();
     fs::rename(path.join("releases/r1"), path.join("releases/r1.trash")).unwrap();
     let lock = app.lock(|_| {}).unwrap();
     let rec = app.recover(&lock).unwrap();
     drop(lock);
     assert_eq!(rec.trash_removed, ["r1.trash"]);
     assert_eq!(rec.orphan_records_removed, ["r1"]);
-    let state = assert_i0(&path);
+    let state = assert_i0(path);
     assert_eq!(state.current.as_deref(), Some("r2"));
     assert_eq!(state.releases(), ["r2"]);
 

@@ -9,30 +9,6 @@ use sync_core::edge::EdgeError;
 
 use crate::harness::*;
 
-/// An app root with A deployed and current, plus the source of B.
-struct Setup {
-    _t: Scratch,
-    path: std::path::PathBuf,
-    src_b: std::path::PathBuf,
-    app: sync_core::edge::root::AppRoot,
-}
-
-fn setup() -> Setup {
-    let t = scratch();
-    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
-    source_a(&src_a);
-    source_b(&src_b);
-    let path = t.path().join("app");
-    let app = new_app(&path);
-    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
-    Setup {
-        _t: t,
-        path,
-        src_b,
-        app,
-    }
-}
-
 fn with_faults(faults: Faults) -> sync_core::edge::deploy::DeployOptions {
     sync_core::edge::deploy::DeployOptions {
         exec: ExecOptions {
@@ -44,7 +20,7 @@ fn with_faults(faults: Faults) -> sync_core::edge::deploy::DeployOptions {
 }
 
 /// What must hold after any aborted deploy of r2, and that a clean retry of r2 rebuilds it.
-fn assert_aborted_then_retry(s: &Setup, err: &EdgeError) {
+fn assert_aborted_then_retry(s: &WithA, err: &EdgeError) {
     let msg = err.to_string();
     assert!(leftovers(&s.path).is_empty(), "{:?}", leftovers(&s.path));
     let state = assert_i0(&s.path);
@@ -73,13 +49,13 @@ fn assert_aborted_then_retry(s: &Setup, err: &EdgeError) {
     );
 }
 
-fn staging(s: &Setup) -> String {
+fn staging(s: &WithA) -> String {
     s.path.join("releases/r2.staging").display().to_string()
 }
 
 #[test]
 fn injected_sync_error_aborts_and_a_retry_rebuilds() {
-    let s = setup();
+    let s = with_a_deployed();
     let err = deploy_tree(
         &s.app,
         &s.src_b,
@@ -102,7 +78,7 @@ fn injected_sync_error_aborts_and_a_retry_rebuilds() {
 
 #[test]
 fn injected_write_error_names_the_file() {
-    let s = setup();
+    let s = with_a_deployed();
     for victim in ["app/added.php", "app/edit.php"] {
         let err = deploy_tree(
             &s.app,
@@ -134,7 +110,7 @@ fn injected_write_error_names_the_file() {
 
 #[test]
 fn corrupted_staged_file_is_never_activated() {
-    let s = setup();
+    let s = with_a_deployed();
     let a_same = node(&in_release(&s.path, "r1", "app/same.php"));
     // A written file, then a file hard-linked from A (the flip must not reach A's inode).
     for victim in ["app/added.php", "app/same.php"] {
@@ -236,7 +212,7 @@ fn a_cancelled_build_leaves_nothing_and_journals_nothing() {
     use sync_core::edge::deploy::{self, Arriving};
     use sync_core::edge::exec::LocalSource;
 
-    let s = setup();
+    let s = with_a_deployed();
     let manifest = manifest_of(&s.src_b);
     let source = LocalSource::open(&s.src_b).unwrap();
     let journaled = journal(&s.path).len();

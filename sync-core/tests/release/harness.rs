@@ -186,6 +186,30 @@ pub fn deploy_tree(
     deploy::deploy(root, &lock, &m, &source, o, &no_progress)
 }
 
+/// An app root with release A deployed as `r1` and current, plus the source of B.
+pub struct WithA {
+    _t: Scratch,
+    pub path: PathBuf,
+    pub src_b: PathBuf,
+    pub app: AppRoot,
+}
+
+pub fn with_a_deployed() -> WithA {
+    let t = scratch();
+    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
+    source_a(&src_a);
+    source_b(&src_b);
+    let path = t.path().join("app");
+    let app = new_app(&path);
+    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
+    WithA {
+        _t: t,
+        path,
+        src_b,
+        app,
+    }
+}
+
 /// An app root with a configured shared path (`storage`, holding a log the engine must not touch).
 pub fn new_app(path: &Path) -> AppRoot {
     let app = AppRoot::open_or_create(path).unwrap();

@@ -9,24 +9,19 @@ use crate::harness::*;
 
 #[test]
 fn unchanged_and_moved_files_share_inodes_and_a_mode_change_does_not() {
-    let t = scratch();
-    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
-    source_a(&src_a);
-    source_b(&src_b);
-    let path = t.path().join("app");
-    let app = new_app(&path);
-    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
-    let a_before = snapshot(&in_release(&path, "r1", ""));
+    let w = with_a_deployed();
+    let (path, src_b, app) = (&w.path, &w.src_b, &w.app);
+    let a_before = snapshot(&in_release(path, "r1", ""));
     // File-system timestamps are coarser than a deploy: the pause makes even a rewrite of r1's files
     // with identical bytes show in their mtime.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let report = deploy_tree(&app, &src_b, &opts("r2", true)).unwrap();
+    let report = deploy_tree(app, src_b, &opts("r2", true)).unwrap();
     assert_eq!(
         report.summary.moved_files, 2,
         "new-name.php and dup.php come from other paths"
     );
-    let a = |p: &str| node(&in_release(&path, "r1", p));
-    let b = |p: &str| node(&in_release(&path, "r2", p));
+    let a = |p: &str| node(&in_release(path, "r1", p));
+    let b = |p: &str| node(&in_release(path, "r2", p));
     let same = |n: &Node| (n.dev, n.ino);
 
     for p in [
@@ -61,10 +56,10 @@ fn unchanged_and_moved_files_share_inodes_and_a_mode_change_does_not() {
 
     // Nothing of r1 changed: inode, mode, size, mtime, content, targets.
     assert_eq!(
-        unlinked(&snapshot(&in_release(&path, "r1", ""))),
+        unlinked(&snapshot(&in_release(path, "r1", ""))),
         unlinked(&a_before)
     );
-    let state = assert_i0(&path);
+    let state = assert_i0(path);
     assert_eq!(state.current.as_deref(), Some("r2"));
 }
 

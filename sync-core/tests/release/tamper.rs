@@ -179,14 +179,9 @@ fn basis_directory_replaced_by_symlink_to_outside_directory() {
 /// itself and writes that file in full.
 #[test]
 fn a_link_source_changed_after_its_check_fails_verification_by_name() {
-    let t = scratch();
-    let (src_a, src_b) = (t.path().join("sa"), t.path().join("sb"));
-    source_a(&src_a);
-    source_b(&src_b);
-    let path = t.path().join("app");
-    let app = new_app(&path);
-    deploy_tree(&app, &src_a, &opts("r1", true)).unwrap();
-    let victim = in_release(&path, "r1", "app/same.php");
+    let w = with_a_deployed();
+    let (path, src_b, app) = (&w.path, &w.src_b, &w.app);
+    let victim = in_release(path, "r1", "app/same.php");
     let before = node(&victim);
     let forged = fs::read(&victim).unwrap().to_ascii_uppercase();
     let swap = victim.with_extension("swap");
@@ -200,7 +195,7 @@ fn a_link_source_changed_after_its_check_fails_verification_by_name() {
         std::collections::HashSet::from([sync_core::RelPath::new("app/same.php").unwrap()]);
     claimed.exec.checked_links =
         std::sync::Arc::new(std::collections::HashMap::from([(id("r1"), checked)]));
-    let err = deploy_tree(&app, &src_b, &claimed).unwrap_err();
+    let err = deploy_tree(app, src_b, &claimed).unwrap_err();
     let message = err.to_string();
     // Both are linked from the changed file; verification runs in parallel and names the first.
     assert!(
@@ -215,7 +210,7 @@ fn a_link_source_changed_after_its_check_fails_verification_by_name() {
         Path::new("releases/r1")
     );
 
-    let report = deploy_tree(&app, &src_b, &opts("r2", true)).unwrap();
+    let report = deploy_tree(app, src_b, &opts("r2", true)).unwrap();
     assert!(report.exec.link_fallbacks >= 1, "{:?}", report.exec);
-    check_release(&AppRoot::open(&path).unwrap(), &path, "r2");
+    check_release(&AppRoot::open(path).unwrap(), path, "r2");
 }
