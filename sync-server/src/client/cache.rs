@@ -213,8 +213,9 @@ impl Cache {
     }
 
     /// [`Cache::store_missing`] with the contents the cache held when the caller listed them
-    /// (`present`), instead of listing them again. A blob stored since is written once more; one
-    /// removed since is not: the next push has one basis less.
+    /// (`present`), instead of listing them again; a content not listed is looked up by itself
+    /// (the push may have stored it since). A blob removed since is not written again: the next
+    /// push has one basis less.
     pub fn store_missing_from(
         &self,
         source: &SourceTree,
@@ -222,11 +223,11 @@ impl Cache {
     ) -> Result<Stored, CacheError> {
         let lock = self.lock()?;
         let listed;
-        let present = match present {
-            Some(p) => p,
+        let (present, listed_now) = match present {
+            Some(p) => (p, false),
             None => {
                 listed = self.hashes()?;
-                &listed
+                (&listed, true)
             }
         };
         let mut seen = HashSet::new();
@@ -238,7 +239,8 @@ impl Cache {
             .filter(|(_, size, _, hash)| {
                 let big = *size > MAX_CACHED_FILE;
                 skipped += u64::from(big);
-                !big && !present.contains(hash)
+                // A listing made ahead misses what the push stored since (its full payloads).
+                !big && !present.contains(hash) && (listed_now || !self.contains(hash))
             })
             .collect();
         let results: Vec<Result<u64, String>> = todo
@@ -543,20 +545,30 @@ mod tests {
         let t = tree(&fx, &[("a", a)]);
         fx.cache.record(&target("web1/shop"), &t).unwrap();
         let t2 = tree(&fx, &[("a", a), ("b", b), ("c", c)]);
-        // (what the caller listed, what is stored, what the cache then holds)
+        // (what the caller listed, what was stored since, what is stored, what the cache then
+        // holds)
         type Contents<'a> = &'a [&'a [u8]];
-        let cases: &[(Option<Contents>, u64, Contents)] = &[
-            (None, 2, &[a, b, c]),
+        let cases: &[(Option<Contents>, Contents, u64, Contents)] = &[
+            (None, &[], 2, &[a, b, c]),
             // The listing holds `a` only: `b` and `c` are stored.
-            (Some(&[a]), 2, &[a, b, c]),
+            (Some(&[a]), &[], 2, &[a, b, c]),
+            // `b` was stored after the listing (a full payload the push sent): not again.
+            (Some(&[a]), &[b], 1, &[a, b, c]),
             // A listing that says `c` is there already: it is not written.
-            (Some(&[a, b, c]), 0, &[a]),
+            (Some(&[a, b, c]), &[], 0, &[a]),
         ];
-        for (listed, stored, holds) in cases {
+        for (listed, since, stored, holds) in cases {
             for h in fx.cache.hashes().unwrap() {
                 if h != Hash::of(a) {
                     fs::remove_file(fx.cache.blob_path(&h)).unwrap();
                 }
+            }
+            for content in *since {
+                let mut payload = Vec::new();
+                delta::encode_full(content, &mut payload).unwrap();
+                fx.cache
+                    .store_payload(&Hash::of(content), &payload)
+                    .unwrap();
             }
             let listed = listed.map(hashes);
             let s = fx.cache.store_missing_from(&t2, listed.as_ref()).unwrap();
