@@ -25,8 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint};
-use sync_core::manifest::{Hash, Manifest};
-use sync_core::proto::client::{ClientConfig, ClientState, Outcome, PushJob, SyncJob};
+use sync_core::manifest::{Hash, Manifest, Policy};
+use sync_core::proto::client::{
+    likely_sends, ClientConfig, ClientState, Outcome, PushJob, SyncJob,
+};
 use sync_core::proto::ClientSession;
 use sync_core::relay::RelayPlan;
 use sync_core::wire::{AppName, Command, ErrorKind};
@@ -261,6 +263,19 @@ impl Connection {
     }
 }
 
+/// Payload bytes a push keeps encoded ahead ([`driver::pre_encode`]) when no memo is shared
+/// with other pushes.
+const PRE_ENCODE_MEMO_BYTES: u64 = 64 << 20;
+
+/// Aborts the task when dropped (a push that ends stops encoding ahead for it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A push to run.
 #[derive(Debug, Clone)]
 pub struct PushRequest {
@@ -396,6 +411,41 @@ pub async fn push_with(
         // few failed opens each: keep the files out, and so those looks, to the streams.
         config.max_files_out = conn.config.max_files_out.min(conn.config.max_streams);
     }
+    // A push to a target the cache knows: encode what it will most likely have to send while
+    // the daemon works out what it needs.
+    let mut with_memo = None;
+    let _pre_encoding = match (&opts.locate, &opts.cache, &cached.manifest) {
+        (None, Some(cache), Some(last)) => {
+            let memo = opts.memo.clone().unwrap_or_else(|| {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                Arc::new(PayloadMemo::new(PRE_ENCODE_MEMO_BYTES, cores))
+            });
+            if opts.memo.is_none() {
+                with_memo = Some(PushOptions {
+                    memo: Some(Arc::clone(&memo)),
+                    ..opts.clone()
+                });
+            }
+            let (source, cache) = (Arc::clone(&source), Arc::clone(cache));
+            let (manifest, last, hashes) = (
+                Arc::clone(&req.manifest),
+                Arc::clone(last),
+                cached.hashes.clone(),
+            );
+            let predicted = tokio::task::spawn_blocking(move || {
+                let last = Manifest::decode(&last, &Policy::default()).ok()?;
+                Some(likely_sends(&manifest, &last, &hashes))
+            });
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Ok(Some(files)) = predicted.await {
+                    let mut tasks = driver::pre_encode(source, Some(cache), memo, files);
+                    while tasks.join_next().await.is_some() {}
+                }
+            })))
+        }
+        _ => None,
+    };
+    let opts = with_memo.as_ref().unwrap_or(opts);
     let session = push_session(conn, config, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {

@@ -157,6 +157,37 @@ impl SendFile {
     }
 }
 
+/// The files a push to a daemon is likely to send, and how, when that daemon still runs what
+/// the client last pushed there (`last`) and holds nothing else: what the daemon's need
+/// computation ([`compute_need`](super::daemon::compute_need)) and this session's choice of
+/// method would then give. Files that would need an rsync signature are left out: only the
+/// daemon can answer those. A driver may encode these while the daemon computes its real need
+/// (see `PayloadMemo`); a wrong guess costs that encoding and nothing else, since a payload is
+/// taken only for exactly the content and basis it was made for.
+pub fn likely_sends(manifest: &Manifest, last: &Manifest, cached: &HashSet<Hash>) -> Vec<SendFile> {
+    let held: HashSet<Hash> = last.files().map(|(_, _, _, h)| *h).collect();
+    let need = super::daemon::compute_need(manifest, Some(last), |h| held.contains(h));
+    let files: Vec<_> = manifest.files().collect();
+    need.files
+        .into_iter()
+        .filter_map(|n| {
+            let (path, size, _, hash) = files.get(n.file as usize)?;
+            let method = match n.basis {
+                None => Method::Full,
+                Some(basis) if cached.contains(&basis.hash) => Method::ZstdRef { basis },
+                Some(_) => return None,
+            };
+            Some(SendFile {
+                file: n.file,
+                path: (*path).clone(),
+                size: *size,
+                hash: **hash,
+                method,
+            })
+        })
+        .collect()
+}
+
 /// Work for the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -1244,6 +1275,61 @@ mod tests {
                 "{len}"
             );
         }
+    }
+
+    #[test]
+    fn likely_sends_are_what_a_daemon_holding_the_last_push_would_need() {
+        let f = |p: &str, c: &str| Entry::file(p, c.len() as u64, 0o644, Hash::of(c.as_bytes()));
+        let last = Manifest::from_unsorted(
+            vec![
+                f("same", "same").unwrap(),
+                f("edited", "edited, before").unwrap(),
+                f("edited-uncached", "uncached, before").unwrap(),
+                f("emptied", "").unwrap(),
+                f("old-name", "moved").unwrap(),
+            ],
+            &Policy::default(),
+        )
+        .unwrap();
+        let new = Manifest::from_unsorted(
+            vec![
+                f("same", "same").unwrap(),
+                f("edited", "edited, after").unwrap(),
+                f("edited-uncached", "uncached, after").unwrap(),
+                f("emptied", "now filled").unwrap(),
+                f("new-name", "moved").unwrap(),
+                f("added", "added").unwrap(),
+                f("added-twice", "added").unwrap(),
+            ],
+            &Policy::default(),
+        )
+        .unwrap();
+        let cached: HashSet<Hash> = [Hash::of(b"edited, before")].into_iter().collect();
+        let got: Vec<(String, String)> = likely_sends(&new, &last, &cached)
+            .into_iter()
+            .map(|s| {
+                let method = match s.method {
+                    Method::Full => "full".to_string(),
+                    Method::ZstdRef { basis } => format!("zstd-ref {}", basis.size),
+                    Method::Rsync { .. } => "rsync".to_string(),
+                };
+                assert_eq!(new.files().nth(s.file as usize).unwrap().0, &s.path);
+                (s.path.to_string(), method)
+            })
+            .collect();
+        // Unchanged and moved content is held; an edit whose basis the client cached goes as a
+        // zstd-reference delta, one it did not would wait for a signature; an empty basis is
+        // none; the same new content goes once.
+        let want = [
+            ("added", "full"),
+            ("edited", "zstd-ref 14"),
+            ("emptied", "full"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

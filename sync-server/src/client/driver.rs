@@ -762,6 +762,65 @@ async fn shared_payloads(
     Ok(out)
 }
 
+/// Files per blocking call of [`pre_encode`].
+const PRE_ENCODE_BATCH: usize = 32;
+
+/// Largest file [`pre_encode`] encodes: bigger ones are left to the push itself, which streams
+/// them rather than holding their payload in the memo.
+const PRE_ENCODE_MAX_FILE: u64 = 1 << 20;
+
+/// Encodes `files` (the push's likely sends, `likely_sends`) into `memo` while the daemon
+/// computes its need, in batches on the memo's CPU budget. A file the memo has, or another push
+/// is encoding, is skipped; one that fails to encode is left to the push, which reports it. The
+/// push's own writers then find these payloads ready (or wait for one being encoded).
+pub(super) fn pre_encode(
+    source: Arc<SourceTree>,
+    cache: Option<Arc<Cache>>,
+    memo: Arc<PayloadMemo>,
+    files: Vec<SendFile>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let files: Vec<SendFile> = files
+        .into_iter()
+        .filter(|f| f.size <= PRE_ENCODE_MAX_FILE)
+        .collect();
+    for batch in files.chunks(PRE_ENCODE_BATCH) {
+        let (source, cache, memo) = (Arc::clone(&source), cache.clone(), Arc::clone(&memo));
+        let batch = batch.to_vec();
+        tasks.spawn(async move {
+            let Ok(_cpu) = Arc::clone(memo.cpu()).acquire_owned().await else {
+                return;
+            };
+            // Claimed only now: a batch waiting for the CPU leaves its files to the push.
+            let mut tickets = Vec::new();
+            let mut picked = Vec::new();
+            for f in batch {
+                if let Claim::Encode(ticket) = memo.claim(Key::of(&f)) {
+                    tickets.push(ticket);
+                    picked.push(f);
+                }
+            }
+            if picked.is_empty() {
+                return;
+            }
+            let encoded = tokio::task::spawn_blocking(move || {
+                picked
+                    .iter()
+                    .map(|f| encode_one(&source, cache.as_deref(), f).ok())
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(encoded) = encoded else { return };
+            for (ticket, payload) in tickets.into_iter().zip(encoded) {
+                if let Some(payload) = payload {
+                    ticket.fill(payload);
+                }
+            }
+        });
+    }
+    tasks
+}
+
 /// Encodes the files of `files` marked in `pick`, in one blocking call on one of the CPU
 /// budget's slots; hands the files back with a payload for each picked one.
 async fn encode_batch(

@@ -1011,3 +1011,107 @@ async fn concurrent_pushes_through_the_memo_encode_each_payload_once() {
         assert_streams_carried(store, &files, 603);
     }
 }
+
+/// A push to a target the cache knows encodes what it will likely send ahead, into the memo,
+/// and the push takes those payloads: every needed payload is encoded exactly once, and the
+/// release arrives as pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_known_target_encodes_its_likely_files_once() {
+    let mut k = keys();
+    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
+    let store = Shared::default();
+    spawn_daemon(ep, Arc::clone(&store));
+    let t = target(addr, "shop");
+    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
+    let src = tmp.path().join("src");
+    let conn = dial(&k, &t).await.unwrap();
+    push(
+        &conn,
+        &tree(&src, "r1", &release_a()),
+        Some(&cache),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    conn.close().await;
+
+    let b = tree(&src, "r2", &release_b());
+    let memo = Arc::new(PayloadMemo::new(1 << 30, 2));
+    let opts = PushOptions {
+        cache: Some(Arc::clone(&cache)),
+        record: true,
+        memo: Some(Arc::clone(&memo)),
+        ..PushOptions::default()
+    };
+    let conn = dial(&k, &t).await.unwrap();
+    let pushed = push_with(&conn, &b, &opts, &|_| {}).await.unwrap();
+    conn.close().await;
+    let s = &pushed.session;
+    assert_eq!((s.needed, s.sent_full, s.sent_zstd_ref), (4, 1, 3), "{s:?}");
+    assert_eq!(memo.stats().encodes, 4, "{:?}", memo.stats());
+    let st = store.lock().unwrap();
+    for (p, c) in release_b() {
+        assert_eq!(st.kept.get(&Hash::of(&c)), Some(&c), "{p}");
+    }
+}
+
+/// `pre_encode` fills the memo with exactly the payloads the push would encode for the same
+/// files, skips what the memo has, and leaves a file it cannot read to the push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoding_ahead_fills_the_memo_with_the_payloads_the_push_would_make() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
+    let src = tmp.path().join("src");
+    let a = tree(&src, "r1", &release_a());
+    let shop = Target::parse("web1/shop").unwrap();
+    cache
+        .record(
+            &shop,
+            &SourceTree::open(&src, Arc::clone(&a.manifest)).unwrap(),
+        )
+        .unwrap();
+    let b = tree(&src, "r2", &release_b());
+    let source = Arc::new(SourceTree::open(&src, Arc::clone(&b.manifest)).unwrap());
+    let files = likely_sends(&b.manifest, &a.manifest, &cache.hashes().unwrap());
+    assert!(files.len() >= 2, "{files:?}");
+    // The last one cannot be read any more.
+    let gone = files[files.len() - 1].path.clone();
+    std::fs::remove_file(src.join(gone.as_str())).unwrap();
+    let memo = Arc::new(PayloadMemo::new(1 << 30, 2));
+    // One of them is in the memo already.
+    let first = files[0].clone();
+    let held = driver::pre_encode(
+        Arc::clone(&source),
+        Some(Arc::clone(&cache)),
+        Arc::clone(&memo),
+        vec![first.clone()],
+    );
+    held.join_all().await;
+    let mut tasks = driver::pre_encode(
+        Arc::clone(&source),
+        Some(Arc::clone(&cache)),
+        Arc::clone(&memo),
+        files.clone(),
+    );
+    while tasks.join_next().await.is_some() {}
+    let readable: Vec<_> = files.iter().filter(|f| f.path != gone).collect();
+    assert_eq!(memo.stats().encodes, readable.len() as u64, "{files:?}");
+    for f in &files {
+        let want = source.encode(f, Some(&cache));
+        match memo.claim(memo::Key::of(f)) {
+            memo::Claim::Ready(p) => {
+                let want = want.unwrap();
+                assert_eq!(
+                    (p.format, &p.bytes),
+                    (want.header.format, &want.payload),
+                    "{}",
+                    f.path
+                );
+            }
+            memo::Claim::Encode(_) => assert!(want.is_err(), "{} was not encoded", f.path),
+            memo::Claim::Busy(_) => panic!("{} is still being encoded", f.path),
+        }
+    }
+}
