@@ -375,7 +375,8 @@ struct PushOpts {
     lie: HashSet<String>,
     /// Paths whose file stream is reset halfway through the payload.
     cut: HashSet<String>,
-    /// Drop the connection once this many files are stored on the daemon.
+    /// Drop the connection once this many files are stored on the daemon (0: once the need is
+    /// known, before any file goes out).
     kill_after: Option<(usize, PathBuf)>,
     /// Concurrent file streams (0: the daemon's limit).
     max_streams: u32,
@@ -615,6 +616,15 @@ async fn drive(
             }
         }
         while let Some(client::Request::SendFile(f)) = s.poll_request() {
+            if matches!(&kill_after, Some((0, _))) {
+                // Gone once the need is known, as a dry run is.
+                conn.close(9u32.into(), b"dry run");
+                return Ran {
+                    outcome: None,
+                    headers,
+                    held,
+                };
+            }
             let (header, bytes) = source.encode(&f);
             headers.push(header);
             let (conn, tx) = (conn.clone(), done_tx.clone());
@@ -978,6 +988,36 @@ async fn the_release_is_staged_from_what_the_daemon_holds_while_the_files_arrive
     assert_eq!(current_of(&d.shop()).as_deref(), Some("r2"));
     assert_release_holds(&d.shop(), "r2", &b);
     assert_eq!(objects(&d.shop()), 0);
+}
+
+/// A client that goes away once it knows the need (a dry run) leaves the app's disk as it was:
+/// the release build starts only when the first file or signature request shows the push goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_stops_at_the_need_leaves_the_disk_alone() {
+    let d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let a = tree_a();
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let releases = d.shop().join("releases");
+    let before = std::fs::metadata(&releases).unwrap().modified().unwrap();
+    let mut b = a.clone();
+    b.insert("new/added.php".into(), text(800, 4_000));
+    let opts = PushOpts {
+        kill_after: Some((0, d.shop())),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &b, "r2", opts).await;
+    assert!(ran.outcome.is_none(), "the client went away");
+    wait_lock_free(&d.shop()).await;
+    assert_eq!(
+        std::fs::metadata(&releases).unwrap().modified().unwrap(),
+        before,
+        "nothing was created or removed in releases/"
+    );
+    assert!(staging_dirs(&d.shop()).is_empty());
+
+    c.push("shop", &b, "r2", PushOpts::default()).await.report();
+    assert_release_holds(&d.shop(), "r2", &b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,8 +227,22 @@ struct Driver {
     pending: usize,
     /// The push whose need is being computed: its build starts once the need is known.
     pushing: Option<(Arc<Opened>, sync_core::ReleaseId, Arc<sync_core::Manifest>)>,
-    /// The release build started as soon as the need was known.
+    /// The build of the push whose need is known, until the client shows it goes on (a dry run
+    /// stops at the need, and must leave the disk alone).
+    ready_to_build: Option<ReadyToBuild>,
+    /// The release build, started once the client went on after the need.
     building: Option<Building>,
+}
+
+/// What a push's build needs once its need is known (see [`Driver::start_building`]).
+struct ReadyToBuild {
+    opened: Arc<Opened>,
+    release: sync_core::ReleaseId,
+    manifest: Arc<sync_core::Manifest>,
+    /// The (content, mode) pairs the needed files become as objects.
+    objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
+    /// The kept files the need computation found intact.
+    checked: sync_core::edge::exec::CheckedLinks,
 }
 
 /// A release build running while the push's files arrive ([`work::stage`] with an arrival).
@@ -276,6 +290,7 @@ impl Driver {
             rx,
             pending: 0,
             pushing: None,
+            ready_to_build: None,
             building: None,
         }
     }
@@ -392,18 +407,21 @@ impl Driver {
                 basis,
                 checked,
             })) => {
-                let arrival = match (&event, self.pushing.take()) {
+                self.ready_to_build = match (&event, self.pushing.take()) {
                     (Event::Need(need), Some((opened, release, manifest))) => {
                         let objects = work::arriving_objects(&manifest, need);
-                        Some((opened, release, manifest, objects))
+                        Some(ReadyToBuild {
+                            opened,
+                            release,
+                            manifest,
+                            objects,
+                            checked,
+                        })
                     }
                     _ => None,
                 };
                 self.basis = basis;
                 self.session.handle_event(event, now);
-                if let Some((opened, release, manifest, objects)) = arrival {
-                    self.start_building(opened, release, manifest, objects, checked);
-                }
             }
             Work::Events(events) => {
                 for e in events {
@@ -568,6 +586,12 @@ impl Driver {
     }
 
     fn start(&mut self, request: Request) {
+        if matches!(request, Request::Receive(_) | Request::Signatures { .. }) {
+            // The client goes on with the push: build what needs none of its files meanwhile.
+            if let Some(ready) = self.ready_to_build.take() {
+                self.start_building(ready);
+            }
+        }
         if let Request::Open { app, command } = request {
             self.cpu_at_open = process_usage().cpu_micros;
             return self.open(app.as_str(), command);
@@ -637,6 +661,8 @@ impl Driver {
             }
             (Request::Receive(job), _) => self.receive(job),
             (Request::Stage { release, manifest }, Held::App(opened)) => {
+                // Nothing was sent (the daemon had it all): the build starts now.
+                self.ready_to_build = None;
                 let built = match self.building.take() {
                     Some(building) => {
                         // Every needed file is stored: the build goes on with them.
@@ -923,16 +949,17 @@ impl Driver {
         });
     }
 
-    /// Starts building the release of the push whose need is now known: what needs no file
-    /// of the push is staged while they arrive (see [`work::stage`]).
-    fn start_building(
-        &mut self,
-        opened: Arc<Opened>,
-        release: sync_core::ReleaseId,
-        manifest: Arc<sync_core::Manifest>,
-        objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
-        checked: sync_core::edge::exec::CheckedLinks,
-    ) {
+    /// Starts building the release of the push whose need is known, once its first file or
+    /// signature request shows the client goes on: what needs no file of the push is staged
+    /// while they arrive (see [`work::stage`]).
+    fn start_building(&mut self, ready: ReadyToBuild) {
+        let ReadyToBuild {
+            opened,
+            release,
+            manifest,
+            objects,
+            checked,
+        } = ready;
         let (stored, arrived) = std::sync::mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let span = Span::current();
