@@ -54,6 +54,16 @@ fn server(k: &Keys, authorized: &[Fingerprint]) -> (Endpoint, SocketAddr) {
     (ep, addr)
 }
 
+/// An in-memory daemon serving app `shop` to `k`'s client key, trusted in `k`'s known hosts.
+fn shop_daemon(k: &mut Keys) -> (Target, Shared) {
+    let (ep, addr) = server(k, &[k.client.fingerprint()]);
+    let store = Shared::default();
+    spawn_daemon(ep, Arc::clone(&store));
+    let t = target(addr, "shop");
+    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    (t, store)
+}
+
 fn target(addr: SocketAddr, app: &str) -> Target {
     Target::parse(&format!("127.0.0.1:{}/{app}", addr.port())).unwrap()
 }
@@ -550,11 +560,7 @@ async fn syncs_send_deltas_and_keep_their_own_cache_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_then_delta_push_then_commands() {
     let mut k = keys();
-    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
-    let store = Shared::default();
-    spawn_daemon(ep, Arc::clone(&store));
-    let t = target(addr, "shop");
-    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let (t, store) = shop_daemon(&mut k);
     let tmp = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
     let src = tmp.path().join("src");
@@ -688,11 +694,7 @@ async fn push_then_delta_push_then_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_asks_and_sends_nothing() {
     let mut k = keys();
-    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
-    let store = Shared::default();
-    spawn_daemon(ep, Arc::clone(&store));
-    let t = target(addr, "shop");
-    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let (t, store) = shop_daemon(&mut k);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let a = tree(&src, "r1", &release_a());
@@ -935,11 +937,7 @@ async fn many_files_share_a_few_streams_each_once_and_in_order() {
     // The default memory budget, and one far below the batch and the large files.
     for memory_kib in [None, Some(64)] {
         let mut k = keys();
-        let (ep, addr) = server(&k, &[k.client.fingerprint()]);
-        let store = Shared::default();
-        spawn_daemon(ep, Arc::clone(&store));
-        let t = target(addr, "shop");
-        k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+        let (t, store) = shop_daemon(&mut k);
         let tmp = tempfile::tempdir().unwrap();
         let files = many_small_and_a_few_large();
         let req = tree(&tmp.path().join("src"), "r1", &files);
@@ -970,11 +968,7 @@ async fn concurrent_pushes_through_the_memo_encode_each_payload_once() {
     let mut k = keys();
     let mut daemons = Vec::new();
     for _ in 0..2 {
-        let (ep, addr) = server(&k, &[k.client.fingerprint()]);
-        let store = Shared::default();
-        spawn_daemon(ep, Arc::clone(&store));
-        let t = target(addr, "shop");
-        k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+        let (t, store) = shop_daemon(&mut k);
         daemons.push((t, store));
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -1018,11 +1012,7 @@ async fn concurrent_pushes_through_the_memo_encode_each_payload_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_to_a_known_target_encodes_its_likely_files_once() {
     let mut k = keys();
-    let (ep, addr) = server(&k, &[k.client.fingerprint()]);
-    let store = Shared::default();
-    spawn_daemon(ep, Arc::clone(&store));
-    let t = target(addr, "shop");
-    k.known.add(&t.host_port(), k.daemon.fingerprint()).unwrap();
+    let (t, store) = shop_daemon(&mut k);
     let tmp = tempfile::tempdir().unwrap();
     let cache = Arc::new(Cache::open(&tmp.path().join("cache")).unwrap());
     let src = tmp.path().join("src");
