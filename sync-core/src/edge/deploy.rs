@@ -182,6 +182,9 @@ pub fn prepare_arriving(
 pub struct Arriving<'w> {
     /// The (content, mode) pairs the object store will hold once every file is in.
     pub objects: HashSet<(Hash, u32)>,
+    /// Blocks until the build may change the disk (the push goes on), once it is planned;
+    /// [`EdgeError::Cancelled`] when it may not (a dry run stops at the need).
+    pub start: &'w mut dyn FnMut() -> Result<(), EdgeError>,
     /// Blocks until they are all there, then gives the stamps of the objects this process
     /// verified as it wrote them ([`ExecOptions::object_stamps`]); [`EdgeError::Cancelled`]
     /// when they never will be (the push ended first).
@@ -200,11 +203,12 @@ pub fn deploy(
     deploy_inner(root, lock, target, source, opts, progress, None)
 }
 
-/// [`deploy`] started while a push still delivers some of its content: everything that needs
-/// only local content (directories, links from kept releases, symlinks) is staged first; then
-/// `arriving.wait` blocks until the rest is in the object store and the build goes on as
-/// [`deploy`] does. When the wait is cancelled, the staging directory is removed and nothing
-/// is journaled: the push never got to build its release.
+/// [`deploy`] started while a push still delivers some of its content: it plans, then waits
+/// for `arriving.start` before it changes anything; everything that needs only local content
+/// (directories, links from kept releases, symlinks) is staged first; then `arriving.wait`
+/// blocks until the rest is in the object store and the build goes on as [`deploy`] does. When
+/// either is cancelled, the staging directory (if any) is removed and nothing is journaled: the
+/// push never got to build its release.
 ///
 /// The root is not recovered here (recovery would remove the temporaries of the objects being
 /// written): the caller recovers it when it takes the lock, before the push receives anything.
@@ -255,6 +259,12 @@ fn deploy_inner(
             need,
             free,
         });
+    }
+    // Everything up to here only read the disk.
+    if let Some(a) = arriving.as_mut() {
+        let t = Instant::now();
+        (a.start)()?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "waited to start");
     }
     let mut stager = Stager::begin(
         root,

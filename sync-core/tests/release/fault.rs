@@ -202,9 +202,9 @@ fn a_swapped_linked_file_is_named_whether_its_directory_is_listed_or_not() {
     );
 }
 
-/// A build started while its content arrives (`deploy_arriving`) and cancelled, before its
-/// first operation or while it waits for that content, leaves no staging and no journal entry,
-/// and the release is then built as usual.
+/// A build started while its content arrives (`deploy_arriving`) and cancelled, before it may
+/// start, before its first operation or while it waits for that content, leaves no staging and
+/// no journal entry, and the release is then built as usual.
 #[test]
 fn a_cancelled_build_leaves_nothing_and_journals_nothing() {
     use std::sync::atomic::AtomicBool;
@@ -216,8 +216,8 @@ fn a_cancelled_build_leaves_nothing_and_journals_nothing() {
     let manifest = manifest_of(&s.src_b);
     let source = LocalSource::open(&s.src_b).unwrap();
     let journaled = journal(&s.path).len();
-    // (cancelled before it starts, cancelled while it waits)
-    for flagged in [true, false] {
+    // (cancelled by its flag, told it may not start (a dry run), cancelled while it waits)
+    for (flagged, may_start) in [(true, true), (false, false), (false, true)] {
         let cancel = Arc::new(AtomicBool::new(flagged));
         let mut o = opts("r2", true);
         o.exec.cancel = Some(Arc::clone(&cancel));
@@ -236,13 +236,20 @@ fn a_cancelled_build_leaves_nothing_and_journals_nothing() {
             &|_| {},
             Arriving {
                 objects: Default::default(),
+                start: &mut || {
+                    if may_start {
+                        Ok(())
+                    } else {
+                        Err(EdgeError::Cancelled("the push ended at its need".into()))
+                    }
+                },
                 wait: &mut wait,
             },
         )
         .unwrap_err();
         drop(lock);
         assert!(matches!(err, EdgeError::Cancelled(_)), "{err:?}");
-        assert_eq!(waited, !flagged, "flagged: {flagged}");
+        assert_eq!(waited, !flagged && may_start, "flagged: {flagged}");
         assert!(leftovers(&s.path).is_empty(), "flagged: {flagged}");
         assert_eq!(journal(&s.path).len(), journaled, "flagged: {flagged}");
         assert_eq!(assert_i0(&s.path).current.as_deref(), Some("r1"));

@@ -227,26 +227,15 @@ struct Driver {
     pending: usize,
     /// The push whose need is being computed: its build starts once the need is known.
     pushing: Option<(Arc<Opened>, sync_core::ReleaseId, Arc<sync_core::Manifest>)>,
-    /// The build of the push whose need is known, until the client shows it goes on (a dry run
-    /// stops at the need, and must leave the disk alone).
-    ready_to_build: Option<ReadyToBuild>,
-    /// The release build, started once the client went on after the need.
+    /// The release build, started once the need is known.
     building: Option<Building>,
-}
-
-/// What a push's build needs once its need is known (see [`Driver::start_building`]).
-struct ReadyToBuild {
-    opened: Arc<Opened>,
-    release: sync_core::ReleaseId,
-    manifest: Arc<sync_core::Manifest>,
-    /// The (content, mode) pairs the needed files become as objects.
-    objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
-    /// The kept files the need computation found intact.
-    checked: sync_core::edge::exec::CheckedLinks,
 }
 
 /// A release build running while the push's files arrive ([`work::stage`] with an arrival).
 struct Building {
+    /// Told (and dropped) once the client goes on with the push: the build may change the
+    /// disk. Dropped untold when the push ends at its need (a dry run).
+    proceed: Option<std::sync::mpsc::Sender<()>>,
     /// Told once every needed file is stored; dropped to cancel the build.
     stored: std::sync::mpsc::Sender<()>,
     /// Stops the build where it is (with `stored` dropped) when the push ends first.
@@ -290,7 +279,6 @@ impl Driver {
             rx,
             pending: 0,
             pushing: None,
-            ready_to_build: None,
             building: None,
         }
     }
@@ -407,21 +395,18 @@ impl Driver {
                 basis,
                 checked,
             })) => {
-                self.ready_to_build = match (&event, self.pushing.take()) {
+                let arrival = match (&event, self.pushing.take()) {
                     (Event::Need(need), Some((opened, release, manifest))) => {
                         let objects = work::arriving_objects(&manifest, need);
-                        Some(ReadyToBuild {
-                            opened,
-                            release,
-                            manifest,
-                            objects,
-                            checked,
-                        })
+                        Some((opened, release, manifest, objects))
                     }
                     _ => None,
                 };
                 self.basis = basis;
                 self.session.handle_event(event, now);
+                if let Some((opened, release, manifest, objects)) = arrival {
+                    self.start_building(opened, release, manifest, objects, checked);
+                }
             }
             Work::Events(events) => {
                 for e in events {
@@ -586,10 +571,14 @@ impl Driver {
     }
 
     fn start(&mut self, request: Request) {
-        if matches!(request, Request::Receive(_) | Request::Signatures { .. }) {
-            // The client goes on with the push: build what needs none of its files meanwhile.
-            if let Some(ready) = self.ready_to_build.take() {
-                self.start_building(ready);
+        if matches!(
+            request,
+            Request::Receive(_) | Request::Signatures { .. } | Request::Stage { .. }
+        ) {
+            // The client goes on with the push: the build may stage what needs none of its
+            // files meanwhile.
+            if let Some(proceed) = self.building.as_mut().and_then(|b| b.proceed.take()) {
+                let _ = proceed.send(());
             }
         }
         if let Request::Open { app, command } = request {
@@ -661,8 +650,6 @@ impl Driver {
             }
             (Request::Receive(job), _) => self.receive(job),
             (Request::Stage { release, manifest }, Held::App(opened)) => {
-                // Nothing was sent (the daemon had it all): the build starts now.
-                self.ready_to_build = None;
                 let built = match self.building.take() {
                     Some(building) => {
                         // Every needed file is stored: the build goes on with them.
@@ -949,22 +936,24 @@ impl Driver {
         });
     }
 
-    /// Starts building the release of the push whose need is known, once its first file or
-    /// signature request shows the client goes on: what needs no file of the push is staged
-    /// while they arrive (see [`work::stage`]).
-    fn start_building(&mut self, ready: ReadyToBuild) {
-        let ReadyToBuild {
-            opened,
-            release,
-            manifest,
-            objects,
-            checked,
-        } = ready;
+    /// Starts building the release of the push whose need is known: it is planned at once, and
+    /// once the client's first file or signature request shows the push goes on, what needs no
+    /// file of the push is staged while they arrive (see [`work::stage`]).
+    fn start_building(
+        &mut self,
+        opened: Arc<Opened>,
+        release: sync_core::ReleaseId,
+        manifest: Arc<sync_core::Manifest>,
+        objects: std::collections::HashSet<(sync_core::manifest::Hash, u32)>,
+        checked: sync_core::edge::exec::CheckedLinks,
+    ) {
+        let (proceed, going_on) = std::sync::mpsc::channel();
         let (stored, arrived) = std::sync::mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let span = Span::current();
         let arrival = work::Arrival {
             objects,
+            proceed: going_on,
             stored: arrived,
             checked,
             cancel: Arc::clone(&cancel),
@@ -974,6 +963,7 @@ impl Driver {
             work::stage(&opened, &release, &manifest, Some(arrival))
         });
         self.building = Some(Building {
+            proceed: Some(proceed),
             stored,
             cancel,
             task,
@@ -1164,6 +1154,7 @@ impl Driver {
         }
         if let Some(building) = self.building.take() {
             // The build removes what it staged; the lock goes only after that.
+            drop(building.proceed);
             drop(building.stored);
             if let Err(e) = building.task.await {
                 tracing::warn!("the cancelled release build failed: {e}");

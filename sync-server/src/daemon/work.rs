@@ -555,6 +555,9 @@ fn finish_store(
 pub(super) struct Arrival {
     /// The (content, mode) pairs the needed files become in the object store.
     pub(super) objects: StdHashSet<(Hash, u32)>,
+    /// Gets a message once the client goes on with the push (its first file or signature
+    /// request); dropped when it does not (a dry run).
+    pub(super) proceed: std::sync::mpsc::Receiver<()>,
     /// Gets a message once every needed file is stored; dropped when the push ends first.
     pub(super) stored: std::sync::mpsc::Receiver<()>,
     /// The kept files the need computation found intact just before.
@@ -582,8 +585,9 @@ pub(super) fn arriving_objects(manifest: &Manifest, need: &NeedList) -> StdHashS
 }
 
 /// Builds the release from `manifest`. With `arrival`, this starts as soon as the need is
-/// known: directories, links from kept releases and symlinks are staged while the needed
-/// files arrive, and the rest once `arrival.stored` says they are all in.
+/// known: the release is planned, and once `arrival.proceed` says the push goes on,
+/// directories, links from kept releases and symlinks are staged while the needed files
+/// arrive, and the rest once `arrival.stored` says they are all in.
 pub(super) fn stage(
     opened: &Opened,
     release: &ReleaseId,
@@ -665,8 +669,15 @@ pub(super) fn stage(
                             .unwrap_or_default(),
                     ))
                 };
+                let mut start = || {
+                    arrival
+                        .proceed
+                        .recv()
+                        .map_err(|_| EdgeError::Cancelled("the push ended at its need".into()))
+                };
                 let arriving = deploy::Arriving {
                     objects: arrival.objects,
+                    start: &mut start,
                     wait: &mut wait,
                 };
                 deploy::deploy_arriving(root, lock, manifest, &source, &opts, &|_| {}, arriving)
