@@ -288,6 +288,20 @@ impl Daemon {
         self.log.lock().unwrap()[mark..].to_vec()
     }
 
+    /// Log lines since `mark`, once one of them contains `needle` or `patience` is over: the
+    /// lines reach the test through a pipe and a reader thread, a little after the daemon
+    /// wrote them.
+    pub fn log_since_with(&self, mark: usize, needle: &str, patience: Duration) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let lines = self.log_since(mark);
+            if lines.iter().any(|l| l.contains(needle)) || Instant::now() >= deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn host_port(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
