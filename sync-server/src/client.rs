@@ -413,19 +413,18 @@ pub async fn push_with(
     }
     // A push to a target the cache knows: encode what it will most likely have to send while
     // the daemon works out what it needs.
-    let mut with_memo = None;
-    let _pre_encoding = match (&opts.locate, &opts.cache, &cached.manifest) {
+    let _pre_encoding;
+    let with_memo;
+    let opts = match (&opts.locate, &opts.cache, &cached.manifest) {
         (None, Some(cache), Some(last)) => {
             let memo = opts.memo.clone().unwrap_or_else(|| {
                 let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
                 Arc::new(PayloadMemo::new(PRE_ENCODE_MEMO_BYTES, cores))
             });
-            if opts.memo.is_none() {
-                with_memo = Some(PushOptions {
-                    memo: Some(Arc::clone(&memo)),
-                    ..opts.clone()
-                });
-            }
+            with_memo = PushOptions {
+                memo: Some(Arc::clone(&memo)),
+                ..opts.clone()
+            };
             let (source, cache) = (Arc::clone(&source), Arc::clone(cache));
             let (manifest, last, hashes) = (
                 Arc::clone(&req.manifest),
@@ -436,16 +435,16 @@ pub async fn push_with(
                 let last = Manifest::decode(&last, &Policy::default()).ok()?;
                 Some(likely_sends(&manifest, &last, &hashes))
             });
-            Some(AbortOnDrop(tokio::spawn(async move {
+            _pre_encoding = AbortOnDrop(tokio::spawn(async move {
                 if let Ok(Some(files)) = predicted.await {
                     let mut tasks = driver::pre_encode(source, Some(cache), memo, files);
                     while tasks.join_next().await.is_some() {}
                 }
-            })))
+            }));
+            &with_memo
         }
-        _ => None,
+        _ => opts,
     };
-    let opts = with_memo.as_ref().unwrap_or(opts);
     let session = push_session(conn, config, req, cached, opts.relay.clone());
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {

@@ -991,7 +991,8 @@ async fn the_release_is_staged_from_what_the_daemon_holds_while_the_files_arrive
 }
 
 /// A client that goes away once it knows the need (a dry run) leaves the app's disk as it was:
-/// the release build starts only when the first file or signature request shows the push goes on.
+/// the release build is planned then, but changes the disk only once the first file or
+/// signature request shows the push goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_that_stops_at_the_need_leaves_the_disk_alone() {
     let d = Daemon::start().await;
