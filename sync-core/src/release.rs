@@ -195,23 +195,6 @@ struct RecordWire {
 
 impl ReleaseRecord {
     pub fn encode(&self) -> Vec<u8> {
-        ReleaseRecord::encode_parts(
-            &self.id,
-            self.seq,
-            self.created_unix,
-            &self.manifest,
-            &self.stamps,
-        )
-    }
-
-    /// The encoding of a record made of these parts, without assembling (and copying) one.
-    pub fn encode_parts(
-        id: &ReleaseId,
-        seq: u64,
-        created_unix: i64,
-        manifest: &Manifest,
-        stamps: &[FileStamp],
-    ) -> Vec<u8> {
         #[derive(Serialize)]
         struct RecordRef<'a> {
             magic: [u8; 4],
@@ -225,11 +208,11 @@ impl ReleaseRecord {
         postcard::to_stdvec(&RecordRef {
             magic: REC_MAGIC,
             version: REC_VERSION,
-            id,
-            seq,
-            created_unix,
-            manifest: manifest.encode(),
-            stamps,
+            id: &self.id,
+            seq: self.seq,
+            created_unix: self.created_unix,
+            manifest: self.manifest.encode(),
+            stamps: &self.stamps,
         })
         .expect("serializing to a Vec cannot fail")
     }

@@ -451,14 +451,15 @@ impl<'a> Stager<'a> {
                 if self.stamps.len() != self.target.file_count() {
                     self.verify()?;
                 }
-                let bytes = ReleaseRecord::encode_parts(
-                    &self.release,
-                    self.seq,
-                    self.created_unix,
-                    self.target,
-                    &self.stamps,
-                );
-                self.root.write_record_bytes(&self.release, &bytes)
+                self.root
+                    .write_record(ReleaseRecord {
+                        id: self.release.clone(),
+                        seq: self.seq,
+                        created_unix: self.created_unix,
+                        manifest: self.target.clone(),
+                        stamps: self.stamps.clone(),
+                    })
+                    .map(drop)
             }
             Op::MarkComplete => {
                 let releases = self.root.releases_dir()?;

@@ -117,6 +117,17 @@ pub struct AppRoot {
 /// The identity of a record file when it was decoded.
 type RecordStamp = (u64, u64, i64, i64, i64, i64);
 
+fn record_stamp(meta: &impl std::os::unix::fs::MetadataExt) -> RecordStamp {
+    (
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
 #[derive(Debug)]
 struct CachedRecord {
     stamp: RecordStamp,
@@ -390,17 +401,7 @@ impl AppRoot {
             Err(e) => return Err(e).ctx("open", path),
         };
         let meta = file.metadata().ctx("stat", &path)?;
-        let stamp: RecordStamp = {
-            use std::os::unix::fs::MetadataExt as _;
-            (
-                meta.ino(),
-                meta.size(),
-                meta.mtime(),
-                meta.mtime_nsec(),
-                meta.ctime(),
-                meta.ctime_nsec(),
-            )
-        };
+        let stamp = record_stamp(&meta);
         let cache = || self.records.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hit) = cache().get(id).filter(|c| c.stamp == stamp) {
             return Ok(Arc::clone(&hit.record));
@@ -508,13 +509,27 @@ impl AppRoot {
             .collect())
     }
 
-    /// Writes a release record durably.
-    pub fn write_record(&self, rec: &ReleaseRecord) -> Result<(), EdgeError> {
-        self.write_record_bytes(&rec.id, &rec.encode())
+    /// Writes a release record durably and keeps it decoded: reading it back (activating the
+    /// release just built, the next push's need) decodes nothing while the file is unchanged.
+    pub fn write_record(&self, rec: ReleaseRecord) -> Result<Arc<ReleaseRecord>, EdgeError> {
+        let stamp = self.write_record_bytes(&rec.id, &rec.encode())?;
+        let record = Arc::new(rec);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                record.id.clone(),
+                CachedRecord {
+                    stamp,
+                    record: Arc::clone(&record),
+                },
+            );
+        Ok(record)
     }
 
-    /// Writes an encoded release record durably (temp + fsync + rename + directory fsync).
-    pub(crate) fn write_record_bytes(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), EdgeError> {
+    /// Writes an encoded release record durably (temp + fsync + rename + directory fsync) and
+    /// returns the stamp [`AppRoot::load_record`] will find on it.
+    fn write_record_bytes(&self, id: &ReleaseId, bytes: &[u8]) -> Result<RecordStamp, EdgeError> {
         let records = self.records_dir()?;
         let name = layout::record_name(id);
         let tmp = format!(".tmp-{name}");
@@ -523,12 +538,14 @@ impl AppRoot {
             .join(layout::META)
             .join(layout::RECORDS)
             .join(&name);
-        let mut f = records.create(&tmp).ctx("create", &path)?;
+        let mut f = records.create(&tmp).ctx("create", &path)?.into_std();
         f.write_all(bytes).ctx("write", &path)?;
         f.sync_all().ctx("sync", &path)?;
-        drop(f);
         records.rename(&tmp, &records, &name).ctx("rename", &path)?;
-        sync_dir(&records, path.parent().unwrap_or(&self.path))
+        sync_dir(&records, path.parent().unwrap_or(&self.path))?;
+        // After the rename, which sets the file's ctime.
+        let meta = f.metadata().ctx("stat", &path)?;
+        Ok(record_stamp(&meta))
     }
 
     pub(crate) fn remove_record(&self, id: &ReleaseId) -> Result<(), EdgeError> {
@@ -758,23 +775,41 @@ mod tests {
     fn records_are_decoded_once_and_reread_when_their_file_changes() {
         let tmp = tempfile::tempdir().unwrap();
         let root = AppRoot::open_or_create(tmp.path()).unwrap();
+        let mut written = Vec::new();
         for (id, seq) in [("r1", 1), ("r2", 2)] {
             root.dir.create_dir(format!("releases/{id}")).unwrap();
-            root.write_record(&record(id, seq)).unwrap();
+            written.push(root.write_record(record(id, seq)).unwrap());
         }
+        // What was written is what is read back, not decoded again.
         let first = root.records().unwrap();
         assert_eq!(
             first.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["r1", "r2"]
         );
+        assert!(first.iter().zip(&written).all(|(a, b)| Arc::ptr_eq(a, b)));
         let again = root.records().unwrap();
         assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
 
-        // A record rewritten in place of the old one (a new inode) is read again.
-        root.write_record(&record("r1", 9)).unwrap();
+        // A record rewritten by relsync is the new one at once.
+        let rewritten = root.write_record(record("r1", 9)).unwrap();
         let reread = root.load_record(&ReleaseId::new("r1").unwrap()).unwrap();
         assert_eq!(reread.seq, 9);
-        assert!(!Arc::ptr_eq(&reread, &first[0]));
+        assert!(Arc::ptr_eq(&reread, &rewritten));
+
+        // One replaced behind relsync's back (a new inode) is read again.
+        root.dir
+            .write(".relsync/releases/.r1", record("r1", 11).encode())
+            .unwrap();
+        root.dir
+            .rename(
+                ".relsync/releases/.r1",
+                &root.dir,
+                ".relsync/releases/r1.rec",
+            )
+            .unwrap();
+        let reread = root.load_record(&ReleaseId::new("r1").unwrap()).unwrap();
+        assert_eq!(reread.seq, 11);
+        assert!(!Arc::ptr_eq(&reread, &rewritten));
         assert_eq!(
             root.records()
                 .unwrap()
