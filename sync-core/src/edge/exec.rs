@@ -72,10 +72,10 @@ impl ContentSource for LocalSource {
         let src = self
             .dir
             .open_with(path.as_str(), &opts)
-            .ctx("open source file", self.path.join(path.as_str()))?;
+            .ctx_with("open source file", || self.path.join(path.as_str()))?;
         // std::io::copy uses copy_file_range between files, so the data need not pass through us.
         let n = io::copy(&mut src.into_std().take(size + 1), out)
-            .ctx("copy", self.path.join(path.as_str()))?;
+            .ctx_with("copy", || self.path.join(path.as_str()))?;
         if n != size {
             return Err(EdgeError::Source {
                 path: path.clone(),
@@ -407,7 +407,7 @@ impl<'a> Stager<'a> {
                             rustix::fs::Mode::from_raw_mode(*mode),
                         )
                         .map_err(io::Error::from)
-                        .ctx("create directory", self.staged(path))?,
+                        .ctx_with("create directory", || self.staged(path))?,
                         Op::SetDirMode { mode, .. } => {
                             // Through a descriptor opened without following symlinks: a name
                             // swapped for a symlink is never chmod-ed through.
@@ -421,10 +421,10 @@ impl<'a> Stager<'a> {
                                 rustix::fs::Mode::empty(),
                             )
                             .map_err(io::Error::from)
-                            .ctx("open directory", self.staged(path))?;
+                            .ctx_with("open directory", || self.staged(path))?;
                             rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(*mode))
                                 .map_err(io::Error::from)
-                                .ctx("chmod directory", self.staged(path))?;
+                                .ctx_with("chmod directory", || self.staged(path))?;
                         }
                         other => unreachable!("{} is not a directory operation", other.name()),
                     }
@@ -518,7 +518,7 @@ impl<'a> Stager<'a> {
                         rustix::fs::AtFlags::empty(),
                     )
                     .map_err(io::Error::from)
-                    .ctx("link", self.staged(path))?;
+                    .ctx_with("link", || self.staged(path))?;
                     (self.progress)(*size);
                     Ok(Some((path.clone(), Identity::Linked(stamp))))
                 } else {
@@ -543,7 +543,7 @@ impl<'a> Stager<'a> {
                     rustix::fs::AtFlags::empty(),
                 )
                 .map_err(io::Error::from)
-                .ctx("link received object to", self.staged(path))?;
+                .ctx_with("link received object to", || self.staged(path))?;
                 (self.progress)(*size);
                 let stamp = self.opts.object_stamps.get(&(*hash, *mode));
                 Ok(stamp.map(|s| (path.clone(), Identity::Object(*s))))
@@ -567,7 +567,7 @@ impl<'a> Stager<'a> {
                 let sdir = dirs.staging(path.parent_str())?;
                 rustix::fs::symlinkat(target.as_str(), sdir, path.file_name())
                     .map_err(io::Error::from)
-                    .ctx("create symlink", self.staged(path))?;
+                    .ctx_with("create symlink", || self.staged(path))?;
                 Ok(None)
             }
             other => unreachable!("{} is not a file operation", other.name()),
@@ -682,7 +682,7 @@ impl<'a> Stager<'a> {
         let mut data = self
             .staging
             .read(path.as_str())
-            .ctx("read", self.staged(path))?;
+            .ctx_with("read", || self.staged(path))?;
         if let Some(b) = data.first_mut() {
             *b ^= 0xff;
         } else {
@@ -691,10 +691,10 @@ impl<'a> Stager<'a> {
         let tmp = ".relsync-corrupt";
         self.staging
             .write(tmp, &data)
-            .ctx("write", self.staged(path))?;
+            .ctx_with("write", || self.staged(path))?;
         self.staging
             .rename(tmp, &self.staging, path.as_str())
-            .ctx("rename", self.staged(path))
+            .ctx_with("rename", || self.staged(path))
     }
 
     /// Checks every entry of the staging tree against the manifest and records file stamps.
@@ -865,9 +865,9 @@ impl<'a> Stager<'a> {
                         rustix::fs::Mode::empty(),
                     )
                     .map_err(io::Error::from)
-                    .ctx("open", self.staged(path))?,
+                    .ctx_with("open", || self.staged(path))?,
                 );
-                let actual = hash_file(f).ctx("read", self.staged(path))?;
+                let actual = hash_file(f).ctx_with("read", || self.staged(path))?;
                 if actual == hash {
                     return Ok(Some(here));
                 }
@@ -889,7 +889,7 @@ impl<'a> Stager<'a> {
                         let m = self
                             .staging
                             .symlink_metadata(p.as_str())
-                            .ctx("stat", self.staged(&p))?;
+                            .ctx_with("stat", || self.staged(&p))?;
                         Some((p, m.mode() & 0o7777))
                     }
                     None => None,
@@ -900,7 +900,7 @@ impl<'a> Stager<'a> {
                             p.as_str(),
                             Permissions::from_std(std::fs::Permissions::from_mode(mode)),
                         )
-                        .ctx("chmod directory", self.staged(p))
+                        .ctx_with("chmod directory", || self.staged(p))
                 };
                 let opened = parent.as_ref().filter(|(_, m)| m & 0o300 != 0o300);
                 if let Some((p, m)) = opened {
@@ -908,7 +908,7 @@ impl<'a> Stager<'a> {
                 }
                 self.staging
                     .remove_file(path.as_str())
-                    .ctx("remove", self.staged(path))?;
+                    .ctx_with("remove", || self.staged(path))?;
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 self.write_file(path, size, mode, None)?;
                 if let Some((p, m)) = opened {
@@ -922,7 +922,7 @@ impl<'a> Stager<'a> {
                 let m = self
                     .staging
                     .symlink_metadata(path.as_str())
-                    .ctx("stat", self.staged(path))?;
+                    .ctx_with("stat", || self.staged(path))?;
                 Ok(Some(stamp(&m)))
             }
         }
@@ -935,9 +935,9 @@ impl<'a> Stager<'a> {
         let f = self
             .staging
             .open_with(path.as_str(), &opts)
-            .ctx("open", self.staged(path))?
+            .ctx_with("open", || self.staged(path))?
             .into_std();
-        hash_file(f).ctx("read", self.staged(path))
+        hash_file(f).ctx_with("read", || self.staged(path))
     }
 
     /// Removes the staging directory (a failed deploy leaves nothing behind).
@@ -1033,7 +1033,7 @@ impl<'s> DirCache<'s> {
                     .stager
                     .staging
                     .open_dir_nofollow(p)
-                    .ctx("open", self.stager.staging_path.join(p))?,
+                    .ctx_with("open", || self.stager.staging_path.join(p))?,
                 None => self
                     .stager
                     .staging
