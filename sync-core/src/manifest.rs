@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -236,8 +237,10 @@ pub enum ManifestError {
 #[derive(Debug, Clone)]
 pub struct Manifest {
     entries: Vec<Entry>,
-    /// [`Manifest::digest`], computed once: a manifest never changes after validation, and the
-    /// daemon compares kept manifests' digests on every push and listing.
+    /// [`Manifest::encode`] and [`Manifest::digest`], computed once: a manifest never changes
+    /// after validation. A push encodes its manifest to send it, to digest it, to cache it and to
+    /// record it; the daemon compares kept manifests' digests on every push and listing.
+    encoded: std::sync::OnceLock<Arc<[u8]>>,
     digest: std::sync::OnceLock<Hash>,
 }
 
@@ -263,6 +266,7 @@ impl Manifest {
     pub fn empty() -> Manifest {
         Manifest {
             entries: Vec::new(),
+            encoded: std::sync::OnceLock::new(),
             digest: std::sync::OnceLock::new(),
         }
     }
@@ -324,6 +328,7 @@ impl Manifest {
         }
         let m = Manifest {
             entries,
+            encoded: std::sync::OnceLock::new(),
             digest: std::sync::OnceLock::new(),
         };
         // Canonical order is depth-first, so the directories enclosing an entry are exactly a stack
@@ -446,14 +451,19 @@ impl Manifest {
         idx
     }
 
-    /// Compact binary encoding (postcard) with a magic and version header.
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(&Encoded {
-            magic: MAGIC,
-            version: VERSION,
-            entries: &self.entries,
-        })
-        .expect("serializing owned data to a Vec cannot fail")
+    /// Compact binary encoding (postcard) with a magic and version header; encoded on the first
+    /// call and shared after that.
+    pub fn encode(&self) -> Arc<[u8]> {
+        let encoded = self.encoded.get_or_init(|| {
+            postcard::to_stdvec(&Encoded {
+                magic: MAGIC,
+                version: VERSION,
+                entries: &self.entries,
+            })
+            .expect("serializing owned data to a Vec cannot fail")
+            .into()
+        });
+        Arc::clone(encoded)
     }
 
     /// Decodes and validates peer or on-disk data.
@@ -716,7 +726,7 @@ mod tests {
         let p = Policy::default();
         assert!(Manifest::decode(b"", &p).is_err());
         assert!(Manifest::decode(b"RSMF\x01\x00\xff\xff\xff\xff\x0f", &p).is_err());
-        let mut bad_magic = sample().encode();
+        let mut bad_magic = sample().encode().to_vec();
         bad_magic[0] = b'X';
         assert!(matches!(
             Manifest::decode(&bad_magic, &p),

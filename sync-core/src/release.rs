@@ -202,7 +202,8 @@ impl ReleaseRecord {
             id: &'a ReleaseId,
             seq: u64,
             created_unix: i64,
-            manifest: Vec<u8>,
+            // Serialized as `RecordWire::manifest` (a `Vec<u8>`) is: a length, then the bytes.
+            manifest: &'a [u8],
             stamps: &'a [FileStamp],
         }
         postcard::to_stdvec(&RecordRef {
@@ -211,7 +212,7 @@ impl ReleaseRecord {
             id: &self.id,
             seq: self.seq,
             created_unix: self.created_unix,
-            manifest: self.manifest.encode(),
+            manifest: &self.manifest.encode(),
             stamps: &self.stamps,
         })
         .expect("serializing to a Vec cannot fail")

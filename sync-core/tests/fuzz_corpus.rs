@@ -244,7 +244,7 @@ fn write_manifest_seeds() {
         }],
     };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("manifest", enc.clone()),
+        ("manifest", enc.to_vec()),
         ("manifest-truncated", enc[..enc.len() / 2].to_vec()),
         ("record", rec.encode()),
         ("path-ok", b"vendor/pkg/src/A.php".to_vec()),

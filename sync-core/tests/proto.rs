@@ -1214,8 +1214,8 @@ fn the_manifest_goes_as_a_delta_when_the_daemon_holds_the_named_basis() {
     }
     .frame();
     let cases: [(&str, Option<Vec<u8>>, bool); 3] = [
-        ("held", Some(a.clone()), true),
-        ("another manifest", Some(b.clone()), false),
+        ("held", Some(a.to_vec()), true),
+        ("another manifest", Some(b.to_vec()), false),
         ("none", None, false),
     ];
     for (name, offered, accepted) in cases {
@@ -1278,7 +1278,7 @@ fn the_manifest_goes_as_a_delta_when_the_daemon_holds_the_named_basis() {
 #[test]
 fn bad_manifests_are_refused_before_the_need_is_computed() {
     let m = manifest_of(&tree_a()).encode();
-    let mut other = manifest_of(&tree_b()).encode();
+    let mut other = manifest_of(&tree_b()).encode().to_vec();
     other.truncate(m.len());
     let tight = Limits {
         max_manifest_entries: 3,

@@ -735,8 +735,7 @@ fn read_cached(
         None => c.hashes()?,
     };
     let manifest = if manifest {
-        c.last_manifest(&target)?
-            .map(|m| Arc::<[u8]>::from(m.encode()))
+        c.last_manifest(&target)?.map(|m| m.encode())
     } else {
         None
     };

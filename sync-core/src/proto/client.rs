@@ -293,7 +293,7 @@ struct PushCtx {
     cached: HashSet<Hash>,
     /// Entry index of each file, by file index.
     files: Vec<u32>,
-    encoded: Vec<u8>,
+    encoded: Arc<[u8]>,
     /// Manifest bytes handed to `poll_transmit` so far.
     emitted: usize,
     /// Bytes per manifest chunk; zero until `Welcome` tells the daemon's frame size.
@@ -429,7 +429,7 @@ impl ClientSession {
         let command = Command::Push {
             release: job.release.clone(),
             manifest_len: encoded.len() as u64,
-            manifest_digest: Hash::of(&encoded),
+            manifest_digest: job.manifest.digest(),
             manifest_basis: job.manifest_basis.as_deref().map(Hash::of),
             relay,
         };
@@ -463,7 +463,7 @@ impl ClientSession {
             dry_run: job.dry_run,
             excludes: job.excludes,
             manifest_len: encoded.len() as u64,
-            manifest_digest: Hash::of(&encoded),
+            manifest_digest: job.manifest.digest(),
         };
         let goal = Goal::Mirror {
             dry_run: job.dry_run,
@@ -488,7 +488,7 @@ impl ClientSession {
         goal: Goal,
         manifest: Arc<Manifest>,
         cached: HashSet<Hash>,
-        encoded: Vec<u8>,
+        encoded: Arc<[u8]>,
         now: u64,
     ) -> ClientSession {
         let files = manifest
@@ -636,7 +636,7 @@ impl ClientSession {
             // The wait for `Need` starts when the manifest leaves, not when Welcome came.
             self.clock.progress(now);
             p.manifest_done = true;
-            p.encoded = Vec::new();
+            p.encoded = Arc::from([]);
         }
         Some(frame)
     }
@@ -864,7 +864,7 @@ impl ClientSession {
                 })?;
                 p.manifest_bytes = wire.len() as u64;
                 p.manifest_delta = basis.is_some();
-                p.encoded = wire;
+                p.encoded = wire.into();
                 p.chunk = (self.send_frame - FRAME_OVERHEAD).min(MAX_MANIFEST_CHUNK);
                 // Removals name the destination's entries, which the daemon caps as it caps
                 // manifests; the client holds no more than that, nor more than its own cap.

@@ -207,7 +207,7 @@ fn daemon_drive(s: &mut DaemonSession, run: &mut DaemonRun, current: &Manifest, 
                 daemon::Request::Open { .. } => s.handle_event(
                     Event::Opened {
                         policy: Policy::default(),
-                        manifest_basis: Some(Arc::from(current.encode())),
+                        manifest_basis: Some(current.encode()),
                     },
                     now,
                 ),
@@ -337,7 +337,7 @@ pub fn client_session_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
         activate: true,
         // The client has its previous index.php, so a ZstdRef is possible.
         cached: HashSet::from([Hash::of(b"index v1")]),
-        manifest_basis: Some(Arc::from(fuzz_current().encode())),
+        manifest_basis: Some(fuzz_current().encode()),
     };
     let app = AppName::new("fuzz").expect("valid name");
     let mut c = ClientSession::push(config, app, job, 0);
@@ -605,7 +605,7 @@ pub fn conversation() -> (Vec<u8>, Vec<Vec<u8>>) {
         manifest: Arc::clone(&manifest),
         activate: true,
         cached: HashSet::from([Hash::of(b"index v1")]),
-        manifest_basis: Some(Arc::from(fuzz_current().encode())),
+        manifest_basis: Some(fuzz_current().encode()),
     };
     let c = ClientSession::push(
         fuzz_client_config(),

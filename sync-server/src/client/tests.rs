@@ -216,10 +216,7 @@ fn answer(
         // Like relsyncd: the current release's manifest is offered as the basis.
         daemon::Request::Open { .. } => Event::Opened {
             policy: Policy::default(),
-            manifest_basis: st
-                .current
-                .as_ref()
-                .map(|c| Arc::from(st.releases[c].encode())),
+            manifest_basis: st.current.as_ref().map(|c| st.releases[c].encode()),
         },
         daemon::Request::ComputeNeed { manifest, .. } => {
             let current = st.current.as_ref().map(|c| Arc::clone(&st.releases[c]));

@@ -129,7 +129,7 @@ impl RelayContent {
         let manifest_basis = records
             .iter()
             .find(|r| Some(&r.id) == current.as_ref() && r.id != *release)
-            .map(|r| Arc::<[u8]>::from(r.manifest.encode()));
+            .map(|r| r.manifest.encode());
         Ok(RelayContent {
             release_dir: releases.join(release.as_str()),
             objects,
@@ -184,7 +184,7 @@ pub(super) fn memo() -> Arc<PayloadMemo> {
 /// Pushes `f.release` to every child of `f.plan` at once; returns a report for every node of the
 /// plan, in plan order.
 pub(super) async fn forward(relayer: Arc<Relayer>, f: Forward) -> Vec<Relayed> {
-    let digest = Hash::of(&f.manifest.encode());
+    let digest = f.manifest.digest();
     let f = Arc::new(Checked { f, digest });
     let children = f.plan.children();
     // Children with the same basis get the same payloads: encoded once, as for a fleet push.

@@ -218,7 +218,7 @@ fn kept_manifest(app: &App, digest: &Hash) -> Option<Arc<[u8]>> {
     let found = order
         .into_iter()
         .find(|r| r.digest() == *digest)
-        .map(|r| Arc::from(r.manifest.encode()));
+        .map(|r| r.manifest.encode());
     if found.is_none() {
         tracing::info!(%digest, "the client's basis manifest is not kept here; it is sent whole");
     }

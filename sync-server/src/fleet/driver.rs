@@ -541,7 +541,7 @@ async fn stage_relayed(
     // A host that cannot be reached is found out by its relay's push (or the source's, for a
     // root), and the hosts below it are then pushed to directly, as for any failed relay.
     let tree = Tree::with_roots(hosts.to_vec(), ctx.opts.roots(), ctx.opts.fanout);
-    let digest = Hash::of(&req.manifest.encode());
+    let digest = req.manifest.digest();
     let plans = match relay_plans(ctx, &tree, &req.release, digest) {
         Ok(p) => p,
         Err(e) => {
