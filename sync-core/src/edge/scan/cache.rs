@@ -12,7 +12,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Hash;
@@ -86,13 +86,18 @@ struct Stored<R> {
 pub(super) struct HashCache {
     // A warm scan looks up every file; SipHash of the 56-byte key was a tenth of its time.
     map: AHashMap<Stamp, Hash>,
+    /// The inodes of `map`'s stamps: a file whose inode is not here cannot be found in it.
+    inodes: AHashSet<u64>,
 }
 
 impl HashCache {
     /// Reads the cache at `path`; any problem yields an empty cache.
     pub fn load(path: &Path) -> HashCache {
         match read(path) {
-            Ok(map) => HashCache { map },
+            Ok(map) => HashCache {
+                inodes: map.keys().map(|s| s.ino).collect(),
+                map,
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::debug!(path = %path.display(), "no hash cache yet; hashing every file");
                 HashCache::default()
@@ -109,6 +114,11 @@ impl HashCache {
 
     pub fn lookup(&self, stamp: &Stamp) -> Option<Hash> {
         self.map.get(stamp).copied()
+    }
+
+    /// Whether some entry may be for the file with inode `ino` (of any device).
+    pub fn may_hold(&self, ino: u64) -> bool {
+        self.inodes.contains(&ino)
     }
 
     pub fn len(&self) -> usize {

@@ -12,7 +12,7 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, MmapOptions};
-use rustix::fs::{FileType, Mode, OFlags};
+use rustix::fs::{FileType, Mode, OFlags, Stat};
 
 use super::cache::Stamp;
 use super::{io_err, ScanError};
@@ -43,37 +43,72 @@ pub(super) fn hash_at(
     progress: &(dyn Fn(u64) + Sync),
     path: &dyn Fn() -> PathBuf,
 ) -> Result<Hash, ScanError> {
-    let changed = || ScanError::Changed { path: path() };
-    // O_NOFOLLOW: a file swapped for a symlink is not followed out of the tree. O_NONBLOCK: one
-    // swapped for a FIFO does not hang the open. The identity check below catches every other swap.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let file = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => File::from(fd),
-        Err(rustix::io::Errno::LOOP) => return Err(changed()),
-        Err(e) => return Err(io_err("open", &path())(e.into())),
-    };
-    let unchanged = |file: &File| -> Result<(), ScanError> {
-        let st =
-            rustix::fs::fstat(file).map_err(|e| io_err("read metadata of", &path())(e.into()))?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-            && Stamp::from_stat(&st) == *seen
-        {
-            Ok(())
-        } else {
-            Err(changed())
-        }
-    };
+    let file = open(dir, name, path)?;
     // Small files need no identity check before hashing: the one after it compares the same
     // descriptor with what the walk saw, so a swap between walk and open is caught there, one stat
     // cheaper. A large file is mapped, and mapping past the end of a swapped-in shorter file would
     // fault, so it is checked first.
-    let hash = if seen.size < LARGE_FILE {
-        read_all(&file, seen.size, progress).map_err(|e| read_error(e, &path()))?
-    } else {
-        unchanged(&file)?;
-        mapped_hash(&file, seen.size, progress).map_err(|e| io_err("map", &path())(e))?
+    if seen.size >= LARGE_FILE {
+        unchanged(&file, seen, path)?;
+    }
+    hash_open(&file, seen, progress, path)
+}
+
+/// Opens `name` in `dir` for reading, if it is still a regular file, with its `fstat`: for a file
+/// the walk has not looked at yet, whose stamp then comes from the descriptor it hashes. `None`
+/// when it is something else now (the walk then looks at it as at any other entry).
+pub(super) fn open_regular(
+    dir: BorrowedFd<'_>,
+    name: &Path,
+    path: &dyn Fn() -> PathBuf,
+) -> Result<Option<(File, Stat)>, ScanError> {
+    let file = match open(dir, name, path) {
+        Ok(f) => f,
+        Err(ScanError::Changed { .. }) => return Ok(None),
+        Err(e) => return Err(e),
     };
-    unchanged(&file)?;
+    let st = rustix::fs::fstat(&file).map_err(|e| io_err("read metadata of", &path())(e.into()))?;
+    Ok((FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then_some((file, st)))
+}
+
+fn open(dir: BorrowedFd<'_>, name: &Path, path: &dyn Fn() -> PathBuf) -> Result<File, ScanError> {
+    // O_NOFOLLOW: a file swapped for a symlink is not followed out of the tree. O_NONBLOCK: one
+    // swapped for a FIFO does not hang the open. The identity check after hashing catches every
+    // other swap.
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(rustix::io::Errno::LOOP) => Err(ScanError::Changed { path: path() }),
+        Err(e) => Err(io_err("open", &path())(e.into())),
+    }
+}
+
+/// Whether the open `file` is still the regular file stamped `seen`.
+fn unchanged(file: &File, seen: &Stamp, path: &dyn Fn() -> PathBuf) -> Result<(), ScanError> {
+    let st = rustix::fs::fstat(file).map_err(|e| io_err("read metadata of", &path())(e.into()))?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+        && Stamp::from_stat(&st) == *seen
+    {
+        Ok(())
+    } else {
+        Err(ScanError::Changed { path: path() })
+    }
+}
+
+/// Hashes the open regular `file`, stamped `seen` (and for a large file, known to be that file
+/// now), then checks that it is still that file: one written to while it was hashed is an error.
+pub(super) fn hash_open(
+    file: &File,
+    seen: &Stamp,
+    progress: &(dyn Fn(u64) + Sync),
+    path: &dyn Fn() -> PathBuf,
+) -> Result<Hash, ScanError> {
+    let hash = if seen.size < LARGE_FILE {
+        read_all(file, seen.size, progress).map_err(|e| read_error(e, &path()))?
+    } else {
+        mapped_hash(file, seen.size, progress).map_err(|e| io_err("map", &path())(e))?
+    };
+    unchanged(file, seen, path)?;
     Ok(hash)
 }
 

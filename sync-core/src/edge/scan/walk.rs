@@ -199,9 +199,19 @@ struct Child {
 #[derive(Default)]
 struct Listing {
     names: Vec<u8>,
-    /// Start and end of each name in `names`, and whether the entry is a directory.
-    entries: Vec<(usize, usize, bool)>,
+    /// Start and end of each name in `names`, whether the entry is a directory, and the inode of
+    /// an entry listed as a regular file.
+    entries: Vec<(usize, usize, bool, Option<u64>)>,
     has_ignore_file: bool,
+}
+
+/// What [`Walker::fresh_file`] found.
+enum Fresh {
+    Scanned(EntryKind, Source, Option<(Stamp, Hash)>),
+    /// No regular file any more: look again as for any entry.
+    NotRegular,
+    /// Left unhashed after a hashing error elsewhere, which then fails the scan.
+    Unhashed,
 }
 
 /// State shared by the tasks of one walk.
@@ -365,7 +375,7 @@ impl<'a> Walker<'a> {
         }
         let prefix = path.len();
         let mut files = Vec::new();
-        for &(start, end, is_dir) in &listing.entries {
+        for &(start, end, is_dir, regular) in &listing.entries {
             let name = &listing.names[start..end];
             path.truncate(prefix);
             path.extend_from_slice(name);
@@ -397,7 +407,7 @@ impl<'a> Walker<'a> {
                 };
                 s.spawn(move |s| self.visit_child(s, child));
             } else {
-                files.push(entry_rel);
+                files.push((entry_rel, regular));
             }
         }
         drop(listing);
@@ -413,13 +423,30 @@ impl<'a> Walker<'a> {
         self.files(&dir, files)
     }
 
-    fn files(&self, dir: &Dir, files: Vec<RelPath>) -> Vec<Scanned> {
+    /// Scans `files` of `dir`, each with its inode if the listing said it is a regular file.
+    fn files(&self, dir: &Dir, files: Vec<(RelPath, Option<u64>)>) -> Vec<Scanned> {
         let mut found = Vec::with_capacity(files.len());
-        for rel in files {
+        for (rel, regular) in files {
             if self.stopped() {
                 break;
             }
-            match self.file(dir, rel) {
+            // A regular file whose inode the cache does not hold cannot be found there: it is
+            // opened and hashed at once, its stamp taken from the open descriptor, one path
+            // lookup cheaper than an `lstat` first.
+            let scanned = match regular.filter(|&ino| !self.cache.may_hold(ino)) {
+                Some(_) => match self.fresh_file(dir, &rel) {
+                    Ok(Fresh::Scanned(kind, source, cacheable)) => Ok(Some(Scanned {
+                        entry: Entry { path: rel, kind },
+                        source,
+                        cacheable,
+                    })),
+                    Ok(Fresh::Unhashed) => Ok(None),
+                    Ok(Fresh::NotRegular) => self.file(dir, rel),
+                    Err(e) => Err(e),
+                },
+                None => self.file(dir, rel),
+            };
+            match scanned {
                 Ok(Some(s)) => found.push(s),
                 Ok(None) => {}
                 Err(e) => {
@@ -429,6 +456,41 @@ impl<'a> Walker<'a> {
             }
         }
         found
+    }
+
+    /// Opens and hashes a file listed as regular.
+    fn fresh_file(&self, dir: &Dir, rel: &RelPath) -> Result<Fresh, ScanError> {
+        if self.hash_failed.load(Ordering::Relaxed) {
+            return Ok(Fresh::Unhashed);
+        }
+        let name = rel.file_name();
+        let path = || dir.abs.join(name);
+        let Some((file, st)) = hash::open_regular(dir.fd.as_fd(), Path::new(name), &path)? else {
+            return Ok(Fresh::NotRegular);
+        };
+        let stamp = Stamp::from_stat(&st);
+        let (hash, source) = if stamp.size == 0 {
+            (Hash::of(b""), Source::Empty)
+        } else {
+            match hash::hash_open(&file, &stamp, self.progress, &path) {
+                Ok(h) => (h, Source::Hashed),
+                Err(e) => {
+                    self.hash_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert(e);
+                    self.hash_failed.store(true, Ordering::Relaxed);
+                    return Ok(Fresh::Unhashed);
+                }
+            }
+        };
+        let kind = EntryKind::File {
+            size: stamp.size,
+            mode: st.st_mode & 0o777,
+            hash,
+        };
+        let cacheable = (source != Source::Empty).then_some((stamp, hash));
+        Ok(Fresh::Scanned(kind, source, cacheable))
     }
 
     /// Classifies and (unless cached) hashes one entry that is not a directory. `None` means it was
@@ -512,6 +574,7 @@ fn list(fd: BorrowedFd<'_>, abs: &Path) -> Result<Listing, ScanError> {
         if name == b"." || name == b".." {
             continue;
         }
+        let regular = (ent.file_type() == FileType::RegularFile).then(|| ent.ino());
         let is_dir = match ent.file_type() {
             FileType::Directory => true,
             // Not every file system fills in the type; `lstat` then tells, as in std's `DirEntry`.
@@ -525,7 +588,9 @@ fn list(fd: BorrowedFd<'_>, abs: &Path) -> Result<Listing, ScanError> {
         listing.has_ignore_file |= name == IGNORE_FILE.as_bytes();
         let start = listing.names.len();
         listing.names.extend_from_slice(name);
-        listing.entries.push((start, listing.names.len(), is_dir));
+        listing
+            .entries
+            .push((start, listing.names.len(), is_dir, regular));
     }
     Ok(listing)
 }
