@@ -259,21 +259,38 @@ pub fn encode(
     target: &[u8],
     w: &mut (impl Write + ?Sized),
 ) -> Result<Encoded, DeltaError> {
+    encode_sparing_full(basis, target, w).map(|(encoded, _)| encoded)
+}
+
+/// [`encode`], also handing back the [`DeltaFormat::Full`] payload of `target` when one was made
+/// on the way and lost to a smaller delta. It is exactly what [`encode_full`] would write, so a
+/// sender that keeps plain payloads of what it sent (the client's cache) stores it rather than
+/// compressing the file a second time.
+pub fn encode_sparing_full(
+    basis: Basis<'_>,
+    target: &[u8],
+    w: &mut (impl Write + ?Sized),
+) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
+    let alone = |encoded: Result<Encoded, DeltaError>| encoded.map(|e| (e, None));
     match basis {
-        Basis::None => encode_full(target, w),
-        Basis::Bytes(basis) if basis.is_empty() || target.is_empty() => encode_full(target, w),
+        Basis::None => alone(encode_full(target, w)),
+        Basis::Bytes(basis) if basis.is_empty() || target.is_empty() => {
+            alone(encode_full(target, w))
+        }
         Basis::Bytes(basis) if !frame::window_covers(basis.len(), target.len()) => {
             let signature = BasisSignature::calculate(basis);
             encode_rsync_auto(&signature, target, w)
         }
         Basis::Bytes(basis) => match probe::resemblance(basis, target) {
-            Relatedness::Unrelated => encode_full(target, w),
+            Relatedness::Unrelated => alone(encode_full(target, w)),
             Relatedness::Related | Relatedness::Unknown if target.len() <= EXACT_CHOICE_LIMIT => {
                 let mut delta = Vec::new();
                 encode_with_basis(basis, target, &mut delta)?;
                 write_smaller(DeltaFormat::ZstdRef, &delta, target, w)
             }
-            Relatedness::Related | Relatedness::Unknown => encode_with_basis(basis, target, w),
+            Relatedness::Related | Relatedness::Unknown => {
+                alone(encode_with_basis(basis, target, w))
+            }
         },
         Basis::Signature(signature) => encode_rsync_auto(signature, target, w),
     }
@@ -283,37 +300,39 @@ fn encode_rsync_auto(
     signature: &BasisSignature,
     target: &[u8],
     w: &mut (impl Write + ?Sized),
-) -> Result<Encoded, DeltaError> {
+) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
     match probe::rsync_relatedness(signature, target) {
         Relatedness::Related if target.len() <= EXACT_CHOICE_LIMIT => {
             let mut delta = Vec::new();
             encode_with_signature(signature, target, &mut delta)?;
             write_smaller(DeltaFormat::Rsync, &delta, target, w)
         }
-        Relatedness::Related => encode_with_signature(signature, target, w),
-        Relatedness::Unrelated | Relatedness::Unknown => encode_full(target, w),
+        Relatedness::Related => encode_with_signature(signature, target, w).map(|e| (e, None)),
+        Relatedness::Unrelated | Relatedness::Unknown => encode_full(target, w).map(|e| (e, None)),
     }
 }
 
-/// Writes `delta` unless plain compression of `target` is at least as small.
+/// Writes `delta` unless plain compression of `target` is at least as small; hands back the plain
+/// payload when the delta won.
 fn write_smaller(
     format: DeltaFormat,
     delta: &[u8],
     target: &[u8],
     w: &mut (impl Write + ?Sized),
-) -> Result<Encoded, DeltaError> {
+) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
     let mut full = Vec::new();
     frame::compress(target, None, &mut full).map_err(DeltaError::Encode)?;
-    let (format, payload) = if full.len() <= delta.len() {
-        (DeltaFormat::Full, &full[..])
+    let (format, payload, spare) = if full.len() <= delta.len() {
+        (DeltaFormat::Full, &full[..], false)
     } else {
-        (format, delta)
+        (format, delta, true)
     };
     w.write_all(payload).map_err(DeltaError::Encode)?;
-    Ok(Encoded {
+    let encoded = Encoded {
         format,
         payload_len: payload.len() as u64,
-    })
+    };
+    Ok((encoded, spare.then_some(full)))
 }
 
 /// Rebuild a file from `payload` and write it to `out`.

@@ -216,6 +216,17 @@ fn encode_picks_the_engine() {
             "{name}: larger than plain zstd"
         );
         round_trip(enc.format, Some(&basis), &payload, target);
+
+        // The same payload, and the plain one made on the way whenever a delta won.
+        let mut again = Vec::new();
+        let (spared_enc, spare) = encode_sparing_full(source, target, &mut again).unwrap();
+        assert_eq!((spared_enc, &again), (enc, &payload), "{name}");
+        let mut full = Vec::new();
+        encode_full(target, &mut full).unwrap();
+        match enc.format {
+            DeltaFormat::Full => assert_eq!(spare, None, "{name}"),
+            _ => assert_eq!(spare.as_deref(), Some(&full[..]), "{name}"),
+        }
     }
 }
 

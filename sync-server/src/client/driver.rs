@@ -856,10 +856,16 @@ fn encode_one(
     f: &SendFile,
 ) -> Result<Payload, SourceError> {
     let enc = source.encode(f, cache)?;
-    if let Some(cache) = cache {
-        // A full payload is exactly a cache blob: keep it for the next push's deltas.
-        if enc.header.format == DeltaFormat::Full && (1..=MAX_CACHED_FILE).contains(&f.size) {
-            if let Err(e) = cache.store_payload(&f.hash, &enc.payload) {
+    if let Some(cache) = cache.filter(|_| (1..=MAX_CACHED_FILE).contains(&f.size)) {
+        // A full payload is exactly a cache blob: keep it for the next push's deltas, whether it
+        // is sent or lost to a delta (the cache then need not compress the file again).
+        let full = match (&enc.spare_full, enc.header.format) {
+            (Some(spare), _) => Some(spare),
+            (None, DeltaFormat::Full) => Some(&enc.payload),
+            (None, _) => None,
+        };
+        if let Some(full) = full {
+            if let Err(e) = cache.store_payload(&f.hash, full) {
                 tracing::debug!("{e}");
             }
         }

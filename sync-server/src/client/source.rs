@@ -84,6 +84,9 @@ impl fmt::Debug for Content {
 pub struct EncodedFile {
     pub header: FileHeader,
     pub payload: Vec<u8>,
+    /// The file's plain (`Full`) payload, when it was made and lost to a smaller delta
+    /// ([`delta::encode_sparing_full`]): what the cache keeps of the file.
+    pub spare_full: Option<Vec<u8>>,
 }
 
 /// Where a relay finds the content it forwards while it is still arriving: the release it is
@@ -306,15 +309,21 @@ impl SourceTree {
             _ => (content.len() / 4).min(1 << 20),
         };
         let mut payload = payload_buffer(reserve);
-        let enc =
-            delta::encode(basis, &content, &mut payload).map_err(|source| SourceError::Encode {
-                path: self.root.join(f.path.as_str()),
-                source,
+        let (enc, spare_full) =
+            delta::encode_sparing_full(basis, &content, &mut payload).map_err(|source| {
+                SourceError::Encode {
+                    path: self.root.join(f.path.as_str()),
+                    source,
+                }
             })?;
         let header = f
             .header(enc.format, enc.payload_len)
             .expect("delta::encode lowers only to Full, or to Rsync for a basis it was given");
-        Ok(EncodedFile { header, payload })
+        Ok(EncodedFile {
+            header,
+            payload,
+            spare_full,
+        })
     }
 }
 

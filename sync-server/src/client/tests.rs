@@ -1038,6 +1038,13 @@ async fn a_push_to_a_known_target_encodes_its_likely_files_once() {
     let s = &pushed.session;
     assert_eq!((s.needed, s.sent_full, s.sent_zstd_ref), (4, 1, 3), "{s:?}");
     assert_eq!(memo.stats().encodes, 4, "{:?}", memo.stats());
+    // The files sent as deltas were cached from the plain payloads made while choosing, so
+    // the cache compressed nothing after the push; it holds every content of r2.
+    let update = pushed.cache.clone().unwrap().unwrap();
+    assert_eq!(update.stored_files, 0, "{update:?}");
+    for (p, c) in release_b() {
+        assert!(cache.contains(&Hash::of(&c)), "{p}");
+    }
     let st = store.lock().unwrap();
     for (p, c) in release_b() {
         assert_eq!(st.kept.get(&Hash::of(&c)), Some(&c), "{p}");
