@@ -103,7 +103,7 @@ pub enum ClientError {
     Internal { target: String, message: String },
 }
 
-/// How long [`Connection::close`] lets the endpoint flush the close frame.
+/// The longest [`Connection::close`] waits for the close frame to go out.
 const CLOSE_WAIT: Duration = Duration::from_millis(50);
 
 /// ` (address)` when `host_port` does not already say it.
@@ -118,7 +118,8 @@ fn via(host_port: &str, addr: &SocketAddr) -> String {
 /// A connection to one app on one daemon, both keys checked.
 #[derive(Debug)]
 pub struct Connection {
-    endpoint: Endpoint,
+    /// The endpoint the connection was dialled from: its socket lives as long as this.
+    _endpoint: Endpoint,
     conn: quinn::Connection,
     target: Target,
     addr: SocketAddr,
@@ -197,7 +198,7 @@ pub async fn connect_pinned(
         let err = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(conn)) => {
                 return Ok(Connection {
-                    endpoint,
+                    _endpoint: endpoint,
                     conn,
                     target: target.clone(),
                     addr,
@@ -245,20 +246,30 @@ impl Connection {
         self.config = config;
     }
 
-    /// Closes the connection, giving the endpoint up to [`CLOSE_WAIT`] to tell the daemon, and
-    /// returns at once when the daemon closed it first (there is nothing left to tell).
+    /// Closes the connection and returns once the close went out (the connection's driver task
+    /// sends it), waiting at most [`CLOSE_WAIT`]; at once when the daemon closed it first (there
+    /// is nothing left to tell).
     ///
-    /// `wait_idle` would also sit out QUIC's draining period (three probe timeouts, 70 ms even
-    /// on loopback); the close frame leaves long before that, and a daemon that misses it only
-    /// holds a finished connection until its idle timeout.
+    /// After its close a connection sends nothing but close packets, so the first datagram
+    /// counted after the close call is it. `Endpoint::wait_idle` would sit out QUIC's whole
+    /// draining period instead (three probe timeouts, 70 ms even on loopback), which every
+    /// command paid at its end. A daemon that misses the close lets the session go after its
+    /// flush wait.
     pub async fn close(self) {
+        let sent_before = self.conn.stats().udp_tx.datagrams;
         self.conn.close(0u32.into(), b"done");
         let closed_by_daemon = !matches!(
             self.conn.close_reason(),
             Some(quinn::ConnectionError::LocallyClosed) | None
         );
-        if !closed_by_daemon {
-            let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+        if closed_by_daemon {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while self.conn.stats().udp_tx.datagrams == sent_before
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
