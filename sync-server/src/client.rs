@@ -246,29 +246,31 @@ impl Connection {
         self.config = config;
     }
 
-    /// Closes the connection and returns once the close went out (the connection's driver task
-    /// sends it), waiting at most [`CLOSE_WAIT`]; at once when the daemon closed it first (there
-    /// is nothing left to tell).
+    /// Closes the connection and returns once there is nothing left to tell the daemon: the
+    /// close went out (the connection's driver task sends it), or the daemon had closed first.
+    /// Waits at most [`CLOSE_WAIT`].
     ///
-    /// After its close a connection sends nothing but close packets, so the first datagram
-    /// counted after the close call is it. `Endpoint::wait_idle` would sit out QUIC's whole
-    /// draining period instead (three probe timeouts, 70 ms even on loopback), which every
-    /// command paid at its end. A daemon that misses the close lets the session go after its
-    /// flush wait.
+    /// The daemon closes as soon as the client has its last reply, so its close often is in
+    /// before the driver task reports it as the close reason: a close frame received counts. After
+    /// its own close a connection sends nothing but close packets, so a datagram counted after
+    /// the close call is one. `Endpoint::wait_idle` would sit out QUIC's whole draining period
+    /// instead (three probe timeouts, 70 ms even on loopback). A daemon that misses the close
+    /// lets the session go after its flush wait.
     pub async fn close(self) {
         let sent_before = self.conn.stats().udp_tx.datagrams;
         self.conn.close(0u32.into(), b"done");
-        let closed_by_daemon = !matches!(
-            self.conn.close_reason(),
-            Some(quinn::ConnectionError::LocallyClosed) | None
-        );
-        if closed_by_daemon {
-            return;
-        }
         let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
-        while self.conn.stats().udp_tx.datagrams == sent_before
-            && tokio::time::Instant::now() < deadline
-        {
+        loop {
+            let stats = self.conn.stats();
+            let told = stats.frame_rx.connection_close > 0
+                || stats.udp_tx.datagrams != sent_before
+                || !matches!(
+                    self.conn.close_reason(),
+                    Some(quinn::ConnectionError::LocallyClosed) | None
+                );
+            if told || tokio::time::Instant::now() >= deadline {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
