@@ -107,7 +107,7 @@ needed=0
 avail=$(($(stat -f -c '%a * %S' "$SHM")))
 ((avail > needed)) || die "$SHM has $((avail >> 20)) MiB free, about $((needed >> 20)) MiB needed"
 
-declare -A MEDIAN MIN MAX CPU RSS GEN
+declare -A MEDIAN MIN MAX CPU RSS GEN PAIRED
 
 # Writes the corpus of a scenario into $WORK/$1 (or links the one given in TREE_CORPUS or
 # BIG_CORPUS, left untouched) and the change lists the cp -al floor replays.
@@ -205,16 +205,35 @@ $diffs"
 	done
 }
 
-measure() {
+# Times one run of every tool, in the order given, each with its own hyperfine call (one run, its
+# prepare untimed): rounds interleave the tools, so a machine that slows down or speeds up during
+# the benchmark weighs on each tool alike.
+run_round() { # scenario round
+	local scenario=$1 round=$2 dir=$WORK/$1 tool
+	for tool in $TOOLS; do
+		hyperfine --style none --runs 1 -N \
+			--prepare "bash $dir/prep-$tool.sh" \
+			--command-name "$tool" \
+			--export-json "$dir/$tool.round-$round.json" \
+			"bash $dir/step-$tool.sh" >/dev/null 2>&1 ||
+			die "$scenario/$tool failed in round $round; run bash $dir/step-$tool.sh by hand to see why"
+	done
+}
+
+# Merges one tool's rounds into hyperfine's JSON shape (times, median, min, max, mean user and
+# system seconds), then takes its peak RSS and verifies what it built.
+collect() { # scenario tool
 	local scenario=$1 tool=$2 dir=$WORK/$1
 	local json=$dir/$tool.json
-	write_scripts "$scenario" "$tool"
-	log "$scenario/$tool: $RUNS timed runs, each on a fresh copy of the node holding A"
-	hyperfine --style basic --runs "$RUNS" -N \
-		--prepare "bash $dir/prep-$tool.sh" \
-		--command-name "$tool" \
-		--export-json "$json" \
-		"bash $dir/step-$tool.sh" >&2
+	jq -s '{results: [{command: .[0].results[0].command,
+		times: map(.results[0].times[0]),
+		user: (map(.results[0].user) | add / length),
+		system: (map(.results[0].system) | add / length)}
+		| .times as $t | ($t | sort) as $s
+		| . + {median: (if ($s | length) % 2 == 1 then $s[($s | length) / 2 | floor]
+			else ($s[($s | length) / 2 - 1] + $s[($s | length) / 2]) / 2 end),
+			min: $s[0], max: $s[-1], mean: ($t | add / length)}]}' \
+		"$dir/$tool".round-*.json >"$json"
 	MEDIAN[$scenario/$tool]=$(jq '.results[0].median' "$json")
 	MIN[$scenario/$tool]=$(jq '.results[0].min' "$json")
 	MAX[$scenario/$tool]=$(jq '.results[0].max' "$json")
@@ -226,6 +245,31 @@ measure() {
 	verify "$scenario" "$tool"
 	[[ -z $RESULTS_DIR ]] || { mkdir -p "$RESULTS_DIR" && cp "$json" "$RESULTS_DIR/$scenario-$tool.json"; }
 	rm -rf "$dir/node" "$dir/cache"
+}
+
+measure() { # scenario
+	local scenario=$1 tool i
+	for tool in $TOOLS; do
+		write_scripts "$scenario" "$tool"
+	done
+	log "$scenario: $RUNS rounds of one timed run of each of: $TOOLS (each on a fresh copy of the node holding A)"
+	for i in $(seq "$RUNS"); do
+		run_round "$scenario" "$i"
+	done
+	for tool in $TOOLS; do
+		collect "$scenario" "$tool"
+	done
+	PAIRED[$scenario]=$(paired "$scenario")
+}
+
+# The median over rounds of relsync's time divided by cp -al's in the same round.
+paired() { # scenario
+	local dir=$WORK/$1
+	[[ " $TOOLS " == *" relsync "* && " $TOOLS " == *" cpal "* ]] || { echo "n/a"; return; }
+	jq -n --slurpfile r "$dir/relsync.json" --slurpfile c "$dir/cpal.json" '
+		[$r[0].results[0].times, $c[0].results[0].times] | transpose | map(.[0] / .[1]) | sort
+		| if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end
+		| . * 100 | round / 100'
 }
 
 ratio() {
@@ -262,9 +306,7 @@ write_summary() { # scenario
 
 for scenario in $SCENARIOS; do
 	make_corpus "$scenario"
-	for tool in $TOOLS; do
-		measure "$scenario" "$tool"
-	done
+	measure "$scenario"
 	write_summary "$scenario"
 	rm -rf "${WORK:?}/$scenario"
 done
@@ -280,7 +322,7 @@ generated() { # scenario
 report() {
 	local scenario tool
 	echo
-	echo "# Local release build, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, tmpfs at $SHM, $RUNS runs each"
+	echo "# Local release build, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, tmpfs at $SHM, $RUNS interleaved rounds"
 	for scenario in $SCENARIOS; do
 		echo
 		if [[ $scenario == tree ]]; then
@@ -299,7 +341,7 @@ report() {
 		echo
 		if [[ $scenario == tree ]]; then
 			echo "- rsync ÷ relsync: $(ratio "$scenario/rsync" "$scenario/relsync") (target ≥ 5)"
-			echo "- relsync ÷ cp -al: $(ratio "$scenario/relsync" "$scenario/cpal") (target ≤ 1.5)"
+			echo "- relsync ÷ cp -al: $(ratio "$scenario/relsync" "$scenario/cpal") (target ≤ 1.5); median of the rounds' own ratios: ${PAIRED[$scenario]:-n/a}"
 			echo "- rsync ÷ cp -al: $(ratio "$scenario/rsync" "$scenario/cpal")"
 		else
 			echo "- rsync ÷ relsync: $(ratio "$scenario/rsync" "$scenario/relsync") (target > 1)"
