@@ -56,7 +56,7 @@ pub(super) fn hash_at(
 
 /// Opens `name` in `dir` for reading, if it is still a regular file, with its `fstat`: for a file
 /// the walk has not looked at yet, whose stamp then comes from the descriptor it hashes. `None`
-/// when it is something else now (the walk then looks at it as at any other entry).
+/// when it is something else now, or gone (the walk then looks at it as at any other entry).
 pub(super) fn open_regular(
     dir: BorrowedFd<'_>,
     name: &Path,
@@ -196,9 +196,51 @@ pub(crate) fn mapped_hash(
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::fd::AsFd;
 
     fn stamp(path: &Path) -> Stamp {
         Stamp::of(&fs::symlink_metadata(path).unwrap())
+    }
+
+    /// A file listed as regular is opened only while it is one: whatever took its name since
+    /// (a symlink, a FIFO, a directory) is left to the walk's ordinary look at it, unread.
+    #[test]
+    fn open_regular_takes_only_a_regular_file() {
+        let td = tempfile::tempdir().unwrap();
+        let dir = td.path();
+        fs::write(dir.join("file"), b"content").unwrap();
+        std::os::unix::fs::symlink("file", dir.join("link")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        fs::create_dir(dir.join("dir")).unwrap();
+        let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        for (name, regular) in [
+            ("file", true),
+            ("link", false),
+            ("fifo", false),
+            ("dir", false),
+        ] {
+            let path = || dir.join(name);
+            let opened = open_regular(fd.as_fd(), Path::new(name), &path).unwrap();
+            assert_eq!(opened.is_some(), regular, "{name}");
+            if let Some((file, st)) = opened {
+                let seen = Stamp::from_stat(&st);
+                assert_eq!(seen, stamp(&dir.join(name)), "{name}");
+                let hash = hash_open(&file, &seen, &|_| {}, &path).unwrap();
+                assert_eq!(hash, Hash::of(b"content"));
+            }
+        }
+        // Gone since the listing: left to the walk too, which reports the tree as changing.
+        let path = || dir.join("gone");
+        assert!(open_regular(fd.as_fd(), Path::new("gone"), &path)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -205,9 +205,12 @@ struct Listing {
     has_ignore_file: bool,
 }
 
+/// A regular file's entry kind, where its hash came from, and what the hash cache may keep of it.
+type Regular = (EntryKind, Source, Option<(Stamp, Hash)>);
+
 /// What [`Walker::fresh_file`] found.
 enum Fresh {
-    Scanned(EntryKind, Source, Option<(Stamp, Hash)>),
+    Scanned(Regular),
     /// No regular file any more: look again as for any entry.
     NotRegular,
     /// Left unhashed after a hashing error elsewhere, which then fails the scan.
@@ -435,7 +438,7 @@ impl<'a> Walker<'a> {
             // lookup cheaper than an `lstat` first.
             let scanned = match regular.filter(|&ino| !self.cache.may_hold(ino)) {
                 Some(_) => match self.fresh_file(dir, &rel) {
-                    Ok(Fresh::Scanned(kind, source, cacheable)) => Ok(Some(Scanned {
+                    Ok(Fresh::Scanned((kind, source, cacheable))) => Ok(Some(Scanned {
                         entry: Entry { path: rel, kind },
                         source,
                         cacheable,
@@ -469,10 +472,30 @@ impl<'a> Walker<'a> {
             return Ok(Fresh::NotRegular);
         };
         let stamp = Stamp::from_stat(&st);
+        let hash = || hash::hash_open(&file, &stamp, self.progress, &path);
+        Ok(match self.regular(stamp, st.st_mode, hash) {
+            Some(regular) => Fresh::Scanned(regular),
+            None => Fresh::Unhashed,
+        })
+    }
+
+    /// A regular file stamped `stamp` with `mode`: empty, found in the hash cache, or hashed by
+    /// `hash`. `None` when it is left unhashed: hashing failed, here (the error is kept for the
+    /// scan to report) or elsewhere.
+    fn regular(
+        &self,
+        stamp: Stamp,
+        mode: u32,
+        hash: impl FnOnce() -> Result<Hash, ScanError>,
+    ) -> Option<Regular> {
         let (hash, source) = if stamp.size == 0 {
             (Hash::of(b""), Source::Empty)
+        } else if let Some(h) = self.cache.lookup(&stamp) {
+            (h, Source::Cached)
+        } else if self.hash_failed.load(Ordering::Relaxed) {
+            return None;
         } else {
-            match hash::hash_open(&file, &stamp, self.progress, &path) {
+            match hash() {
                 Ok(h) => (h, Source::Hashed),
                 Err(e) => {
                     self.hash_error
@@ -480,17 +503,17 @@ impl<'a> Walker<'a> {
                         .unwrap_or_else(PoisonError::into_inner)
                         .get_or_insert(e);
                     self.hash_failed.store(true, Ordering::Relaxed);
-                    return Ok(Fresh::Unhashed);
+                    return None;
                 }
             }
         };
+        let cacheable = (source != Source::Empty).then_some((stamp, hash));
         let kind = EntryKind::File {
             size: stamp.size,
-            mode: st.st_mode & 0o777,
+            mode: mode & 0o777,
             hash,
         };
-        let cacheable = (source != Source::Empty).then_some((stamp, hash));
-        Ok(Fresh::Scanned(kind, source, cacheable))
+        Some((kind, source, cacheable))
     }
 
     /// Classifies and (unless cached) hashes one entry that is not a directory. `None` means it was
@@ -503,40 +526,14 @@ impl<'a> Walker<'a> {
         let (kind, source, cacheable) = match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => {
                 let stamp = Stamp::from_stat(&st);
-                let (hash, source) = if stamp.size == 0 {
-                    (Hash::of(b""), Source::Empty)
-                } else if let Some(h) = self.cache.lookup(&stamp) {
-                    (h, Source::Cached)
-                } else {
-                    if self.hash_failed.load(Ordering::Relaxed) {
-                        return Ok(None);
-                    }
-                    match hash::hash_at(
-                        dir.fd.as_fd(),
-                        Path::new(name),
-                        &stamp,
-                        self.progress,
-                        &path,
-                    ) {
-                        Ok(h) => (h, Source::Hashed),
-                        Err(e) => {
-                            let mut slot = self
-                                .hash_error
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner);
-                            slot.get_or_insert(e);
-                            self.hash_failed.store(true, Ordering::Relaxed);
-                            return Ok(None);
-                        }
-                    }
+                let hash = || {
+                    let name = Path::new(name);
+                    hash::hash_at(dir.fd.as_fd(), name, &stamp, self.progress, &path)
                 };
-                let cacheable = (source != Source::Empty).then_some((stamp, hash));
-                let kind = EntryKind::File {
-                    size: stamp.size,
-                    mode: st.st_mode & 0o777,
-                    hash,
-                };
-                (kind, source, cacheable)
+                match self.regular(stamp, st.st_mode, hash) {
+                    Some(regular) => regular,
+                    None => return Ok(None),
+                }
             }
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(&dir.fd, name, Vec::new())
