@@ -709,62 +709,72 @@ impl<'a> Stager<'a> {
             .entries()
             .chunk_by(|a, b| a.path.parent_str() == b.path.parent_str())
             .collect();
-        let stamps: Vec<FileStamp> = chunks
-            .par_iter()
-            .map(|chunk| {
-                let mut dirs = DirCache::new(this);
-                // Linked files need only their inode: one listing of the directory gives every
-                // entry's, where an `lstat` per file costs a system call each.
-                let by_identity = chunk
-                    .iter()
-                    .filter(|e| matches!(linked.get(&e.path), Some(Identity::Linked(_))))
-                    .count();
-                let listed = if by_identity >= LIST_DIR_FROM && !this.opts.verify_links {
-                    let parent = chunk[0].path.parent_str();
-                    Some(list_inodes(dirs.staging(parent)?).ctx(
-                        "list",
-                        parent.map_or(this.staging_path.clone(), |p| this.staging_path.join(p)),
-                    )?)
-                } else {
-                    None
-                };
-                chunk
-                    .iter()
-                    .map(|e| {
-                        let identity = linked.get(&e.path).copied();
-                        if let (Some(Identity::Linked(stamp)), Some(listed)) = (identity, &listed) {
-                            let name = e.path.file_name().as_bytes();
-                            match listed.get(name) {
-                                Some(&(ino, FileType::RegularFile)) if ino == stamp.ino => {
-                                    return Ok(Some(stamp));
-                                }
-                                // The file system does not say: look as for any other file.
-                                Some((_, FileType::Unknown)) => {}
-                                Some(_) => {
-                                    return Err(EdgeError::Verify {
-                                        path: e.path.clone(),
-                                        reason: LINK_CHANGED.into(),
-                                    })
-                                }
-                                None => {
-                                    return Err(EdgeError::Verify {
-                                        path: e.path.clone(),
-                                        reason: "missing from the staged release".into(),
-                                    })
-                                }
-                            }
-                        }
-                        this.verify_entry(&mut dirs, &e.path, &e.kind, identity)
-                    })
-                    .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()
-            })
-            .collect::<Result<Vec<Vec<Option<FileStamp>>>, EdgeError>>()?
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect();
+        // The record written next holds the manifest's encoding: make it on a core this phase
+        // leaves idle at times, rather than alone after it.
+        let (checked, _) = rayon::join(
+            || {
+                chunks
+                    .par_iter()
+                    .map(|chunk| this.verify_dir(chunk, &linked))
+                    .collect::<Result<Vec<_>, EdgeError>>()
+            },
+            || this.target.encode(),
+        );
+        let stamps: Vec<FileStamp> = checked?.into_iter().flatten().flatten().collect();
         self.stamps = stamps;
         Ok(())
+    }
+
+    /// [`Stager::verify`] of the entries of one directory.
+    fn verify_dir(
+        &self,
+        chunk: &[crate::manifest::Entry],
+        linked: &ahash::AHashMap<RelPath, Identity>,
+    ) -> Result<Vec<Option<FileStamp>>, EdgeError> {
+        let mut dirs = DirCache::new(self);
+        // Linked files need only their inode: one listing of the directory gives every
+        // entry's, where an `lstat` per file costs a system call each.
+        let by_identity = chunk
+            .iter()
+            .filter(|e| matches!(linked.get(&e.path), Some(Identity::Linked(_))))
+            .count();
+        let listed = if by_identity >= LIST_DIR_FROM && !self.opts.verify_links {
+            let parent = chunk[0].path.parent_str();
+            Some(list_inodes(dirs.staging(parent)?).ctx_with("list", || {
+                parent.map_or(self.staging_path.clone(), |p| self.staging_path.join(p))
+            })?)
+        } else {
+            None
+        };
+        chunk
+            .iter()
+            .map(|e| {
+                let identity = linked.get(&e.path).copied();
+                if let (Some(Identity::Linked(stamp)), Some(listed)) = (identity, &listed) {
+                    let name = e.path.file_name().as_bytes();
+                    match listed.get(name) {
+                        Some(&(ino, FileType::RegularFile)) if ino == stamp.ino => {
+                            return Ok(Some(stamp));
+                        }
+                        // The file system does not say: look as for any other file.
+                        Some((_, FileType::Unknown)) => {}
+                        Some(_) => {
+                            return Err(EdgeError::Verify {
+                                path: e.path.clone(),
+                                reason: LINK_CHANGED.into(),
+                            })
+                        }
+                        None => {
+                            return Err(EdgeError::Verify {
+                                path: e.path.clone(),
+                                reason: "missing from the staged release".into(),
+                            })
+                        }
+                    }
+                }
+                self.verify_entry(&mut dirs, &e.path, &e.kind, identity)
+            })
+            .collect::<Result<Vec<Option<FileStamp>>, EdgeError>>()
     }
 
     fn verify_entry(
