@@ -250,8 +250,8 @@ impl Connection {
     /// close went out (the connection's driver task sends it), or the daemon had closed first.
     /// Waits at most [`CLOSE_WAIT`].
     ///
-    /// The daemon closes as soon as the client has its last reply, so its close often is in
-    /// before the driver task reports it as the close reason: a close frame received counts. After
+    /// The daemon closes as soon as the client acknowledged its last reply, so its close is often
+    /// in before the driver task reports it as the close reason: a close frame received counts. After
     /// its own close a connection sends nothing but close packets, so a datagram counted after
     /// the close call is one. `Endpoint::wait_idle` would sit out QUIC's whole draining period
     /// instead (three probe timeouts, 70 ms even on loopback). A daemon that misses the close
