@@ -346,6 +346,17 @@ fn cache_file(src: &Path) -> Option<PathBuf> {
     Some(dir.join(format!("{}.scan", &key[..24])))
 }
 
+/// What a scan or build reports its bytes to: the bar when it is shown, nothing otherwise. Even
+/// a hidden bar reads the clock on every call, from every thread of the scan.
+fn feed(pb: &ProgressBar) -> impl Fn(u64) + Sync + '_ {
+    let shown = !pb.is_hidden();
+    move |n| {
+        if shown {
+            pb.inc(n)
+        }
+    }
+}
+
 fn bar(show: bool, total: Option<u64>, msg: &'static str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -384,8 +395,7 @@ fn scan_tree(
         policy,
     };
     let t = Instant::now();
-    let s =
-        scan(src, &opts, &|n| pb.inc(n)).with_context(|| format!("scanning {}", src.display()))?;
+    let s = scan(src, &opts, &feed(&pb)).with_context(|| format!("scanning {}", src.display()))?;
     tracing::debug!(
         ms = t.elapsed().as_millis() as u64,
         "scan {}",
@@ -494,10 +504,8 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                 .with_context(|| format!("locking {}", root.display()))?;
             let source = LocalSource::open(&src)?;
             let pb = bar(show, Some(scanned.manifest.total_file_bytes()), "staging");
-            let report = deploy::deploy(&app, &lock, &scanned.manifest, &source, &opts, &|n| {
-                pb.inc(n)
-            })
-            .with_context(|| format!("deploying {} to {}", src.display(), root.display()))?;
+            let report = deploy::deploy(&app, &lock, &scanned.manifest, &source, &opts, &feed(&pb))
+                .with_context(|| format!("deploying {} to {}", src.display(), root.display()))?;
             pb.finish_and_clear();
             output::print_deploy(&report, &scanned.stats, &root, started.elapsed(), json)
         }
@@ -672,7 +680,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             }
             let source = LocalSource::open(&src_path)?;
             let pb = bar(show, Some(plan.summary.written_bytes), "copying");
-            let stats = apply_mirror(&dest, &plan.ops, &source, &|n| pb.inc(n))
+            let stats = apply_mirror(&dest, &plan.ops, &source, &feed(&pb))
                 .with_context(|| format!("syncing {src} to {}", dest.display()))?;
             pb.finish_and_clear();
             if verbose && !json {
