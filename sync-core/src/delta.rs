@@ -271,7 +271,6 @@ pub fn encode_sparing_full(
     target: &[u8],
     w: &mut (impl Write + ?Sized),
 ) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
-    let alone = |encoded: Result<Encoded, DeltaError>| encoded.map(|e| (e, None));
     match basis {
         Basis::None => alone(encode_full(target, w)),
         Basis::Bytes(basis) if basis.is_empty() || target.is_empty() => {
@@ -307,9 +306,14 @@ fn encode_rsync_auto(
             encode_with_signature(signature, target, &mut delta)?;
             write_smaller(DeltaFormat::Rsync, &delta, target, w)
         }
-        Relatedness::Related => encode_with_signature(signature, target, w).map(|e| (e, None)),
-        Relatedness::Unrelated | Relatedness::Unknown => encode_full(target, w).map(|e| (e, None)),
+        Relatedness::Related => alone(encode_with_signature(signature, target, w)),
+        Relatedness::Unrelated | Relatedness::Unknown => alone(encode_full(target, w)),
     }
+}
+
+/// An encoding that made no plain payload besides the one it wrote, if any.
+fn alone(encoded: Result<Encoded, DeltaError>) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
+    encoded.map(|e| (e, None))
 }
 
 /// Writes `delta` unless plain compression of `target` is at least as small; hands back the plain
