@@ -58,15 +58,15 @@ done
 for s in $FLEET_SCENARIOS; do
 	[[ $s == patch || $s == initial ]] || die "unknown scenario '$s': use patch and/or initial"
 done
-for tool in ip tc jq rsync /usr/bin/time; do
-	command -v "$tool" >/dev/null || die "$tool is missing (Debian packages iproute2, jq, rsync, time)"
+for tool in ip tc jq rsync zstd tar /usr/bin/time; do
+	command -v "$tool" >/dev/null || die "$tool is missing (Debian packages iproute2, jq, rsync, zstd, tar, time)"
 done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z ${BIN_DIR:-} ]]; then
-	log "building relsync, relsyncd and relsync-testdata in release mode"
+	log "building relsync, relsyncd, relsync-testdata and quic-baseline in release mode"
 	(cd "$REPO" && cargo build --release --quiet -p sync-cli -p sync-server -p relsync-testdata \
-		--bin relsync --bin relsyncd --bin relsync-testdata)
+		-p relsync-benches --bin relsync --bin relsyncd --bin relsync-testdata --bin quic-baseline)
 	BIN_DIR="$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release"
 fi
 RELSYNC="$BIN_DIR/relsync"
@@ -265,6 +265,72 @@ else
 	A="$WORK/corpus/a" B="$WORK/corpus/b"
 fi
 
+# The CPU floor: the least work the nodes of this design must do, measured on this machine. Every
+# node shares the same cores here (a real fleet gives each its own), so no build of relsync can
+# finish before F(N) = (source + N * node) / CPUs. Per node: for the patch, hard-linking the tree
+# (`cp -al`); for the initial push, taking one compressed copy of the tree off a bare QUIC stream
+# (both ends' CPU: each node receives it once, and the source or a relay sends it), decompressing it
+# (`zstd -d` of the tree's tar at relsync's level 3, one stream: cheaper than per-file frames) and
+# writing it out (`tar -x`). The source compresses it once (`zstd -3`). Hashing, verifying, syncing
+# and everything else relsync does come on top, so F(N) is a lower bound; rsync's time over F(N) is
+# the most any build could show here.
+cpu_s() { # median CPU seconds (user + system) of 5 runs of "$@"; $WORK/floor/reset runs before each
+	local i
+	for i in 1 2 3 4 5; do
+		bash "$WORK/floor/reset"
+		/usr/bin/time -f '%U %S' -o "$WORK/floor/time" "$@" >/dev/null
+		awk '{ print $1 + $2 }' "$WORK/floor/time"
+	done | sort -n | sed -n 3p
+}
+log "measuring the CPU floor of one node's work"
+mkdir -p "$WORK/floor"
+tar -C "$A" -cf "$WORK/floor/a.tar" .
+zstd -q -3 -f "$WORK/floor/a.tar" -o "$WORK/floor/a.tar.zst"
+echo "rm -rf '$WORK/floor/x'" >"$WORK/floor/reset"
+FLOOR_LINK=$(cpu_s cp -al "$A" "$WORK/floor/x")
+echo "rm -rf '$WORK/floor/x' && mkdir '$WORK/floor/x'" >"$WORK/floor/reset"
+FLOOR_WRITE=$(cpu_s tar -C "$WORK/floor/x" -xf "$WORK/floor/a.tar")
+: >"$WORK/floor/reset"
+FLOOR_UNZSTD=$(cpu_s zstd -q -d -c "$WORK/floor/a.tar.zst")
+FLOOR_ZSTD=$(cpu_s zstd -q -3 -c "$WORK/floor/a.tar")
+rm -rf "$WORK/floor/x" "$WORK/floor/a.tar"
+FLOOR_QUIC=0
+if [[ -x $BIN_DIR/quic-baseline ]]; then
+	in_ns n1 "$BIN_DIR/quic-baseline" server --listen "$(node_ip 1):7272" --key "$WORK/daemon/daemon.key" \
+		--cert "$WORK/daemon/daemon.crt" --authorize "$CLIENT_FP" 2>"$WORK/floor/quic.log" &
+	quic_pid=$!
+	DAEMONS+=("$quic_pid")
+	for _ in $(seq 100); do
+		in_ns n1 ss -uln | grep -q ":7272 " && break
+		sleep 0.05
+	done
+	for _ in 1 2 3 4 5; do
+		s0=$(cpu_of "$quic_pid")
+		/usr/bin/time -f '%U %S' -o "$WORK/floor/time" ip netns exec "$TAG-src" "$BIN_DIR/quic-baseline" client \
+			--connect "$(node_ip 1):7272" --key "$WORK/client/id.key" --cert "$WORK/client/id.crt" \
+			--pin "$DAEMON_FP" --bytes "$(stat -c %s "$WORK/floor/a.tar.zst")" >/dev/null 2>&1 ||
+			die "quic-baseline failed: $(tail -3 "$WORK/floor/quic.log")"
+		sleep 0.2
+		awk -v a="$s0" -v b="$(cpu_of "$quic_pid")" '{ print $1 + $2 + b - a }' "$WORK/floor/time"
+	done | sort -n | sed -n 3p >"$WORK/floor/quic"
+	FLOOR_QUIC=$(cat "$WORK/floor/quic")
+	kill "$quic_pid" 2>/dev/null || true
+	wait "$quic_pid" 2>/dev/null || true
+	unset 'DAEMONS[-1]'
+else
+	log "no quic-baseline in $BIN_DIR: the initial floor leaves out the transport"
+fi
+rm -f "$WORK/floor/a.tar.zst"
+# F(N) for a scenario: the source's share plus N nodes' on the machine's CPUs.
+floor() { # scenario N
+	if [[ $1 == patch ]]; then
+		awk -v n="$2" -v c="$(nproc)" -v l="$FLOOR_LINK" 'BEGIN { print n * l / c }'
+	else
+		awk -v n="$2" -v c="$(nproc)" -v z="$FLOOR_ZSTD" -v d="$FLOOR_UNZSTD" -v w="$FLOOR_WRITE" \
+			-v q="$FLOOR_QUIC" 'BEGIN { print (z + n * (q + d + w)) / c }'
+	fi
+}
+
 for n in $NODES; do
 	fleet=$(fleet_file "$n")
 	if [[ -n $RELAY ]]; then spread=(--relay --fanout "$RELAY" ${SOURCE_FANOUT:+--source-fanout "$SOURCE_FANOUT"}); else spread=(--fanout "$n"); fi
@@ -330,6 +396,9 @@ report() {
 	local scenario n
 	echo
 	echo "# Fleet push, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, source uplink $SOURCE_RATE, node links $NODE_RATE, $RUNS runs each, relsync $([[ -n $RELAY ]] && echo "through a relay tree of fan-out $RELAY${SOURCE_FANOUT:+ (the source sends to $SOURCE_FANOUT)}" || echo "direct to every node")"
+	echo
+	printf 'One node'"'"'s floor work, CPU s (median of 5): cp -al %s; tar -x %s; zstd -d %s; bare QUIC stream of the compressed tree, both ends %s; the source'"'"'s zstd -3 %s\n' \
+		"$FLOOR_LINK" "$FLOOR_WRITE" "$FLOOR_UNZSTD" "$FLOOR_QUIC" "$FLOOR_ZSTD"
 	for scenario in $FLEET_SCENARIOS; do
 		echo
 		echo "## $scenario ($([[ $scenario == patch ]] && echo "nodes hold A, push B" || echo "empty nodes, push A"))"
@@ -354,6 +423,16 @@ report() {
 		first=$(echo "$NODES" | awk '{ print $1 }') last=$(echo "$NODES" | awk '{ print $NF }')
 		printf -- '- relsync time from N = %s to N = %s: %+.0f%%\n' "$first" "$last" \
 			"$(awk -v a="$(field "$scenario-relsync-$first" median)" -v b="$(field "$scenario-relsync-$last" median)" 'BEGIN { print 100 * (b / a - 1) }')"
+		echo
+		echo "CPU floor F(N) on these $(nproc) CPUs (the least time any build could take here, see fleet.sh):"
+		echo
+		for n in $NODES; do
+			printf -- '- N = %s: F = %.3f s; rsync ÷ F %.2f×; relsync ÷ F %.2f\n' "$n" "$(floor "$scenario" "$n")" \
+				"$(awk -v a="$(field "$scenario-rsync-$n" median)" -v f="$(floor "$scenario" "$n")" 'BEGIN { print a / f }')" \
+				"$(awk -v a="$(field "$scenario-relsync-$n" median)" -v f="$(floor "$scenario" "$n")" 'BEGIN { print a / f }')"
+		done
+		printf -- '- F from N = %s to N = %s: %+.0f%%\n' "$first" "$last" \
+			"$(awk -v a="$(floor "$scenario" "$first")" -v b="$(floor "$scenario" "$last")" 'BEGIN { print 100 * (b / a - 1) }')"
 	done
 }
 # The common summary benches/suite.sh collects: one RESULTS_DIR/fleet-SCENARIO-N.summary.json per
