@@ -287,6 +287,23 @@ if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
 		A="$WORK/corpus/a" B="$WORK/corpus/b"
 	fi
 
+	# The CPU floor: the least work a push of B to a node holding A must do, by plain tools on
+	# this machine (median of 5, CPU seconds): reading every file of B (`tar -c`, which the source
+	# must do to hash it; the hashing itself is left out) and hard-linking A's tree (`cp -al`,
+	# what the node's new release costs at least). Client and node share the same CPUs here, so
+	# no build can take less than F = (read + link) / CPUs.
+	cpu_s() { # median CPU seconds of 5 runs of "$@" (stdout to /dev/zero); $WORK/x removed before each
+		local i
+		for i in 1 2 3 4 5; do
+			rm -rf "$WORK/x"
+			/usr/bin/time -f '%U %S' -o "$WORK/floor.time" "$@" >/dev/zero
+			awk '{ print $1 + $2 }' "$WORK/floor.time"
+		done | sort -n | sed -n 3p
+	}
+	FLOOR_READ=$(cpu_s tar -C "$B" -cf - .)
+	FLOOR_LINK=$(cpu_s cp -al "$A" "$WORK/x")
+	rm -rf "$WORK/x"
+
 	# relsync: the node got A by a push, and the client kept what it pushed in its cache.
 	mkdir -p "$WORK/node" "$WORK/cache"
 	start_relsyncd "$WORK/node"
@@ -411,6 +428,10 @@ report() {
 		echo "- relsync ÷ rsync --link-dest, bytes both ways: $(ratio "$rb" "$lb") (target ≤ 0.5)"
 		echo "- relsync ÷ rsync -az, bytes both ways: $(ratio "$rb" "$zb")"
 		echo "- relsyncd peak RSS: $(field $r daemon_rss_mib) MiB (target ≤ 128)"
+		local f
+		f=$(awk -v r="$FLOOR_READ" -v l="$FLOOR_LINK" -v c="$(nproc)" 'BEGIN { print (r + l) / c }')
+		echo "- CPU floor F = $f s (reading B $FLOOR_READ CPU s + cp -al of A $FLOOR_LINK CPU s, over $(nproc) CPUs; hashing left out):" \
+			"rsync --link-dest ÷ F $(ratio "$(field $l median)" "$f") (the most any build could show here), relsync ÷ F $(ratio "$(field $r median)" "$f")"
 	fi
 	if [[ -n ${RESULT[bulk-relsync]:-} ]]; then
 		echo "- bulk: relsync reaches $(awk -v q="$(field bulk-quic median)" -v r="$(field bulk-relsync median)" \
