@@ -748,7 +748,7 @@ fn read_cached(
         None => c.hashes()?,
     };
     let manifest = if manifest {
-        c.last_manifest(&target)?.map(|m| m.encode())
+        c.last_manifest_encoding(&target)?
     } else {
         None
     };

@@ -29,6 +29,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
@@ -190,9 +191,21 @@ impl Cache {
     /// The manifest last pushed to `target` (a [`Target`], or a `SyncTarget` naming a sync's
     /// destination), if any (and readable).
     pub fn last_manifest(&self, target: &dyn fmt::Display) -> Result<Option<Manifest>, CacheError> {
+        Ok(self
+            .last_manifest_encoding(target)?
+            .and_then(|bytes| Manifest::decode(&bytes, &Policy::default()).ok()))
+    }
+
+    /// The encoding of [`Cache::last_manifest`] as it was stored, not decoded: what a push names
+    /// by its digest and compresses the new manifest against. Bytes that are no manifest are
+    /// harmless there: no daemon keeps a manifest with their digest, so it is sent whole.
+    pub fn last_manifest_encoding(
+        &self,
+        target: &dyn fmt::Display,
+    ) -> Result<Option<Arc<[u8]>>, CacheError> {
         let path = self.target_path(target);
         match fs::read(&path) {
-            Ok(bytes) => Ok(parse_target_file(&bytes).map(|(_, m)| m)),
+            Ok(bytes) => Ok(target_file_manifest(&bytes).map(Arc::from)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("read", &path)(e)),
         }
@@ -348,11 +361,11 @@ impl Cache {
             if remove_if_stale_temp(&path) {
                 continue;
             }
-            let parsed = fs::read(&path)
-                .ok()
-                .and_then(|bytes| parse_target_file(&bytes));
+            let parsed = fs::read(&path).ok().and_then(|bytes| {
+                Manifest::decode(target_file_manifest(&bytes)?, &Policy::default()).ok()
+            });
             match parsed {
-                Some((_, m)) => referenced.extend(m.files().map(|(_, _, _, h)| *h)),
+                Some(m) => referenced.extend(m.files().map(|(_, _, _, h)| *h)),
                 None => {
                     tracing::debug!("cache: removing unreadable {}", path.display());
                     let _ = fs::remove_file(&path);
@@ -394,14 +407,14 @@ impl Cache {
     }
 }
 
-fn parse_target_file(bytes: &[u8]) -> Option<(String, Manifest)> {
+/// The manifest encoding of a target file, after checking its header (magic, target name).
+fn target_file_manifest(bytes: &[u8]) -> Option<&[u8]> {
     let rest = bytes
         .strip_prefix(TARGET_MAGIC.as_bytes())?
         .strip_prefix(b"\n")?;
     let nl = rest.iter().position(|b| *b == b'\n')?;
-    let name = std::str::from_utf8(&rest[..nl]).ok()?.to_owned();
-    let m = Manifest::decode(&rest[nl + 1..], &Policy::default()).ok()?;
-    Some((name, m))
+    std::str::from_utf8(&rest[..nl]).ok()?;
+    Some(&rest[nl + 1..])
 }
 
 /// Writes `parts` to a temporary file in `dir` and renames it to `path`.
@@ -443,7 +456,6 @@ fn remove_if_stale_temp(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     use sync_core::manifest::Entry;
 
@@ -487,6 +499,33 @@ mod tests {
 
     fn hashes(contents: &[&[u8]]) -> HashSet<Hash> {
         contents.iter().map(|c| Hash::of(c)).collect()
+    }
+
+    #[test]
+    fn the_last_manifest_is_read_as_it_was_stored() {
+        let fx = fixture();
+        let one = target("web1/shop");
+        assert!(fx.cache.last_manifest_encoding(&one).unwrap().is_none());
+        let t = tree(&fx, &[("a", b"alpha content")]);
+        fx.cache.record(&one, &t).unwrap();
+        assert_eq!(
+            fx.cache.last_manifest_encoding(&one).unwrap().as_deref(),
+            Some(&*t.manifest().encode())
+        );
+
+        // A damaged header: no manifest at all.
+        let path = fx.cache.target_path(&one);
+        fs::write(&path, b"relsync-cache-target 1 web1/shop").unwrap();
+        assert!(fx.cache.last_manifest_encoding(&one).unwrap().is_none());
+        // Damaged bytes after a good header are handed on as stored, and never decode.
+        let mut bytes = format!("{TARGET_MAGIC}\n{one}\n").into_bytes();
+        bytes.extend_from_slice(b"not a manifest");
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            fx.cache.last_manifest_encoding(&one).unwrap().as_deref(),
+            Some(&b"not a manifest"[..])
+        );
+        assert!(fx.cache.last_manifest(&one).unwrap().is_none());
     }
 
     #[test]
