@@ -196,33 +196,50 @@ impl<'r> KeptContent<'r> {
 
 /// The content source of a pushed release's build: local copies by content hash.
 pub(super) struct LocalContent<'r> {
+    root: &'r AppRoot,
+    records: &'r [Arc<ReleaseRecord>],
     target: &'r Manifest,
     objects: Option<Dir>,
     /// The objects holding wanted content, by content; see [`LocalContent::refresh_objects`].
     object_names: std::sync::RwLock<HashMap<Hash, Vec<String>>>,
     wanted: HashSet<Hash>,
-    kept: KeptContent<'r>,
+    /// Indexed when first asked for: a build copies from a kept release only content it holds
+    /// under another mode, or a link source that failed its check, which most builds never do.
+    kept: std::sync::OnceLock<Result<KeptContent<'r>, String>>,
 }
 
 impl<'r> LocalContent<'r> {
     pub(super) fn new(
-        root: &AppRoot,
+        root: &'r AppRoot,
         target: &'r Manifest,
         records: &'r [Arc<ReleaseRecord>],
     ) -> Result<LocalContent<'r>, EdgeError> {
         let wanted: HashSet<Hash> = target.files().map(|(_, _, _, h)| *h).collect();
         let objects = open_dir(root, &format!("{}/{}", layout::META, layout::OBJECTS)).ok();
-        let current = root.current()?;
-        let kept = KeptContent::new(root, records, current.as_ref(), &wanted)?;
         let content = LocalContent {
+            root,
+            records,
             target,
             objects,
             object_names: Default::default(),
             wanted,
-            kept,
+            kept: std::sync::OnceLock::new(),
         };
         content.refresh_objects();
         Ok(content)
+    }
+
+    /// The kept releases' files by content (the app's lock, held by the build, keeps what is
+    /// current and kept from changing meanwhile).
+    fn kept(&self) -> Result<&KeptContent<'r>, String> {
+        self.kept
+            .get_or_init(|| {
+                let current = self.root.current().map_err(|e| e.to_string())?;
+                KeptContent::new(self.root, self.records, current.as_ref(), &self.wanted)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| format!("the kept releases cannot be read: {e}"))
     }
 
     /// Lists the object store again: for a build that started while the push's objects were
@@ -266,12 +283,23 @@ impl ContentSource for LocalContent<'_> {
         let objects = names
             .iter()
             .filter_map(|name| open_nofollow(self.objects.as_ref()?, name));
-        for src in objects.chain(self.kept.copies(&hash)) {
-            let copied = copy_verified(src, size, &hash, out).map_err(|e| EdgeError::Source {
+        let mut copy = |src: File| {
+            copy_verified(src, size, &hash, out).map_err(|e| EdgeError::Source {
                 path: path.clone(),
                 reason: format!("writing the copy failed: {e}"),
-            })?;
-            if copied {
+            })
+        };
+        for src in objects {
+            if copy(src)? {
+                return Ok(());
+            }
+        }
+        let kept = self.kept().map_err(|reason| EdgeError::Source {
+            path: path.clone(),
+            reason,
+        })?;
+        for src in kept.copies(&hash) {
+            if copy(src)? {
                 return Ok(());
             }
         }
