@@ -128,7 +128,7 @@ pub(super) fn compress(
 /// Write `data` as one zstd frame of Raw blocks, with the frame parameters of every plain
 /// payload: content size declared, [`PLAIN_WINDOW_LOG`] as window (not single-segment, so the
 /// decoder's window bound holds), no checksum, no dictionary. Empty data is one empty last block.
-fn write_raw(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> {
+pub(super) fn write_raw(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> {
     let size = data.len() as u64;
     // Frame_Content_Size_Flag 2 is a 4-byte field, 3 an 8-byte one; flag 0 would mean no field
     // at all outside single-segment frames, and flag 1 cannot encode sizes below 256.

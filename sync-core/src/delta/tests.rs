@@ -217,16 +217,67 @@ fn encode_picks_the_engine() {
         );
         round_trip(enc.format, Some(&basis), &payload, target);
 
-        // The same payload, and the plain one made on the way whenever a delta won.
+        // The same payload, and a plain one whenever a delta won: the compressed one made to
+        // compare, or for a delta of at most 1/CLEAR_WIN of the target, the target stored raw.
         let mut again = Vec::new();
         let (spared_enc, spare) = encode_sparing_full(source, target, &mut again).unwrap();
         assert_eq!((spared_enc, &again), (enc, &payload), "{name}");
         let mut full = Vec::new();
         encode_full(target, &mut full).unwrap();
-        match enc.format {
-            DeltaFormat::Full => assert_eq!(spare, None, "{name}"),
-            _ => assert_eq!(spare.as_deref(), Some(&full[..]), "{name}"),
+        match (enc.format, spare) {
+            (DeltaFormat::Full, spare) => assert_eq!(spare, None, "{name}"),
+            (_, None) => panic!("{name}: no plain payload though a delta won"),
+            (_, Some(spare)) => {
+                if payload.len() * super::CLEAR_WIN <= target.len() {
+                    assert!(spare.len() > target.len(), "{name}: stored, not compressed");
+                } else {
+                    assert_eq!(spare, full, "{name}");
+                }
+                round_trip(DeltaFormat::Full, None, &spare, target);
+            }
         }
+    }
+}
+
+#[test]
+fn only_a_delta_that_is_no_clear_win_is_compared_with_plain_zstd() {
+    // One edit in a large file: the delta is far below 1/CLEAR_WIN of it, and the plain payload
+    // handed back is the file stored raw (nothing was compressed to compare).
+    let basis = php(300_000, 5);
+    let mut small_edit = basis.clone();
+    small_edit[1000] = b'#';
+    // Every 64th byte changed: a delta well above 1/CLEAR_WIN, compared with plain zstd.
+    let mut many_edits = basis.clone();
+    for at in (0..many_edits.len()).step_by(64) {
+        many_edits[at] = b'#';
+    }
+    for (name, target, clear) in [
+        ("one edit", &small_edit, true),
+        ("many edits", &many_edits, false),
+    ] {
+        let mut payload = Vec::new();
+        let (enc, spare) = encode_sparing_full(Basis::Bytes(&basis), target, &mut payload).unwrap();
+        assert_eq!(
+            payload.len() * super::CLEAR_WIN <= target.len(),
+            clear,
+            "{name}: {} bytes",
+            payload.len()
+        );
+        let mut full = Vec::new();
+        encode_full(target, &mut full).unwrap();
+        match (enc.format, spare) {
+            (DeltaFormat::ZstdRef, Some(spare)) if clear => {
+                assert!(spare.len() > target.len(), "{name}");
+                round_trip(DeltaFormat::Full, None, &spare, target);
+            }
+            (DeltaFormat::ZstdRef, Some(spare)) => assert_eq!(spare, full, "{name}"),
+            (DeltaFormat::Full, None) => {
+                assert!(!clear, "{name}");
+                assert_eq!(payload, full, "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        round_trip(enc.format, Some(&basis), &payload, target);
     }
 }
 
