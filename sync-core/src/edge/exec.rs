@@ -129,7 +129,7 @@ pub type ObjectStamps = Arc<HashMap<(Hash, u32), FileStamp>>;
 
 /// Files of kept releases, by release, whose identity was just checked
 /// ([`ExecOptions::checked_links`]).
-pub type CheckedLinks = Arc<HashMap<ReleaseId, std::collections::HashSet<RelPath>>>;
+pub type CheckedLinks = Arc<AHashMap<ReleaseId, ahash::AHashSet<RelPath>>>;
 
 /// How a file that was not written here can be verified without reading it.
 #[derive(Debug, Clone, Copy)]
@@ -166,7 +166,7 @@ pub struct Stager<'a> {
     target: &'a Manifest,
     seq: u64,
     created_unix: i64,
-    bases: HashMap<ReleaseId, BasisFiles<'a>>,
+    bases: AHashMap<ReleaseId, BasisFiles<'a>>,
     source: &'a dyn ContentSource,
     opts: ExecOptions,
     staging: Dir,
@@ -223,7 +223,7 @@ impl<'a> Stager<'a> {
         let staging = releases
             .open_dir(&staging_name)
             .ctx("open staging directory", &staging_path)?;
-        let mut base_map = HashMap::new();
+        let mut base_map = AHashMap::new();
         for rec in bases {
             let Ok(dir) = releases.open_dir(rec.id.as_str()) else {
                 continue;

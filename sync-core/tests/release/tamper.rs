@@ -191,10 +191,8 @@ fn a_link_source_changed_after_its_check_fails_verification_by_name() {
     assert_ne!(node(&victim).ino, before.ino);
 
     let mut claimed = opts("r2", true);
-    let checked =
-        std::collections::HashSet::from([sync_core::RelPath::new("app/same.php").unwrap()]);
-    claimed.exec.checked_links =
-        std::sync::Arc::new(std::collections::HashMap::from([(id("r1"), checked)]));
+    let checked = ahash::AHashSet::from([sync_core::RelPath::new("app/same.php").unwrap()]);
+    claimed.exec.checked_links = std::sync::Arc::new(ahash::AHashMap::from([(id("r1"), checked)]));
     let err = deploy_tree(app, src_b, &claimed).unwrap_err();
     let message = err.to_string();
     // Both are linked from the changed file; verification runs in parallel and names the first.

@@ -138,12 +138,12 @@ impl<'r> KeptContent<'r> {
                 })
             })
             .collect();
-        let mut intact: StdHashMap<ReleaseId, StdHashSet<RelPath>> = StdHashMap::new();
+        let mut intact: ahash::AHashMap<ReleaseId, ahash::AHashSet<RelPath>> = Default::default();
         for (_, i, path, ok) in &checked {
             if *ok {
                 intact
                     .entry(self.ids[*i].clone())
-                    .or_default()
+                    .or_insert_with(|| ahash::AHashSet::with_capacity(checked.len()))
                     .insert((*path).clone());
             }
         }
