@@ -5,7 +5,8 @@
 //! `~/.cache/relsync`; the scan's hash caches live there too):
 //!
 //! ```text
-//! blobs/<blake3 hex>      content, as a plain zstd payload (the `Full` format of `delta`)
+//! blobs/<blake3 hex>      content, as a plain payload (the `Full` format of `delta`: zstd,
+//!                         or raw blocks for a file a push sent as a small delta)
 //! targets/<key>.manifest  per `host:port/app` (a push) or `relsync://host:port/export/path` (a
 //!                         sync's destination): a header line naming it, then the last manifest
 //!                         sent there, in its binary encoding
