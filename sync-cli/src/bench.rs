@@ -17,6 +17,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::time::Instant;
+use sync_core::edge::root::AppRoot;
 use sync_core::proto::client::Outcome;
 use sync_core::wire::Command as WireCommand;
 use sync_core::ReleaseId;
@@ -384,11 +385,15 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
             .to_string(),
     ];
     let text = match node {
-        Node::Local(_) => {
-            notes.push(
-                "node: a temporary app root on this machine; sync is one syncfs of its file system"
-                    .into(),
-            );
+        Node::Local(root) => {
+            let fs = AppRoot::open(root)
+                .and_then(|r| r.file_system())
+                .unwrap_or_else(|_| "file system unknown".into());
+            notes.push(format!(
+                "node: a temporary app root in {} ({fs}; TMPDIR sets where); sync is one syncfs \
+                 of its file system",
+                root.parent().unwrap_or(root).display()
+            ));
             "local target".to_string()
         }
         Node::Remote(r) => {

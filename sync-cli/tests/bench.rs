@@ -185,6 +185,11 @@ fn local_bench_reports_every_phase_writes_a_chart_and_cleans_up() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["runs"], 2);
     assert_eq!(report["target"], "local target");
+    // The notes say where the node was and on which file system: what its phases measure.
+    let notes = report["notes"].to_string();
+    let node_in = format!("node: a temporary app root in {}", tmp.display());
+    assert!(notes.contains(&node_in), "{notes}");
+    assert!(!notes.contains("file system unknown"), "{notes}");
     check_phases(&report, LOCAL_PHASES, 2);
     // A just-generated corpus is too fresh for the hash cache; bench waits until it is warm.
     assert_eq!(report["phases"][0]["state"], "hash cache warm");

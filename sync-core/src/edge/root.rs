@@ -644,10 +644,36 @@ impl AppRoot {
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
+    /// The kind of file system the root is on (`tmpfs`, `ext4`, …), for reports that time it.
+    pub fn file_system(&self) -> Result<String, EdgeError> {
+        let st = rustix::fs::fstatfs(&readable(&self.dir, &self.path)?)
+            .map_err(std::io::Error::from)
+            .ctx("statfs", &self.path)?;
+        #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between targets.
+        Ok(file_system_name(st.f_type as u64))
+    }
+
     /// Device of the root, to check that link sources live on the same file system.
     pub fn device(&self) -> Result<u64, EdgeError> {
         Ok(self.dir.dir_metadata().ctx("stat", &self.path)?.dev())
     }
+}
+
+/// The name of a file system by its `statfs` magic number (linux/magic.h), or the number.
+fn file_system_name(magic: u64) -> String {
+    match magic {
+        0x0102_1994 => "tmpfs",
+        0xEF53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x2FC1_2FC1 => "zfs",
+        0xF2F5_2010 => "f2fs",
+        0x794C_7630 => "overlayfs",
+        0x6969 => "nfs",
+        0x6573_5546 => "fuse",
+        other => return format!("file system type {other:#x}"),
+    }
+    .to_string()
 }
 
 /// A readable descriptor for `dir`: cap-std may hold directories as `O_PATH` handles, on which
@@ -726,6 +752,26 @@ fn make_owner_writable(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_systems_are_named_by_their_magic_number() {
+        for (magic, name) in [
+            (0x0102_1994, "tmpfs"),
+            (0xEF53, "ext4"),
+            (0x5846_5342, "xfs"),
+            (0x9123_683E, "btrfs"),
+            (0x1234, "file system type 0x1234"),
+        ] {
+            assert_eq!(file_system_name(magic), name);
+        }
+        // A real root's file system is the one statfs reports for its directory.
+        let td = tempfile::tempdir().unwrap();
+        let root = AppRoot::open_or_create(&td.path().join("app")).unwrap();
+        let st = rustix::fs::statfs(td.path()).unwrap();
+        #[allow(clippy::unnecessary_cast)]
+        let want = file_system_name(st.f_type as u64);
+        assert_eq!(root.file_system().unwrap(), want);
+    }
 
     #[test]
     fn config_parsing() {
