@@ -304,7 +304,7 @@ if [[ -x $BIN_DIR/quic-baseline ]]; then
 		in_ns n1 ss -uln | grep -q ":7272 " && break
 		sleep 0.05
 	done
-	for _ in 1 2 3 4 5; do
+	FLOOR_QUIC=$(for _ in 1 2 3 4 5; do
 		s0=$(cpu_of "$quic_pid")
 		/usr/bin/time -f '%U %S' -o "$WORK/floor/time" ip netns exec "$TAG-src" "$BIN_DIR/quic-baseline" client \
 			--connect "$(node_ip 1):7272" --key "$WORK/client/id.key" --cert "$WORK/client/id.crt" \
@@ -312,8 +312,7 @@ if [[ -x $BIN_DIR/quic-baseline ]]; then
 			die "quic-baseline failed: $(tail -3 "$WORK/floor/quic.log")"
 		sleep 0.2
 		awk -v a="$s0" -v b="$(cpu_of "$quic_pid")" '{ print $1 + $2 + b - a }' "$WORK/floor/time"
-	done | sort -n | sed -n 3p >"$WORK/floor/quic"
-	FLOOR_QUIC=$(cat "$WORK/floor/quic")
+	done | sort -n | sed -n 3p)
 	kill "$quic_pid" 2>/dev/null || true
 	wait "$quic_pid" 2>/dev/null || true
 	unset 'DAEMONS[-1]'

@@ -190,15 +190,17 @@ impl Cache {
     }
 
     /// The manifest last pushed to `target` (a [`Target`], or a `SyncTarget` naming a sync's
-    /// destination), if any (and readable).
+    /// destination), if any (and readable). Pushes use [`Cache::last_manifest_encoding`].
+    #[cfg(test)]
     pub fn last_manifest(&self, target: &dyn fmt::Display) -> Result<Option<Manifest>, CacheError> {
         Ok(self
             .last_manifest_encoding(target)?
             .and_then(|bytes| Manifest::decode(&bytes, &Policy::default()).ok()))
     }
 
-    /// The encoding of [`Cache::last_manifest`] as it was stored, not decoded: what a push names
-    /// by its digest and compresses the new manifest against. Bytes that are no manifest are
+    /// The encoding of the manifest last pushed to `target` (a [`Target`], or a `SyncTarget`
+    /// naming a sync's destination) as it was stored, not decoded: what a push names by its
+    /// digest and compresses the new manifest against. Bytes that are no manifest are
     /// harmless there: no daemon keeps a manifest with their digest, so it is sent whole.
     pub fn last_manifest_encoding(
         &self,
