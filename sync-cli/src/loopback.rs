@@ -66,6 +66,7 @@ impl LocalDaemons {
                     shared: Vec::new(),
                     authorized: HashSet::from([client]),
                     accept_relayed,
+                    prestage: true,
                     activation: None,
                 },
             );

@@ -438,6 +438,8 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                     ..ExecOptions::default()
                 },
                 no_rollback,
+                // A local deploy checks no kept file ahead of its build.
+                prestaged: false,
             };
             let app = if dry_run {
                 match AppRoot::open(&root) {
@@ -488,6 +490,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                             previous: None,
                             bases: vec![],
                             seq: 1,
+                            over: None,
                         }
                     }
                 };

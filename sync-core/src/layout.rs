@@ -8,6 +8,9 @@
 //! ROOT/shared/                 files and directories linked into every release
 //! ROOT/.relsync/               lock, journal.jsonl, config.toml, releases/<id>.rec,
 //!                              objects/<blake3>.<mode> (verified content received by a push)
+//! ROOT/.relsync/next/<id>/     the prestaged tree of release <id>: its directories, its files
+//!                              hard-linked from their own paths and its symlinks, which the next
+//!                              build on top of <id> starts from (`<id>.partial` while it is made)
 //! ```
 
 use crate::path::RelPath;
@@ -24,6 +27,8 @@ pub const CONFIG: &str = "config.toml";
 pub const RECORDS: &str = "releases";
 pub const RECORD_SUFFIX: &str = ".rec";
 pub const OBJECTS: &str = "objects";
+pub const NEXT: &str = "next";
+pub const PARTIAL_SUFFIX: &str = ".partial";
 
 /// File name of the received object holding `hash` with permission bits `mode`.
 pub fn object_name(hash: &crate::manifest::Hash, mode: u32) -> String {

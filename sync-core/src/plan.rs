@@ -45,6 +45,22 @@ pub enum Op {
         mode: u32,
         hash: Hash,
     },
+    /// Keep the file the prestaged tree holds at `path`: the file of release `from` at the same
+    /// path, hard-linked there when the tree was prestaged, whose identity was checked since.
+    /// Nothing is done on disk; verification checks it like a link.
+    Keep {
+        path: RelPath,
+        from: ReleaseId,
+        size: u64,
+        mode: u32,
+        hash: Hash,
+    },
+    /// Remove what the prestaged tree holds at `path` (an empty directory when `dir`), never
+    /// following a symlink: the new release has something else there, or nothing.
+    Remove {
+        path: RelPath,
+        dir: bool,
+    },
     /// Hard-link a verified object that a push delivered (`ROOT/.relsync/objects/`).
     LinkObject {
         path: RelPath,
@@ -98,6 +114,8 @@ impl Op {
         match self {
             Op::CreateDir { .. } => "mkdir",
             Op::Link { .. } => "link",
+            Op::Keep { .. } => "keep",
+            Op::Remove { .. } => "remove",
             Op::LinkObject { .. } => "object",
             Op::WriteDelta { .. } => "delta",
             Op::WriteFull { .. } => "full",
@@ -115,8 +133,10 @@ impl Op {
     /// The phase of a release build this operation belongs to, as timings report it.
     pub fn phase(&self) -> &'static str {
         match self {
-            Op::CreateDir { .. } | Op::SetDirMode { .. } => "stage directories",
+            // Removals reshape a prestaged tree before the files go in.
+            Op::CreateDir { .. } | Op::SetDirMode { .. } | Op::Remove { .. } => "stage directories",
             Op::Link { .. }
+            | Op::Keep { .. }
             | Op::LinkObject { .. }
             | Op::WriteFull { .. }
             | Op::WriteDelta { .. }
@@ -202,6 +222,64 @@ pub enum PlanError {
     SharedNested(RelPath),
 }
 
+/// A prestaged tree a build starts from instead of an empty directory: what [`plan_prestage`]
+/// made of release `base`.
+#[derive(Clone, Copy)]
+pub struct Prestaged<'a> {
+    pub base: Basis<'a>,
+    /// Whether the file of `base` at a path was found to be the inode its record names, a moment
+    /// ago: only such a file may stay in the new release.
+    pub intact: &'a (dyn Fn(&RelPath) -> bool + Sync),
+}
+
+impl std::fmt::Debug for Prestaged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prestaged")
+            .field("base", &self.base.id)
+            .finish()
+    }
+}
+
+/// The mode [`plan_prestage`] creates a directory of final mode `mode` with.
+fn prestaged_mode(mode: u32, umask: Option<u32>) -> u32 {
+    created_final(mode, umask).unwrap_or(0o700)
+}
+
+/// The operations that make a prestaged tree of release `base` (see [`layout::NEXT`]): its
+/// directories, owner-writable; each of its files hard-linked from the same path of `base`;
+/// its symlinks. Shared links, directory modes and everything after staging are left to the
+/// build that starts from it ([`plan_release_over`]).
+pub fn plan_prestage(base: Basis<'_>, umask: Option<u32>) -> Vec<Op> {
+    let entries = base.manifest.entries();
+    let mut ops = Vec::with_capacity(entries.len());
+    for e in entries {
+        if let EntryKind::Dir { mode } = e.kind {
+            ops.push(Op::CreateDir {
+                path: e.path.clone(),
+                mode: prestaged_mode(mode, umask),
+            });
+        }
+    }
+    for e in entries {
+        match &e.kind {
+            EntryKind::Dir { .. } => {}
+            EntryKind::Symlink { target } => ops.push(Op::Symlink {
+                path: e.path.clone(),
+                target: target.clone(),
+            }),
+            &EntryKind::File { size, mode, hash } => ops.push(Op::Link {
+                path: e.path.clone(),
+                from: base.id.clone(),
+                from_path: e.path.clone(),
+                size,
+                mode,
+                hash,
+            }),
+        }
+    }
+    ops
+}
+
 /// Plans the release `release` with content `target`, linking from `bases` (previous release first)
 /// and linking each of `shared` to `ROOT/shared/`.
 pub fn plan_release(
@@ -211,9 +289,75 @@ pub fn plan_release(
     shared: &[RelPath],
     opts: &PlanOptions,
 ) -> Result<Plan, PlanError> {
+    plan_release_over(release, target, bases, shared, opts, None)
+}
+
+/// What of a prestaged tree a build keeps: by index into the target's entries, whether the
+/// tree already holds that entry (for a directory, with the mode the tree created it with);
+/// and the removals of everything else it holds, children before their parents.
+struct Kept {
+    entries: Vec<Option<u32>>,
+    removals: Vec<Op>,
+}
+
+fn kept_of(target: &Manifest, over: &Prestaged<'_>, umask: Option<u32>) -> Kept {
+    let want = target.entries();
+    let mut entries = vec![None; want.len()];
+    let mut removals = Vec::new();
+    let mut j = 0;
+    // Both manifests are in canonical order: one merge walk.
+    for have in over.base.manifest.entries() {
+        while want.get(j).is_some_and(|w| w.path < have.path) {
+            j += 1;
+        }
+        let same = want.get(j).filter(|w| w.path == have.path);
+        let kept = match (&have.kind, same.map(|w| &w.kind)) {
+            (&EntryKind::Dir { mode }, Some(EntryKind::Dir { .. })) => {
+                Some(prestaged_mode(mode, umask))
+            }
+            (EntryKind::Symlink { target: a }, Some(EntryKind::Symlink { target: b })) => {
+                (a == b).then_some(0)
+            }
+            (
+                &EntryKind::File { mode, hash, .. },
+                Some(&EntryKind::File {
+                    mode: m, hash: h, ..
+                }),
+            ) => (mode == m && hash == h && (over.intact)(&have.path)).then_some(0),
+            _ => None,
+        };
+        match kept {
+            Some(m) => entries[j] = Some(m),
+            None => removals.push(Op::Remove {
+                path: have.path.clone(),
+                dir: have.is_dir(),
+            }),
+        }
+    }
+    // Canonical order puts a directory before what is inside it.
+    removals.reverse();
+    Kept { entries, removals }
+}
+
+/// [`plan_release`] starting from the prestaged tree `over` when given: what the tree holds and
+/// the new release has too stays (files as [`Op::Keep`]), everything else it holds is removed
+/// first ([`Op::Remove`]), and the rest is planned as on an empty directory.
+pub fn plan_release_over(
+    release: &ReleaseId,
+    target: &Manifest,
+    bases: &[Basis<'_>],
+    shared: &[RelPath],
+    opts: &PlanOptions,
+    over: Option<Prestaged<'_>>,
+) -> Result<Plan, PlanError> {
     check_shared(target, shared)?;
     let mut ops = Vec::with_capacity(target.len() * 2 + shared.len() + 8);
     let mut s = Summary::default();
+    let kept = over.map(|o| kept_of(target, &o, opts.umask));
+    let kept_at = |i: usize| kept.as_ref().and_then(|k| k.entries[i]);
+    if let Some(k) = &kept {
+        ops.extend(k.removals.iter().cloned());
+    }
 
     // Content index over all bases, earlier bases win so the previous release is preferred.
     let mut index: AHashMap<(Hash, u32), (&ReleaseId, &RelPath)> = AHashMap::new();
@@ -226,9 +370,12 @@ pub fn plan_release(
 
     // Every directory first (parents before children), so the file operations after them form one
     // run that the executor can apply in parallel.
-    for e in target.entries() {
+    for (i, e) in target.entries().iter().enumerate() {
         if let EntryKind::Dir { mode } = e.kind {
             s.dirs += 1;
+            if kept_at(i).is_some() {
+                continue;
+            }
             ops.push(Op::CreateDir {
                 path: e.path.clone(),
                 mode: created_final(mode, opts.umask).unwrap_or(0o700),
@@ -237,7 +384,8 @@ pub fn plan_release(
     }
     // File operations on arriving content wait in `later`, in canonical order like the others.
     let mut later = Vec::new();
-    for e in target.entries() {
+    for (i, e) in target.entries().iter().enumerate() {
+        let kept = kept_at(i).is_some();
         let ops = match &e.kind {
             EntryKind::File { hash, .. } if opts.arriving.contains(hash) => &mut later,
             _ => &mut ops,
@@ -246,15 +394,29 @@ pub fn plan_release(
             EntryKind::Dir { .. } => {}
             EntryKind::Symlink { target } => {
                 s.symlinks += 1;
-                ops.push(Op::Symlink {
-                    path: e.path.clone(),
-                    target: target.clone(),
-                });
+                if !kept {
+                    ops.push(Op::Symlink {
+                        path: e.path.clone(),
+                        target: target.clone(),
+                    });
+                }
             }
             &EntryKind::File { size, mode, hash } => {
                 s.files += 1;
                 s.bytes += size;
                 let path = e.path.clone();
+                if let (true, Some(o)) = (kept, &over) {
+                    s.linked_files += 1;
+                    s.linked_bytes += size;
+                    ops.push(Op::Keep {
+                        path,
+                        from: o.base.id.clone(),
+                        size,
+                        mode,
+                        hash,
+                    });
+                    continue;
+                }
                 if let Some((from, from_path)) = index.get(&(hash, mode)) {
                     s.linked_files += 1;
                     s.linked_bytes += size;
@@ -325,9 +487,10 @@ pub fn plan_release(
         });
     }
     // Children before parents, so a read-only directory is locked only after it is filled.
-    for e in target.entries().iter().rev() {
+    for (i, e) in target.entries().iter().enumerate().rev() {
         if let EntryKind::Dir { mode } = e.kind {
-            if created_final(mode, opts.umask).is_some() {
+            let has = kept_at(i).or_else(|| created_final(mode, opts.umask));
+            if has == Some(mode) {
                 continue;
             }
             ops.push(Op::SetDirMode {
@@ -726,6 +889,8 @@ mod tests {
                 Op::Symlink { path, target } => format!("symlink {path} -> {target}"),
                 Op::SetDirMode { path, mode } => format!("chmod {path} {mode:o}"),
                 Op::Prune { release } => format!("prune {release}"),
+                Op::Keep { path, from, .. } => format!("keep {path} ({from})"),
+                Op::Remove { path, dir } => format!("rm{} {path}", if *dir { " -d" } else { "" }),
                 other => other.name().to_string(),
             })
             .collect()
@@ -1043,5 +1208,339 @@ mod tests {
         assert_eq!(fresh.summary.written_files, 4);
         assert_eq!(mirror_summary(&src, &fresh.ops), fresh.summary);
         assert_ne!(mirror_summary(&src, &keep.ops[1..]), keep.summary);
+    }
+
+    /// The plan over a prestaged tree of `a`, with `broken` the files of `a` found changed.
+    fn over_plan(a: &Manifest, b: &Manifest, broken: &[&str], umask: Option<u32>) -> Plan {
+        let intact = |p: &RelPath| !broken.contains(&p.as_str());
+        let base = Basis {
+            id: &id("a"),
+            manifest: a,
+        };
+        let opts = PlanOptions {
+            umask,
+            ..PlanOptions::default()
+        };
+        plan_release_over(
+            &id("b"),
+            b,
+            &[base],
+            &[],
+            &opts,
+            Some(Prestaged {
+                base,
+                intact: &intact,
+            }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_build_over_a_prestaged_tree_keeps_what_is_the_same_and_removes_the_rest_first() {
+        let s = |p: &str, t: &str| Entry::symlink(p, t).unwrap();
+        let a = m(vec![
+            d("app"),
+            f("app/same.php", "same", 0o644),
+            f("app/edited.php", "old", 0o644),
+            f("app/chmod.sh", "sh", 0o644),
+            f("app/dup.php", "same", 0o644),
+            d("gone"),
+            f("gone/x", "x", 0o644),
+            d("gone/deeper"),
+            f("gone/deeper/y", "y", 0o644),
+            f("turns-dir", "t", 0o644),
+            d("turns-file"),
+            f("turns-file/z", "z", 0o644),
+            s("link", "app/same.php"),
+            s("relink", "app/same.php"),
+            d("ro"),
+        ]);
+        let b = m(vec![
+            d("app"),
+            f("app/same.php", "same", 0o644),
+            f("app/edited.php", "new", 0o644),
+            f("app/chmod.sh", "sh", 0o755),
+            f("app/dup.php", "same", 0o644),
+            f("app/new.php", "same", 0o644),
+            d("turns-dir"),
+            f("turns-dir/t", "t", 0o644),
+            f("turns-file", "z", 0o644),
+            s("link", "app/same.php"),
+            s("relink", "app/dup.php"),
+            Entry::dir("ro", 0o555).unwrap(),
+        ]);
+        let plan = over_plan(&a, &b, &["app/dup.php"], Some(0o022));
+        assert_eq!(
+            render(&plan.ops),
+            [
+                // Children before their parents.
+                "rm turns-file/z",
+                "rm -d turns-file",
+                "rm turns-dir",
+                "rm relink",
+                "rm gone/x",
+                "rm gone/deeper/y",
+                "rm -d gone/deeper",
+                "rm -d gone",
+                "rm app/edited.php",
+                // Its file was found changed: linked again (the executor checks the source).
+                "rm app/dup.php",
+                // Same content, another mode: a new inode.
+                "rm app/chmod.sh",
+                "mkdir turns-dir 755",
+                "full app/chmod.sh",
+                "link app/dup.php <- a:app/dup.php",
+                "full app/edited.php",
+                "link app/new.php <- a:app/dup.php",
+                "keep app/same.php (a)",
+                "symlink relink -> app/dup.php",
+                "link turns-dir/t <- a:turns-dir",
+                "link turns-file <- a:turns-file/z",
+                "chmod ro 555",
+                "sync",
+                "verify",
+                "record",
+                "complete",
+            ]
+        );
+        assert_eq!(plan.summary.files, 7);
+        assert_eq!(plan.summary.linked_files, 5);
+        assert_eq!(plan.summary.dirs, 3);
+    }
+
+    #[test]
+    fn a_kept_directory_gets_its_new_mode_unless_the_prestage_made_it_so() {
+        let a = m(vec![d("a"), Entry::dir("b", 0o700).unwrap(), d("c")]);
+        let b = m(vec![
+            d("a"),
+            Entry::dir("b", 0o755).unwrap(),
+            Entry::dir("c", 0o750).unwrap(),
+        ]);
+        // (umask, the directory ops)
+        let cases: &[(Option<u32>, &[&str])] = &[
+            (Some(0o022), &["chmod c 750", "chmod b 755"]),
+            // Without a known mask the prestage made every directory owner-only.
+            (None, &["chmod c 750", "chmod b 755", "chmod a 755"]),
+        ];
+        for &(umask, want) in cases {
+            let plan = over_plan(&a, &b, &[], umask);
+            let got: Vec<String> = render(&plan.ops)
+                .into_iter()
+                .filter(|l| l.starts_with("mkdir") || l.starts_with("chmod") || l.starts_with("rm"))
+                .collect();
+            assert_eq!(got, want, "umask {umask:?}");
+        }
+    }
+
+    #[test]
+    fn a_prestage_links_every_file_from_its_own_path() {
+        let a = m(vec![
+            Entry::dir("d", 0o555).unwrap(),
+            f("d/one", "same", 0o644),
+            f("two", "same", 0o644),
+            Entry::symlink("s", "two").unwrap(),
+        ]);
+        let ops = plan_prestage(
+            Basis {
+                id: &id("a"),
+                manifest: &a,
+            },
+            Some(0o022),
+        );
+        assert_eq!(
+            render(&ops),
+            [
+                "mkdir d",
+                "link d/one <- a:d/one",
+                "symlink s -> two",
+                "link two <- a:two",
+            ]
+        );
+    }
+
+    /// What a tree holds, by path: a directory's mode, or a file's (content, mode), or a
+    /// symlink's target.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Node {
+        Dir(u32),
+        File(Hash, u32),
+        Link(String),
+    }
+
+    type Tree = std::collections::BTreeMap<String, Node>;
+
+    fn apply_model(tree: &mut Tree, ops: &[Op], content_of: &dyn Fn(&RelPath) -> (Hash, u32)) {
+        let parent_is_dir = |tree: &Tree, p: &RelPath| match p.parent() {
+            None => true,
+            Some(q) => matches!(tree.get(q.as_str()), Some(Node::Dir(_))),
+        };
+        for op in ops {
+            match op {
+                Op::Remove { path, dir } => {
+                    let key = path.as_str();
+                    let child = format!("{key}/");
+                    assert!(
+                        !tree.keys().any(|k| k.starts_with(&child)),
+                        "removing non-empty {key}"
+                    );
+                    let node = tree.remove(key).expect("removing what is not there");
+                    assert_eq!(matches!(node, Node::Dir(_)), *dir, "{key}");
+                }
+                Op::CreateDir { path, mode } => {
+                    assert!(parent_is_dir(tree, path), "{path}");
+                    assert!(tree.insert(path.to_string(), Node::Dir(*mode)).is_none());
+                }
+                Op::SetDirMode { path, mode } => {
+                    let n = tree.get_mut(path.as_str()).expect("chmod of nothing");
+                    assert!(matches!(n, Node::Dir(_)));
+                    *n = Node::Dir(*mode);
+                }
+                Op::Symlink { path, target } => {
+                    assert!(parent_is_dir(tree, path), "{path}");
+                    assert!(tree
+                        .insert(path.to_string(), Node::Link(target.clone()))
+                        .is_none());
+                }
+                Op::Keep {
+                    path, mode, hash, ..
+                } => {
+                    assert_eq!(
+                        tree.get(path.as_str()),
+                        Some(&Node::File(*hash, *mode)),
+                        "kept {path}"
+                    );
+                }
+                Op::Link {
+                    path, from_path, ..
+                } => {
+                    assert!(parent_is_dir(tree, path), "{path}");
+                    let (hash, mode) = content_of(from_path);
+                    assert!(tree
+                        .insert(path.to_string(), Node::File(hash, mode))
+                        .is_none());
+                }
+                Op::LinkObject {
+                    path, mode, hash, ..
+                }
+                | Op::WriteFull {
+                    path, mode, hash, ..
+                }
+                | Op::WriteDelta {
+                    path, mode, hash, ..
+                } => {
+                    assert!(parent_is_dir(tree, path), "{path}");
+                    assert!(tree
+                        .insert(path.to_string(), Node::File(*hash, *mode))
+                        .is_none());
+                }
+                Op::SyncTree
+                | Op::Verify
+                | Op::WriteRecord
+                | Op::MarkComplete
+                | Op::Activate
+                | Op::Prune { .. } => {}
+            }
+        }
+    }
+
+    fn tree_of(m: &Manifest) -> Tree {
+        m.entries()
+            .iter()
+            .map(|e| {
+                let node = match &e.kind {
+                    EntryKind::Dir { mode } => Node::Dir(*mode),
+                    &EntryKind::File { mode, hash, .. } => Node::File(hash, mode),
+                    EntryKind::Symlink { target } => Node::Link(target.clone()),
+                };
+                (e.path.to_string(), node)
+            })
+            .collect()
+    }
+
+    /// A small random release over a few names, contents and modes, so two of them share much.
+    fn arb_manifest() -> impl proptest::strategy::Strategy<Value = Manifest> {
+        use proptest::prelude::*;
+        const NAMES: [&str; 3] = ["a", "b", "c"];
+        let kind = prop_oneof![
+            (0u8..2).prop_map(|m| (0u8, m)),
+            (0u8..3, 0u8..2).prop_map(|(c, m)| (1 + c, m)),
+            (0u8..2).prop_map(|t| (4, t)),
+        ];
+        proptest::collection::btree_map(
+            proptest::collection::vec(proptest::sample::select(&NAMES[..]), 1..4)
+                .prop_map(|v| v.join("/")),
+            kind,
+            0..14,
+        )
+        .prop_map(|picked| {
+            // Parents of a path become directories; paths under a non-directory are dropped.
+            let mut entries: std::collections::BTreeMap<String, Entry> = Default::default();
+            for (path, (k, v)) in picked {
+                let parts: Vec<&str> = path.split('/').collect();
+                let mut blocked = false;
+                for i in 1..parts.len() {
+                    let parent = parts[..i].join("/");
+                    match entries.get(&parent) {
+                        Some(e) if !e.is_dir() => {
+                            blocked = true;
+                            break;
+                        }
+                        Some(_) => {}
+                        None => {
+                            entries.insert(parent.clone(), Entry::dir(&parent, 0o755).unwrap());
+                        }
+                    }
+                }
+                if blocked || entries.contains_key(&path) {
+                    continue;
+                }
+                let modes = [0o644, 0o755];
+                let e = match k {
+                    0 => Entry::dir(&path, [0o755, 0o555][v as usize]).unwrap(),
+                    4 => Entry::symlink(&path, ["x", "y"][v as usize]).unwrap(),
+                    c => {
+                        let content = ["one", "two", "three"][(c - 1) as usize];
+                        f(&path, content, modes[v as usize])
+                    }
+                };
+                entries.insert(path, e);
+            }
+            m(entries.into_values().collect())
+        })
+    }
+
+    proptest::proptest! {
+        /// Applied to a model of the prestaged tree of A, a plan over it gives exactly B: every
+        /// removal takes something that is there and empty, nothing is created where something
+        /// is, and what is kept is what B wants.
+        #[test]
+        fn a_plan_over_a_prestaged_tree_turns_it_into_the_new_release(
+            a in arb_manifest(),
+            b in arb_manifest(),
+            broken_bits in proptest::collection::vec(proptest::bool::ANY, 16),
+            umask in proptest::sample::select(vec![None, Some(0o022), Some(0o002)]),
+        ) {
+            let broken: Vec<&str> = a
+                .files()
+                .zip(&broken_bits)
+                .filter(|(_, b)| **b)
+                .map(|((p, ..), _)| p.as_str())
+                .collect();
+            let prestage = plan_prestage(Basis { id: &id("a"), manifest: &a }, umask);
+            let content_of = |p: &RelPath| match a.get(p).map(|e| &e.kind) {
+                Some(&EntryKind::File { hash, mode, .. }) => (hash, mode),
+                other => panic!("link from {p}, which is {other:?}"),
+            };
+            let mut tree = Tree::new();
+            apply_model(&mut tree, &prestage, &content_of);
+            let plan = over_plan(&a, &b, &broken, umask);
+            apply_model(&mut tree, &plan.ops, &content_of);
+            proptest::prop_assert_eq!(tree, tree_of(&b));
+            for op in &plan.ops {
+                if let Op::Keep { path, .. } = op {
+                    proptest::prop_assert!(!broken.contains(&path.as_str()), "kept broken {}", path);
+                }
+            }
+        }
     }
 }

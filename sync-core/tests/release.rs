@@ -26,6 +26,8 @@ mod lock;
 mod mirror;
 #[path = "release/object.rs"]
 mod object;
+#[path = "release/prestage.rs"]
+mod prestage;
 #[path = "release/privilege.rs"]
 mod privilege;
 #[path = "release/prune.rs"]

@@ -15,6 +15,7 @@
 //! shared = ["storage", ".env"]
 //! authorized_keys = ["SHA256:…"]
 //! accept_relayed = true           # take relayed fleet pushes (see below); default false
+//! prestage = true                 # keep the next release's tree ready (see below); default true
 //!
 //! [exports.assets]               # directories `relsync sync` may mirror into
 //! path = "/srv/static"
@@ -25,6 +26,12 @@
 //! client (`relsync push --fleet --relay`): the TLS layer then admits any key, and a key the app
 //! does not authorize may only push, only with a relay ticket that an authorized key signed for
 //! exactly that release and that relay key, and never activate.
+//!
+//! `prestage` keeps, under `ROOT/.relsync/next/`, a copy of the current release's tree made of
+//! hard links (its directories, its files linked, its symlinks), made in the background whenever
+//! the app is idle. A push on top of the current release starts from it and only changes what
+//! differs, instead of making every directory and link while the client waits. It costs one
+//! directory inode per directory of the release. `false` builds every release from scratch.
 //!
 //! Every value is checked when the file is loaded, and an error names the key (`apps.shop.root`)
 //! and what to write instead.
@@ -99,10 +106,16 @@ struct RawApp {
     authorized_keys: Vec<String>,
     #[serde(default)]
     accept_relayed: bool,
+    #[serde(default = "yes")]
+    prestage: bool,
     /// The activation pipeline (hooks, php-fpm reload, OPcache reset, health checks), in the same
     /// form as an app root's own `[activation]` table.
     #[serde(default)]
     activation: Option<ActivationConfig>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +136,8 @@ pub struct AppConfig {
     pub authorized: HashSet<Fingerprint>,
     /// Take pushes from relays holding a ticket signed by an authorized key.
     pub accept_relayed: bool,
+    /// Keep the current release's tree prestaged for the next push (`.relsync/next/`).
+    pub prestage: bool,
     /// Runs instead of the app root's `.relsync/config.toml` `[activation]` table when set.
     pub activation: Option<ActivationConfig>,
 }
@@ -306,6 +321,7 @@ impl Config {
                     shared,
                     authorized,
                     accept_relayed: a.accept_relayed,
+                    prestage: a.prestage,
                     activation: a.activation,
                 },
             );

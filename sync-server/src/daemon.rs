@@ -16,6 +16,7 @@
 mod connection;
 mod content;
 mod export;
+mod prestage;
 mod relay;
 mod store;
 mod stream;
@@ -109,6 +110,8 @@ impl Server {
 struct App {
     config: AppConfig,
     root: AppRoot,
+    /// Makes the next release's tree while the app is idle.
+    prestager: prestage::Prestager,
 }
 
 /// What every connection task shares.
@@ -150,7 +153,13 @@ pub async fn serve(
                     root: app.root.clone(),
                     source: Box::new(source),
                 })?;
-                Ok((app.name.clone(), Arc::new(App { config: app, root })))
+                let app = Arc::new(App {
+                    config: app,
+                    root,
+                    prestager: Default::default(),
+                });
+                prestage::kick(&app, true);
+                Ok((app.config.name.clone(), app))
             })
             .collect::<Result<HashMap<_, _>, DaemonError>>()
     })
@@ -291,6 +300,14 @@ async fn accept_loop(
             log_join(done);
         }
     }
+    // No tree is being made (or half made) once the daemon is gone.
+    let apps: Vec<Arc<App>> = shared.apps.values().cloned().collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for app in apps {
+            app.prestager.close();
+        }
+    })
+    .await;
     endpoint.close(0u32.into(), b"relsyncd shut down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("relsyncd stopped");

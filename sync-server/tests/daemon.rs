@@ -185,6 +185,7 @@ impl Daemon {
             shared: Vec::new(),
             authorized: HashSet::from([key.fingerprint()]),
             accept_relayed: setup.accept_relayed && name == "shop",
+            prestage: true,
             activation: (name == "shop").then(|| setup.activation.clone()).flatten(),
         };
         let config = Config {
@@ -823,6 +824,86 @@ async fn a_patch_with_the_basis_in_the_client_cache_goes_as_zstd_ref() {
         inode(&d.shop().join("releases/r2/public/site.css")),
         "the renamed file is linked"
     );
+}
+
+/// Waits until the app's next release is prestaged on top of `release`, and returns the tree's
+/// directory inode.
+async fn wait_prestaged(root: &Path, release: &str) -> u64 {
+    let dir = root.join(".relsync/next").join(release);
+    let deadline = Instant::now() + WAIT;
+    while !dir.is_dir() {
+        assert!(
+            Instant::now() < deadline,
+            "{release} was not prestaged: {:?}",
+            std::fs::read_dir(root.join(".relsync/next")).map(|rd| rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>())
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    inode(&dir)
+}
+
+/// Once idle, the daemon prestages the current release's tree; the next push starts from it
+/// (the tree becomes the new release), changes only what differs, and leaves the release it was
+/// made of alone. A restart makes the tree again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_starts_from_the_tree_prestaged_while_the_app_was_idle() {
+    let mut d = Daemon::start().await;
+    let c = d.shop_client().await;
+    let (a, b) = (tree_a(), tree_b());
+    c.push("shop", &a, "r1", PushOpts::default()).await.report();
+    let tree = wait_prestaged(&d.shop(), "r1").await;
+    let r1 = snapshot(&d.shop().join("releases/r1"));
+    for path in a.keys() {
+        assert_eq!(
+            inode(&d.shop().join(".relsync/next/r1").join(path)),
+            inode(&d.shop().join("releases/r1").join(path)),
+            "{path} is prestaged as a link to r1's"
+        );
+    }
+
+    let opts = PushOpts {
+        cache: contents(&a),
+        ..PushOpts::default()
+    };
+    let ran = c.push("shop", &b, "r2", opts).await;
+    assert_eq!(ran.report().needed, 3);
+    assert_eq!(
+        inode(&d.shop().join("releases/r2")),
+        tree,
+        "the prestaged tree became r2"
+    );
+    assert_release_holds(&d.shop(), "r2", &b);
+    assert_eq!(snapshot(&d.shop().join("releases/r1")), r1);
+    assert_eq!(
+        inode(&d.shop().join("releases/r1/public/app.css")),
+        inode(&d.shop().join("releases/r2/public/site.css")),
+    );
+    assert!(staging_dirs(&d.shop()).is_empty());
+
+    // Then r2's tree, and nothing else, is prestaged.
+    wait_prestaged(&d.shop(), "r2").await;
+    wait_lock_free(&d.shop()).await;
+    let next: Vec<_> = std::fs::read_dir(d.shop().join(".relsync/next"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(next, ["r2"]);
+    // A tree left by an earlier process is made again at startup (it may have been cut short).
+    d.stop().await;
+    let stray = d.shop().join(".relsync/next/r2/left-by-a-crash");
+    std::fs::write(&stray, b"").unwrap();
+    d.serve().await;
+    let deadline = Instant::now() + WAIT;
+    while stray.exists() {
+        assert!(Instant::now() < deadline, "the old tree is still there");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_prestaged(&d.shop(), "r2").await;
+    wait_lock_free(&d.shop()).await;
+    assert!(!stray.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

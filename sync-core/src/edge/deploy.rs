@@ -14,7 +14,7 @@ use super::root::{operator, AppRoot, JournalEntry, LockGuard, Recovery};
 use super::EdgeError;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RelPath;
-use crate::plan::{plan_release, Basis, Op, Plan, PlanOptions};
+use crate::plan::{plan_prestage, plan_release_over, Basis, Op, Plan, PlanOptions, Prestaged};
 use crate::release::{ReleaseId, ReleaseRecord};
 use crate::retention;
 
@@ -35,6 +35,9 @@ pub struct DeployOptions {
     pub exec: ExecOptions,
     /// Leave a release whose activation checks fail live (marked bad) instead of going back.
     pub no_rollback: bool,
+    /// Build on the prestaged tree of the current release ([`prestage`]) when there is one and
+    /// [`ExecOptions::checked_links`] says which of the current release's files are intact.
+    pub prestaged: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,6 +63,8 @@ pub struct Prepared {
     pub previous: Option<ReleaseId>,
     pub bases: Vec<Arc<ReleaseRecord>>,
     pub seq: u64,
+    /// The release whose prestaged tree the plan starts from.
+    pub over: Option<ReleaseId>,
 }
 
 /// Shared paths from the app config plus `extra`.
@@ -156,7 +161,19 @@ pub fn prepare_arriving(
     } else {
         Default::default()
     };
-    let plan = plan_release(
+    // The prestaged tree of the current release, when the files it links were just checked.
+    let checked = current
+        .as_ref()
+        .and_then(|c| opts.exec.checked_links.get(c).map(|set| (c, set)))
+        .filter(|(c, _)| opts.prestaged && root.has_prestage(c));
+    let intact = |p: &RelPath| checked.is_some_and(|(_, set)| set.contains(p));
+    let over = checked.and_then(|(c, _)| {
+        basis_refs.iter().find(|b| b.id == c).map(|b| Prestaged {
+            base: *b,
+            intact: &intact,
+        })
+    });
+    let plan = plan_release_over(
         &id,
         target,
         &basis_refs,
@@ -169,12 +186,15 @@ pub fn prepare_arriving(
             umask: super::umask(),
             arriving: arriving.iter().map(|(h, _)| *h).collect(),
         },
+        over,
     )?;
+    let over = over.map(|o| o.base.id.clone());
     Ok(Prepared {
         plan,
         previous: current,
         bases,
         seq,
+        over,
     })
 }
 
@@ -266,18 +286,36 @@ fn deploy_inner(
         (a.start)()?;
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "waited to start");
     }
-    let mut stager = Stager::begin(
-        root,
-        lock,
-        &prep.plan.release,
-        target,
-        &prep.bases,
-        prep.seq,
-        opts.now_unix,
-        source,
-        opts.exec.clone(),
-        progress,
-    )?;
+    let mut stager = match &prep.over {
+        None => Stager::begin(
+            root,
+            lock,
+            &prep.plan.release,
+            target,
+            &prep.bases,
+            prep.seq,
+            opts.now_unix,
+            source,
+            opts.exec.clone(),
+            progress,
+        )?,
+        Some(over) => {
+            tracing::debug!(%over, "building on the prestaged tree");
+            Stager::begin_over(
+                root,
+                lock,
+                &prep.plan.release,
+                over,
+                target,
+                &prep.bases,
+                prep.seq,
+                opts.now_unix,
+                source,
+                opts.exec.clone(),
+                progress,
+            )?
+        }
+    };
     // Everything up to MarkComplete happens in staging; an error there removes staging. After it the
     // release is complete and stays, whatever activation does.
     let split = prep
@@ -386,6 +424,71 @@ fn deploy_inner(
         manifest_digest: target.digest().to_hex(),
         activation,
     })
+}
+
+/// What [`prestage`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrestageReport {
+    /// The release whose tree was prestaged, if one was (it was not already).
+    pub prestaged: Option<ReleaseId>,
+    /// Prestaged trees removed: of releases no longer current, and unfinished ones.
+    pub removed: Vec<String>,
+    pub files: u64,
+}
+
+/// Prestages the current release's tree in `.relsync/next/<current>` (see
+/// [`crate::layout::NEXT`]) unless it is there already, and removes every other prestaged tree;
+/// with `fresh`, the current one is made again too. The next build on top of the current release
+/// then starts from that tree ([`DeployOptions::prestaged`]) instead of making every directory
+/// and link itself, which takes that work off a push's path. Stops early with
+/// [`EdgeError::Cancelled`] when `cancel` is set, leaving nothing behind.
+pub fn prestage(
+    root: &AppRoot,
+    lock: &LockGuard,
+    fresh: bool,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<PrestageReport, EdgeError> {
+    let current = root.current()?;
+    let keep = current.as_ref().filter(|_| !fresh);
+    let removed = root.remove_prestages(keep)?;
+    let mut report = PrestageReport {
+        prestaged: None,
+        removed,
+        files: 0,
+    };
+    let Some(current) = current else {
+        return Ok(report);
+    };
+    if root.has_prestage(&current) {
+        return Ok(report);
+    }
+    let record = root.load_record(&current)?;
+    let ops = plan_prestage(
+        Basis {
+            id: &record.id,
+            manifest: &record.manifest,
+        },
+        super::umask(),
+    );
+    let mut stager = Stager::begin_prestage(
+        root,
+        lock,
+        &record,
+        ExecOptions {
+            cancel,
+            ..ExecOptions::default()
+        },
+    )?;
+    match stager.apply(&ops) {
+        Ok(()) => stager.finish_prestage()?,
+        Err(e) => {
+            stager.abort()?;
+            return Err(e);
+        }
+    }
+    report.files = record.manifest.file_count() as u64;
+    report.prestaged = Some(current);
+    Ok(report)
 }
 
 fn journal_event(

@@ -5,6 +5,11 @@
 //! written, truncated or chmod-ed; a link source is used only while it is still the inode recorded
 //! when its release was verified (fault case 10); a sync error aborts (no retry-and-continue).
 //! A [`Stager`] applies any prefix of a plan, which is what the crash tests rely on.
+//!
+//! A build may start from the prestaged tree of the current release instead of an empty
+//! directory ([`Stager::begin_over`]): `.relsync/next/<id>` is renamed to the staging directory,
+//! its removals unlink names in it only, and the files it keeps are verified by identity like
+//! any link. [`Stager::begin_prestage`] makes such a tree.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -43,6 +48,20 @@ pub trait ContentSource: Sync {
         out: &mut File,
     ) -> Result<(), EdgeError> {
         self.write_full(path, size, out)
+    }
+}
+
+/// No content at all: for a prestaged tree, which only links.
+struct NoContent;
+
+impl ContentSource for NoContent {
+    fn write_full(&self, path: &RelPath, _size: u64, _out: &mut File) -> Result<(), EdgeError> {
+        Err(EdgeError::Verify {
+            path: path.clone(),
+            reason: "its file in the prestaged release changed since that release was verified; \
+                     a prestaged tree only links"
+                .into(),
+        })
     }
 }
 
@@ -223,6 +242,122 @@ impl<'a> Stager<'a> {
         let staging = releases
             .open_dir(&staging_name)
             .ctx("open staging directory", &staging_path)?;
+        Self::with_staging(
+            root,
+            release,
+            target,
+            bases,
+            seq,
+            created_unix,
+            source,
+            opts,
+            progress,
+            (staging, staging_path),
+        )
+    }
+
+    /// [`Stager::begin`] on the prestaged tree of release `over` (`.relsync/next/<over>`), which
+    /// becomes the staging directory: the plan must be [`crate::plan::plan_release_over`]'s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_over(
+        root: &'a AppRoot,
+        _lock: &LockGuard,
+        release: &ReleaseId,
+        over: &ReleaseId,
+        target: &'a Manifest,
+        bases: &'a [Arc<ReleaseRecord>],
+        seq: u64,
+        created_unix: i64,
+        source: &'a dyn ContentSource,
+        opts: ExecOptions,
+        progress: &'a (dyn Fn(u64) + Sync),
+    ) -> Result<Stager<'a>, EdgeError> {
+        let releases = root.releases_dir()?;
+        if releases.exists(release.as_str()) {
+            return Err(EdgeError::ReleaseExists(release.clone()));
+        }
+        let staging_name = release.staging_name();
+        let rel_path = root.path().join(crate::layout::RELEASES);
+        let staging_path = rel_path.join(&staging_name);
+        let next = root.next_dir()?;
+        let next_path = root
+            .path()
+            .join(crate::layout::META)
+            .join(crate::layout::NEXT);
+        next.rename(over.as_str(), &releases, &staging_name)
+            .ctx("rename", next_path.join(over.as_str()))?;
+        let staging = releases
+            .open_dir(&staging_name)
+            .ctx("open staging directory", &staging_path)?;
+        Self::with_staging(
+            root,
+            release,
+            target,
+            bases,
+            seq,
+            created_unix,
+            source,
+            opts,
+            progress,
+            (staging, staging_path),
+        )
+    }
+
+    /// A stager that makes the prestaged tree of `base` in `.relsync/next/<base>.partial`, to
+    /// apply [`crate::plan::plan_prestage`]'s operations; [`Stager::finish_prestage`] then
+    /// gives the tree its name. Its link operations find no content to fall back on: a link
+    /// source that fails its check fails the prestage.
+    pub fn begin_prestage(
+        root: &'a AppRoot,
+        _lock: &LockGuard,
+        base: &'a Arc<ReleaseRecord>,
+        opts: ExecOptions,
+    ) -> Result<Stager<'a>, EdgeError> {
+        let next = root.next_dir()?;
+        let name = format!("{}{}", base.id, crate::layout::PARTIAL_SUFFIX);
+        let path = root
+            .path()
+            .join(crate::layout::META)
+            .join(crate::layout::NEXT)
+            .join(&name);
+        next.create_dir(&name).ctx("create", &path)?;
+        let staging = next.open_dir(&name).ctx("open", &path)?;
+        Self::with_staging(
+            root,
+            &base.id,
+            &base.manifest,
+            std::slice::from_ref(base),
+            base.seq,
+            base.created_unix,
+            &NoContent,
+            opts,
+            &|_| {},
+            (staging, path),
+        )
+    }
+
+    /// Names the tree [`Stager::begin_prestage`] made: `.relsync/next/<base>`.
+    pub fn finish_prestage(self) -> Result<(), EdgeError> {
+        let next = self.root.next_dir()?;
+        let from = format!("{}{}", self.release, crate::layout::PARTIAL_SUFFIX);
+        next.rename(&from, &next, self.release.as_str())
+            .ctx("rename", &self.staging_path)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_staging(
+        root: &'a AppRoot,
+        release: &ReleaseId,
+        target: &'a Manifest,
+        bases: &'a [Arc<ReleaseRecord>],
+        seq: u64,
+        created_unix: i64,
+        source: &'a dyn ContentSource,
+        opts: ExecOptions,
+        progress: &'a (dyn Fn(u64) + Sync),
+        (staging, staging_path): (Dir, PathBuf),
+    ) -> Result<Stager<'a>, EdgeError> {
+        let releases = root.releases_dir()?;
         let mut base_map = AHashMap::new();
         for rec in bases {
             let Ok(dir) = releases.open_dir(rec.id.as_str()) else {
@@ -304,6 +439,7 @@ impl<'a> Stager<'a> {
                 matches!(
                     op,
                     Op::Link { .. }
+                        | Op::Keep { .. }
                         | Op::LinkObject { .. }
                         | Op::WriteFull { .. }
                         | Op::WriteDelta { .. }
@@ -345,6 +481,20 @@ impl<'a> Stager<'a> {
                     "file operations"
                 );
                 i = end;
+            } else if matches!(ops[i], Op::Remove { .. }) {
+                let end = ops[i..]
+                    .iter()
+                    .position(|o| !matches!(o, Op::Remove { .. }))
+                    .map_or(ops.len(), |n| i + n);
+                let t = Instant::now();
+                self.apply_removals(&ops[i..end])?;
+                self.time(ops[i].phase(), t.elapsed());
+                tracing::debug!(
+                    ops = end - i,
+                    ms = t.elapsed().as_millis() as u64,
+                    "removals"
+                );
+                i = end;
             } else if matches!(ops[i], Op::CreateDir { .. } | Op::SetDirMode { .. }) {
                 let same = |o: &Op| std::mem::discriminant(o) == std::mem::discriminant(&ops[i]);
                 let end = ops[i..]
@@ -372,6 +522,27 @@ impl<'a> Stager<'a> {
                 );
                 i += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// A run of `Remove` operations, in order (children before their parents), each through its
+    /// parent's handle: `unlinkat` never follows a symlink.
+    fn apply_removals(&self, run: &[Op]) -> Result<(), EdgeError> {
+        let mut dirs = DirCache::new(self);
+        for op in run {
+            let Op::Remove { path, dir } = op else {
+                unreachable!("{} is not a removal", op.name());
+            };
+            let parent = dirs.staging(path.parent_str())?;
+            let flags = if *dir {
+                rustix::fs::AtFlags::REMOVEDIR
+            } else {
+                rustix::fs::AtFlags::empty()
+            };
+            rustix::fs::unlinkat(parent, path.file_name(), flags)
+                .map_err(io::Error::from)
+                .ctx_with("remove", || self.staged(path))?;
         }
         Ok(())
     }
@@ -527,6 +698,21 @@ impl<'a> Stager<'a> {
                     self.write_file_in(dirs, path, *size, *mode, None)
                         .map(|()| None)
                 }
+            }
+            Op::Keep {
+                path, from, size, ..
+            } => {
+                let stamp = self
+                    .bases
+                    .get(from)
+                    .and_then(|b| b.stamps.get(path))
+                    .filter(|s| s.size == *size)
+                    .ok_or_else(|| EdgeError::Verify {
+                        path: path.clone(),
+                        reason: format!("release {from} has no record of it to keep it by"),
+                    })?;
+                (self.progress)(*size);
+                Ok(Some((path.clone(), Identity::Linked(*stamp))))
             }
             Op::LinkObject {
                 path,
@@ -1004,6 +1190,8 @@ fn stat_mtime_ns(st: &rustix::fs::Stat) -> i128 {
 fn op_path(op: &Op) -> &RelPath {
     match op {
         Op::Link { path, .. }
+        | Op::Keep { path, .. }
+        | Op::Remove { path, .. }
         | Op::LinkObject { path, .. }
         | Op::WriteFull { path, .. }
         | Op::WriteDelta { path, .. }

@@ -155,6 +155,9 @@ pub struct Recovery {
     pub orphan_records_removed: Vec<String>,
     pub current_tmp_removed: bool,
     pub objects_removed: usize,
+    /// Prestaged trees of releases that are not current (they would keep the inodes of removed
+    /// releases alive) and unfinished ones.
+    pub prestages_removed: Vec<String>,
 }
 
 impl Recovery {
@@ -340,6 +343,7 @@ impl AppRoot {
                 r.orphan_records_removed.push(id.to_owned());
             }
         }
+        r.prestages_removed = self.remove_prestages(self.current()?.as_ref())?;
         // Temporaries of interrupted receives, and objects of pushes never re-run within a day.
         let objects = format!("{}/{}", layout::META, layout::OBJECTS);
         if self.dir.is_dir(&objects) {
@@ -599,6 +603,7 @@ impl AppRoot {
     /// Removes release `id`: rename to `<id>.trash` (so a crash leaves something recovery removes),
     /// drop its record, then delete the tree without following symlinks.
     pub fn remove_release(&self, id: &ReleaseId) -> Result<(), EdgeError> {
+        self.remove_prestage(id)?;
         let releases = self.releases_dir()?;
         let rel_path = self.path.join(layout::RELEASES);
         let trash = id.trash_name();
@@ -608,6 +613,58 @@ impl AppRoot {
         sync_dir(&releases, &rel_path)?;
         self.remove_record(id)?;
         remove_tree(&rel_path.join(&trash))
+    }
+
+    fn next_path(&self) -> PathBuf {
+        self.path.join(layout::META).join(layout::NEXT)
+    }
+
+    /// `.relsync/next/`, created when missing.
+    pub(crate) fn next_dir(&self) -> Result<Dir, EdgeError> {
+        let rel = format!("{}/{}", layout::META, layout::NEXT);
+        match self.dir.create_dir(&rel) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).ctx("create", self.next_path()),
+        }
+        self.dir.open_dir(&rel).ctx("open", self.next_path())
+    }
+
+    /// Whether the complete prestaged tree of release `id` is there (see [`layout::NEXT`]).
+    pub fn has_prestage(&self, id: &ReleaseId) -> bool {
+        let rel = format!("{}/{}/{id}", layout::META, layout::NEXT);
+        self.dir.symlink_metadata(&rel).is_ok_and(|m| m.is_dir())
+    }
+
+    /// Removes every prestaged tree but the complete one of `keep`; returns the names removed.
+    pub fn remove_prestages(&self, keep: Option<&ReleaseId>) -> Result<Vec<String>, EdgeError> {
+        let next = self.next_path();
+        let dir = match self
+            .dir
+            .open_dir(format!("{}/{}", layout::META, layout::NEXT))
+        {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx("open", next),
+        };
+        let mut removed = Vec::new();
+        for entry in dir.entries().ctx("list", &next)? {
+            let entry = entry.ctx("list", &next)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.is_some_and(|k| k.as_str() == name) {
+                continue;
+            }
+            remove_tree(&next.join(&name))?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    /// Removes the prestaged tree of `id`, complete or not.
+    pub fn remove_prestage(&self, id: &ReleaseId) -> Result<(), EdgeError> {
+        let next = self.next_path();
+        remove_tree(&next.join(id.as_str()))?;
+        remove_tree(&next.join(format!("{id}{}", layout::PARTIAL_SUFFIX)))
     }
 
     /// Appends an entry to the journal and syncs it.

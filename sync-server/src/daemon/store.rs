@@ -281,11 +281,13 @@ mod tests {
             shared: Vec::new(),
             authorized: HashSet::new(),
             accept_relayed: false,
+            prestage: true,
             activation: None,
         };
         let app = Arc::new(App {
             root: AppRoot::open_or_create(root).unwrap(),
             config,
+            prestager: Default::default(),
         });
         let push = Command::Push {
             release: ReleaseId::new("r1").unwrap(),

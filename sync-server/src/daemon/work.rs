@@ -44,6 +44,16 @@ pub(super) struct Opened {
     pub(super) manifest_basis: Option<Arc<[u8]>>,
 }
 
+impl Drop for Opened {
+    /// Once the lock is released, the app is idle: its next release's tree is prestaged.
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            drop(lock);
+            super::prestage::kick(&self.app, false);
+        }
+    }
+}
+
 impl Opened {
     /// Where payloads that wait for the budget are spooled: next to the objects they become, on
     /// the same file system and inside the app root.
@@ -154,6 +164,8 @@ pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
             manifest_basis: None,
         });
     }
+    // A tree being prestaged is finished or removed first; the app is ours then.
+    app.prestager.stop();
     let lock = app
         .root
         .lock(|stale| {
@@ -634,6 +646,7 @@ pub(super) fn stage(
             shared: config.shared.clone(),
             now_unix: now_unix(),
             use_objects: true,
+            prestaged: config.prestage,
             exec: ExecOptions {
                 // What this daemon received is verified by identity, not read a second time.
                 object_stamps: Arc::new(
