@@ -417,6 +417,9 @@ mod tests {
         assert!(c.apps["shop"].accept_relayed && c.accepts_relayed());
         let bad = base().replace("authorized_keys", "accept_relayed = 1\nauthorized_keys");
         assert!(Config::parse(&bad, Path::new("r.toml")).is_err());
+        assert!(shop.prestage, "prestaging is on unless turned off");
+        let off = base().replace("authorized_keys", "prestage = false\nauthorized_keys");
+        assert!(!Config::parse(&off, Path::new("r.toml")).unwrap().apps["shop"].prestage);
     }
 
     #[test]
@@ -466,6 +469,7 @@ mod tests {
                 "`limits.max_frame`",
             ),
             ("shared = [\"storage/\"]", "keep = 0", "`apps.shop.keep`"),
+            ("shared = [\"storage/\"]", "prestage = \"yes\"", "prestage"),
             (
                 "shared = [\"storage/\"]",
                 "colour = \"red\"",
