@@ -218,6 +218,19 @@ summarize() { # key jsonl
 # runs as warm as after that push); nothing else is connected while the files are put back.
 # Copying a saved root instead would give every file a new inode, and relsyncd, which trusts a
 # kept file only while it is the inode it recorded, would rightly resend everything.
+# The snapshot's release is then activated again through relsyncd, as an operator rolling back
+# would, and the run waits until relsyncd has prestaged its tree (`.relsync/next/`), which it
+# does whenever the app is idle: a real node gets that time between two releases. relsyncd's CPU
+# after a push includes prestaging the release it just built.
+wait_prestaged() { # node-root release
+	local _
+	for _ in $(seq 200); do
+		[[ -d $1/.relsync/next/$2 ]] && return
+		sleep 0.05
+	done
+	die "relsyncd did not prestage release $2 in 10 s; see its log: $(tail -5 "$WORK/relsyncd.log")"
+}
+
 relsync_runs() { # key source node-root client-cache release-id previous-release-id|-
 	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 out="$WORK/$1.jsonl" i
 	log "$key: $RUNS runs"
@@ -226,6 +239,7 @@ relsync_runs() { # key source node-root client-cache release-id previous-release
 	for i in $(seq "$RUNS"); do
 		rm -rf "$cache"
 		cp -a "$WORK/cache-saved" "$cache"
+		[[ $prev == - ]] || wait_prestaged "$node" "$prev"
 		RELSYNC_CACHE_DIR="$cache" timed "$out" \
 			"$RELSYNC" push "$src" "$NODE_IP:$PORT/app" --release-id "$id"
 		same_tree "$src" "$node/releases/$id" "$key"
@@ -234,6 +248,7 @@ relsync_runs() { # key source node-root client-cache release-id previous-release
 			rm -f "$node/current"
 		else
 			ln -sfn "releases/$prev" "$node/current"
+			"$RELSYNC" activate "$NODE_IP:$PORT/app" "$prev" >/dev/null
 		fi
 	done
 	stop_daemon

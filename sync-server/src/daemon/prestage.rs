@@ -1,7 +1,7 @@
 //! Keeping an app's next release prestaged while the app is idle.
 //!
-//! Whenever a command that held the app's lock ends (and once at startup), a background thread
-//! takes the lock and makes `ROOT/.relsync/next/<current>` ([`deploy::prestage`]): the current
+//! Once the app has been idle for [`IDLE`] after a command that held its lock (and at startup),
+//! a background thread takes the lock and makes `ROOT/.relsync/next/<current>` ([`deploy::prestage`]): the current
 //! release's tree of directories, hard links and symlinks, which the next push on top of it
 //! starts from. A command about to take the lock first stops that thread and waits for it, so a
 //! push never finds the app busy because of it; the tree is then either complete or gone.
@@ -9,11 +9,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use sync_core::edge::deploy;
 use sync_core::edge::{error_chain, EdgeError};
 
 use super::App;
+
+/// How long the app stays idle before its tree is made: the client of the command that just
+/// ended is usually still finishing (on a shared machine it would compete for the CPU), and a
+/// staged release is often activated right after, which would make the tree stale at once.
+pub(super) const IDLE: Duration = Duration::from_millis(1000);
 
 /// The prestaging thread of one app.
 #[derive(Debug, Default)]
@@ -76,6 +82,15 @@ impl Prestager {
 
 fn run(app: &App, fresh: bool, cancel: Arc<AtomicBool>) {
     let (root, app) = (&app.root, app.config.name.as_str());
+    if !fresh {
+        let until = Instant::now() + IDLE;
+        while Instant::now() < until {
+            if cancel.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let lock = match root.lock(|_| {}) {
         Ok(lock) => lock,
         Err(EdgeError::Busy { holder, .. }) => {
@@ -88,7 +103,7 @@ fn run(app: &App, fresh: bool, cancel: Arc<AtomicBool>) {
             return;
         }
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     match deploy::prestage(root, &lock, fresh, Some(cancel)) {
         Ok(report) => match &report.prestaged {
             Some(release) => tracing::info!(
