@@ -148,7 +148,7 @@ pub type ObjectStamps = Arc<HashMap<(Hash, u32), FileStamp>>;
 
 /// Files of kept releases, by release, whose identity was just checked
 /// ([`ExecOptions::checked_links`]).
-pub type CheckedLinks = Arc<AHashMap<ReleaseId, ahash::AHashSet<RelPath>>>;
+pub type CheckedLinks = Arc<AHashMap<ReleaseId, Arc<ahash::AHashSet<RelPath>>>>;
 
 /// How a file that was not written here can be verified without reading it.
 #[derive(Debug, Clone, Copy)]

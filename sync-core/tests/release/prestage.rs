@@ -27,7 +27,7 @@ fn checked(app: &AppRoot, except: &[&str]) -> CheckedLinks {
         .map(|(p, ..)| p.clone())
         .filter(|p| !except.contains(&p.as_str()))
         .collect();
-    Arc::new([(id("r1"), paths)].into_iter().collect())
+    Arc::new([(id("r1"), Arc::new(paths))].into_iter().collect())
 }
 
 fn over(release: &str, checked: CheckedLinks) -> DeployOptions {

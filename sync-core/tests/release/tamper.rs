@@ -192,7 +192,10 @@ fn a_link_source_changed_after_its_check_fails_verification_by_name() {
 
     let mut claimed = opts("r2", true);
     let checked = ahash::AHashSet::from([sync_core::RelPath::new("app/same.php").unwrap()]);
-    claimed.exec.checked_links = std::sync::Arc::new(ahash::AHashMap::from([(id("r1"), checked)]));
+    claimed.exec.checked_links = std::sync::Arc::new(ahash::AHashMap::from([(
+        id("r1"),
+        std::sync::Arc::new(checked),
+    )]));
     let err = deploy_tree(app, src_b, &claimed).unwrap_err();
     let message = err.to_string();
     // Both are linked from the changed file; verification runs in parallel and names the first.

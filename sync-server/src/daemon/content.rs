@@ -32,6 +32,62 @@ use sync_core::manifest::{EntryKind, Hash, Manifest};
 use sync_core::path::RelPath;
 use sync_core::release::{FileStamp, ReleaseId, ReleaseRecord};
 
+/// The files of `record` (a kept release) that are still the inodes it recorded: same device,
+/// inode, size and mtime, regular files. relsyncd checks the current release's files this way as
+/// soon as a push opens the app, while the manifest is still on its way; the need computation then
+/// looks the current release's files up here instead of checking them one by one.
+pub(super) fn intact_files(
+    root: &AppRoot,
+    record: &ReleaseRecord,
+) -> Result<ahash::AHashSet<RelPath>, EdgeError> {
+    let releases = open_dir(root, layout::RELEASES)?;
+    let Ok(dir) = releases.open_dir(record.id.as_str()) else {
+        return Ok(Default::default());
+    };
+    let device = root.device()?;
+    let files: Vec<(&RelPath, FileStamp)> = record
+        .manifest
+        .files()
+        .map(|(p, ..)| p)
+        .zip(record.stamps.iter().copied())
+        .collect();
+    // Runs of files in one directory share its handle.
+    let runs: Vec<&[(&RelPath, FileStamp)]> = files
+        .chunk_by(|a, b| a.0.parent_str() == b.0.parent_str())
+        .collect();
+    let intact: Vec<Vec<RelPath>> = runs
+        .par_iter()
+        .map(|run| {
+            let parent = match run[0].0.parent_str() {
+                None => dir.try_clone().ok(),
+                Some(p) => dir.open_dir(p).ok(),
+            };
+            let Some(parent) = parent else {
+                return Vec::new();
+            };
+            run.iter()
+                .filter(|(path, stamp)| stat_matches(&parent, path.file_name(), stamp, device))
+                .map(|(path, _)| (*path).clone())
+                .collect()
+        })
+        .collect();
+    let mut set = ahash::AHashSet::with_capacity(files.len());
+    set.extend(intact.into_iter().flatten());
+    Ok(set)
+}
+
+/// Whether `name` in `dir` is the regular file `stamp` describes, on `device`.
+fn stat_matches(dir: &Dir, name: &str, stamp: &FileStamp, device: u64) -> bool {
+    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            && st.st_dev == device
+            && st.st_ino == stamp.ino
+            && st.st_size as u64 == stamp.size
+            && i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
+                == stamp.mtime_ns
+    })
+}
+
 /// Kept release files, by content, with the release they belong to first.
 pub(super) struct KeptContent<'r> {
     dirs: Vec<Option<Dir>>,
@@ -39,6 +95,9 @@ pub(super) struct KeptContent<'r> {
     ids: Vec<ReleaseId>,
     by_hash: HashMap<Hash, Vec<(usize, &'r RelPath, FileStamp)>>,
     device: u64,
+    /// One record's files found intact a moment ago ([`intact_files`]), by record index: they
+    /// are looked up, not checked again.
+    prechecked: Option<(usize, Arc<ahash::AHashSet<RelPath>>)>,
 }
 
 impl<'r> KeptContent<'r> {
@@ -76,7 +135,24 @@ impl<'r> KeptContent<'r> {
             ids: records.iter().map(|r| r.id.clone()).collect(),
             by_hash,
             device: root.device()?,
+            prechecked: None,
         })
+    }
+
+    /// Takes `intact`, the files of release `id` that [`intact_files`] found intact a moment
+    /// ago, as checked.
+    pub(super) fn set_prechecked(&mut self, id: &ReleaseId, intact: Arc<ahash::AHashSet<RelPath>>) {
+        if let Some(i) = self.ids.iter().position(|r| r == id) {
+            self.prechecked = Some((i, intact));
+        }
+    }
+
+    /// The files of record `i` found intact beforehand, if that record was prechecked.
+    pub(super) fn prechecked(&self, i: usize) -> Option<&ahash::AHashSet<RelPath>> {
+        self.prechecked
+            .as_ref()
+            .filter(|(r, _)| *r == i)
+            .map(|(_, set)| &**set)
     }
 
     /// Whether some kept file with this content is still the inode its release verified.
@@ -110,12 +186,16 @@ impl<'r> KeptContent<'r> {
         // Keyed by (record, parent directory).
         type Candidates<'p> = Vec<(Hash, &'p RelPath, FileStamp)>;
         let mut by_dir: HashMap<(usize, Option<&str>), Candidates<'_>> = HashMap::default();
+        let mut known = Vec::new();
         for h in hashes {
             if let Some((i, path, stamp)) = self.by_hash.get(h).and_then(|c| c.first()) {
-                by_dir
-                    .entry((*i, path.parent_str()))
-                    .or_default()
-                    .push((*h, path, *stamp));
+                match self.prechecked(*i) {
+                    Some(set) => known.push((*h, *i, *path, set.contains(*path))),
+                    None => by_dir
+                        .entry((*i, path.parent_str()))
+                        .or_default()
+                        .push((*h, path, *stamp)),
+                }
             }
         }
         let groups: Vec<_> = by_dir.into_iter().collect();
@@ -147,8 +227,16 @@ impl<'r> KeptContent<'r> {
                     .insert((*path).clone());
             }
         }
+        let mut intact: ahash::AHashMap<ReleaseId, Arc<ahash::AHashSet<RelPath>>> = intact
+            .into_iter()
+            .map(|(id, set)| (id, Arc::new(set)))
+            .collect();
+        if let Some((i, set)) = &self.prechecked {
+            intact.insert(self.ids[*i].clone(), Arc::clone(set));
+        }
         let held = checked
             .into_iter()
+            .chain(known)
             .filter(|(h, _, _, ok)| *ok || self.has(h))
             .map(|(h, ..)| h)
             .collect();
@@ -156,18 +244,14 @@ impl<'r> KeptContent<'r> {
     }
 
     fn stat_matches(&self, dir: &Dir, name: &str, stamp: &FileStamp) -> bool {
-        rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-                && st.st_dev == self.device
-                && st.st_ino == stamp.ino
-                && st.st_size as u64 == stamp.size
-                && i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
-                    == stamp.mtime_ns
-        })
+        stat_matches(dir, name, stamp, self.device)
     }
 
     /// Whether `path` of record `record` is still the file its stamp describes.
     pub(super) fn intact(&self, record: usize, path: &RelPath, stamp: &FileStamp) -> bool {
+        if let Some(set) = self.prechecked(record) {
+            return set.contains(path);
+        }
         let Some(Some(dir)) = self.dirs.get(record) else {
             return false;
         };
@@ -415,5 +499,17 @@ mod tests {
             .map(|(p, ..)| p.as_str())
             .collect();
         assert_eq!(held_paths, ["d/e/y", "d/x"]);
+
+        // Checked all at once beforehand, the release's files give the same answers.
+        let record = root.load_record(&ReleaseId::new("r1").unwrap()).unwrap();
+        let intact = intact_files(&root, &record).unwrap();
+        let mut listed: Vec<&str> = intact.iter().map(RelPath::as_str).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, ["d/e/y", "d/x"]);
+        let mut kept = KeptContent::new(&root, &records, current.as_ref(), &wanted).unwrap();
+        kept.set_prechecked(&record.id, Arc::new(intact));
+        let (held_after, checked) = kept.held_checked(wanted.iter());
+        assert_eq!(held_after, held);
+        assert_eq!(checked[&record.id].len(), 2);
     }
 }

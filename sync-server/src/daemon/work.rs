@@ -42,6 +42,30 @@ pub(super) struct Opened {
     objects: Option<ObjectStore>,
     /// For a push: the encoding of the kept manifest the client named as its basis.
     pub(super) manifest_basis: Option<Arc<[u8]>>,
+    /// For a push: the identity check of the current release's files, started when the push
+    /// opened the app, while its manifest is on the way.
+    precheck: std::sync::Mutex<Option<Precheck>>,
+}
+
+/// [`content::intact_files`] of a release, running.
+#[derive(Debug)]
+struct Precheck {
+    release: ReleaseId,
+    thread: std::thread::JoinHandle<Result<ahash::AHashSet<RelPath>, String>>,
+}
+
+/// Starts checking which files of `app`'s current release are still the inodes it recorded.
+fn precheck_current(app: &Arc<App>) -> Option<Precheck> {
+    let release = app.root.current().ok()??;
+    let record = app.root.load_record(&release).ok()?;
+    let app = Arc::clone(app);
+    let thread = std::thread::Builder::new()
+        .name("relsyncd-check".into())
+        .spawn(move || {
+            super::content::intact_files(&app.root, &record).map_err(|e| error_chain(&e))
+        })
+        .ok()?;
+    Some(Precheck { release, thread })
 }
 
 impl Drop for Opened {
@@ -162,6 +186,7 @@ pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
             lock: None,
             objects: None,
             manifest_basis: None,
+            precheck: Default::default(),
         });
     }
     // A tree being prestaged is finished or removed first; the app is ours then.
@@ -206,11 +231,16 @@ pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
         } => kept_manifest(&app, digest),
         _ => None,
     };
+    let precheck = match command {
+        Command::Push { .. } => precheck_current(&app),
+        _ => None,
+    };
     Ok(Opened {
         app,
         lock: Some(lock),
         objects,
         manifest_basis,
+        precheck: std::sync::Mutex::new(precheck),
     })
 }
 
@@ -283,8 +313,21 @@ pub(super) fn compute_need(
     }
     let current = root.current().map_err(|e| edge_failed(&e))?;
     let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
-    let kept =
+    let mut kept =
         KeptContent::new(root, &records, current.as_ref(), &wanted).map_err(|e| edge_failed(&e))?;
+    let precheck = opened
+        .precheck
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    // The lock is held since the check started: what is current then is current now.
+    if let Some(pre) = precheck.filter(|p| Some(&p.release) == current.as_ref()) {
+        match pre.thread.join() {
+            Ok(Ok(intact)) => kept.set_prechecked(&pre.release, Arc::new(intact)),
+            Ok(Err(e)) => tracing::warn!("checking the current release's files failed: {e}"),
+            Err(_) => tracing::warn!("checking the current release's files failed"),
+        }
+    }
     let (kept_have, checked) = kept.held_checked(wanted.iter());
     let objects = opened
         .objects
@@ -311,7 +354,9 @@ pub(super) fn compute_need(
     });
 
     let paths: Vec<&RelPath> = manifest.files().map(|(p, ..)| p).collect();
+    let prechecked = current_index.and_then(|i| kept.prechecked(i));
     let stamps: ahash::AHashMap<&RelPath, _> = current_record
+        .filter(|_| prechecked.is_none())
         .map(|r| {
             r.manifest
                 .files()
@@ -323,8 +368,15 @@ pub(super) fn compute_need(
     let mut dropped = 0u64;
     for n in &mut need.files {
         let Some(basis) = n.basis else { continue };
-        let intact = match (current_index, paths.get(n.file as usize)) {
-            (Some(i), Some(path)) => stamps
+        let intact = match (current_index, current_record, paths.get(n.file as usize)) {
+            (Some(_), Some(r), Some(path)) if prechecked.is_some() => {
+                prechecked.is_some_and(|set| set.contains(*path))
+                    && matches!(
+                        r.manifest.get(path).map(|e| &e.kind),
+                        Some(sync_core::manifest::EntryKind::File { size, .. }) if *size == basis.size
+                    )
+            }
+            (Some(i), _, Some(path)) => stamps
                 .get(path)
                 .is_some_and(|s| s.size == basis.size && kept.intact(i, path, s)),
             _ => false,
