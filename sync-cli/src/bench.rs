@@ -405,6 +405,7 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
                     r.target
                 ));
             }
+            notes.push(BACK_TO_BACK.into());
             format!("daemon {}", r.target)
         }
         Node::Fleet(f) => {
@@ -413,6 +414,7 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
             } else if keep {
                 notes.push(format!("kept releases {RELEASE_A} (current) on every host"));
             }
+            notes.push(BACK_TO_BACK.into());
             notes.push(
                 "daemons (slowest): per phase, the longest time any host reported; daemons (busiest): the relsyncd with the most CPU seconds, and the largest peak RSS of any".into(),
             );
@@ -421,6 +423,11 @@ fn describe(node: &Node, left: &Option<String>, keep: bool) -> (String, Vec<Stri
     };
     (text, notes)
 }
+
+/// What the runs against daemons leave out.
+const BACK_TO_BACK: &str = "runs follow each other at once: a daemon gets no idle second to \
+     prestage the next release's tree (`prestage` in relsyncd's config), so its builds make every \
+     directory and link while the client waits, as on a node that gets pushes back to back";
 
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -376,6 +376,7 @@ fn bench_on_loopback_daemons_needs_no_set_up_and_leaves_nothing() {
         );
         let notes = report["notes"].to_string();
         assert!(notes.contains("in this process"), "{target}: {notes}");
+        assert!(notes.contains("back to back"), "{target}: {notes}");
         assert_eq!(
             entries(&tmp),
             Vec::<String>::new(),
