@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::layout;
 use crate::manifest::{Entry, EntryKind, Hash, Manifest};
 use crate::path::RelPath;
-use crate::release::ReleaseId;
+use crate::release::{FileStamp, ReleaseId};
 
 /// A kept release the new one may take content from.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +54,8 @@ pub enum Op {
         size: u64,
         mode: u32,
         hash: Hash,
+        /// The identity `from` recorded for the file, which verification holds it to.
+        stamp: FileStamp,
     },
     /// Remove what the prestaged tree holds at `path` (an empty directory when `dir`), never
     /// following a symlink: the new release has something else there, or nothing.
@@ -227,6 +229,8 @@ pub enum PlanError {
 #[derive(Clone, Copy)]
 pub struct Prestaged<'a> {
     pub base: Basis<'a>,
+    /// The stamps `base` recorded for its files, in the order of its manifest's files.
+    pub stamps: &'a [FileStamp],
     /// Whether the file of `base` at a path was found to be the inode its record names, a moment
     /// ago: only such a file may stay in the new release.
     pub intact: &'a (dyn Fn(&RelPath) -> bool + Sync),
@@ -296,8 +300,18 @@ pub fn plan_release(
 /// tree already holds that entry (for a directory, with the mode the tree created it with);
 /// and the removals of everything else it holds, children before their parents.
 struct Kept {
-    entries: Vec<Option<u32>>,
+    entries: Vec<Option<Held>>,
     removals: Vec<Op>,
+}
+
+/// An entry a prestaged tree holds already.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    /// A directory, created with this mode.
+    Dir(u32),
+    /// A file with the identity its release recorded.
+    File(FileStamp),
+    Symlink,
 }
 
 fn kept_of(target: &Manifest, over: &Prestaged<'_>, umask: Option<u32>) -> Kept {
@@ -305,25 +319,32 @@ fn kept_of(target: &Manifest, over: &Prestaged<'_>, umask: Option<u32>) -> Kept 
     let mut entries = vec![None; want.len()];
     let mut removals = Vec::new();
     let mut j = 0;
+    let mut stamps = over.stamps.iter();
     // Both manifests are in canonical order: one merge walk.
     for have in over.base.manifest.entries() {
         while want.get(j).is_some_and(|w| w.path < have.path) {
             j += 1;
         }
         let same = want.get(j).filter(|w| w.path == have.path);
+        let stamp = match have.kind {
+            EntryKind::File { .. } => stamps.next(),
+            _ => None,
+        };
         let kept = match (&have.kind, same.map(|w| &w.kind)) {
             (&EntryKind::Dir { mode }, Some(EntryKind::Dir { .. })) => {
-                Some(prestaged_mode(mode, umask))
+                Some(Held::Dir(prestaged_mode(mode, umask)))
             }
             (EntryKind::Symlink { target: a }, Some(EntryKind::Symlink { target: b })) => {
-                (a == b).then_some(0)
+                (a == b).then_some(Held::Symlink)
             }
             (
-                &EntryKind::File { mode, hash, .. },
+                &EntryKind::File { mode, hash, size },
                 Some(&EntryKind::File {
                     mode: m, hash: h, ..
                 }),
-            ) => (mode == m && hash == h && (over.intact)(&have.path)).then_some(0),
+            ) => stamp
+                .filter(|s| mode == m && hash == h && s.size == size && (over.intact)(&have.path))
+                .map(|s| Held::File(*s)),
             _ => None,
         };
         match kept {
@@ -355,6 +376,10 @@ pub fn plan_release_over(
     let mut s = Summary::default();
     let kept = over.map(|o| kept_of(target, &o, opts.umask));
     let kept_at = |i: usize| kept.as_ref().and_then(|k| k.entries[i]);
+    let kept_dir = |i: usize| match kept_at(i) {
+        Some(Held::Dir(mode)) => Some(mode),
+        _ => None,
+    };
     if let Some(k) = &kept {
         ops.extend(k.removals.iter().cloned());
     }
@@ -385,7 +410,8 @@ pub fn plan_release_over(
     // File operations on arriving content wait in `later`, in canonical order like the others.
     let mut later = Vec::new();
     for (i, e) in target.entries().iter().enumerate() {
-        let kept = kept_at(i).is_some();
+        let held = kept_at(i);
+        let kept = held.is_some();
         let ops = match &e.kind {
             EntryKind::File { hash, .. } if opts.arriving.contains(hash) => &mut later,
             _ => &mut ops,
@@ -405,7 +431,7 @@ pub fn plan_release_over(
                 s.files += 1;
                 s.bytes += size;
                 let path = e.path.clone();
-                if let (true, Some(o)) = (kept, &over) {
+                if let (Some(Held::File(stamp)), Some(o)) = (held, &over) {
                     s.linked_files += 1;
                     s.linked_bytes += size;
                     ops.push(Op::Keep {
@@ -414,6 +440,7 @@ pub fn plan_release_over(
                         size,
                         mode,
                         hash,
+                        stamp,
                     });
                     continue;
                 }
@@ -489,7 +516,7 @@ pub fn plan_release_over(
     // Children before parents, so a read-only directory is locked only after it is filled.
     for (i, e) in target.entries().iter().enumerate().rev() {
         if let EntryKind::Dir { mode } = e.kind {
-            let has = kept_at(i).or_else(|| created_final(mode, opts.umask));
+            let has = kept_dir(i).or_else(|| created_final(mode, opts.umask));
             if has == Some(mode) {
                 continue;
             }
@@ -1211,8 +1238,21 @@ mod tests {
     }
 
     /// The plan over a prestaged tree of `a`, with `broken` the files of `a` found changed.
+    /// Stamps for the files of `m`: inode numbers counting from 1, their sizes.
+    fn stamps_of(m: &Manifest) -> Vec<FileStamp> {
+        m.files()
+            .enumerate()
+            .map(|(i, (_, size, ..))| FileStamp {
+                ino: i as u64 + 1,
+                size,
+                mtime_ns: 0,
+            })
+            .collect()
+    }
+
     fn over_plan(a: &Manifest, b: &Manifest, broken: &[&str], umask: Option<u32>) -> Plan {
         let intact = |p: &RelPath| !broken.contains(&p.as_str());
+        let stamps = stamps_of(a);
         let base = Basis {
             id: &id("a"),
             manifest: a,
@@ -1229,6 +1269,7 @@ mod tests {
             &opts,
             Some(Prestaged {
                 base,
+                stamps: &stamps,
                 intact: &intact,
             }),
         )
@@ -1369,7 +1410,12 @@ mod tests {
 
     type Tree = std::collections::BTreeMap<String, Node>;
 
-    fn apply_model(tree: &mut Tree, ops: &[Op], content_of: &dyn Fn(&RelPath) -> (Hash, u32)) {
+    fn apply_model(
+        tree: &mut Tree,
+        ops: &[Op],
+        content_of: &dyn Fn(&RelPath) -> (Hash, u32),
+        stamp_at: &dyn Fn(&RelPath) -> Option<FileStamp>,
+    ) {
         let parent_is_dir = |tree: &Tree, p: &RelPath| match p.parent() {
             None => true,
             Some(q) => matches!(tree.get(q.as_str()), Some(Node::Dir(_))),
@@ -1402,13 +1448,18 @@ mod tests {
                         .is_none());
                 }
                 Op::Keep {
-                    path, mode, hash, ..
+                    path,
+                    mode,
+                    hash,
+                    stamp,
+                    ..
                 } => {
                     assert_eq!(
                         tree.get(path.as_str()),
                         Some(&Node::File(*hash, *mode)),
                         "kept {path}"
                     );
+                    assert_eq!(stamp_at(path), Some(*stamp), "identity kept for {path}");
                 }
                 Op::Link {
                     path, from_path, ..
@@ -1531,10 +1582,14 @@ mod tests {
                 Some(&EntryKind::File { hash, mode, .. }) => (hash, mode),
                 other => panic!("link from {p}, which is {other:?}"),
             };
+            let stamps = stamps_of(&a);
+            let stamp_at = |p: &RelPath| {
+                a.files().position(|(q, ..)| q == p).map(|i| stamps[i])
+            };
             let mut tree = Tree::new();
-            apply_model(&mut tree, &prestage, &content_of);
+            apply_model(&mut tree, &prestage, &content_of, &stamp_at);
             let plan = over_plan(&a, &b, &broken, umask);
-            apply_model(&mut tree, &plan.ops, &content_of);
+            apply_model(&mut tree, &plan.ops, &content_of, &stamp_at);
             proptest::prop_assert_eq!(tree, tree_of(&b));
             for op in &plan.ops {
                 if let Op::Keep { path, .. } = op {

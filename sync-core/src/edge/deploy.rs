@@ -168,8 +168,10 @@ pub fn prepare_arriving(
         .filter(|(c, _)| opts.prestaged && root.has_prestage(c));
     let intact = |p: &RelPath| checked.is_some_and(|(_, set)| set.contains(p));
     let over = checked.and_then(|(c, _)| {
-        basis_refs.iter().find(|b| b.id == c).map(|b| Prestaged {
-            base: *b,
+        let i = bases.iter().position(|r| &r.id == c)?;
+        Some(Prestaged {
+            base: basis_refs[i],
+            stamps: &bases[i].stamps,
             intact: &intact,
         })
     });

@@ -451,12 +451,26 @@ impl<'a> Stager<'a> {
                     .iter()
                     .position(|o| !parallel(o))
                     .map_or(ops.len(), |n| i + n);
-                let this = &*self;
                 let t = Instant::now();
+                // A kept file needs nothing done: only what verifies it.
+                let (kept, io): (Vec<&Op>, Vec<&Op>) = ops[i..end]
+                    .iter()
+                    .partition(|o| matches!(o, Op::Keep { .. }));
+                self.linked.reserve(kept.len());
+                for op in kept {
+                    if let Op::Keep {
+                        path, size, stamp, ..
+                    } = op
+                    {
+                        (self.progress)(*size);
+                        self.linked.insert(path.clone(), Identity::Linked(*stamp));
+                    }
+                }
+                let this = &*self;
                 // Ops of one directory share its handle (and their link sources' directories), so
                 // each file costs a couple of `*at` calls on a single name instead of a full path
                 // resolution per call.
-                let chunks: Vec<&[Op]> = ops[i..end]
+                let chunks: Vec<&[&Op]> = io
                     .chunk_by(|a, b| op_path(a).parent_str() == op_path(b).parent_str())
                     .collect();
                 let linked: Vec<Vec<(RelPath, Identity)>> = chunks
@@ -699,18 +713,10 @@ impl<'a> Stager<'a> {
                         .map(|()| None)
                 }
             }
+            // Applied by `apply` itself; here for a plan applied one operation at a time.
             Op::Keep {
-                path, from, size, ..
+                path, size, stamp, ..
             } => {
-                let stamp = self
-                    .bases
-                    .get(from)
-                    .and_then(|b| b.stamps.get(path))
-                    .filter(|s| s.size == *size)
-                    .ok_or_else(|| EdgeError::Verify {
-                        path: path.clone(),
-                        reason: format!("release {from} has no record of it to keep it by"),
-                    })?;
                 (self.progress)(*size);
                 Ok(Some((path.clone(), Identity::Linked(*stamp))))
             }
