@@ -180,6 +180,13 @@ fn now_unix() -> i64 {
 
 /// Takes the app's lock (unless `command` only reads) and recovers the root.
 pub(super) fn open(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
+    let started = std::time::Instant::now();
+    let opened = open_inner(app, command);
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "opened");
+    opened
+}
+
+fn open_inner(app: Arc<App>, command: &Command) -> Result<Opened, Event> {
     if matches!(command, Command::Releases) {
         return Ok(Opened {
             app,
