@@ -636,21 +636,28 @@ impl AppRoot {
         self.dir.symlink_metadata(&rel).is_ok_and(|m| m.is_dir())
     }
 
-    /// Removes every prestaged tree but the complete one of `keep`; returns the names removed.
-    pub fn remove_prestages(&self, keep: Option<&ReleaseId>) -> Result<Vec<String>, EdgeError> {
+    /// The names in `.relsync/next/`: prestaged trees, complete (`<id>`) or not.
+    pub fn prestages(&self) -> Result<Vec<String>, EdgeError> {
         let next = self.next_path();
-        let dir = match self
-            .dir
-            .open_dir(format!("{}/{}", layout::META, layout::NEXT))
-        {
+        let rel = format!("{}/{}", layout::META, layout::NEXT);
+        let dir = match self.dir.open_dir(rel) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).ctx("open", next),
         };
-        let mut removed = Vec::new();
+        let mut names = Vec::new();
         for entry in dir.entries().ctx("list", &next)? {
             let entry = entry.ctx("list", &next)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+
+    /// Removes every prestaged tree but the complete one of `keep`; returns the names removed.
+    pub fn remove_prestages(&self, keep: Option<&ReleaseId>) -> Result<Vec<String>, EdgeError> {
+        let next = self.next_path();
+        let mut removed = Vec::new();
+        for name in self.prestages()? {
             if keep.is_some_and(|k| k.as_str() == name) {
                 continue;
             }
