@@ -434,6 +434,7 @@ pub fn build_by_phase(
         &app,
         &lock,
         &prep.plan.release,
+        None,
         b,
         &prep.bases,
         prep.seq,

@@ -288,36 +288,22 @@ fn deploy_inner(
         (a.start)()?;
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "waited to start");
     }
-    let mut stager = match &prep.over {
-        None => Stager::begin(
-            root,
-            lock,
-            &prep.plan.release,
-            target,
-            &prep.bases,
-            prep.seq,
-            opts.now_unix,
-            source,
-            opts.exec.clone(),
-            progress,
-        )?,
-        Some(over) => {
-            tracing::debug!(%over, "building on the prestaged tree");
-            Stager::begin_over(
-                root,
-                lock,
-                &prep.plan.release,
-                over,
-                target,
-                &prep.bases,
-                prep.seq,
-                opts.now_unix,
-                source,
-                opts.exec.clone(),
-                progress,
-            )?
-        }
-    };
+    if let Some(over) = &prep.over {
+        tracing::debug!(%over, "building on the prestaged tree");
+    }
+    let mut stager = Stager::begin(
+        root,
+        lock,
+        &prep.plan.release,
+        prep.over.as_ref(),
+        target,
+        &prep.bases,
+        prep.seq,
+        opts.now_unix,
+        source,
+        opts.exec.clone(),
+        progress,
+    )?;
     // Everything up to MarkComplete happens in staging; an error there removes staging. After it the
     // release is complete and stays, whatever activation does.
     let split = prep

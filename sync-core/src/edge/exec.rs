@@ -7,7 +7,7 @@
 //! A [`Stager`] applies any prefix of a plan, which is what the crash tests rely on.
 //!
 //! A build may start from the prestaged tree of the current release instead of an empty
-//! directory ([`Stager::begin_over`]): `.relsync/next/<id>` is renamed to the staging directory,
+//! directory ([`Stager::begin`] with `over`): `.relsync/next/<id>` is renamed to the staging directory,
 //! its removals unlink names in it only, and the files it keeps are verified by identity like
 //! any link. [`Stager::begin_prestage`] makes such a tree.
 
@@ -212,13 +212,16 @@ fn mtime_ns(m: &cap_std::fs::Metadata) -> i128 {
 }
 
 impl<'a> Stager<'a> {
-    /// Creates `releases/<id>.staging/`. `bases` are the records of releases that link operations
-    /// may name.
+    /// Creates `releases/<id>.staging/`, or with `over` makes the prestaged tree of that release
+    /// (`.relsync/next/<over>`) the staging directory, for a plan of
+    /// [`crate::plan::plan_release_over`]. `bases` are the records of releases that link
+    /// operations may name.
     #[allow(clippy::too_many_arguments)]
     pub fn begin(
         root: &'a AppRoot,
         _lock: &LockGuard,
         release: &ReleaseId,
+        over: Option<&ReleaseId>,
         target: &'a Manifest,
         bases: &'a [Arc<ReleaseRecord>],
         seq: u64,
@@ -236,56 +239,15 @@ impl<'a> Stager<'a> {
             .path()
             .join(crate::layout::RELEASES)
             .join(&staging_name);
-        releases
-            .create_dir(&staging_name)
-            .ctx("create staging directory", &staging_path)?;
-        let staging = releases
-            .open_dir(&staging_name)
-            .ctx("open staging directory", &staging_path)?;
-        Self::with_staging(
-            root,
-            release,
-            target,
-            bases,
-            seq,
-            created_unix,
-            source,
-            opts,
-            progress,
-            (staging, staging_path),
-        )
-    }
-
-    /// [`Stager::begin`] on the prestaged tree of release `over` (`.relsync/next/<over>`), which
-    /// becomes the staging directory: the plan must be [`crate::plan::plan_release_over`]'s.
-    #[allow(clippy::too_many_arguments)]
-    pub fn begin_over(
-        root: &'a AppRoot,
-        _lock: &LockGuard,
-        release: &ReleaseId,
-        over: &ReleaseId,
-        target: &'a Manifest,
-        bases: &'a [Arc<ReleaseRecord>],
-        seq: u64,
-        created_unix: i64,
-        source: &'a dyn ContentSource,
-        opts: ExecOptions,
-        progress: &'a (dyn Fn(u64) + Sync),
-    ) -> Result<Stager<'a>, EdgeError> {
-        let releases = root.releases_dir()?;
-        if releases.exists(release.as_str()) {
-            return Err(EdgeError::ReleaseExists(release.clone()));
+        match over {
+            None => releases
+                .create_dir(&staging_name)
+                .ctx("create staging directory", &staging_path)?,
+            Some(over) => root
+                .next_dir()?
+                .rename(over.as_str(), &releases, &staging_name)
+                .ctx("rename the prestaged tree to", &staging_path)?,
         }
-        let staging_name = release.staging_name();
-        let rel_path = root.path().join(crate::layout::RELEASES);
-        let staging_path = rel_path.join(&staging_name);
-        let next = root.next_dir()?;
-        let next_path = root
-            .path()
-            .join(crate::layout::META)
-            .join(crate::layout::NEXT);
-        next.rename(over.as_str(), &releases, &staging_name)
-            .ctx("rename", next_path.join(over.as_str()))?;
         let staging = releases
             .open_dir(&staging_name)
             .ctx("open staging directory", &staging_path)?;

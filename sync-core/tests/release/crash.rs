@@ -92,6 +92,7 @@ fn crash_after_every_prefix_of_a_deploy_recovers_to_old_or_new() {
                 &app,
                 &lock,
                 &prep.plan.release,
+                None,
                 &mb,
                 &prep.bases,
                 prep.seq,
