@@ -424,6 +424,22 @@ pub struct PrestageReport {
     pub files: u64,
 }
 
+/// Whether [`prestage`] has anything to do: the current release's tree to make (again, with
+/// `fresh`), or trees of other releases to remove. Reads without the lock, so that an app with
+/// nothing to do is left exactly as it is; [`prestage`] looks again under the lock.
+pub fn prestage_due(root: &AppRoot, fresh: bool) -> bool {
+    let current = root.current().ok().flatten();
+    let missing = current
+        .as_ref()
+        .is_some_and(|c| fresh || !root.has_prestage(c));
+    missing
+        || root
+            .prestages()
+            .unwrap_or_default()
+            .iter()
+            .any(|n| current.as_ref().is_none_or(|c| c.as_str() != n))
+}
+
 /// Prestages the current release's tree in `.relsync/next/<current>` (see
 /// [`crate::layout::NEXT`]) unless it is there already, and removes every other prestaged tree;
 /// with `fresh`, the current one is made again too. The next build on top of the current release

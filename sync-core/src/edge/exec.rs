@@ -277,11 +277,7 @@ impl<'a> Stager<'a> {
     ) -> Result<Stager<'a>, EdgeError> {
         let next = root.next_dir()?;
         let name = format!("{}{}", base.id, crate::layout::PARTIAL_SUFFIX);
-        let path = root
-            .path()
-            .join(crate::layout::META)
-            .join(crate::layout::NEXT)
-            .join(&name);
+        let path = root.next_path().join(&name);
         next.create_dir(&name).ctx("create", &path)?;
         let staging = next.open_dir(&name).ctx("open", &path)?;
         Self::with_staging(

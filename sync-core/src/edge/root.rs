@@ -615,7 +615,8 @@ impl AppRoot {
         remove_tree(&rel_path.join(&trash))
     }
 
-    fn next_path(&self) -> PathBuf {
+    /// `ROOT/.relsync/next`, for messages.
+    pub(crate) fn next_path(&self) -> PathBuf {
         self.path.join(layout::META).join(layout::NEXT)
     }
 

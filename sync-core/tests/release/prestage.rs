@@ -160,8 +160,11 @@ fn stale_unfinished_and_removed_releases_trees_go() {
     assert!(next(path, "r1").exists());
     let lock = app.lock(|_| {}).unwrap();
     assert_eq!(app.recover(&lock).unwrap().prestages_removed, ["r1"]);
+    assert!(deploy::prestage_due(app, false), "r2's tree is missing");
     let report = deploy::prestage(app, &lock, false, None).unwrap();
     assert_eq!(report.prestaged, Some(id("r2")));
+    assert!(!deploy::prestage_due(app, false), "nothing left to do");
+    assert!(deploy::prestage_due(app, true), "made again when asked to");
     // Removing a release removes its tree: it would keep the release's inodes.
     app.remove_current().unwrap();
     app.remove_release(&id("r2")).unwrap();

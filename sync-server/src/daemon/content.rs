@@ -148,7 +148,7 @@ impl<'r> KeptContent<'r> {
     }
 
     /// The files of record `i` found intact beforehand, if that record was prechecked.
-    pub(super) fn prechecked(&self, i: usize) -> Option<&ahash::AHashSet<RelPath>> {
+    fn prechecked(&self, i: usize) -> Option<&ahash::AHashSet<RelPath>> {
         self.prechecked
             .as_ref()
             .filter(|(r, _)| *r == i)
@@ -248,7 +248,7 @@ impl<'r> KeptContent<'r> {
     }
 
     /// Whether `path` of record `record` is still the file its stamp describes.
-    pub(super) fn intact(&self, record: usize, path: &RelPath, stamp: &FileStamp) -> bool {
+    fn intact(&self, record: usize, path: &RelPath, stamp: &FileStamp) -> bool {
         if let Some(set) = self.prechecked(record) {
             return set.contains(path);
         }

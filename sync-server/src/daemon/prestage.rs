@@ -91,17 +91,7 @@ fn run(app: &App, fresh: bool, cancel: Arc<AtomicBool>) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    // Nothing to make and nothing to remove: the lock is not even taken (an idle app's root is
-    // left exactly as it is).
-    let current = root.current().ok().flatten();
-    let names = root.prestages().unwrap_or_default();
-    let missing = current
-        .as_ref()
-        .is_some_and(|c| fresh || !root.has_prestage(c));
-    let stale = names
-        .iter()
-        .any(|n| current.as_ref().is_none_or(|c| c.as_str() != n));
-    if !missing && !stale {
+    if !deploy::prestage_due(root, fresh) {
         return;
     }
     let lock = match root.lock(|_| {}) {

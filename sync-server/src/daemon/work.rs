@@ -20,7 +20,7 @@ use sync_core::edge::object::{ObjectError, ObjectStore};
 use sync_core::edge::root::LockGuard;
 use sync_core::edge::{error_chain, EdgeError};
 use sync_core::layout;
-use sync_core::manifest::{Hash, Manifest};
+use sync_core::manifest::{EntryKind, Hash, Manifest};
 use sync_core::path::RelPath;
 use sync_core::proto::daemon::{
     compute_need as need_of, Event, FileFailure, FileJob, NeedList, SignatureJob,
@@ -322,19 +322,37 @@ pub(super) fn compute_need(
     let wanted: HashSet<Hash> = manifest.files().map(|(_, _, _, h)| *h).collect();
     let mut kept =
         KeptContent::new(root, &records, current.as_ref(), &wanted).map_err(|e| edge_failed(&e))?;
-    let precheck = opened
-        .precheck
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    // The lock is held since the check started: what is current then is current now.
-    if let Some(pre) = precheck.filter(|p| Some(&p.release) == current.as_ref()) {
-        match pre.thread.join() {
-            Ok(Ok(intact)) => kept.set_prechecked(&pre.release, Arc::new(intact)),
-            Ok(Err(e)) => tracing::warn!("checking the current release's files failed: {e}"),
-            Err(_) => tracing::warn!("checking the current release's files failed"),
+    // The current release's files: checked since the push opened the app (the lock is held
+    // since, so what was current then is current now), or here if that check did not run.
+    let current_record = current
+        .as_ref()
+        .and_then(|c| records.iter().find(|r| &r.id == c));
+    let current_intact = match current_record {
+        Some(r) => {
+            let running = opened
+                .precheck
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .filter(|p| p.release == r.id);
+            let joined = running.map(|p| p.thread.join());
+            let intact = match joined {
+                Some(Ok(Ok(intact))) => intact,
+                other => {
+                    if let Some(Ok(Err(e))) = other {
+                        tracing::warn!(
+                            "checking the current release's files failed: {e}; checking again"
+                        );
+                    }
+                    super::content::intact_files(root, r).map_err(|e| edge_failed(&e))?
+                }
+            };
+            let intact = Arc::new(intact);
+            kept.set_prechecked(&r.id, Arc::clone(&intact));
+            Some(intact)
         }
-    }
+        None => None,
+    };
     let (kept_have, checked) = kept.held_checked(wanted.iter());
     let objects = opened
         .objects
@@ -352,40 +370,22 @@ pub(super) fn compute_need(
         .into_iter()
         .map(|(h, _)| h)
         .collect();
-    let current_index = current
-        .as_ref()
-        .and_then(|c| records.iter().position(|r| &r.id == c));
-    let current_record = current_index.map(|i| &records[i]);
     let mut need = need_of(manifest, current_record.map(|r| &r.manifest), |h| {
         kept_have.contains(h) || object_have.contains(h)
     });
 
     let paths: Vec<&RelPath> = manifest.files().map(|(p, ..)| p).collect();
-    let prechecked = current_index.and_then(|i| kept.prechecked(i));
-    let stamps: ahash::AHashMap<&RelPath, _> = current_record
-        .filter(|_| prechecked.is_none())
-        .map(|r| {
-            r.manifest
-                .files()
-                .map(|(p, ..)| p)
-                .zip(r.stamps.iter().copied())
-                .collect()
-        })
-        .unwrap_or_default();
     let mut dropped = 0u64;
     for n in &mut need.files {
         let Some(basis) = n.basis else { continue };
-        let intact = match (current_index, current_record, paths.get(n.file as usize)) {
-            (Some(_), Some(r), Some(path)) if prechecked.is_some() => {
-                prechecked.is_some_and(|set| set.contains(*path))
+        let intact = match (current_record, &current_intact, paths.get(n.file as usize)) {
+            (Some(r), Some(set), Some(path)) => {
+                set.contains(*path)
                     && matches!(
                         r.manifest.get(path).map(|e| &e.kind),
-                        Some(sync_core::manifest::EntryKind::File { size, .. }) if *size == basis.size
+                        Some(EntryKind::File { size, .. }) if *size == basis.size
                     )
             }
-            (Some(i), _, Some(path)) => stamps
-                .get(path)
-                .is_some_and(|s| s.size == basis.size && kept.intact(i, path, s)),
             _ => false,
         };
         if !intact {
