@@ -56,8 +56,7 @@ pub enum PathError {
 /// Shared (`Arc<str>`): plans, records and sessions hold the same path many times over, and a
 /// clone is a reference count, not an allocation. Where the last component starts is kept with
 /// it: the executor asks every path for its parent and name several times over.
-#[derive(Clone, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone)]
 pub struct RelPath {
     path: Arc<str>,
     /// Byte offset of the last component (0 for a top-level entry).
@@ -84,36 +83,71 @@ impl Serialize for RelPath {
     }
 }
 
+impl<'de> Deserialize<'de> for RelPath {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RelPath;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a release-relative path")
+            }
+            // A manifest decodes one path per entry: validate the encoded text where it lies and
+            // copy it once, into the path's own allocation.
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RelPath, E> {
+                RelPath::new(s).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
 fn has_control(s: &str) -> bool {
-    s.chars().any(|c| c.is_control())
+    // ASCII text, nearly every path, needs no decoding: its control characters are the bytes
+    // below 0x20 and 0x7f. Other text is checked by character (C1 controls, U+0080 to U+009F).
+    if s.is_ascii() {
+        s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        s.chars().any(|c| c.is_control())
+    }
 }
 
 impl RelPath {
     /// Validates `s` as a release-relative path.
-    pub fn new(s: impl Into<String>) -> Result<RelPath, PathError> {
-        let s = s.into();
+    pub fn new(s: impl AsRef<str>) -> Result<RelPath, PathError> {
+        let s = s.as_ref();
         if s.is_empty() {
             return Err(PathError::Empty);
         }
         if s.len() > MAX_PATH_LEN {
             return Err(PathError::TooLong { len: s.len() });
         }
-        if has_control(&s) {
-            return Err(PathError::ControlChar(s));
+        if has_control(s) {
+            return Err(PathError::ControlChar(s.to_owned()));
         }
         if s.starts_with('/') {
-            return Err(PathError::Absolute(s));
+            return Err(PathError::Absolute(s.to_owned()));
         }
-        for comp in s.split('/') {
+        let (mut at, mut name_at) = (0, 0);
+        for comp in s.as_bytes().split(|&b| b == b'/') {
             match comp {
-                "" => return Err(PathError::EmptyComponent(s)),
-                "." | ".." => return Err(PathError::DotComponent(s)),
-                c if c.len() > MAX_COMPONENT_LEN => return Err(PathError::ComponentTooLong(s)),
-                c if c.starts_with(RESERVED_PREFIX) => return Err(PathError::Reserved(s)),
+                b"" => return Err(PathError::EmptyComponent(s.to_owned())),
+                b"." | b".." => return Err(PathError::DotComponent(s.to_owned())),
+                c if c.len() > MAX_COMPONENT_LEN => {
+                    return Err(PathError::ComponentTooLong(s.to_owned()))
+                }
+                c if c.starts_with(RESERVED_PREFIX.as_bytes()) => {
+                    return Err(PathError::Reserved(s.to_owned()))
+                }
                 _ => {}
             }
+            name_at = at;
+            at += comp.len() + 1;
         }
-        Ok(RelPath::trusted(Arc::from(s)))
+        Ok(RelPath {
+            path: Arc::from(s),
+            // Paths are at most MAX_PATH_LEN bytes, so the offset fits.
+            name_at: name_at as u32,
+        })
     }
 
     /// A path already known to be valid.
@@ -391,6 +425,8 @@ mod tests {
             ("a\nb", |e| matches!(e, PathError::ControlChar(_))),
             ("a\x1b[31mb", |e| matches!(e, PathError::ControlChar(_))),
             ("a\u{7f}", |e| matches!(e, PathError::ControlChar(_))),
+            ("a/\u{85}b", |e| matches!(e, PathError::ControlChar(_))),
+            ("é\u{9f}", |e| matches!(e, PathError::ControlChar(_))),
             (&long_comp, |e| matches!(e, PathError::ComponentTooLong(_))),
             (&long_path, |e| matches!(e, PathError::TooLong { .. })),
             (".relsync", |e| matches!(e, PathError::Reserved(_))),
@@ -447,6 +483,18 @@ mod tests {
         assert!(bad.is_err());
         let good: RelPath = serde_json::from_str("\"a/b\"").unwrap();
         assert_eq!(good.as_str(), "a/b");
+        // The binary encoding hands the text over borrowed; it is validated all the same.
+        for (text, ok) in [("a/b/c", true), ("a//b", false), (".relsync/x", false)] {
+            let bytes = postcard::to_stdvec(text).unwrap();
+            let got: Result<RelPath, _> = postcard::from_bytes(&bytes);
+            match got {
+                Ok(p) => {
+                    assert!(ok, "{text:?} accepted");
+                    assert_eq!((p.as_str(), p.file_name()), (text, "c"));
+                }
+                Err(_) => assert!(!ok, "{text:?} refused"),
+            }
+        }
     }
 
     #[test]
