@@ -265,9 +265,9 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         std::thread::spawn(move || client::read_cache_for(&c, &target))
     });
     let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
-    let (cached, manifest_basis) = match ahead.map(std::thread::JoinHandle::join) {
-        Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest),
-        _ => (None, None),
+    let (cached, manifest_basis, basis_manifest) = match ahead.map(std::thread::JoinHandle::join) {
+        Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest, view.last_decoded),
+        _ => (None, None, None),
     };
     let req = PushRequest {
         release,
@@ -286,15 +286,28 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         let need = need.with_context(|| format!("asking {target} what it needs"))?;
         return print_need(&target, &req.release, &need, a.json);
     }
+    // The manifest goes as a delta against the one last pushed there, if the daemon still holds
+    // it: compress it while connecting.
+    let packing = manifest_basis.clone().map(|basis| {
+        let manifest = Arc::clone(&req.manifest);
+        std::thread::spawn(move || sync_core::proto::client::pack_manifest(&manifest, &basis))
+    });
     let bars = Bars::new(show);
     let report = rt.block_on(async {
         bars.connecting(&target);
         let conn = dial(keys, &target).await?;
+        let packed_manifest = match packing.map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(packed))) => Some(packed),
+            // The session compresses it itself, and reports a failure.
+            _ => None,
+        };
         let opts = client::PushOptions {
             cache: cache.clone(),
             record: true,
             cached,
             manifest_basis,
+            basis_manifest,
+            packed_manifest,
             rate: a.bwlimit.map(|r| Arc::new(client::RateLimit::new(r))),
             ..client::PushOptions::default()
         };

@@ -488,6 +488,7 @@ impl Net {
             activate,
             cached: cache.keys().copied().collect(),
             manifest_basis: None,
+            packed_manifest: None,
         };
         let client = ClientSession::push(ClientConfig::default(), app(), job, 0);
         let mut src = Source::new(tree.clone());
@@ -972,6 +973,7 @@ fn an_unauthorized_app_is_refused_before_any_work() {
         activate: true,
         cached: HashSet::new(),
         manifest_basis: None,
+        packed_manifest: None,
     };
     let client = ClientSession::push(
         ClientConfig::default(),
@@ -1106,6 +1108,7 @@ fn large_manifests_and_needs_are_split_to_the_smallest_frames() {
         activate: true,
         cached: HashSet::new(),
         manifest_basis: None,
+        packed_manifest: None,
     };
     let config = ClientConfig {
         max_frame: MIN_MAX_FRAME,
@@ -1839,6 +1842,7 @@ impl Scripted {
             activate,
             cached: HashSet::new(),
             manifest_basis: None,
+            packed_manifest: None,
         };
         let mut s = Scripted {
             client: ClientSession::push(ClientConfig::default(), app(), job, 0),

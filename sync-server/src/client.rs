@@ -27,7 +27,7 @@ use std::time::Duration;
 use quinn::{ConnectionError, Endpoint};
 use sync_core::manifest::{Hash, Manifest, Policy};
 use sync_core::proto::client::{
-    likely_sends, ClientConfig, ClientState, Outcome, PushJob, SyncJob,
+    likely_sends, ClientConfig, ClientState, Outcome, PackedManifest, PushJob, SyncJob,
 };
 use sync_core::proto::ClientSession;
 use sync_core::relay::RelayPlan;
@@ -375,6 +375,12 @@ pub struct PushOptions {
     /// a relay's current release, or what [`read_cache_for`] read ahead. When given, the cache's
     /// last manifest for the target is not read again.
     pub manifest_basis: Option<Arc<[u8]>>,
+    /// `manifest_basis` decoded, when the caller has it (as [`read_cache_for`] does): the push
+    /// guesses from it what it will send, and decodes it itself otherwise.
+    pub basis_manifest: Option<Arc<Manifest>>,
+    /// The manifest compressed against the basis ahead of time ([`pack_manifest`]), so the push
+    /// sends it as soon as the daemon accepts the basis.
+    pub packed_manifest: Option<PackedManifest>,
 }
 
 /// Pushes `req` over `conn`: sends what the daemon needs, waits until it staged (and, with
@@ -439,13 +445,17 @@ pub async fn push_with(
                 ..opts.clone()
             };
             let (source, cache) = (Arc::clone(&source), Arc::clone(cache));
-            let (manifest, last, hashes) = (
+            let (manifest, last, decoded, hashes) = (
                 Arc::clone(&req.manifest),
                 Arc::clone(last),
+                opts.basis_manifest.clone(),
                 cached.hashes.clone(),
             );
             let predicted = tokio::task::spawn_blocking(move || {
-                let last = Manifest::decode(&last, &Policy::default()).ok()?;
+                let last = match decoded {
+                    Some(m) => m,
+                    None => Arc::new(Manifest::decode(&last, &Policy::default()).ok()?),
+                };
                 Some(likely_sends(&manifest, &last, &hashes))
             });
             _pre_encoding = AbortOnDrop(tokio::spawn(async move {
@@ -458,7 +468,14 @@ pub async fn push_with(
         }
         _ => opts,
     };
-    let session = push_session(conn, config, req, cached, opts.relay.clone());
+    let session = push_session(
+        conn,
+        config,
+        req,
+        cached,
+        opts.relay.clone(),
+        opts.packed_manifest.clone(),
+    );
     let t = transfer(conn, session, source, &conn.target, opts, progress).await?;
     let Outcome::Pushed(report) = t.outcome else {
         return Err(ClientError::Internal {
@@ -653,7 +670,7 @@ pub async fn dry_run(
     cache: Option<&Arc<Cache>>,
 ) -> Result<NeedReport, ClientError> {
     let cached = cached(cache, &conn.target, None, true).await;
-    let session = push_session(conn, conn.config, req, cached.clone(), None);
+    let session = push_session(conn, conn.config, req, cached.clone(), None, None);
     let driven = driver::drive(conn, session, None, true, &|_| {}).await?;
     let need = driven.need.ok_or_else(|| ClientError::Internal {
         target: conn.target.to_string(),
@@ -759,21 +776,44 @@ fn read_cached(
 /// What the client cache holds for a push to one target (see [`read_cache_for`]).
 #[derive(Debug, Clone)]
 pub struct CacheView {
-    /// The contents it can reproduce: [`PushOptions::cached`].
+    /// The contents it can reproduce, as far as it knows: [`PushOptions::cached`].
     pub contents: Arc<HashSet<Hash>>,
     /// The encoding of the manifest last pushed there: [`PushOptions::manifest_basis`].
     pub last_manifest: Option<Arc<[u8]>>,
+    /// That manifest decoded: [`PushOptions::basis_manifest`].
+    pub last_decoded: Option<Arc<Manifest>>,
 }
 
-/// What `cache` holds for a push to `target`. Read ahead (while the source is scanned, say), it
-/// is off the push's own path: listing the contents and decoding the manifest take tens of
-/// milliseconds for a large tree.
+/// What `cache` holds for a push to `target`, read ahead (while the source is scanned, say):
+/// the manifest last pushed there, and as contents the files of that manifest the cache keeps
+/// (each push stores what it sent: [`Cache::record`]). Taking the contents from the manifest
+/// rather than listing the cache spares a listing of every blob (tens of milliseconds for a
+/// large tree, on cores the scan wants); a blob gone since (removed by hand, or damaged) only
+/// lowers its file to a full send when the push finds out. Without a readable last manifest the
+/// cache is listed.
 pub fn read_cache_for(cache: &Cache, target: &Target) -> Result<CacheView, cache::CacheError> {
-    let c = read_cached(cache, &target.to_string(), None, true)?;
-    Ok(CacheView {
-        contents: Arc::new(c.hashes),
-        last_manifest: c.manifest,
-    })
+    let started = std::time::Instant::now();
+    let encoded = cache.last_manifest_encoding(target)?;
+    let decoded = encoded
+        .as_deref()
+        .and_then(|e| Manifest::decode(e, &Policy::default()).ok());
+    let view = match decoded {
+        Some(last) => CacheView {
+            contents: Arc::new(cache::kept_contents(&last)),
+            last_manifest: encoded,
+            last_decoded: Some(Arc::new(last)),
+        },
+        None => CacheView {
+            contents: Arc::new(cache.hashes()?),
+            last_manifest: None,
+            last_decoded: None,
+        },
+    };
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "cache: read ahead"
+    );
+    Ok(view)
 }
 
 fn push_session(
@@ -782,6 +822,7 @@ fn push_session(
     req: &PushRequest,
     cached: Cached,
     relay: Option<RelayPlan>,
+    packed_manifest: Option<PackedManifest>,
 ) -> ClientSession {
     let job = PushJob {
         release: req.release.clone(),
@@ -789,6 +830,7 @@ fn push_session(
         activate: req.activate,
         cached: cached.hashes,
         manifest_basis: cached.manifest,
+        packed_manifest,
     };
     ClientSession::push_relayed(config, conn.target.app().clone(), job, relay, 0)
 }

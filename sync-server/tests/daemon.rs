@@ -462,6 +462,7 @@ impl Client {
             activate: !opts.no_activate,
             cached: opts.cache.keys().copied().collect(),
             manifest_basis: opts.manifest_basis.clone(),
+            packed_manifest: None,
         };
         let mut config = ClientConfig::default();
         if opts.max_streams > 0 {
@@ -1017,6 +1018,7 @@ async fn a_mode_change_makes_a_new_inode_from_local_content() {
         activate: true,
         cached: HashSet::new(),
         manifest_basis: None,
+        packed_manifest: None,
     };
     let session = ClientSession::push(ClientConfig::default(), app("shop"), job, 0);
     let source = Arc::new(Source {

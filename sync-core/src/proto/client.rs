@@ -88,6 +88,33 @@ pub struct PushJob {
     /// The encoding of the manifest last pushed to this daemon: if the daemon still holds it,
     /// the new manifest goes as a zstd delta against it (a few KB instead of ~70 bytes a file).
     pub manifest_basis: Option<Arc<[u8]>>,
+    /// That delta, made ahead ([`pack_manifest`]) so that the session sends it as soon as the
+    /// daemon accepts the basis; without it (or when it was made against another basis) the
+    /// session compresses the manifest then.
+    pub packed_manifest: Option<PackedManifest>,
+}
+
+/// A manifest's encoding compressed as a zstd delta against a basis manifest's encoding.
+#[derive(Debug, Clone)]
+pub struct PackedManifest {
+    basis: Hash,
+    manifest: Hash,
+    payload: Arc<[u8]>,
+}
+
+/// Compresses `manifest`'s encoding against `basis`, the encoding of the manifest the daemon
+/// probably holds: what a push naming that basis sends once the daemon accepts it
+/// ([`PushJob::packed_manifest`]). It takes a few milliseconds for a large manifest, which a
+/// caller can spend while it connects.
+pub fn pack_manifest(manifest: &Manifest, basis: &[u8]) -> Result<PackedManifest, ProtoError> {
+    let mut payload = Vec::new();
+    crate::delta::encode_with_basis(basis, &manifest.encode(), &mut payload)
+        .map_err(|e| ProtoError::Misuse(format!("compressing the manifest failed: {e}")))?;
+    Ok(PackedManifest {
+        basis: Hash::of(basis),
+        manifest: manifest.digest(),
+        payload: payload.into(),
+    })
 }
 
 /// A tree to mirror into an export (`relsync sync`).
@@ -310,6 +337,8 @@ struct PushCtx {
     manifest_delta: bool,
     /// The encoding of the manifest the push named as its basis.
     manifest_basis: Option<Arc<[u8]>>,
+    /// The manifest compressed against that basis, made ahead.
+    packed: Option<PackedManifest>,
 }
 
 impl PushCtx {
@@ -448,6 +477,11 @@ impl ClientSession {
             now,
         );
         if let Some(p) = &mut s.push {
+            let digest = p.manifest.digest();
+            let basis = job.manifest_basis.as_deref().map(Hash::of);
+            p.packed = job
+                .packed_manifest
+                .filter(|k| Some(k.basis) == basis && k.manifest == digest);
             p.manifest_basis = job.manifest_basis;
         }
         s
@@ -519,6 +553,7 @@ impl ClientSession {
             manifest_bytes: 0,
             manifest_delta: false,
             manifest_basis: None,
+            packed: None,
         });
         if too_many {
             s.fail(ProtoError::Limit(
@@ -854,17 +889,23 @@ impl ClientSession {
                         ))
                     }
                 };
-                let mut wire = Vec::with_capacity(p.encoded.len() / 4);
-                let compressed = match basis {
-                    Some(b) => crate::delta::encode_with_basis(b, &p.encoded, &mut wire),
-                    None => crate::delta::encode_full(&p.encoded, &mut wire),
+                let wire: Arc<[u8]> = match (basis, p.packed.take()) {
+                    (Some(_), Some(packed)) => packed.payload,
+                    (basis, _) => {
+                        let mut wire = Vec::with_capacity(p.encoded.len() / 4);
+                        let compressed = match basis {
+                            Some(b) => crate::delta::encode_with_basis(b, &p.encoded, &mut wire),
+                            None => crate::delta::encode_full(&p.encoded, &mut wire),
+                        };
+                        compressed.map_err(|e| {
+                            ProtoError::Misuse(format!("compressing the manifest failed: {e}"))
+                        })?;
+                        wire.into()
+                    }
                 };
-                compressed.map_err(|e| {
-                    ProtoError::Misuse(format!("compressing the manifest failed: {e}"))
-                })?;
                 p.manifest_bytes = wire.len() as u64;
                 p.manifest_delta = basis.is_some();
-                p.encoded = wire.into();
+                p.encoded = wire;
                 p.chunk = (self.send_frame - FRAME_OVERHEAD).min(MAX_MANIFEST_CHUNK);
                 // Removals name the destination's entries, which the daemon caps as it caps
                 // manifests; the client holds no more than that, nor more than its own cap.
@@ -1399,6 +1440,7 @@ mod tests {
                 activate: true,
                 cached: HashSet::new(),
                 manifest_basis: None,
+                packed_manifest: None,
             },
             0,
         );
@@ -1409,6 +1451,97 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.poll_timeout(), Some(30_000));
+    }
+
+    #[test]
+    fn a_manifest_packed_ahead_is_sent_only_for_its_own_basis_and_manifest() {
+        let manifest_of = |names: &[&str]| {
+            let entries = names
+                .iter()
+                .map(|n| Entry::file(n, 3, 0o644, Hash::of(n.as_bytes())).unwrap())
+                .collect();
+            Arc::new(Manifest::from_unsorted(entries, &Policy::default()).unwrap())
+        };
+        let old = manifest_of(&["a.php", "b.php", "c.php"]).encode();
+        let other = manifest_of(&["x.php"]).encode();
+        let new = manifest_of(&["a.php", "b.php", "d.php"]);
+        let ahead = pack_manifest(&new, &old).unwrap();
+        let elsewhere = pack_manifest(&new, &other).unwrap();
+        let of_another = pack_manifest(&manifest_of(&["a.php"]), &old).unwrap();
+        // (packed, daemon accepts the basis, payload expected on the wire)
+        let cases = [
+            (
+                "packed ahead",
+                Some(ahead.clone()),
+                true,
+                ahead.payload.to_vec(),
+            ),
+            (
+                "packed against another basis",
+                Some(elsewhere),
+                true,
+                ahead.payload.to_vec(),
+            ),
+            (
+                "packed for another manifest",
+                Some(of_another),
+                true,
+                ahead.payload.to_vec(),
+            ),
+            ("basis refused", Some(ahead), false, {
+                let mut full = Vec::new();
+                crate::delta::encode_full(&new.encode(), &mut full).unwrap();
+                full
+            }),
+        ];
+        for (name, packed, accepted, want) in cases {
+            let mut s = ClientSession::push(
+                ClientConfig::default(),
+                AppName::new("shop").unwrap(),
+                PushJob {
+                    release: ReleaseId::new("r").unwrap(),
+                    manifest: Arc::clone(&new),
+                    activate: true,
+                    cached: HashSet::new(),
+                    manifest_basis: Some(Arc::clone(&old)),
+                    packed_manifest: packed,
+                },
+                0,
+            );
+            while s.poll_transmit(0).is_some() {}
+            let welcome = DaemonMsg::Welcome {
+                version: VERSION,
+                limits: Limits::default(),
+                manifest_basis: accepted,
+            };
+            s.handle_control(&welcome.frame(), 1);
+            let mut sent = Vec::new();
+            while let Some(f) = s.poll_transmit(1) {
+                if let ClientMsg::ManifestChunk { data, .. } = decode::<ClientMsg>(&f[4..]).unwrap()
+                {
+                    sent.extend_from_slice(&data);
+                }
+            }
+            assert_eq!(sent, want, "{name}");
+            // Whatever was sent decodes to the new manifest against what the daemon holds.
+            let mut decoded = Vec::new();
+            let basis = accepted.then_some(&old[..]);
+            let format = if accepted {
+                crate::delta::DeltaFormat::ZstdRef
+            } else {
+                crate::delta::DeltaFormat::Full
+            };
+            let digest = blake3::Hash::from_bytes(new.digest().0);
+            crate::delta::apply(
+                format,
+                basis,
+                &sent,
+                new.encode().len() as u64,
+                &digest,
+                &mut decoded,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 
     #[test]
@@ -1719,6 +1852,7 @@ mod tests {
             activate: false,
             cached: HashSet::new(),
             manifest_basis: None,
+            packed_manifest: None,
         };
         let mut s = ClientSession::push(config, AppName::new("shop").unwrap(), job, 0);
         let welcome = DaemonMsg::Welcome {

@@ -338,6 +338,7 @@ pub fn client_session_one(data: &[u8]) -> Result<client::Outcome, ErrorKind> {
         // The client has its previous index.php, so a ZstdRef is possible.
         cached: HashSet::from([Hash::of(b"index v1")]),
         manifest_basis: Some(fuzz_current().encode()),
+        packed_manifest: None,
     };
     let app = AppName::new("fuzz").expect("valid name");
     let mut c = ClientSession::push(config, app, job, 0);
@@ -606,6 +607,7 @@ pub fn conversation() -> (Vec<u8>, Vec<Vec<u8>>) {
         activate: true,
         cached: HashSet::from([Hash::of(b"index v1")]),
         manifest_basis: Some(fuzz_current().encode()),
+        packed_manifest: None,
     };
     let c = ClientSession::push(
         fuzz_client_config(),

@@ -69,6 +69,16 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> C
     }
 }
 
+/// The contents of `manifest` that a cache recording a push of it stores ([`Cache::record`]):
+/// its non-empty files up to [`MAX_CACHED_FILE`].
+pub fn kept_contents(manifest: &Manifest) -> HashSet<Hash> {
+    manifest
+        .files()
+        .filter(|(_, size, _, _)| *size > 0 && *size <= MAX_CACHED_FILE)
+        .map(|(_, _, _, hash)| *hash)
+        .collect()
+}
+
 /// What [`Cache::record`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheUpdate {
@@ -529,6 +539,40 @@ mod tests {
             Some(&b"not a manifest"[..])
         );
         assert!(fx.cache.last_manifest(&one).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_contents_read_ahead_come_from_the_last_manifest_or_else_the_listing() {
+        let fx = fixture();
+        let one = target("web1/shop");
+        let (a, b): (&[u8], &[u8]) = (b"alpha content", b"beta content");
+        let t = tree(&fx, &[("a", a), ("b", b), ("empty", b"")]);
+        fx.cache.record(&one, &t).unwrap();
+        // Another target's blob is in the cache, but not in what was pushed to this one.
+        let other = tree(&fx, &[("c", b"gamma")]);
+        fx.cache.record(&target("web2/shop"), &other).unwrap();
+
+        let view = crate::client::read_cache_for(&fx.cache, &one).unwrap();
+        assert_eq!(*view.contents, hashes(&[a, b]));
+        assert_eq!(view.last_manifest.as_deref(), Some(&*t.manifest().encode()));
+        assert_eq!(
+            view.last_decoded.map(|m| m.digest()),
+            Some(t.manifest().digest())
+        );
+
+        // Files too large to cache are not claimed.
+        let big = Entry::file("big", MAX_CACHED_FILE + 1, 0o644, Hash::of(b"big")).unwrap();
+        let small = Entry::file("small", 5, 0o644, Hash::of(b"small")).unwrap();
+        let m = Manifest::from_unsorted(vec![big, small], &Policy::default()).unwrap();
+        assert_eq!(kept_contents(&m), hashes(&[b"small"]));
+
+        // A last manifest that does not decode: the cache is listed, and no basis is offered.
+        let mut bytes = format!("{TARGET_MAGIC}\n{one}\n").into_bytes();
+        bytes.extend_from_slice(b"not a manifest");
+        fs::write(fx.cache.target_path(&one), &bytes).unwrap();
+        let view = crate::client::read_cache_for(&fx.cache, &one).unwrap();
+        assert_eq!(*view.contents, fx.cache.hashes().unwrap());
+        assert!(view.last_manifest.is_none() && view.last_decoded.is_none());
     }
 
     #[test]

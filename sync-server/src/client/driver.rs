@@ -770,9 +770,12 @@ const PRE_ENCODE_BATCH: usize = 32;
 const PRE_ENCODE_MAX_FILE: u64 = 1 << 20;
 
 /// Encodes `files` (the push's likely sends, `likely_sends`) into `memo` while the daemon
-/// computes its need, in batches on the memo's CPU budget. A file the memo has, or another push
-/// is encoding, is skipped; one that fails to encode is left to the push, which reports it. The
-/// push's own writers then find these payloads ready (or wait for one being encoded).
+/// computes its need, in batches on the memo's CPU budget, and on one core fewer than the
+/// machine has: these are guesses, and the work the push waits for meanwhile (its manifest
+/// going out, the daemon's answer coming in, and on a shared machine the daemon's own) keeps a
+/// core. A file the memo has, or another push is encoding, is skipped; one that fails to encode
+/// is left to the push, which reports it. The push's own writers then find these payloads ready
+/// (or wait for one being encoded).
 pub(super) fn pre_encode(
     source: Arc<SourceTree>,
     cache: Option<Arc<Cache>>,
@@ -784,10 +787,16 @@ pub(super) fn pre_encode(
         .into_iter()
         .filter(|f| f.size <= PRE_ENCODE_MAX_FILE)
         .collect();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let ahead = Arc::new(Semaphore::new(cores.saturating_sub(1).max(1)));
     for batch in files.chunks(PRE_ENCODE_BATCH) {
         let (source, cache, memo) = (Arc::clone(&source), cache.clone(), Arc::clone(&memo));
+        let ahead = Arc::clone(&ahead);
         let batch = batch.to_vec();
         tasks.spawn(async move {
+            let Ok(_core) = ahead.acquire_owned().await else {
+                return;
+            };
             let Ok(_cpu) = Arc::clone(memo.cpu()).acquire_owned().await else {
                 return;
             };

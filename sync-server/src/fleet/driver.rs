@@ -313,6 +313,8 @@ pub async fn push(
         relay: None,
         locate: None,
         manifest_basis: None,
+        basis_manifest: None,
+        packed_manifest: None,
     };
     let staged_req = Arc::new(PushRequest {
         activate: false,
