@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -385,10 +385,23 @@ pub fn plan_release_over(
     }
 
     // Content index over all bases, earlier bases win so the previous release is preferred.
+    // Over a prestaged tree only the files not kept are looked up, a few hundred of the
+    // target's thousands in a patch: the index then holds just their contents.
+    let sought: Option<AHashSet<(Hash, u32)>> = kept.as_ref().map(|_| {
+        let mut sought = AHashSet::new();
+        for (i, e) in target.entries().iter().enumerate() {
+            if let (&EntryKind::File { mode, hash, .. }, None) = (&e.kind, kept_at(i)) {
+                sought.insert((hash, mode));
+            }
+        }
+        sought
+    });
     let mut index: AHashMap<(Hash, u32), (&ReleaseId, &RelPath)> = AHashMap::new();
     for b in bases {
         for (p, _, mode, h) in b.manifest.files() {
-            index.entry((*h, mode)).or_insert((b.id, p));
+            if sought.as_ref().is_none_or(|s| s.contains(&(*h, mode))) {
+                index.entry((*h, mode)).or_insert((b.id, p));
+            }
         }
     }
     let previous = bases.first();

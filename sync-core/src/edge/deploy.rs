@@ -150,14 +150,15 @@ pub fn prepare_arriving(
         })
         .collect();
     let objects = if opts.use_objects {
-        let wanted: HashSet<_> = target.files().map(|(_, _, mode, h)| (*h, mode)).collect();
-        let mut objects: HashSet<_> = ObjectStore::open(root)?
-            .list()?
-            .intersection(&wanted)
-            .copied()
-            .collect();
-        objects.extend(arriving.intersection(&wanted).copied());
-        objects
+        // The target's files held as objects or on their way: look the target's files up in
+        // the store's listing and the arriving set, both far smaller than the target.
+        let mut held = ObjectStore::open(root)?.list()?;
+        held.extend(arriving.iter().copied());
+        target
+            .files()
+            .map(|(_, _, mode, h)| (*h, mode))
+            .filter(|key| held.contains(key))
+            .collect()
     } else {
         Default::default()
     };
