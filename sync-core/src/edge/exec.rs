@@ -174,7 +174,25 @@ pub struct ExecStats {
 
 struct BasisFiles<'a> {
     dir: Dir,
-    stamps: ahash::AHashMap<&'a RelPath, FileStamp>,
+    record: &'a ReleaseRecord,
+    /// The record's stamps by path, made on the first link from this release: a build over a
+    /// prestaged tree may link nothing from it.
+    stamps: std::sync::OnceLock<ahash::AHashMap<RelPath, FileStamp>>,
+}
+
+impl<'a> BasisFiles<'a> {
+    fn stamp(&self, p: &RelPath) -> Option<FileStamp> {
+        let record = self.record;
+        let stamps = self.stamps.get_or_init(|| {
+            record
+                .manifest
+                .files()
+                .map(|(p, ..)| p.clone())
+                .zip(record.stamps.iter().copied())
+                .collect()
+        });
+        stamps.get(p).copied()
+    }
 }
 
 /// Builds one release. Dropping it without [`Stager::abort`] leaves the staging directory for recovery,
@@ -321,13 +339,15 @@ impl<'a> Stager<'a> {
             let Ok(dir) = releases.open_dir(rec.id.as_str()) else {
                 continue;
             };
-            let stamps = rec
-                .manifest
-                .files()
-                .map(|(p, ..)| p)
-                .zip(rec.stamps.iter().copied())
-                .collect();
-            base_map.insert(rec.id.clone(), BasisFiles { dir, stamps });
+            let stamps = std::sync::OnceLock::new();
+            base_map.insert(
+                rec.id.clone(),
+                BasisFiles {
+                    dir,
+                    record: rec,
+                    stamps,
+                },
+            );
         }
         Ok(Stager {
             root,
@@ -736,7 +756,7 @@ impl<'a> Stager<'a> {
         size: u64,
         mode: u32,
     ) -> Option<FileStamp> {
-        let stamp = *self.bases.get(from)?.stamps.get(p)?;
+        let stamp = self.bases.get(from)?.stamp(p)?;
         if stamp.size == size
             && self
                 .opts

@@ -22,6 +22,7 @@ use std::io::{self, Read, Seek, Write};
 use std::sync::Arc;
 
 use rayon::prelude::*;
+use smallvec::SmallVec;
 
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions};
 use sync_core::edge::exec::{CheckedLinks, ContentSource};
@@ -88,12 +89,16 @@ fn stat_matches(dir: &Dir, name: &str, stamp: &FileStamp, device: u64) -> bool {
     })
 }
 
+/// Where a content lies in the kept releases: (record index, path, recorded stamp) per copy.
+type Copies<'r> = SmallVec<[(usize, &'r RelPath, FileStamp); 1]>;
+
 /// Kept release files, by content, with the release they belong to first.
 pub(super) struct KeptContent<'r> {
     dirs: Vec<Option<Dir>>,
     /// The records' release ids, in the records' order.
     ids: Vec<ReleaseId>,
-    by_hash: HashMap<Hash, Vec<(usize, &'r RelPath, FileStamp)>>,
+    /// Copies of each content: usually one per kept release, so the first lives inline.
+    by_hash: HashMap<Hash, Copies<'r>>,
     device: u64,
     /// One record's files found intact a moment ago ([`intact_files`]), by record index: they
     /// are looked up, not checked again.
@@ -121,7 +126,8 @@ impl<'r> KeptContent<'r> {
             .iter()
             .map(|r| releases.open_dir(r.id.as_str()).ok())
             .collect();
-        let mut by_hash: HashMap<Hash, Vec<_>> = HashMap::default();
+        let mut by_hash: HashMap<Hash, Copies<'_>> = HashMap::default();
+        by_hash.reserve(wanted.len());
         for i in order {
             let r = &records[i];
             for ((path, _, _, hash), stamp) in r.manifest.files().zip(r.stamps.iter()) {
@@ -266,7 +272,7 @@ impl<'r> KeptContent<'r> {
     }
 
     /// Opens every kept copy of `hash` in turn (without following a final symlink).
-    fn copies<'a>(&'a self, hash: &Hash) -> impl Iterator<Item = File> + 'a {
+    fn copies<'a>(&'a self, hash: &Hash) -> impl Iterator<Item = File> + use<'a, 'r> {
         self.by_hash
             .get(hash)
             .into_iter()
