@@ -950,3 +950,78 @@ fn a_failed_plain_decode_leaves_the_reused_context_good_for_the_next_payload() {
         assert!(out == big);
     }
 }
+
+#[test]
+fn zstd_ref_frames_decode_alike_in_one_call_and_streamed() {
+    // One thread decodes many frames against different bases through one reused context: each
+    // result must be its own, whatever was decoded (or failed) before it.
+    let a = php(6 * 1024, 20);
+    let b = php(9 * 1024, 21);
+    let mut magic_basis = vec![0x37, 0xa4, 0x30, 0xec];
+    magic_basis.extend_from_slice(&a);
+    let large = php(3 << 20, 22);
+    let pairs: Vec<(&str, &[u8], Vec<u8>)> = vec![
+        ("small", &a, edited(&a)),
+        ("another basis", &b, edited(&b)),
+        // Read as a formatted dictionary by the one-call decoder: streamed instead.
+        (
+            "basis starting with the dictionary magic",
+            &magic_basis,
+            edited(&magic_basis),
+        ),
+        ("over the one-call limit", &large, edited(&large)),
+        ("small again", &a, edited(&a)),
+    ];
+    for round in 0..2 {
+        for (name, basis, target) in &pairs {
+            let mut payload = Vec::new();
+            encode_with_basis(basis, target, &mut payload).unwrap();
+            round_trip(DeltaFormat::ZstdRef, Some(basis), &payload, target);
+            // A wrong basis fails, and leaves nothing behind for the next frame.
+            let mut out = Vec::new();
+            let wrong = apply(
+                DeltaFormat::ZstdRef,
+                Some(&b"another basis entirely"[..]),
+                &payload,
+                target.len() as u64,
+                &blake3::hash(target),
+                &mut out,
+            );
+            assert!(
+                wrong.is_err(),
+                "round {round}, {name}: a wrong basis decoded"
+            );
+        }
+    }
+    // The window a frame may declare is the one basis and content need, in one call as when
+    // streamed (raw blocks reference nothing, so only the window descriptor matters). Here that
+    // is 256 KiB; content small enough to decode in one pass needs no window buffer either way,
+    // so there a larger window is accepted, as it always was.
+    let content = php(200 * 1024, 23);
+    let small = b"sixteen bytes!!!".to_vec();
+    // Window descriptor 0x40 is 256 KiB, 0x50 1 MiB, 0x60 4 MiB.
+    let cases: [(&str, u8, &[u8], bool); 4] = [
+        ("the window needed", 0x40, &content, true),
+        ("a larger window", 0x50, &content, false),
+        ("a far larger window", 0x60, &content, false),
+        ("a larger window, content in one pass", 0x60, &small, true),
+    ];
+    for (name, descriptor, content, ok) in cases {
+        let mut out = Vec::new();
+        let got = apply(
+            DeltaFormat::ZstdRef,
+            Some(&a[..100]),
+            &handmade_frame(descriptor, content.len() as u32, content),
+            content.len() as u64,
+            &blake3::hash(content),
+            &mut out,
+        );
+        match got {
+            Ok(_) => assert!(ok && out == content, "{name}"),
+            Err(e) => assert!(
+                !ok && matches!(e, DeltaError::Corrupt { .. }),
+                "{name}: {e:?}"
+            ),
+        }
+    }
+}
