@@ -789,8 +789,9 @@ pub struct CacheView {
 /// (each push stores what it sent: [`Cache::record`]). Taking the contents from the manifest
 /// rather than listing the cache spares a listing of every blob (tens of milliseconds for a
 /// large tree, on cores the scan wants); a blob gone since (removed by hand, or damaged) only
-/// lowers its file to a full send when the push finds out. Without a readable last manifest the
-/// cache is listed.
+/// lowers its file to a full send when the push finds out ([`Cache::load`] notes it). The cache
+/// is listed instead when such a blob was noted (the push then stores the missing ones again),
+/// or without a readable last manifest.
 pub fn read_cache_for(cache: &Cache, target: &Target) -> Result<CacheView, cache::CacheError> {
     let started = std::time::Instant::now();
     let encoded = cache.last_manifest_encoding(target)?;
@@ -798,6 +799,11 @@ pub fn read_cache_for(cache: &Cache, target: &Target) -> Result<CacheView, cache
         .as_deref()
         .and_then(|e| Manifest::decode(e, &Policy::default()).ok());
     let view = match decoded {
+        Some(last) if cache.take_missing() => CacheView {
+            contents: Arc::new(cache.hashes()?),
+            last_manifest: encoded,
+            last_decoded: Some(Arc::new(last)),
+        },
         Some(last) => CacheView {
             contents: Arc::new(cache::kept_contents(&last)),
             last_manifest: encoded,

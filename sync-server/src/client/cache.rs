@@ -12,6 +12,7 @@
 //!                         sent there, in its binary encoding
 //! lock                    flock held while blobs are added or pruned
 //! prune-state             blobs left by the last prune, blobs added since
+//! blob-missing            a blob was found missing or damaged since the cache was last listed
 //! ```
 //!
 //! Blobs are content addressed and verified against their name whenever they are read (through
@@ -47,6 +48,8 @@ pub const MAX_CACHED_FILE: u64 = 256 << 20;
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 const TARGET_MAGIC: &str = "relsync-cache-target 1";
 const TEMP_PREFIX: &str = ".tmp-";
+/// The note [`Cache::note_missing`] leaves.
+const MISSING: &str = "blob-missing";
 
 /// Why the cache could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -160,16 +163,33 @@ impl Cache {
         Ok(out)
     }
 
+    /// Notes that a blob the cache should hold is not there. Best effort: without the note, the
+    /// blob is only restored once its content is pushed as new again.
+    fn note_missing(&self) {
+        let _ = File::create(self.dir.join(MISSING));
+    }
+
+    /// Whether a blob was found missing since the last call, clearing the note: whoever reads
+    /// the cache's contents then lists them rather than trusting the targets' manifests, so
+    /// the push's store step puts the missing ones back.
+    pub fn take_missing(&self) -> bool {
+        fs::remove_file(self.dir.join(MISSING)).is_ok()
+    }
+
     pub fn contains(&self, hash: &Hash) -> bool {
         self.blob_path(hash).is_file()
     }
 
     /// The content with `hash` and `size`, if stored and intact. A damaged blob is removed.
+    /// Either way a blob that was asked for and is not there is noted ([`Cache::take_missing`]).
     pub fn load(&self, hash: &Hash, size: u64) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.blob_path(hash);
         let file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.note_missing();
+                return Ok(None);
+            }
             Err(e) => return Err(io_err("open", &path)(e)),
         };
         let mut payload = Vec::new();
@@ -183,6 +203,7 @@ impl Cache {
             Err(e) => {
                 tracing::debug!("cache: dropping damaged blob {}: {e}", path.display());
                 let _ = fs::remove_file(&path);
+                self.note_missing();
                 Ok(None)
             }
         }
@@ -559,6 +580,23 @@ mod tests {
             view.last_decoded.map(|m| m.digest()),
             Some(t.manifest().digest())
         );
+
+        // A blob found missing (removed by hand, or dropped as damaged) makes the next read
+        // list the cache, once, so the push's store step writes it again.
+        fs::remove_file(fx.cache.blob_path(&Hash::of(a))).unwrap();
+        assert_eq!(fx.cache.load(&Hash::of(a), a.len() as u64).unwrap(), None);
+        let view = crate::client::read_cache_for(&fx.cache, &one).unwrap();
+        assert_eq!(*view.contents, fx.cache.hashes().unwrap());
+        assert!(!view.contents.contains(&Hash::of(a)));
+        assert!(
+            view.last_decoded.is_some(),
+            "the manifest is still the basis"
+        );
+        let view = crate::client::read_cache_for(&fx.cache, &one).unwrap();
+        assert_eq!(*view.contents, hashes(&[a, b]), "the note was taken");
+        fs::write(fx.cache.blob_path(&Hash::of(b)), b"damaged").unwrap();
+        assert_eq!(fx.cache.load(&Hash::of(b), b.len() as u64).unwrap(), None);
+        assert!(fx.cache.take_missing() && !fx.cache.take_missing());
 
         // Files too large to cache are not claimed.
         let big = Entry::file("big", MAX_CACHED_FILE + 1, 0o644, Hash::of(b"big")).unwrap();
