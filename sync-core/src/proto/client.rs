@@ -455,11 +455,13 @@ impl ClientSession {
         now: u64,
     ) -> ClientSession {
         let encoded = job.manifest.encode();
+        let digest = job.manifest.digest();
+        let basis = job.manifest_basis.as_deref().map(Hash::of);
         let command = Command::Push {
             release: job.release.clone(),
             manifest_len: encoded.len() as u64,
-            manifest_digest: job.manifest.digest(),
-            manifest_basis: job.manifest_basis.as_deref().map(Hash::of),
+            manifest_digest: digest,
+            manifest_basis: basis,
             relay,
         };
         let goal = Goal::Release {
@@ -477,8 +479,7 @@ impl ClientSession {
             now,
         );
         if let Some(p) = &mut s.push {
-            let digest = p.manifest.digest();
-            let basis = job.manifest_basis.as_deref().map(Hash::of);
+            // Made for this basis and this manifest, or not used.
             p.packed = job
                 .packed_manifest
                 .filter(|k| Some(k.basis) == basis && k.manifest == digest);
