@@ -272,27 +272,69 @@ pub fn encode_sparing_full(
     target: &[u8],
     w: &mut (impl Write + ?Sized),
 ) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
-    match basis {
-        Basis::None => alone(encode_full(target, w)),
-        Basis::Bytes(basis) if basis.is_empty() || target.is_empty() => {
-            alone(encode_full(target, w))
-        }
-        Basis::Bytes(basis) if !frame::window_covers(basis.len(), target.len()) => {
-            let signature = BasisSignature::calculate(basis);
-            encode_rsync_auto(&signature, target, w)
-        }
-        Basis::Bytes(basis) => match probe::resemblance(basis, target) {
-            Relatedness::Unrelated => alone(encode_full(target, w)),
-            Relatedness::Related | Relatedness::Unknown if target.len() <= EXACT_CHOICE_LIMIT => {
-                let mut delta = Vec::new();
-                encode_with_basis(basis, target, &mut delta)?;
-                write_smaller(DeltaFormat::ZstdRef, &delta, target, w)
+    Encoder::new().encode_sparing_full(basis, target, w)
+}
+
+/// Encodes file after file the way [`encode_sparing_full`] does, with one zstd context for every
+/// zstd-reference delta of a file up to [`EXACT_CHOICE_LIMIT`]: making a context per file (with
+/// the tables long-distance matching needs) cost more than encoding a small edited file against
+/// its basis. The context references each basis rather than copying it, so every basis handed
+/// to one encoder must outlive it (`'b`).
+pub struct Encoder<'b> {
+    cctx: Option<zstd::zstd_safe::CCtx<'b>>,
+}
+
+impl Default for Encoder<'_> {
+    fn default() -> Self {
+        Encoder::new()
+    }
+}
+
+impl<'b> Encoder<'b> {
+    /// An encoder whose context is made on first use.
+    pub fn new() -> Encoder<'b> {
+        Encoder { cctx: None }
+    }
+
+    /// [`encode_sparing_full`] through this encoder's context.
+    pub fn encode_sparing_full(
+        &mut self,
+        basis: Basis<'b>,
+        target: &[u8],
+        w: &mut (impl Write + ?Sized),
+    ) -> Result<(Encoded, Option<Vec<u8>>), DeltaError> {
+        match basis {
+            Basis::None => alone(encode_full(target, w)),
+            Basis::Bytes(basis) if basis.is_empty() || target.is_empty() => {
+                alone(encode_full(target, w))
             }
-            Relatedness::Related | Relatedness::Unknown => {
-                alone(encode_with_basis(basis, target, w))
+            Basis::Bytes(basis) if !frame::window_covers(basis.len(), target.len()) => {
+                let signature = BasisSignature::calculate(basis);
+                encode_rsync_auto(&signature, target, w)
             }
-        },
-        Basis::Signature(signature) => encode_rsync_auto(signature, target, w),
+            Basis::Bytes(basis) => match probe::resemblance(basis, target) {
+                Relatedness::Unrelated => alone(encode_full(target, w)),
+                Relatedness::Related | Relatedness::Unknown
+                    if target.len() <= EXACT_CHOICE_LIMIT =>
+                {
+                    let mut delta = Vec::new();
+                    // zstd's one-call mode drops a prefix that the input overlaps in memory (the
+                    // streaming encoder copies its input first): such a target goes that way.
+                    if frame::overlap(basis, target) {
+                        encode_with_basis(basis, target, &mut delta)?;
+                    } else {
+                        let cctx = self.cctx.get_or_insert_with(zstd::zstd_safe::CCtx::create);
+                        frame::compress_ref_with(cctx, target, basis, &mut delta)
+                            .map_err(DeltaError::Encode)?;
+                    }
+                    write_smaller(DeltaFormat::ZstdRef, &delta, target, w)
+                }
+                Relatedness::Related | Relatedness::Unknown => {
+                    alone(encode_with_basis(basis, target, w))
+                }
+            },
+            Basis::Signature(signature) => encode_rsync_auto(signature, target, w),
+        }
     }
 }
 

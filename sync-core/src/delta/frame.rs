@@ -134,6 +134,43 @@ pub(super) fn compress(
     Ok(())
 }
 
+/// [`compress`] of `data` with `prefix` as reference prefix, in one call through `cctx`, into
+/// `out` (cleared first). The same frame parameters as the streaming encoder; reusing the context
+/// across files spares allocating and clearing its tables (long-distance matching's among them)
+/// for every one, which cost more than encoding a small edited file.
+pub(super) fn compress_ref_with<'b>(
+    cctx: &mut zstd_safe::CCtx<'b>,
+    data: &[u8],
+    prefix: &'b [u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    use zstd_safe::CParameter;
+    let zstd_err = |code: zstd_safe::ErrorCode| io::Error::other(zstd_safe::get_error_name(code));
+    cctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
+        .map_err(zstd_err)?;
+    let total = prefix.len() as u64 + data.len() as u64;
+    for p in [
+        CParameter::CompressionLevel(LEVEL),
+        CParameter::ContentSizeFlag(true),
+        CParameter::ChecksumFlag(false),
+        CParameter::WindowLog(window_log_for(total)),
+        CParameter::EnableLongDistanceMatching(true),
+    ] {
+        cctx.set_parameter(p).map_err(zstd_err)?;
+    }
+    cctx.ref_prefix(prefix).map_err(zstd_err)?;
+    out.clear();
+    out.reserve(zstd_safe::compress_bound(data.len()));
+    cctx.compress2(out, data).map_err(zstd_err)?;
+    Ok(())
+}
+
+/// Whether `a` and `b` share memory.
+pub(super) fn overlap(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (a.as_ptr_range(), b.as_ptr_range());
+    !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
+}
+
 /// Write `data` as one zstd frame of Raw blocks, with the frame parameters of every plain
 /// payload: content size declared, [`PLAIN_WINDOW_LOG`] as window (not single-segment, so the
 /// decoder's window bound holds), no checksum, no dictionary. Empty data is one empty last block.

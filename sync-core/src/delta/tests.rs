@@ -1025,3 +1025,52 @@ fn zstd_ref_frames_decode_alike_in_one_call_and_streamed() {
         }
     }
 }
+
+#[test]
+fn one_encoder_serves_many_files_as_fresh_ones_would() {
+    // Bases of different sizes in a row make the reused context change its window and tables;
+    // each payload must still be the one a fresh encoder makes, and rebuild its own target.
+    let small = php(3 * 1024, 30);
+    let medium = php(48 * 1024, 31);
+    let large = php(700 * 1024, 32);
+    let unrelated = noise(20 * 1024, 33);
+    let rewritten = php(48 * 1024, 34);
+    let (medium_edited, small_edited, large_edited) =
+        (edited(&medium), edited(&small), edited(&large));
+    let medium_copy = medium.clone();
+    let cases: Vec<(&str, &[u8], &[u8])> = vec![
+        ("medium", &medium, &medium_edited),
+        ("small after medium", &small, &small_edited),
+        ("large", &large, &large_edited),
+        ("small after large", &small, &small_edited),
+        ("rewritten", &medium, &rewritten),
+        ("unrelated basis", &unrelated, &medium_edited),
+        ("empty target", &medium, &[]),
+        // The target is the basis's own memory: zstd's one-call mode would not reference it.
+        ("unchanged, the basis itself", &medium, &medium),
+        ("unchanged, a copy", &medium, &medium_copy),
+        ("medium again", &medium, &medium_edited),
+    ];
+    let mut encoder = Encoder::new();
+    let mut deltas = 0;
+    for (name, basis, target) in &cases {
+        let mut reused = Vec::new();
+        let (enc, spare) = encoder
+            .encode_sparing_full(Basis::Bytes(basis), target, &mut reused)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut fresh = Vec::new();
+        let (fresh_enc, _) = encode_sparing_full(Basis::Bytes(basis), target, &mut fresh).unwrap();
+        assert_eq!(enc, fresh_enc, "{name}: a fresh encoder chose otherwise");
+        assert!(reused == fresh, "{name}: the payloads differ");
+        assert_eq!(enc.payload_len, reused.len() as u64, "{name}");
+        round_trip(enc.format, Some(basis), &reused, target);
+        if let Some(spare) = spare {
+            round_trip(DeltaFormat::Full, None, &spare, target);
+        }
+        if name.starts_with("unchanged") {
+            assert!(reused.len() < 64, "{name}: {} bytes", reused.len());
+        }
+        deltas += usize::from(enc.format == DeltaFormat::ZstdRef);
+    }
+    assert!(deltas >= 6, "only {deltas} cases went out as deltas");
+}

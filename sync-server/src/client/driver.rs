@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{ConnectionError, SendStream, WriteError};
-use sync_core::delta::DeltaFormat;
+use sync_core::delta::{self, DeltaFormat};
 use sync_core::proto::client::{ClientState, Method, Outcome, Request, SendFile};
 use sync_core::proto::ClientSession;
 use sync_core::wire::{
@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::cache::{Cache, MAX_CACHED_FILE};
 use super::memo::{Claim, Key, Payload, PayloadMemo};
 use super::rate::RateLimit;
-use super::source::{SourceError, SourceTree};
+use super::source::{EncodedFile, SourceError, SourceTree};
 use super::{ClientError, Connection, PerFormat, Progress};
 
 /// Payload bytes (in KiB) that may be encoded and waiting to be written at once.
@@ -813,9 +813,10 @@ pub(super) fn pre_encode(
                 return;
             }
             let encoded = tokio::task::spawn_blocking(move || {
-                picked
-                    .iter()
-                    .map(|f| encode_one(&source, cache.as_deref(), f).ok())
+                let files: Vec<&SendFile> = picked.iter().collect();
+                encode_files(&source, cache.as_deref(), &files)
+                    .into_iter()
+                    .map(Result::ok)
                     .collect::<Vec<_>>()
             })
             .await;
@@ -844,14 +845,20 @@ async fn encode_batch(
         .unwrap_or_default();
     let (source, cache) = (Arc::clone(&ctx.source), ctx.cache.clone());
     tokio::task::spawn_blocking(move || {
+        let chosen: Vec<&SendFile> = files
+            .iter()
+            .zip(&pick)
+            .filter_map(|(f, &picked)| picked.then_some(f))
+            .collect();
+        let mut encoded = encode_files(&source, cache.as_deref(), &chosen).into_iter();
         let mut payloads = Vec::with_capacity(files.len());
-        for (f, picked) in files.iter().zip(pick) {
-            payloads.push(if picked {
-                Some(encode_one(&source, cache.as_deref(), f)?)
-            } else {
-                None
+        for picked in &pick {
+            payloads.push(match picked {
+                true => Some(encoded.next().expect("one result per picked file")?),
+                false => None,
             });
         }
+        drop(encoded);
         Ok::<_, SourceError>((files, payloads))
     })
     .await
@@ -859,12 +866,59 @@ async fn encode_batch(
     .map_err(FileError::Source)
 }
 
-fn encode_one(
+/// Files read (with their bases) at a time for one encoder, at most: the encoder references
+/// every basis of its group, so the group stays in memory until it is encoded.
+const ENCODE_GROUP_BYTES: usize = 8 << 20;
+
+/// Encodes `files` in order, one result each, through one [`delta::Encoder`] per group of files
+/// read together (up to [`ENCODE_GROUP_BYTES`]): its zstd context serves every delta of the
+/// group. A file that cannot be read or encoded has its error in its place.
+pub(super) fn encode_files(
     source: &SourceTree,
     cache: Option<&Cache>,
-    f: &SendFile,
-) -> Result<Payload, SourceError> {
-    let enc = source.encode(f, cache)?;
+    files: &[&SendFile],
+) -> Vec<Result<Payload, SourceError>> {
+    let mut results = Vec::with_capacity(files.len());
+    let mut rest = files;
+    while !rest.is_empty() {
+        // Read files and the errors of those that could not be, side by side: the encoder
+        // borrows the first for the whole group while the second are handed out.
+        let (mut loaded, mut failed) = (Vec::new(), Vec::new());
+        let mut bytes = 0;
+        for f in rest {
+            if bytes >= ENCODE_GROUP_BYTES {
+                break;
+            }
+            match source.load(f, cache) {
+                Ok(l) => {
+                    bytes += l.bytes();
+                    loaded.push(Some(l));
+                    failed.push(None);
+                }
+                Err(e) => {
+                    loaded.push(None);
+                    failed.push(Some(e));
+                }
+            }
+        }
+        let (group, after) = rest.split_at(loaded.len());
+        let mut encoder = delta::Encoder::new();
+        for ((f, l), e) in group.iter().zip(&loaded).zip(failed) {
+            results.push(match (l, e) {
+                (Some(l), None) => source
+                    .encode_loaded(f, l, &mut encoder)
+                    .map(|enc| to_payload(cache, f, enc)),
+                (_, Some(e)) => Err(e),
+                (None, None) => unreachable!("a file is either read or failed"),
+            });
+        }
+        rest = after;
+    }
+    results
+}
+
+/// The payload of `enc`, the encoding of `f`, keeping its plain form in the cache.
+fn to_payload(cache: Option<&Cache>, f: &SendFile, enc: EncodedFile) -> Payload {
     if let Some(cache) = cache.filter(|_| (1..=MAX_CACHED_FILE).contains(&f.size)) {
         // A full payload is exactly a cache blob: keep it for the next push's deltas, whether it
         // is sent or lost to a delta (the cache then need not compress the file again).
@@ -879,10 +933,10 @@ fn encode_one(
             }
         }
     }
-    Ok(Payload {
+    Payload {
         format: enc.header.format,
         bytes: enc.payload,
-    })
+    }
 }
 
 /// Reads the daemon's `Need` pieces from a copy of the control bytes. The session checks them;

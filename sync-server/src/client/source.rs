@@ -278,12 +278,20 @@ impl SourceTree {
         Ok(content)
     }
 
-    /// Reads and encodes the file of `f` the way its method says. A zstd-reference basis comes
-    /// from the cache, or for a located source without one from [`Locate::basis`]; a basis
-    /// missing from (or damaged in) either lowers it to a full send.
+    /// Reads and encodes the file of `f` the way its method says: [`SourceTree::load`], then
+    /// [`SourceTree::encode_loaded`] through an encoder of its own.
     pub fn encode(&self, f: &SendFile, cache: Option<&Cache>) -> Result<EncodedFile, SourceError> {
+        let loaded = self.load(f, cache)?;
+        let mut encoder = delta::Encoder::new();
+        self.encode_loaded(f, &loaded, &mut encoder)
+    }
+
+    /// Reads the file of `f` and the basis its method encodes it against. A zstd-reference
+    /// basis comes from the cache, or for a located source without one from [`Locate::basis`];
+    /// a basis missing from (or damaged in) either lowers the file to a full send.
+    pub fn load(&self, f: &SendFile, cache: Option<&Cache>) -> Result<Loaded, SourceError> {
         let content = self.read(&f.path, f.size, &f.hash)?;
-        let cached = match (&f.method, cache, &self.origin) {
+        let basis = match (&f.method, cache, &self.origin) {
             (Method::ZstdRef { basis }, Some(cache), _) => {
                 cache.load(&basis.hash, basis.size).unwrap_or_else(|e| {
                     tracing::debug!("cache: {e}; sending {} in full", f.path);
@@ -295,7 +303,19 @@ impl SourceTree {
             }
             _ => None,
         };
-        let basis = match (&f.method, &cached) {
+        Ok(Loaded { content, basis })
+    }
+
+    /// Encodes `loaded`, the file of `f`, through `encoder`: one encoder serves file after file
+    /// (see [`delta::Encoder`]) as long as what they were loaded into outlives it.
+    pub fn encode_loaded<'b>(
+        &self,
+        f: &'b SendFile,
+        loaded: &'b Loaded,
+        encoder: &mut delta::Encoder<'b>,
+    ) -> Result<EncodedFile, SourceError> {
+        let content = &loaded.content;
+        let basis = match (&f.method, &loaded.basis) {
             (Method::ZstdRef { .. }, Some(bytes)) => Basis::Bytes(bytes),
             (Method::Rsync { signature, .. }, _) => Basis::Signature(signature),
             _ => Basis::None,
@@ -309,12 +329,11 @@ impl SourceTree {
             _ => (content.len() / 4).min(1 << 20),
         };
         let mut payload = payload_buffer(reserve);
-        let (enc, spare_full) =
-            delta::encode_sparing_full(basis, &content, &mut payload).map_err(|source| {
-                SourceError::Encode {
-                    path: self.root.join(f.path.as_str()),
-                    source,
-                }
+        let (enc, spare_full) = encoder
+            .encode_sparing_full(basis, content, &mut payload)
+            .map_err(|source| SourceError::Encode {
+                path: self.root.join(f.path.as_str()),
+                source,
             })?;
         let header = f
             .header(enc.format, enc.payload_len)
@@ -324,6 +343,20 @@ impl SourceTree {
             payload,
             spare_full,
         })
+    }
+}
+
+/// A file read for sending, with the basis bytes its delta is encoded against, if any.
+#[derive(Debug)]
+pub struct Loaded {
+    content: Content,
+    basis: Option<Vec<u8>>,
+}
+
+impl Loaded {
+    /// Memory the file and its basis take.
+    pub fn bytes(&self) -> usize {
+        self.content.len() + self.basis.as_ref().map_or(0, Vec::len)
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use quinn::Endpoint;
 use sync_core::delta::{self, BasisSignature, DeltaFormat};
 use sync_core::manifest::{Entry, Policy};
-use sync_core::proto::client::ClientConfig;
+use sync_core::proto::client::{ClientConfig, Method, SendFile};
 use sync_core::proto::daemon::{self, compute_need, DaemonSession, Event, FileFailure};
 use sync_core::wire::{
     decode, ClientMsg, DaemonMsg, FileHeader, FrameDecoder, Limits, Message, NeedFile, Pruning,
@@ -1106,6 +1106,68 @@ async fn encoding_ahead_fills_the_memo_with_the_payloads_the_push_would_make() {
             }
             memo::Claim::Encode(_) => assert!(want.is_err(), "{} was not encoded", f.path),
             memo::Claim::Busy(_) => panic!("{} is still being encoded", f.path),
+        }
+    }
+}
+
+/// `encode_files` reads files in groups that share one encoder: across group boundaries, every
+/// file gets the payload it would get alone, in order, and one that cannot be read gets its
+/// error in its place without stopping the others.
+#[test]
+fn encoding_in_groups_gives_each_file_its_own_payload_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let src = tmp.path().join("src");
+    // Twelve files of 1.5 MB and their bases: more than two groups' worth.
+    let release: Vec<(&'static str, Vec<u8>)> = (0..12)
+        .map(|i| {
+            let name: &'static str = Box::leak(format!("lib/L{i:02}.php").into_boxed_str());
+            (name, php(50 + i, 1_500_000))
+        })
+        .chain(release_a())
+        .collect();
+    let a = tree(&src, "r1", &release);
+    let shop = Target::parse("web1/shop").unwrap();
+    cache
+        .record(
+            &shop,
+            &SourceTree::open(&src, Arc::clone(&a.manifest)).unwrap(),
+        )
+        .unwrap();
+    let edited: Vec<(&'static str, Vec<u8>)> = release
+        .iter()
+        .map(|(p, c)| {
+            let mut c = c.clone();
+            let at = c.len() / 3;
+            c.splice(at..at, b"// edited\n".iter().copied());
+            (*p, c)
+        })
+        .collect();
+    let b = tree(&src, "r2", &edited);
+    let source = SourceTree::open(&src, Arc::clone(&b.manifest)).unwrap();
+    let files = likely_sends(&b.manifest, &a.manifest, &cache.hashes().unwrap());
+    assert!(files.len() >= 40, "{}", files.len());
+    assert!(
+        files
+            .iter()
+            .filter(|f| matches!(f.method, Method::ZstdRef { .. }))
+            .count()
+            >= 40
+    );
+    let gone = files[7].path.clone();
+    std::fs::remove_file(src.join(gone.as_str())).unwrap();
+    let refs: Vec<&SendFile> = files.iter().collect();
+    let got = driver::encode_files(&source, Some(&cache), &refs);
+    assert_eq!(got.len(), files.len());
+    for (f, got) in files.iter().zip(got) {
+        match (got, source.encode(f, Some(&cache))) {
+            (Ok(p), Ok(want)) => {
+                assert_eq!(p.format, want.header.format, "{}", f.path);
+                assert!(p.bytes == want.payload, "{}: the payloads differ", f.path);
+                assert_eq!(p.format, DeltaFormat::ZstdRef, "{}", f.path);
+            }
+            (Err(e), Err(_)) => assert_eq!(f.path, gone, "{e}"),
+            (got, want) => panic!("{}: {:?} against {:?}", f.path, got.err(), want.err()),
         }
     }
 }
