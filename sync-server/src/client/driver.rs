@@ -858,7 +858,6 @@ async fn encode_batch(
                 false => None,
             });
         }
-        drop(encoded);
         Ok::<_, SourceError>((files, payloads))
     })
     .await
