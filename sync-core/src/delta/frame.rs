@@ -144,21 +144,36 @@ pub(super) fn compress_ref_with<'b>(
     prefix: &'b [u8],
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
+    let total = prefix.len() as u64 + data.len() as u64;
+    compress_once(cctx, window_log_for(total), Some(prefix), data, out)
+}
+
+/// One frame of `data` into `out` (cleared first) through the reused `cctx`: the streaming
+/// encoder's frame parameters with `window_log`, and with `prefix` as reference prefix (and
+/// long-distance matching, as [`compress`] uses with one) if given.
+fn compress_once<'b>(
+    cctx: &mut zstd_safe::CCtx<'b>,
+    window_log: u32,
+    prefix: Option<&'b [u8]>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     use zstd_safe::CParameter;
     let zstd_err = |code: zstd_safe::ErrorCode| io::Error::other(zstd_safe::get_error_name(code));
     cctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
         .map_err(zstd_err)?;
-    let total = prefix.len() as u64 + data.len() as u64;
     for p in [
         CParameter::CompressionLevel(LEVEL),
         CParameter::ContentSizeFlag(true),
         CParameter::ChecksumFlag(false),
-        CParameter::WindowLog(window_log_for(total)),
-        CParameter::EnableLongDistanceMatching(true),
+        CParameter::WindowLog(window_log),
+        CParameter::EnableLongDistanceMatching(prefix.is_some()),
     ] {
         cctx.set_parameter(p).map_err(zstd_err)?;
     }
-    cctx.ref_prefix(prefix).map_err(zstd_err)?;
+    if let Some(prefix) = prefix {
+        cctx.ref_prefix(prefix).map_err(zstd_err)?;
+    }
     out.clear();
     out.reserve(zstd_safe::compress_bound(data.len()));
     cctx.compress2(out, data).map_err(zstd_err)?;
@@ -214,27 +229,11 @@ fn compress_small(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> 
         static SMALL: RefCell<Option<(zstd_safe::CCtx<'static>, Vec<u8>)>> =
             const { RefCell::new(None) };
     }
-    let zstd_err = |code: zstd_safe::ErrorCode| io::Error::other(zstd_safe::get_error_name(code));
     let (mut cctx, mut out) = SMALL
         .with(|cell| cell.borrow_mut().take())
         .unwrap_or_else(|| (zstd_safe::CCtx::create(), Vec::new()));
-    let result = (|| {
-        use zstd_safe::CParameter;
-        cctx.reset(zstd_safe::ResetDirective::SessionAndParameters)
-            .map_err(zstd_err)?;
-        for p in [
-            CParameter::CompressionLevel(LEVEL),
-            CParameter::ContentSizeFlag(true),
-            CParameter::ChecksumFlag(false),
-            CParameter::WindowLog(PLAIN_WINDOW_LOG),
-        ] {
-            cctx.set_parameter(p).map_err(zstd_err)?;
-        }
-        out.clear();
-        out.reserve(zstd_safe::compress_bound(data.len()));
-        cctx.compress2(&mut out, data).map_err(zstd_err)?;
-        w.write_all(&out)
-    })();
+    let result = compress_once(&mut cctx, PLAIN_WINDOW_LOG, None, data, &mut out)
+        .and_then(|()| w.write_all(&out));
     // Large buffers are not kept: memory stays at one small file per thread.
     if out.capacity() > 2 * SAMPLE_FROM {
         out = Vec::new();
