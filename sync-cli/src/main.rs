@@ -392,6 +392,7 @@ fn scan_tree(
         ignore_file: use_ignore_file,
         skip,
         cache_file: cache_file(src),
+        racy_window: sync_core::edge::scan::RACY_WINDOW,
         policy,
     };
     let t = Instant::now();

@@ -177,7 +177,7 @@ pub fn scan_cold(dir: &Path) -> Result<Scan> {
 }
 
 /// Scans `dir` until the hash cache `cache_file` holds all of it. The scanner does not cache
-/// files modified in the last two seconds (a write in the same timestamp tick could go
+/// files changed (mtime or ctime) in the last two seconds (a write in the same timestamp tick could go
 /// unnoticed), and a just-generated corpus is all such files: those are waited out once.
 pub fn fill_cache(dir: &Path, cache_file: &Path) -> Result<Scan> {
     let first = scan_tree(dir, Some(cache_file.to_owned()))?;

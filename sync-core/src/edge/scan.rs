@@ -21,7 +21,7 @@ mod walk;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
 use rustix::fs::{Mode, OFlags};
@@ -35,9 +35,8 @@ use cache::{HashCache, Stamp};
 /// Name of the per-directory ignore files honoured by the scan (gitignore syntax).
 pub const IGNORE_FILE: &str = ".relsyncignore";
 
-/// Entries modified this close to the start of a scan are not cached: a write in the same
-/// timestamp tick as the hash could leave size and times unchanged (git's "racy" entries).
-const RACY_WINDOW_NS: i128 = 2_000_000_000;
+/// The default [`ScanOptions::racy_window`].
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// What to scan and how.
 #[derive(Debug, Clone)]
@@ -53,6 +52,11 @@ pub struct ScanOptions {
     pub skip: Vec<RelPath>,
     /// Where the hash cache lives; `None` hashes every file.
     pub cache_file: Option<PathBuf>,
+    /// A file whose mtime or ctime lies less than this before the start of the scan (or after it)
+    /// is hashed but not cached: a second write in the same timestamp tick as the one the scan saw
+    /// could leave size and times unchanged (git's "racy" entries). ctime counts as well as mtime
+    /// because `cp -p` or `touch -r` put an old mtime on new content. Default [`RACY_WINDOW`].
+    pub racy_window: Duration,
     /// Validation policy for the resulting manifest.
     pub policy: Policy,
 }
@@ -64,6 +68,7 @@ impl Default for ScanOptions {
             ignore_file: true,
             skip: Vec::new(),
             cache_file: None,
+            racy_window: RACY_WINDOW,
             policy: Policy::default(),
         }
     }
@@ -267,10 +272,10 @@ fn scan_fd(
     // wait for the whole walk: run them side by side.
     let save = || {
         if let Some(path) = &opts.cache_file {
-            let now = epoch_ns(started);
+            let settled = epoch_ns(started) - opts.racy_window.as_nanos() as i128;
             let kept = fresh
                 .into_iter()
-                .filter(|(stamp, _, _)| stamp.mtime_ns() <= now - RACY_WINDOW_NS);
+                .filter(|(stamp, _, _)| stamp.changed_ns() <= settled);
             cache.save_if_changed(path, kept);
         }
     };

@@ -68,9 +68,11 @@ impl Stamp {
         }
     }
 
-    /// Modification time in nanoseconds since the epoch.
-    pub fn mtime_ns(&self) -> i128 {
-        i128::from(self.mtime) * 1_000_000_000 + i128::from(self.mtime_nsec)
+    /// The later of mtime and ctime, in nanoseconds since the epoch: when the file's content or
+    /// stamp last changed, as far as its times tell.
+    pub fn changed_ns(&self) -> i128 {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ns(self.mtime, self.mtime_nsec).max(ns(self.ctime, self.ctime_nsec))
     }
 }
 
