@@ -264,6 +264,16 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         let target = target.clone();
         std::thread::spawn(move || client::read_cache_for(&c, &target))
     });
+    let rt = runtime()?;
+    // Connect while the tree is scanned: the handshake's round trips overlap the scan instead of
+    // following it.
+    let early = rt.spawn({
+        let (keys, target) = (keys.clone(), target.clone());
+        async move {
+            let conn = dial(&keys, &target).await;
+            (conn, Instant::now())
+        }
+    });
     let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
     let (cached, manifest_basis, basis_manifest) = match ahead.map(std::thread::JoinHandle::join) {
         Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest, view.last_decoded),
@@ -275,10 +285,9 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         source: a.src.clone(),
         activate: !a.no_activate,
     };
-    let rt = runtime()?;
     if a.dry_run {
         let need = rt.block_on(async {
-            let conn = dial(keys, &target).await?;
+            let conn = dialled_early(early, keys, &target).await?;
             let need = client::dry_run(&conn, &req, cache.as_ref()).await;
             conn.close().await;
             anyhow::Ok(need?)
@@ -295,7 +304,7 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     let bars = Bars::new(show);
     let report = rt.block_on(async {
         bars.connecting(&target);
-        let conn = dial(keys, &target).await?;
+        let conn = dialled_early(early, keys, &target).await?;
         let packed_manifest = match packing.map(std::thread::JoinHandle::join) {
             Some(Ok(Ok(packed))) => Some(packed),
             // The session compresses it itself, and reports a failure.
@@ -324,6 +333,39 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
         )
     })?;
     print_push(&target, &report, &scanned.stats, started.elapsed(), a.json)
+}
+
+/// How long a connection dialled before a scan may wait for its first message and still be
+/// used. A daemon drops a connection that sends nothing for its message deadline (30 s unless
+/// configured lower); past this wait the connection is closed and another one dialled.
+const EARLY_DIAL_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The connection `early` dialled while the source was scanned, or a new one if that one has
+/// waited too long or was closed meanwhile. A failed dial is reported now, after the scan, as
+/// it was before connections were dialled early.
+async fn dialled_early(
+    early: tokio::task::JoinHandle<(Result<Connection>, Instant)>,
+    keys: &KeyArgs,
+    target: &Target,
+) -> Result<Connection> {
+    match early.await {
+        Ok((Ok(conn), at)) if reuse_early(conn.is_open(), at.elapsed()) => Ok(conn),
+        Ok((Ok(conn), _)) => {
+            tracing::debug!(
+                "{target}: the connection made during the scan is stale; dialling again"
+            );
+            conn.close().await;
+            dial(keys, target).await
+        }
+        Ok((Err(e), _)) => Err(e),
+        // The task panicked or was cancelled: try once more here, where an error is reported.
+        Err(_) => dial(keys, target).await,
+    }
+}
+
+/// Whether a connection dialled before the scan, `waited` ago, can carry the push.
+fn reuse_early(open: bool, waited: Duration) -> bool {
+    open && waited < EARLY_DIAL_MAX_WAIT
 }
 
 /// The client cache, or none (with a warning) when it cannot be opened.
@@ -775,6 +817,28 @@ pub fn prune(keys: &KeyArgs, target: &Target, keep: Option<usize>) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_dialled_during_the_scan_is_used_only_while_fresh_and_open() {
+        let max = EARLY_DIAL_MAX_WAIT;
+        let table = [
+            (true, Duration::ZERO, true),
+            (true, max - Duration::from_millis(1), true),
+            (true, max, false),
+            (true, max * 10, false),
+            (false, Duration::ZERO, false),
+            (false, max, false),
+        ];
+        for (open, waited, want) in table {
+            assert_eq!(
+                reuse_early(open, waited),
+                want,
+                "open {open}, waited {waited:?}"
+            );
+        }
+        // Well inside the daemon's default message deadline.
+        assert!(max < Duration::from_secs(30) / 2);
+    }
 
     #[test]
     fn arguments_are_remote_only_in_the_documented_shape() {

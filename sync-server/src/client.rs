@@ -246,6 +246,11 @@ impl Connection {
         self.config = config;
     }
 
+    /// Whether neither side has closed the connection (nor has it timed out) so far.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
     /// Closes the connection and returns once there is nothing left to tell the daemon: the
     /// close went out (the connection's driver task sends it), or the daemon had closed first.
     /// Waits at most [`CLOSE_WAIT`].
