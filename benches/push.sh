@@ -3,8 +3,11 @@
 #
 # Scenarios (PUSH_SCENARIOS):
 #   patch  the node holds release A; push release B of the generated pair (15k files, 110 MB).
-#          Tools: relsync push; rsync daemon with -rlpgoD -c -z --delete --link-dest (a new release
-#          directory, like relsync); plain rsync -az --delete into a directory holding A.
+#          Tools: relsync push of B's own directory (a fresh checkout: every file read and hashed);
+#          relsync push from a working copy that held A and was brought to B in place (the hash
+#          cache spares reading unchanged files); rsync daemon with -rlpgoD -c -z --delete
+#          --link-dest (a new release directory, like relsync); plain rsync -az --delete into a
+#          directory holding A.
 #   bulk   an empty node; push BULK_FILES incompressible files totalling BULK_SIZE (1 GiB).
 #          Tools: relsync push; quic-baseline (one bare QUIC stream, same quinn, TLS and
 #          transport tuning as relsync, no files).
@@ -231,14 +234,15 @@ wait_prestaged() { # node-root release
 	die "relsyncd did not prestage release $2 in 10 s; see its log: $(tail -5 "$WORK/relsyncd.log")"
 }
 
-relsync_runs() { # key source node-root client-cache release-id previous-release-id|-
-	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 out="$WORK/$1.jsonl" i
+relsync_runs() { # key source node-root client-cache release-id previous-release-id|- [prep-script]
+	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 prep=${7:-} out="$WORK/$1.jsonl" i
 	log "$key: $RUNS runs"
 	cp -a "$cache" "$WORK/cache-saved"
 	[[ -n $DAEMON_PID ]] || start_relsyncd "$node"
 	for i in $(seq "$RUNS"); do
 		rm -rf "$cache"
 		cp -a "$WORK/cache-saved" "$cache"
+		[[ -z $prep ]] || bash -c "$prep"
 		[[ $prev == - ]] || wait_prestaged "$node" "$prev"
 		RELSYNC_CACHE_DIR="$cache" timed "$out" \
 			"$RELSYNC" push "$src" "$NODE_IP:$PORT/app" --release-id "$id"
@@ -325,6 +329,25 @@ if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
 	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$A" "$NODE_IP:$PORT/app" --release-id a >/dev/null
 	relsync_runs patch-relsync "$B" "$WORK/node" "$WORK/cache" b a
 	rm -rf "$WORK/node" "$WORK/cache"
+
+	# relsync from a working copy: the deploy host's build directory W held A when A was pushed
+	# from it, and has since been brought to B in place, as `git checkout` does: only the files
+	# that differ are rewritten (each as a new file renamed over the old one), the rest keep their
+	# inode and times. relsync's hash cache then spares reading those; only the changed files are
+	# read and hashed. Before each run W is put back to A and then brought to B (`rsync -rlpc`:
+	# by content, times left alone); the client cache, hash cache included, is restored to what
+	# the push of A left. W is copied from A more than the scanner's racy window (2 s) before
+	# that push, as a working copy is older than that between two deploys. rsync -c has no such
+	# cache: its runs above read all of B either way.
+	W="$WORK/wc"
+	cp -a "$A" "$W"
+	sleep 2.1
+	mkdir -p "$WORK/node" "$WORK/cache"
+	start_relsyncd "$WORK/node"
+	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$W" "$NODE_IP:$PORT/app" --release-id a >/dev/null
+	relsync_runs patch-relsync-wc "$W" "$WORK/node" "$WORK/cache" b a \
+		"rsync -rlpc --delete '$A/' '$W/' && rsync -rlpc --delete '$B/' '$W/'"
+	rm -rf "$WORK/node" "$WORK/cache" "$W"
 
 	# rsync with --link-dest: a new release directory next to A, like relsync builds.
 	rm -rf "$WORK/rnode"
@@ -425,6 +448,7 @@ report() {
 	echo "| scenario / tool | median s | min s | max s | bytes to node | bytes back | client CPU s | daemon CPU s | daemon peak RSS MiB |"
 	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 	row patch-relsync "patch: relsync push" "$(field patch-relsync daemon_rss_mib 2>/dev/null)"
+	row patch-relsync-wc "patch: relsync push from a working copy" "$(field patch-relsync-wc daemon_rss_mib 2>/dev/null)"
 	row patch-rsync-linkdest "patch: rsync daemon -c -z --link-dest" "n/a"
 	row patch-rsync-az "patch: rsync daemon -az --delete" "n/a"
 	row bulk-relsync "bulk: relsync push (initial)" "$(field bulk-relsync daemon_rss_mib 2>/dev/null)"
@@ -440,6 +464,8 @@ report() {
 		zb=$(($(field $z bytes_up) + $(field $z bytes_down)))
 		echo "- rsync --link-dest ÷ relsync, time: $(ratio "$(field $l median)" "$(field $r median)") (target ≥ 4)"
 		echo "- rsync -az ÷ relsync, time: $(ratio "$(field $z median)" "$(field $r median)")"
+		echo "- rsync --link-dest ÷ relsync from a working copy (hash cache warm for the unchanged files), time:" \
+			"$(ratio "$(field $l median)" "$(field patch-relsync-wc median)")"
 		echo "- relsync ÷ rsync --link-dest, bytes both ways: $(ratio "$rb" "$lb") (target ≤ 0.5)"
 		echo "- relsync ÷ rsync -az, bytes both ways: $(ratio "$rb" "$zb")"
 		echo "- relsyncd peak RSS: $(field $r daemon_rss_mib) MiB (target ≤ 128)"
@@ -485,6 +511,9 @@ summaries() {
 	local warm="warm: corpus and node on tmpfs, no page cache to drop"
 	if [[ -n ${RESULT[patch-relsync]:-} ]]; then
 		write_summary push-patch push "push release B to a node holding A, over veth" "$warm" patch-relsync \
+			patch-rsync-linkdest "rsync daemon -c -z --link-dest" patch-rsync-az "rsync daemon -az --delete"
+		write_summary push-patch-wc push "push release B to a node holding A, over veth, from a working copy brought from A to B" \
+			"$warm" patch-relsync-wc \
 			patch-rsync-linkdest "rsync daemon -c -z --link-dest" patch-rsync-az "rsync daemon -az --delete"
 	fi
 	if [[ -n ${RESULT[bulk-relsync]:-} ]]; then
