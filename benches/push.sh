@@ -42,6 +42,7 @@ VETH_N="rsb$$n"
 HOST_IP=10.231.0.1
 NODE_IP=10.231.0.2
 PORT=7171
+PORT_WC=7173
 RSYNC_PORT=8730
 QUIC_PORT=7272
 
@@ -129,10 +130,12 @@ CLIENT_FP="$(keygen "$WORK/client" id)"
 DAEMON_FP="$(keygen "$WORK/daemon" daemon)"
 [[ -n $CLIENT_FP && -n $DAEMON_FP ]] || die "cannot read the key fingerprints"
 "$RELSYNC" trust "$NODE_IP:$PORT" "$DAEMON_FP" >/dev/null
+"$RELSYNC" trust "$NODE_IP:$PORT_WC" "$DAEMON_FP" >/dev/null
 
-start_relsyncd() { # root [export-dir]
-	cat >"$WORK/relsyncd.toml" <<-EOF
-		listen = "$NODE_IP:$PORT"
+start_relsyncd() { # root [export-dir] [port]
+	local port=${3:-$PORT}
+	cat >"$WORK/relsyncd-$port.toml" <<-EOF
+		listen = "$NODE_IP:$port"
 		key = "$WORK/daemon/daemon.key"
 		cert = "$WORK/daemon/daemon.crt"
 		[apps.app]
@@ -140,12 +143,12 @@ start_relsyncd() { # root [export-dir]
 		authorized_keys = ["$CLIENT_FP"]
 	EOF
 	if [[ -n ${2:-} ]]; then
-		printf '[exports.small]\npath = "%s"\nauthorized_keys = ["%s"]\n' "$2" "$CLIENT_FP" >>"$WORK/relsyncd.toml"
+		printf '[exports.small]\npath = "%s"\nauthorized_keys = ["%s"]\n' "$2" "$CLIENT_FP" >>"$WORK/relsyncd-$port.toml"
 	fi
-	ip netns exec "$NS" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$WORK/relsyncd.toml" 2>>"$WORK/relsyncd.log" &
+	ip netns exec "$NS" env RUST_LOG=warn "$BIN_DIR/relsyncd" --config "$WORK/relsyncd-$port.toml" 2>>"$WORK/relsyncd.log" &
 	DAEMON_PID=$!
 	for _ in $(seq 100); do
-		inns ss -uln | grep -q ":$PORT " && return
+		inns ss -uln | grep -q ":$port " && return
 		sleep 0.05
 	done
 	die "relsyncd did not start listening; see its log: $(tail -5 "$WORK/relsyncd.log")"
@@ -260,6 +263,20 @@ relsync_runs() { # key source node-root client-cache release-id previous-release
 	summarize "$key" "$out"
 }
 
+relsync_once() { # key source node-root port client-cache release-id previous-release-id [prep-script]
+	local key=$1 src=$2 node=$3 port=$4 cache=$5 id=$6 prev=$7 prep=${8:-}
+	rm -rf "$cache"
+	cp -a "$cache-saved" "$cache"
+	[[ -z $prep ]] || bash -c "$prep"
+	RELSYNC_CACHE_DIR="$cache" timed "$WORK/$key.jsonl" \
+		"$RELSYNC" push "$src" "$NODE_IP:$port/app" --release-id "$id"
+	same_tree "$src" "$node/releases/$id" "$key"
+	rm -rf "$node/releases/$id" "$node/.relsync/releases/$id.rec" "$node/.relsync/objects"
+	ln -sfn "releases/$prev" "$node/current"
+	"$RELSYNC" activate "$NODE_IP:$port/app" "$prev" >/dev/null
+	wait_prestaged "$node" "$prev"
+}
+
 start_rsyncd() { # module-dir
 	cat >"$WORK/rsyncd.conf" <<-EOF
 		pid file = $WORK/rsyncd.pid
@@ -323,44 +340,68 @@ if [[ " $PUSH_SCENARIOS " == *" patch "* ]]; then
 	FLOOR_LINK=$(cpu_s cp -al "$A" "$WORK/x")
 	rm -rf "$WORK/x"
 
-	# relsync: the node got A by a push, and the client kept what it pushed in its cache.
-	mkdir -p "$WORK/node" "$WORK/cache"
-	start_relsyncd "$WORK/node"
-	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$A" "$NODE_IP:$PORT/app" --release-id a >/dev/null
-	relsync_runs patch-relsync "$B" "$WORK/node" "$WORK/cache" b a
-	rm -rf "$WORK/node" "$WORK/cache"
-
-	# relsync from a working copy: the deploy host's build directory W held A when A was pushed
-	# from it, and has since been brought to B in place, as `git checkout` does: only the files
-	# that differ are rewritten (each as a new file renamed over the old one), the rest keep their
-	# inode and times. relsync's hash cache then spares reading those; only the changed files are
-	# read and hashed. Before each run W is put back to A and then brought to B (`rsync -rlpc`:
-	# by content, times left alone); the client cache, hash cache included, is restored to what
-	# the push of A left. W is copied from A more than the scanner's racy window (2 s) before
-	# that push, as a working copy is older than that between two deploys. rsync -c has no such
-	# cache: its runs above read all of B either way.
+	# The four tools run in turn, run by run (relsync, relsync from a working copy, rsync
+	# --link-dest, rsync -az, then again), so that a slow spell of this shared machine slows
+	# them alike rather than one tool's whole series; each has its own daemon running throughout
+	# (two relsyncd, so that each one's peak RSS is one app's), idle while the others run.
+	#
+	# relsync: the node got A by a push, and the client kept what it pushed in its cache. From a
+	# working copy (the second relsyncd): the deploy host's build directory W held A when A
+	# was pushed from it, and has since been brought to B in place, as `git checkout` does: only
+	# the files that differ are rewritten (each as a new file renamed over the old one), the rest
+	# keep their inode and times. relsync's hash cache then spares reading those; only the
+	# changed files are read and hashed. Before each run W is put back to A and then brought to
+	# B (`rsync -rlpc`: by content, times left alone); the client cache, hash cache included, is
+	# restored to what the push of A left. W is copied from A more than the scanner's racy window
+	# (2 s) before that push, as a working copy is older than that between two deploys. rsync -c
+	# has no such cache: it reads all of B either way.
 	W="$WORK/wc"
 	cp -a "$A" "$W"
 	sleep 2.1
-	mkdir -p "$WORK/node" "$WORK/cache"
+	mkdir -p "$WORK/node" "$WORK/node-wc" "$WORK/cache" "$WORK/cache-wc"
 	start_relsyncd "$WORK/node"
-	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$W" "$NODE_IP:$PORT/app" --release-id a >/dev/null
-	relsync_runs patch-relsync-wc "$W" "$WORK/node" "$WORK/cache" b a \
-		"rsync -rlpc --delete '$A/' '$W/' && rsync -rlpc --delete '$B/' '$W/'"
-	rm -rf "$WORK/node" "$WORK/cache" "$W"
+	RELSYNCD_PID=$DAEMON_PID
+	start_relsyncd "$WORK/node-wc" "" "$PORT_WC"
+	RELSYNCD_WC_PID=$DAEMON_PID
+	RELSYNC_CACHE_DIR="$WORK/cache" "$RELSYNC" push "$A" "$NODE_IP:$PORT/app" --release-id a >/dev/null
+	RELSYNC_CACHE_DIR="$WORK/cache-wc" "$RELSYNC" push "$W" "$NODE_IP:$PORT_WC/app" --release-id a >/dev/null
+	cp -a "$WORK/cache" "$WORK/cache-saved"
+	cp -a "$WORK/cache-wc" "$WORK/cache-wc-saved"
 
-	# rsync with --link-dest: a new release directory next to A, like relsync builds.
+	# rsync with --link-dest: a new release directory next to A, like relsync builds. Plain
+	# rsync -az --delete: over a directory that holds A (as a previous rsync left it).
 	rm -rf "$WORK/rnode"
 	mkdir -p "$WORK/rnode/releases"
 	rsync -a "$A/" "$WORK/rnode/releases/a/"
-	rsync_runs patch-rsync-linkdest "$B" "rm -rf '$WORK/rnode/releases/b'" \
-		-rlpgoD -c -z --delete --link-dest=../a "$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/releases/b/"
-	same_tree "$B" "$WORK/rnode/releases/b" patch-rsync-linkdest
+	DAEMON_PID=""
+	start_rsyncd "$WORK/rnode"
+	RSYNCD_PID=$DAEMON_PID
 
-	# Plain rsync -az --delete over a directory that holds A (as a previous rsync left it).
-	rsync_runs patch-rsync-az "$B" "rm -rf '$WORK/rnode/app' && cp -a '$A' '$WORK/rnode/app'" \
-		-az --delete "$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/app/"
-	same_tree "$B" "$WORK/rnode/app" patch-rsync-az
+	wait_prestaged "$WORK/node" a
+	wait_prestaged "$WORK/node-wc" a
+	log "patch: $RUNS rounds of relsync, relsync from a working copy, rsync --link-dest, rsync -az"
+	for i in $(seq "$RUNS"); do
+		DAEMON_PID=$RELSYNCD_PID
+		relsync_once patch-relsync "$B" "$WORK/node" "$PORT" "$WORK/cache" b a
+		DAEMON_PID=$RELSYNCD_WC_PID
+		relsync_once patch-relsync-wc "$W" "$WORK/node-wc" "$PORT_WC" "$WORK/cache-wc" b a \
+			"rsync -rlpc --delete '$A/' '$W/' && rsync -rlpc --delete '$B/' '$W/'"
+		DAEMON_PID=$RSYNCD_PID
+		rm -rf "$WORK/rnode/releases/b"
+		timed "$WORK/patch-rsync-linkdest.jsonl" rsync -rlpgoD -c -z --delete --link-dest=../a \
+			"$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/releases/b/"
+		same_tree "$B" "$WORK/rnode/releases/b" patch-rsync-linkdest
+		rm -rf "$WORK/rnode/app" && cp -a "$A" "$WORK/rnode/app"
+		timed "$WORK/patch-rsync-az.jsonl" rsync -az --delete "$B/" "rsync://$NODE_IP:$RSYNC_PORT/node/app/"
+		same_tree "$B" "$WORK/rnode/app" patch-rsync-az
+	done
+	for DAEMON_PID in $RSYNCD_PID $RELSYNCD_PID $RELSYNCD_WC_PID; do
+		stop_daemon
+	done
+	for k in patch-relsync patch-relsync-wc patch-rsync-linkdest patch-rsync-az; do
+		summarize "$k" "$WORK/$k.jsonl"
+	done
+	rm -rf "$WORK/node" "$WORK/node-wc" "$WORK/cache"* "$W"
 	rm -rf "$WORK/rnode" "$WORK/corpus"
 fi
 
