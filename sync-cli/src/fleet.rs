@@ -66,6 +66,8 @@ pub struct PushArgs {
     pub no_activate: bool,
     pub dry_run: bool,
     pub json: bool,
+    /// Hash every file, ignoring the hash cache.
+    pub checksum: bool,
     pub exclude: Vec<String>,
     /// Bytes per second of file data to all hosts together, at most.
     pub bwlimit: Option<u64>,
@@ -133,7 +135,15 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     };
     let identity = Arc::new(keys.identity()?);
     let show = !a.json && std::io::stderr().is_terminal();
-    let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
+    let scanned = crate::scan_tree(
+        &a.src,
+        &a.exclude,
+        vec![],
+        show,
+        Policy::default(),
+        true,
+        a.checksum,
+    )?;
     let cache = match Cache::default_dir().map(|d| Cache::open(&d)) {
         Some(Ok(c)) => Some(Arc::new(c)),
         Some(Err(e)) => {

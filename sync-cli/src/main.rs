@@ -63,6 +63,10 @@ enum Command {
         /// Machine-readable output on stdout.
         #[arg(long)]
         json: bool,
+        /// Read and hash every source file, as rsync's --checksum compares by content, instead of
+        /// trusting the hash cache for files whose size, times and inode are unchanged.
+        #[arg(long, short = 'c')]
+        checksum: bool,
         /// Leave out paths matching this gitignore-style pattern (repeatable).
         #[arg(long, value_name = "PAT")]
         exclude: Vec<String>,
@@ -114,6 +118,10 @@ enum Command {
         /// Machine-readable output on stdout.
         #[arg(long)]
         json: bool,
+        /// Read and hash every source file, as rsync's --checksum compares by content, instead of
+        /// trusting the hash cache for files whose size, times and inode are unchanged.
+        #[arg(long, short = 'c')]
+        checksum: bool,
         /// Leave out paths matching this gitignore-style pattern (repeatable).
         #[arg(long, value_name = "PAT")]
         exclude: Vec<String>,
@@ -203,6 +211,10 @@ enum Command {
         /// Remove files in DST that SRC does not have.
         #[arg(long)]
         delete: bool,
+        /// Read and hash every file of SRC and DST, as rsync's --checksum compares by content, instead of
+        /// trusting the hash cache for files whose size, times and inode are unchanged.
+        #[arg(long, short = 'c')]
+        checksum: bool,
         #[arg(long, value_name = "PAT")]
         exclude: Vec<String>,
         /// Show what would change and change nothing.
@@ -385,6 +397,7 @@ fn scan_tree(
     show: bool,
     policy: Policy,
     use_ignore_file: bool,
+    rehash: bool,
 ) -> Result<sync_core::edge::scan::Scan> {
     let pb = bar(show, None, "scanning");
     let opts = ScanOptions {
@@ -392,6 +405,7 @@ fn scan_tree(
         ignore_file: use_ignore_file,
         skip,
         cache_file: cache_file(src),
+        rehash,
         racy_window: sync_core::edge::scan::RACY_WINDOW,
         policy,
     };
@@ -416,6 +430,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             no_activate,
             dry_run,
             json,
+            checksum,
             exclude,
             shared,
             verbose,
@@ -466,7 +481,15 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                         let _ = a.records();
                     });
                 }
-                scan_tree(&src, &exclude, skip, show, Policy::default(), true)
+                scan_tree(
+                    &src,
+                    &exclude,
+                    skip,
+                    show,
+                    Policy::default(),
+                    true,
+                    checksum,
+                )
             })?;
             if dry_run {
                 let prep = match &app {
@@ -524,6 +547,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             no_activate,
             dry_run,
             json,
+            checksum,
             exclude,
             bwlimit,
         } => {
@@ -542,6 +566,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                         no_activate,
                         dry_run,
                         json,
+                        checksum,
                         exclude,
                         bwlimit,
                     },
@@ -558,6 +583,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                         no_activate,
                         dry_run,
                         json,
+                        checksum,
                         exclude,
                         bwlimit,
                     },
@@ -641,6 +667,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             src,
             dst,
             delete,
+            checksum,
             exclude,
             dry_run,
             verbose,
@@ -654,6 +681,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
                         src,
                         dst: url.to_owned(),
                         delete,
+                        checksum,
                         exclude,
                         dry_run,
                         verbose,
@@ -666,7 +694,15 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             let dest = mirror_destination(&src, &dst);
             let src_path = PathBuf::from(&src);
             let show = progress && !json;
-            let s = scan_tree(&src_path, &exclude, vec![], show, Policy::default(), false)?;
+            let s = scan_tree(
+                &src_path,
+                &exclude,
+                vec![],
+                show,
+                Policy::default(),
+                false,
+                checksum,
+            )?;
             let lenient = Policy {
                 allow_world_writable: true,
                 ..Policy::default()
@@ -674,7 +710,7 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             let d = if dest.exists() {
                 let mut ex = exclude.clone();
                 ex.push(sync_core::edge::mirror::TEMP_PATTERN.to_string());
-                scan_tree(&dest, &ex, vec![], show, lenient, false)?.manifest
+                scan_tree(&dest, &ex, vec![], show, lenient, false, checksum)?.manifest
             } else {
                 Manifest::empty()
             };

@@ -241,6 +241,8 @@ pub struct PushArgs {
     pub no_activate: bool,
     pub dry_run: bool,
     pub json: bool,
+    /// Hash every file, ignoring the hash cache.
+    pub checksum: bool,
     pub exclude: Vec<String>,
     /// Bytes per second of file data, at most.
     pub bwlimit: Option<u64>,
@@ -274,7 +276,15 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
             (conn, Instant::now())
         }
     });
-    let scanned = crate::scan_tree(&a.src, &a.exclude, vec![], show, Policy::default(), true)?;
+    let scanned = crate::scan_tree(
+        &a.src,
+        &a.exclude,
+        vec![],
+        show,
+        Policy::default(),
+        true,
+        a.checksum,
+    )?;
     let (cached, manifest_basis, basis_manifest) = match ahead.map(std::thread::JoinHandle::join) {
         Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest, view.last_decoded),
         _ => (None, None, None),
@@ -388,6 +398,8 @@ pub struct SyncArgs {
     pub src: String,
     pub dst: String,
     pub delete: bool,
+    /// Hash every file, ignoring the hash cache.
+    pub checksum: bool,
     pub exclude: Vec<String>,
     pub dry_run: bool,
     pub verbose: bool,
@@ -409,7 +421,15 @@ pub fn sync(keys: &KeyArgs, a: SyncArgs) -> Result<()> {
     keys.known_hosts()?;
     let show = a.progress && !a.json;
     let src = PathBuf::from(&a.src);
-    let scanned = crate::scan_tree(&src, &a.exclude, vec![], show, Policy::default(), false)?;
+    let scanned = crate::scan_tree(
+        &src,
+        &a.exclude,
+        vec![],
+        show,
+        Policy::default(),
+        false,
+        a.checksum,
+    )?;
     let cache = if a.dry_run { None } else { open_cache() };
     let req = SyncRequest {
         destination: destination.clone(),

@@ -126,6 +126,40 @@ fn deploy_releases_rollback_activate() {
 }
 
 #[test]
+fn checksum_hashes_every_file_where_the_cache_would_answer() {
+    let env = Env::new();
+    let root = env.path("app");
+    let v1 = fixture("php-app-v1");
+    let deploy = |id: &str, extra: &[&str]| {
+        let mut args = vec!["deploy", s(&v1), s(&root), "--release-id", id, "--json"];
+        args.extend_from_slice(extra);
+        env.json(&args)["scan"].clone()
+    };
+    let first = deploy("one", &[]);
+    // Empty files need neither hashing nor the cache.
+    let files = first["hashed_files"].as_u64().unwrap() + first["cached_files"].as_u64().unwrap();
+    assert!(
+        files > 0 && files < first["files"].as_u64().unwrap(),
+        "{first}"
+    );
+    // A fixture checked out moments ago is inside the hash cache's racy window: wait it out.
+    let mut warm = deploy("two", &[]);
+    if warm["cached_files"] != files {
+        std::thread::sleep(std::time::Duration::from_millis(2_100));
+        deploy("three", &[]);
+        warm = deploy("four", &[]);
+    }
+    assert_eq!(warm["hashed_files"], 0, "{warm}");
+    assert_eq!(warm["cached_files"], files, "{warm}");
+    for flag in ["--checksum", "-c"] {
+        let full = deploy(&format!("full{}", flag.len()), &[flag]);
+        assert_eq!(full["hashed_files"], files, "{flag}: {full}");
+        assert_eq!(full["cached_files"], 0, "{flag}: {full}");
+    }
+    assert_eq!(deploy("after", &[])["cached_files"], files);
+}
+
+#[test]
 fn dry_run_changes_nothing() {
     let env = Env::new();
     let root = env.path("app");

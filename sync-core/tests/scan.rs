@@ -533,6 +533,39 @@ fn an_old_mtime_on_fresh_content_is_racy_by_its_ctime() {
 }
 
 #[test]
+fn rehash_reads_every_file_and_refreshes_the_cache() {
+    let td = tempfile::tempdir().unwrap();
+    let r = &td.path().join("src");
+    let cache = td.path().join("hash.cache");
+    for i in 0..20 {
+        file(
+            r,
+            &format!("f{i}"),
+            format!("content {i}").as_bytes(),
+            0o644,
+        );
+    }
+    file(r, "empty", b"", 0o644);
+    let opts = cached(&cache);
+    let first = run(r, &opts).unwrap();
+    assert_eq!(run(r, &opts).unwrap().stats.cached_files, 20);
+
+    let rehash = ScanOptions {
+        rehash: true,
+        ..cached(&cache)
+    };
+    let full = run(r, &rehash).unwrap();
+    assert_eq!((full.stats.hashed_files, full.stats.cached_files), (20, 0));
+    assert_eq!(full.manifest, first.manifest);
+    // The cache it wrote serves the next ordinary scan in full.
+    let after = run(r, &opts).unwrap();
+    assert_eq!(
+        (after.stats.hashed_files, after.stats.cached_files),
+        (0, 20)
+    );
+}
+
+#[test]
 fn corrupt_or_foreign_cache_is_ignored() {
     let td = tempfile::tempdir().unwrap();
     let r = &td.path().join("src");

@@ -52,6 +52,9 @@ pub struct ScanOptions {
     pub skip: Vec<RelPath>,
     /// Where the hash cache lives; `None` hashes every file.
     pub cache_file: Option<PathBuf>,
+    /// Read and hash every file even where the cache holds its hash (rsync's `--checksum`); the
+    /// cache is written afresh from what was read.
+    pub rehash: bool,
     /// A file whose mtime or ctime lies less than this before the start of the scan (or after it)
     /// is hashed but not cached: a second write in the same timestamp tick as the one the scan saw
     /// could leave size and times unchanged (git's "racy" entries). ctime counts as well as mtime
@@ -68,6 +71,7 @@ impl Default for ScanOptions {
             ignore_file: true,
             skip: Vec::new(),
             cache_file: None,
+            rehash: false,
             racy_window: RACY_WINDOW,
             policy: Policy::default(),
         }
@@ -226,8 +230,8 @@ fn scan_fd(
 ) -> Result<Scan, ScanError> {
     let filter = walk::Filter::new(&root, opts)?;
     let cache = match &opts.cache_file {
-        Some(path) => HashCache::load(path),
-        None => HashCache::default(),
+        Some(path) if !opts.rehash => HashCache::load(path),
+        _ => HashCache::default(),
     };
     let t = std::time::Instant::now();
     let mut scanned = walk::walk(&root, fd, &filter, opts.ignore_file, &cache, progress)?;

@@ -378,6 +378,7 @@ fn scan(dest: &Destination) -> Result<Manifest, Event> {
         ignore_file: false,
         skip: Vec::new(),
         cache_file: None,
+        rehash: false,
         racy_window: sync_core::edge::scan::RACY_WINDOW,
         policy: Policy {
             max_entries: dest.max_entries,
