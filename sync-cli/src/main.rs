@@ -344,7 +344,8 @@ fn rel_paths(v: &[String], what: &str) -> Result<Vec<RelPath>> {
         .collect()
 }
 
-/// Where the hash cache of source tree `src` lives.
+/// Where the hash cache of source tree `src` lives. Hash caches of other trees that have gone
+/// unused for a while are removed on the way ([`prune_hash_caches`]).
 fn cache_file(src: &Path) -> Option<PathBuf> {
     let dir = std::env::var_os("RELSYNC_CACHE_DIR")
         .map(PathBuf::from)
@@ -355,7 +356,51 @@ fn cache_file(src: &Path) -> Option<PathBuf> {
     if std::fs::create_dir_all(&dir).is_err() {
         return None;
     }
-    Some(dir.join(format!("{}.scan", &key[..24])))
+    let removed = prune_hash_caches(&dir, SystemTime::now());
+    if removed > 0 {
+        tracing::debug!(removed, dir = %dir.display(), "removed unused hash caches");
+    }
+    Some(dir.join(format!("{}{HASH_CACHE_SUFFIX}", &key[..24])))
+}
+
+const HASH_CACHE_SUFFIX: &str = ".scan";
+/// A hash cache unused this long is removed. Each names a source tree by its path, so a tree
+/// deployed from a new temporary directory every time would otherwise leave one per run behind.
+/// A scan rewrites its cache, or touches it when nothing changed.
+const UNUSED_HASH_CACHE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// A temporary hash cache (`<cache>.tmp.<pid>`) this old is a killed run's leftover.
+const STALE_HASH_CACHE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the hash caches in `dir` last used more than [`UNUSED_HASH_CACHE`] before `now`, and
+/// leftover temporary ones; returns how many. Nothing else in the cache directory is touched,
+/// and a file that cannot be read or removed is left (the cache is only ever a shortcut).
+fn prune_hash_caches(dir: &Path, now: SystemTime) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let limit = if name.ends_with(HASH_CACHE_SUFFIX) {
+            UNUSED_HASH_CACHE
+        } else if name.contains(&format!("{HASH_CACHE_SUFFIX}.tmp.")) {
+            STALE_HASH_CACHE_TEMP
+        } else {
+            continue;
+        };
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > limit);
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// What a scan or build reports its bytes to: the bar when it is shown, nothing otherwise. Even
@@ -728,5 +773,49 @@ fn run(cmd: Command, keys: &remote::KeyArgs) -> Result<()> {
             }
             output::print_mirror(&plan, &stats, &dest, started.elapsed(), json)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn only_unused_hash_caches_and_stale_temporaries_are_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let hour = Duration::from_secs(3600);
+        // (name, age, removed)
+        let table = [
+            ("0123456789abcdef01234567.scan", 31 * day, true),
+            ("1123456789abcdef01234567.scan", 29 * day, false),
+            ("2123456789abcdef01234567.scan", Duration::ZERO, false),
+            ("3123456789abcdef01234567.scan.tmp.4242", 2 * hour, true),
+            ("4123456789abcdef01234567.scan.tmp.4243", hour / 2, false),
+            ("prune-state", 400 * day, false),
+            ("lock", 400 * day, false),
+            ("notes.txt", 400 * day, false),
+        ];
+        for (name, age, _) in table {
+            let f = std::fs::File::create(dir.join(name)).unwrap();
+            f.set_modified(now - age).unwrap();
+        }
+        // Directories are never removed, whatever their name and age.
+        std::fs::create_dir(dir.join("old.scan")).unwrap();
+        std::fs::File::open(dir.join("old.scan"))
+            .unwrap()
+            .set_modified(now - 400 * day)
+            .unwrap();
+        let want = table.iter().filter(|(_, _, gone)| *gone).count();
+        assert_eq!(prune_hash_caches(dir, now), want);
+        for (name, _, gone) in table {
+            assert_eq!(!dir.join(name).exists(), gone, "{name}");
+        }
+        assert!(dir.join("old.scan").is_dir());
+        assert_eq!(prune_hash_caches(dir, now), 0);
+        assert_eq!(prune_hash_caches(&dir.join("missing"), now), 0);
     }
 }

@@ -566,6 +566,29 @@ fn rehash_reads_every_file_and_refreshes_the_cache() {
 }
 
 #[test]
+fn an_unchanged_cache_is_touched_so_its_mtime_says_when_it_was_used() {
+    let td = tempfile::tempdir().unwrap();
+    let r = &td.path().join("src");
+    let cache = td.path().join("hash.cache");
+    file(r, "a", b"a", 0o644);
+    let opts = cached(&cache);
+    run(r, &opts).unwrap();
+    let written = fs::read(&cache).unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(90 * 24 * 3600);
+    File::options()
+        .write(true)
+        .open(&cache)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    assert_eq!(run(r, &opts).unwrap().stats.cached_files, 1);
+    let used = fs::metadata(&cache).unwrap().modified().unwrap();
+    assert!(used > long_ago + Duration::from_secs(24 * 3600), "{used:?}");
+    // Touched, not rewritten.
+    assert_eq!(fs::read(&cache).unwrap(), written);
+}
+
+#[test]
 fn corrupt_or_foreign_cache_is_ignored() {
     let td = tempfile::tempdir().unwrap();
     let r = &td.path().join("src");

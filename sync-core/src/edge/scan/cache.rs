@@ -5,7 +5,8 @@
 //! postcard encoding behind a magic and version; anything unreadable is treated as an empty cache,
 //! because the cache is only ever a shortcut and a wrong miss costs one re-hash. It is replaced
 //! atomically (temporary sibling + rename) and holds only the files seen by the last scan, so it
-//! stays as large as the tree. It is not fsynced: a torn file after a crash reads as corrupt, which
+//! stays as large as the tree; a scan that would write it unchanged touches it instead, so its
+//! mtime says when it was last used. It is not fsynced: a torn file after a crash reads as corrupt, which
 //! is harmless.
 
 use std::fs::{self, OpenOptions};
@@ -134,8 +135,17 @@ impl HashCache {
         // Hard links share a stamp; sorting also makes identical caches byte-identical.
         records.sort_unstable_by_key(|r| r.0);
         records.dedup_by_key(|r| r.0);
-        // Without a fresh hash every record was a hit, so equal counts mean equal contents.
+        // Without a fresh hash every record was a hit, so equal counts mean equal contents. The
+        // file is touched instead, so that its mtime says when it was last used (a caller may
+        // remove caches unused for long).
         if !records.iter().any(|r| r.2) && records.len() == self.len() {
+            let touched = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if let Err(e) = touched {
+                tracing::debug!(path = %path.display(), "cannot touch hash cache: {e}");
+            }
             return;
         }
         let records: Vec<(Stamp, Hash)> = records.into_iter().map(|(s, h, _)| (s, h)).collect();
