@@ -16,7 +16,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
-use sync_core::manifest::Policy;
 use sync_core::proto::client::ClientState;
 use sync_core::wire::ReleaseInfo;
 use sync_core::ReleaseId;
@@ -135,15 +134,7 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
     };
     let identity = Arc::new(keys.identity()?);
     let show = !a.json && std::io::stderr().is_terminal();
-    let scanned = crate::scan_tree(
-        &a.src,
-        &a.exclude,
-        vec![],
-        show,
-        Policy::default(),
-        true,
-        a.checksum,
-    )?;
+    let scanned = crate::scan_release_source(&a.src, &a.exclude, show, a.checksum)?;
     let cache = match Cache::default_dir().map(|d| Cache::open(&d)) {
         Some(Ok(c)) => Some(Arc::new(c)),
         Some(Err(e)) => {

@@ -435,6 +435,17 @@ fn bar(show: bool, total: Option<u64>, msg: &'static str) -> ProgressBar {
     pb
 }
 
+/// Scans the source of a release to push (to one daemon or a fleet): `.relsyncignore` files
+/// honoured, nothing skipped, the default policy.
+fn scan_release_source(
+    src: &Path,
+    excludes: &[String],
+    show: bool,
+    rehash: bool,
+) -> Result<sync_core::edge::scan::Scan> {
+    scan_tree(src, excludes, vec![], show, Policy::default(), true, rehash)
+}
+
 fn scan_tree(
     src: &Path,
     excludes: &[String],

@@ -276,15 +276,7 @@ pub fn push(keys: &KeyArgs, a: PushArgs) -> Result<()> {
             (conn, Instant::now())
         }
     });
-    let scanned = crate::scan_tree(
-        &a.src,
-        &a.exclude,
-        vec![],
-        show,
-        Policy::default(),
-        true,
-        a.checksum,
-    )?;
+    let scanned = crate::scan_release_source(&a.src, &a.exclude, show, a.checksum)?;
     let (cached, manifest_basis, basis_manifest) = match ahead.map(std::thread::JoinHandle::join) {
         Some(Ok(Ok(view))) => (Some(view.contents), view.last_manifest, view.last_decoded),
         _ => (None, None, None),
