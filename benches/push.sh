@@ -237,33 +237,11 @@ wait_prestaged() { # node-root release
 	die "relsyncd did not prestage release $2 in 10 s; see its log: $(tail -5 "$WORK/relsyncd.log")"
 }
 
-relsync_runs() { # key source node-root client-cache release-id previous-release-id|- [prep-script]
-	local key=$1 src=$2 node=$3 cache=$4 id=$5 prev=$6 prep=${7:-} out="$WORK/$1.jsonl" i
-	log "$key: $RUNS runs"
-	cp -a "$cache" "$WORK/cache-saved"
-	[[ -n $DAEMON_PID ]] || start_relsyncd "$node"
-	for i in $(seq "$RUNS"); do
-		rm -rf "$cache"
-		cp -a "$WORK/cache-saved" "$cache"
-		[[ -z $prep ]] || bash -c "$prep"
-		[[ $prev == - ]] || wait_prestaged "$node" "$prev"
-		RELSYNC_CACHE_DIR="$cache" timed "$out" \
-			"$RELSYNC" push "$src" "$NODE_IP:$PORT/app" --release-id "$id"
-		same_tree "$src" "$node/releases/$id" "$key"
-		rm -rf "$node/releases/$id" "$node/.relsync/releases/$id.rec" "$node/.relsync/objects"
-		if [[ $prev == - ]]; then
-			rm -f "$node/current"
-		else
-			ln -sfn "releases/$prev" "$node/current"
-			"$RELSYNC" activate "$NODE_IP:$PORT/app" "$prev" >/dev/null
-		fi
-	done
-	stop_daemon
-	rm -rf "$WORK/cache-saved"
-	summarize "$key" "$out"
-}
-
-relsync_once() { # key source node-root port client-cache release-id previous-release-id [prep-script]
+# One timed push of `source` as `release-id`, then the node put back: the release removed and,
+# with a previous release, that one activated again and its tree prestaged; with `-`, no
+# `current`. The client cache is restored from `<client-cache>-saved` first, and `prep-script`
+# run after that.
+relsync_once() { # key source node-root port client-cache release-id previous-release-id|- [prep-script]
 	local key=$1 src=$2 node=$3 port=$4 cache=$5 id=$6 prev=$7 prep=${8:-}
 	rm -rf "$cache"
 	cp -a "$cache-saved" "$cache"
@@ -272,9 +250,27 @@ relsync_once() { # key source node-root port client-cache release-id previous-re
 		"$RELSYNC" push "$src" "$NODE_IP:$port/app" --release-id "$id"
 	same_tree "$src" "$node/releases/$id" "$key"
 	rm -rf "$node/releases/$id" "$node/.relsync/releases/$id.rec" "$node/.relsync/objects"
+	if [[ $prev == - ]]; then
+		rm -f "$node/current"
+		return
+	fi
 	ln -sfn "releases/$prev" "$node/current"
 	"$RELSYNC" activate "$NODE_IP:$port/app" "$prev" >/dev/null
 	wait_prestaged "$node" "$prev"
+}
+
+# RUNS pushes of `source` to an empty node (a relsyncd of its own, stopped afterwards).
+relsync_runs() { # key source node-root client-cache release-id
+	local key=$1 src=$2 node=$3 cache=$4 id=$5 i
+	log "$key: $RUNS runs"
+	cp -a "$cache" "$cache-saved"
+	start_relsyncd "$node"
+	for i in $(seq "$RUNS"); do
+		relsync_once "$key" "$src" "$node" "$PORT" "$cache" "$id" -
+	done
+	stop_daemon
+	rm -rf "$cache-saved"
+	summarize "$key" "$WORK/$key.jsonl"
 }
 
 start_rsyncd() { # module-dir
@@ -414,7 +410,7 @@ if [[ " $PUSH_SCENARIOS " == *" bulk "* ]]; then
 	done
 	total=$((per * BULK_FILES << 20))
 	mkdir -p "$WORK/node" "$WORK/cache"
-	relsync_runs bulk-relsync "$WORK/bulk" "$WORK/node" "$WORK/cache" bulk -
+	relsync_runs bulk-relsync "$WORK/bulk" "$WORK/node" "$WORK/cache" bulk
 	rm -rf "$WORK/node" "$WORK/cache"
 
 	log "bulk-quic: $RUNS runs of a bare $total-byte QUIC stream"
