@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod file_bytes;
 pub mod fleet;
 pub mod net;
 pub mod tls;

@@ -10,14 +10,12 @@
 //! scan is reported as such instead of producing a payload the daemon would reject.
 
 use std::fmt;
-use std::io::{self, Read};
-use std::ops::Deref;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
-use memmap2::{Mmap, MmapOptions};
 use sync_core::delta::{self, Basis, DeltaError};
 use sync_core::manifest::{EntryKind, Hash, Manifest};
 use sync_core::proto::client::{Method, SendFile};
@@ -25,9 +23,8 @@ use sync_core::wire::FileHeader;
 use sync_core::RelPath;
 
 use super::cache::Cache;
+pub use crate::file_bytes::Content;
 
-/// Files below this size are read into memory; mapping them costs more than copying.
-const MAP_THRESHOLD: u64 = 256 * 1024;
 /// Files above this size are hashed on several threads.
 const PARALLEL_HASH: usize = 4 << 20;
 
@@ -55,28 +52,6 @@ pub enum SourceError {
         #[source]
         source: DeltaError,
     },
-}
-
-/// A file's bytes, mapped or read.
-pub enum Content {
-    Mapped(Mmap),
-    Read(Vec<u8>),
-}
-
-impl Deref for Content {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Content::Mapped(m) => m,
-            Content::Read(v) => v,
-        }
-    }
-}
-
-impl fmt::Debug for Content {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Content({} bytes)", self.len())
-    }
 }
 
 /// A payload ready for a file stream.
@@ -235,29 +210,11 @@ impl SourceTree {
                 detail: format!("{} bytes, scanned as {size}", meta.len()),
             });
         }
-        let content = if size >= MAP_THRESHOLD {
-            let len = usize::try_from(size).map_err(|_| SourceError::Io {
-                what: "map",
-                path: full(),
-                source: io::Error::other("file too large for this machine's address space"),
-            })?;
-            // SAFETY: the map is read-only and private to this process. Another process
-            // truncating the file while it is mapped would fault the reader, the same exposure
-            // the scan's windowed hashing accepts; every byte read is checked against the
-            // manifest hash below, so a concurrent edit cannot go out unnoticed. Populated up
-            // front: every page is read right away (hashed, then encoded), and one prefault
-            // costs far less than a page fault per 4 KiB.
-            let map =
-                unsafe { MmapOptions::new().len(len).populate().map(&file) }.map_err(io("map"))?;
-            Content::Mapped(map)
-        } else {
-            let mut buf = Vec::with_capacity(size as usize);
-            (&file)
-                .take(size + 1)
-                .read_to_end(&mut buf)
-                .map_err(io("read"))?;
-            Content::Read(buf)
-        };
+        // SAFETY: a large file is mapped read-only and private to this process. Another
+        // process truncating the file while it is mapped would fault the reader, the same
+        // exposure the scan's windowed hashing accepts; every byte read is checked against the
+        // manifest hash below, so a concurrent edit cannot go out unnoticed.
+        let content = unsafe { Content::load(&file, size) }.map_err(io("read"))?;
         if content.len() as u64 != size {
             return Err(SourceError::Changed {
                 path: full(),

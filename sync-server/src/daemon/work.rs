@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::file_bytes::Content;
 use cap_std::fs::{Dir, OpenOptions};
 use memmap2::Mmap;
 use sync_core::delta::{self, BasisSignature, DeltaError, DeltaFormat, Verified};
@@ -422,8 +423,8 @@ pub(super) fn compute_need(
     })
 }
 
-/// A basis file, mapped and checked against the content it should have.
-fn open_basis(basis: &Basis, path: &RelPath, want: &BasisRef) -> Result<Mmap, String> {
+/// A basis file, read (or mapped, when large) and checked against the content it should have.
+fn open_basis(basis: &Basis, path: &RelPath, want: &BasisRef) -> Result<Content, String> {
     let mut opts = OpenOptions::new();
     opts.read(true);
     cap_fs_ext::OpenOptionsFollowExt::follow(&mut opts, cap_fs_ext::FollowSymlinks::No);
@@ -443,19 +444,26 @@ fn open_basis(basis: &Basis, path: &RelPath, want: &BasisRef) -> Result<Mmap, St
     }
     // SAFETY: files of a complete release, and of a sync's destination while its lock is held,
     // are never written in place by relsync (new content always goes to a new inode). If someone
-    // edits one in place anyway, the mapping may change under us: the hash check below and the
-    // blake3 check of every rebuilt file catch that, and reading a mapping of a regular file
-    // cannot fault short of truncation, which the size check above makes unlikely rather than
-    // impossible; the daemon accepts that window for files it owns.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
-    let actual = Hash::from(blake3::hash(&map));
+    // edits a large one in place anyway, the mapping may change under us: the hash check below
+    // and the blake3 check of every rebuilt file catch that, and reading a mapping of a regular
+    // file cannot fault short of truncation, which the size check above makes unlikely rather
+    // than impossible; the daemon accepts that window for files it owns.
+    let content =
+        unsafe { Content::load(&file, want.size) }.map_err(|e| format!("cannot read it: {e}"))?;
+    if content.len() as u64 != want.size {
+        return Err(format!(
+            "it is not a regular file of {} bytes any more",
+            want.size
+        ));
+    }
+    let actual = Hash::from(blake3::hash(&content));
     if actual != want.hash {
         return Err(format!(
             "its content hashes to {actual}, not {} as recorded",
             want.hash
         ));
     }
-    Ok(map)
+    Ok(content)
 }
 
 /// The rsync signature of a basis, or `None` (the client then sends the file in full) when the
