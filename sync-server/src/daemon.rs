@@ -124,8 +124,10 @@ struct Shared {
     /// Rebuild received files, as many at once as there are workers (CPU-bound zstd and rsync
     /// work).
     store: Arc<store::Workers>,
-    /// Slots for files rebuilt while their payload arrives (`stream::ReadInto::Direct`), as many as
-    /// store workers: each holds a blocking thread and a few MiB of pieces.
+    /// Slots for files rebuilt while their payload arrives (`stream::ReadInto::Direct`), twice as
+    /// many as store workers: each holds a blocking thread and a few MiB of pieces, and spends
+    /// much of its time waiting for the stream, so that every file stream of a client (two per
+    /// core) can feed one rather than spool its file to disk and read it back.
     direct: Arc<tokio::sync::Semaphore>,
     /// How this daemon pushes on to its children in a relay tree.
     relayer: Arc<relay::Relayer>,
@@ -200,7 +202,7 @@ pub async fn serve(
         apps,
         exports,
         store: Arc::new(store),
-        direct: Arc::new(tokio::sync::Semaphore::new(slots)),
+        direct: Arc::new(tokio::sync::Semaphore::new(2 * slots)),
         relayer: Arc::new(relay::Relayer {
             identity: Arc::new(identity.clone()),
             net: crate::fleet::driver::fleet_net(),

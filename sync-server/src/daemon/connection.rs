@@ -34,8 +34,11 @@ use crate::tls::{ticket, Fingerprint};
 
 /// Largest control-stream read at once.
 const CONTROL_CHUNK: usize = 64 * 1024;
-/// Payloads larger than this go to a temporary file rather than memory even when admitted.
-const MEMORY_PAYLOAD_MAX: u64 = 32 << 20;
+/// Payloads larger than this go to a temporary file rather than memory even when admitted, or
+/// straight into the job that rebuilds them. Each weighs this much in the bytes-in-flight
+/// budget, so the default budget (64 MiB) lets four large files arrive side by side, one per
+/// stream of a two-core client.
+const MEMORY_PAYLOAD_MAX: u64 = 16 << 20;
 /// Longest wait for the client to acknowledge the last frames before the connection is closed.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
