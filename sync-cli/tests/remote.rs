@@ -159,6 +159,52 @@ fn push_delta_push_releases_rollback_activate() {
     assert!(err.contains("nope"), "{err}");
 }
 
+/// Incompressible bytes, the same for the same seed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_file_goes_out_as_it_lies_and_its_change_by_rsync_delta() {
+    let env = Env::new();
+    let client_fp = env.keygen(&env.path("client"), "id");
+    let d = Daemon::start(&env, &client_fp);
+    env.ok(&["trust", &d.host_port(), &d.fingerprint]);
+    let src = env.path("src");
+    let target = d.target();
+
+    // Over the client cache's 16 MiB: sent from where it lies (zstd raw blocks), and not cached.
+    let mut a: Tree = vec![
+        ("media/big.bin".into(), noise(7, (17 << 20) + 3)),
+        ("index.php".into(), php(1, 500)),
+    ];
+    write_tree(&src, &a);
+    let first = env.json(&["push", s(&src), &target, "--release-id", "r1", "--json"]);
+    assert_eq!(n(&first["sent"]["full"]), 2, "{first}");
+    assert!(n(&first["payload_bytes"]) > 17 << 20, "{first}");
+    assert_live(&d, &a);
+
+    // A few bytes changed in the middle: no cached basis, so the daemon's signature is asked
+    // for and an rsync delta goes out.
+    let mid = a[0].1.len() / 2;
+    a[0].1[mid..mid + 16].copy_from_slice(b"changed in r2...");
+    write_tree(&src, &a);
+    let second = env.json(&["push", s(&src), &target, "--release-id", "r2", "--json"]);
+    assert_eq!(n(&second["needed"]), 1, "{second}");
+    assert_eq!(n(&second["signatures"]), 1, "{second}");
+    assert_eq!(n(&second["sent"]["rsync"]), 1, "{second}");
+    assert!(n(&second["payload_bytes"]) < 1 << 20, "{second}");
+    assert_live(&d, &a);
+}
+
 #[test]
 fn unknown_and_changed_daemon_keys_are_refused() {
     let env = Env::new();

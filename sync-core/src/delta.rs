@@ -24,6 +24,7 @@ use crate::manifest::Hash;
 use serde::{Deserialize, Serialize};
 
 use frame::Frame;
+pub use frame::RawFrame;
 use probe::Relatedness;
 pub use signature::{
     block_size_for, BasisSignature, SignatureError, MAX_BLOCK_LEN, MAX_SIGNATURE_BLOCKS,

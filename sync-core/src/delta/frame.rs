@@ -15,6 +15,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 
 use zstd::stream::{read, write};
 use zstd::zstd_safe;
@@ -190,35 +191,81 @@ pub(super) fn overlap(a: &[u8], b: &[u8]) -> bool {
 /// payload: content size declared, [`PLAIN_WINDOW_LOG`] as window (not single-segment, so the
 /// decoder's window bound holds), no checksum, no dictionary. Empty data is one empty last block.
 pub(super) fn write_raw(data: &[u8], w: &mut (impl Write + ?Sized)) -> io::Result<()> {
-    let size = data.len() as u64;
-    // Frame_Content_Size_Flag 2 is a 4-byte field, 3 an 8-byte one; flag 0 would mean no field
-    // at all outside single-segment frames, and flag 1 cannot encode sizes below 256.
-    let (fcs_flag, fcs_len) = if u32::try_from(size).is_ok() {
-        (2u8, 4)
-    } else {
-        (3u8, 8)
-    };
-    let mut header = [0u8; 4 + 1 + 1 + 8];
-    header[..4].copy_from_slice(&ZSTD_MAGIC);
-    // Frame_Header_Descriptor: content size flag in bits 7-6; Single_Segment, checksum and
-    // dictionary id flags all zero.
-    header[4] = fcs_flag << 6;
-    // Window_Descriptor: exponent (window log - 10) in bits 7-3, mantissa 0.
-    header[5] = ((PLAIN_WINDOW_LOG - 10) as u8) << 3;
-    header[6..6 + fcs_len].copy_from_slice(&size.to_le_bytes()[..fcs_len]);
-    w.write_all(&header[..6 + fcs_len])?;
-
-    let blocks = data.len().div_ceil(MAX_BLOCK).max(1);
-    for i in 0..blocks {
-        let start = i * MAX_BLOCK;
-        let block = &data[start..(start + MAX_BLOCK).min(data.len())];
-        let last = u32::from(i + 1 == blocks);
-        // Block_Header: Last_Block in bit 0, Block_Type 0 (Raw) in bits 1-2, Block_Size above.
-        let block_header = (block.len() as u32) << 3 | last;
-        w.write_all(&block_header.to_le_bytes()[..3])?;
-        w.write_all(block)?;
+    let frame = RawFrame::new(data.len());
+    w.write_all(frame.header())?;
+    for (block_header, range) in frame.blocks() {
+        w.write_all(&block_header)?;
+        w.write_all(&data[range])?;
     }
     Ok(())
+}
+
+/// The layout of a `Full` payload that stores its content in zstd Raw blocks, as
+/// [`super::encode_full`] does for content that does not compress: the frame header, then for
+/// each block of at most 128 KiB its 3-byte header and that range of the content. A sender that
+/// holds the content can send it from where it lies, the headers between its pieces, instead of
+/// copying it into a payload buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    header: [u8; 14],
+    header_len: usize,
+    len: usize,
+}
+
+impl RawFrame {
+    /// The layout [`super::encode_full`] writes for `data`, if it stores it raw (`data` is large
+    /// enough to be sampled and does not look compressible); `None` if it would compress it.
+    pub fn of(data: &[u8]) -> Option<RawFrame> {
+        looks_incompressible(data).then(|| RawFrame::new(data.len()))
+    }
+
+    fn new(len: usize) -> RawFrame {
+        let size = len as u64;
+        // Frame_Content_Size_Flag 2 is a 4-byte field, 3 an 8-byte one; flag 0 would mean no
+        // field at all outside single-segment frames, and flag 1 cannot encode sizes below 256.
+        let (fcs_flag, fcs_len) = if u32::try_from(size).is_ok() {
+            (2u8, 4)
+        } else {
+            (3u8, 8)
+        };
+        let mut header = [0u8; 14];
+        header[..4].copy_from_slice(&ZSTD_MAGIC);
+        // Frame_Header_Descriptor: content size flag in bits 7-6; Single_Segment, checksum and
+        // dictionary id flags all zero.
+        header[4] = fcs_flag << 6;
+        // Window_Descriptor: exponent (window log - 10) in bits 7-3, mantissa 0.
+        header[5] = ((PLAIN_WINDOW_LOG - 10) as u8) << 3;
+        header[6..6 + fcs_len].copy_from_slice(&size.to_le_bytes()[..fcs_len]);
+        RawFrame {
+            header,
+            header_len: 6 + fcs_len,
+            len,
+        }
+    }
+
+    /// The frame header, first in the payload.
+    pub fn header(&self) -> &[u8] {
+        &self.header[..self.header_len]
+    }
+
+    /// Each block's header and the range of the content that follows it, in order.
+    pub fn blocks(&self) -> impl Iterator<Item = ([u8; 3], Range<usize>)> + use<> {
+        let len = self.len;
+        let blocks = len.div_ceil(MAX_BLOCK).max(1);
+        (0..blocks).map(move |i| {
+            let range = i * MAX_BLOCK..((i + 1) * MAX_BLOCK).min(len);
+            let last = u32::from(i + 1 == blocks);
+            // Block_Header: Last_Block in bit 0, Block_Type 0 (Raw) in bits 1-2, Block_Size above.
+            let block_header = ((range.len() as u32) << 3 | last).to_le_bytes();
+            ([block_header[0], block_header[1], block_header[2]], range)
+        })
+    }
+
+    /// The payload's length: headers and content.
+    pub fn payload_len(&self) -> u64 {
+        let blocks = self.len.div_ceil(MAX_BLOCK).max(1);
+        (self.header_len + 3 * blocks + self.len) as u64
+    }
 }
 
 /// [`compress`] of a small file with no prefix, in one call through this thread's reused
@@ -895,5 +942,29 @@ mod tests {
         let payload = frame_of(&data);
         let frame = Frame::at_most(DeltaFormat::Rsync, &payload, 60_000).unwrap();
         assert_eq!(frame.decode_to_vec().unwrap(), data);
+    }
+
+    #[test]
+    fn a_raw_frame_laid_out_in_pieces_is_what_encode_full_writes() {
+        for len in [
+            SAMPLE_FROM,
+            SAMPLE_FROM + 17,
+            3 * SAMPLE_FROM + MAX_BLOCK - 1,
+        ] {
+            let data = noise(len);
+            let frame = RawFrame::of(&data).expect("noise does not compress");
+            let mut pieces = frame.header().to_vec();
+            for (header, range) in frame.blocks() {
+                pieces.extend_from_slice(&header);
+                pieces.extend_from_slice(&data[range]);
+            }
+            let mut full = Vec::new();
+            crate::delta::encode_full(&data, &mut full).unwrap();
+            assert_eq!(pieces, full, "len {len}");
+            assert_eq!(frame.payload_len(), full.len() as u64, "len {len}");
+        }
+        // What encode_full compresses has no raw layout.
+        assert_eq!(RawFrame::of(&vec![7u8; 1 << 20]), None);
+        assert_eq!(RawFrame::of(&noise(SAMPLE_FROM - 1)), None);
     }
 }

@@ -29,10 +29,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::cache::{Cache, MAX_CACHED_FILE};
-use super::memo::{Claim, Key, Payload, PayloadMemo};
+use super::memo::{Claim, Key, Payload, PayloadBytes, PayloadMemo};
 use super::rate::RateLimit;
 use super::source::{EncodedFile, SourceError, SourceTree};
 use super::{ClientError, Connection, PerFormat, Progress};
+use crate::file_bytes::Content;
 
 /// Payload bytes (in KiB) that may be encoded and waiting to be written at once.
 pub(super) const MEMORY_BUDGET_KIB: u32 = 512 * 1024;
@@ -620,16 +621,16 @@ async fn send_batch(
             .map_err(|e| FileError::Internal(e.to_string()))?;
         out.buf.extend_from_slice(&header.frame());
         out.first.get_or_insert_with(|| f.path.clone());
-        if payload.bytes.len() > GATHER_MAX {
-            out.flush(ctx, stream).await?;
-            // Handed to the stream as it is, not copied into it: quinn keeps the bytes (and with
-            // them the payload) until they are acknowledged.
-            let bytes = Bytes::from_owner(Shared(Arc::clone(payload)));
-            write_chunk(ctx, stream, bytes)
-                .await
-                .map_err(|message| net(&f.path, message))?;
-        } else {
-            out.buf.extend_from_slice(&payload.bytes);
+        match payload.bytes.flat() {
+            Some(bytes) if bytes.len() <= GATHER_MAX => out.buf.extend_from_slice(bytes),
+            _ => {
+                out.flush(ctx, stream).await?;
+                // Handed to the stream as it is, not copied into it: quinn keeps the bytes (and
+                // with them the payload) until they are acknowledged.
+                write_chunks(ctx, stream, chunks_of(payload))
+                    .await
+                    .map_err(|message| net(&f.path, message))?;
+            }
         }
         out.sent.push(Sent {
             header,
@@ -681,7 +682,33 @@ struct Shared(Arc<Payload>);
 
 impl AsRef<[u8]> for Shared {
     fn as_ref(&self) -> &[u8] {
-        &self.0.bytes
+        self.0.bytes.flat().unwrap_or_default()
+    }
+}
+
+/// A file's content that [`Bytes`] can point into.
+struct SharedContent(Arc<Content>);
+
+impl AsRef<[u8]> for SharedContent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// `payload` as chunks for a stream, none of them a copy of the payload's bytes: the payload
+/// itself, or a raw frame's headers and, between them, ranges of the file's content.
+fn chunks_of(payload: &Arc<Payload>) -> Vec<Bytes> {
+    match &payload.bytes {
+        PayloadBytes::Flat(_) => vec![Bytes::from_owner(Shared(Arc::clone(payload)))],
+        PayloadBytes::Raw { content, frame } => {
+            let all = Bytes::from_owner(SharedContent(Arc::clone(content)));
+            let mut chunks = vec![Bytes::copy_from_slice(frame.header())];
+            for (header, range) in frame.blocks() {
+                chunks.push(Bytes::copy_from_slice(&header));
+                chunks.push(all.slice(range));
+            }
+            chunks
+        }
     }
 }
 
@@ -705,6 +732,26 @@ async fn write_chunk(
                 let chunk = rest.split_to(rate.chunk().min(rest.len()));
                 rate.acquire(chunk.len()).await;
                 stream.write_chunk(chunk).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// [`write_chunk`] of each of `chunks` in turn; without a bandwidth limit, in one call.
+async fn write_chunks(
+    ctx: &Ctx,
+    stream: &mut Option<SendStream>,
+    mut chunks: Vec<Bytes>,
+) -> Result<(), String> {
+    match (&ctx.rate, stream) {
+        (None, Some(s)) => s
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| e.to_string()),
+        (_, stream) => {
+            for bytes in chunks {
+                write_chunk(ctx, stream, bytes).await?;
             }
             Ok(())
         }
@@ -922,8 +969,8 @@ fn to_payload(cache: Option<&Cache>, f: &SendFile, enc: EncodedFile) -> Payload 
         // A full payload is exactly a cache blob: keep it for the next push's deltas, whether it
         // is sent or lost to a delta (the cache then need not compress the file again).
         let full = match (&enc.spare_full, enc.header.format) {
-            (Some(spare), _) => Some(spare),
-            (None, DeltaFormat::Full) => Some(&enc.payload),
+            (Some(spare), _) => Some(&spare[..]),
+            (None, DeltaFormat::Full) => enc.payload.flat(),
             (None, _) => None,
         };
         if let Some(full) = full {

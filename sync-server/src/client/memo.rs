@@ -17,12 +17,15 @@
 //! pushes do not start N times as many encoders as there are cores.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use sync_core::delta::DeltaFormat;
+use sync_core::delta::{DeltaFormat, RawFrame};
 use sync_core::manifest::Hash;
 use sync_core::proto::client::{Method, SendFile};
 use tokio::sync::{watch, Semaphore};
+
+use crate::file_bytes::Content;
 
 /// What determines an encoded payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +63,82 @@ impl Key {
 #[derive(Debug)]
 pub struct Payload {
     pub format: DeltaFormat,
-    pub bytes: Vec<u8>,
+    pub bytes: PayloadBytes,
+}
+
+/// A payload's bytes: in one buffer, or a large file's own bytes framed as zstd Raw blocks
+/// ([`RawFrame`]) where they lie, so that a gigabyte that does not compress is not copied into a
+/// payload buffer before it is sent.
+pub enum PayloadBytes {
+    Flat(Vec<u8>),
+    Raw {
+        content: Arc<Content>,
+        frame: RawFrame,
+    },
+}
+
+impl PayloadBytes {
+    /// The payload's length.
+    pub fn len(&self) -> usize {
+        match self {
+            PayloadBytes::Flat(v) => v.len(),
+            PayloadBytes::Raw { frame, .. } => frame.payload_len() as usize,
+        }
+    }
+
+    /// Whether the payload is empty (a raw frame never is).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in one buffer, if they are (a raw frame's are not).
+    pub fn flat(&self) -> Option<&[u8]> {
+        match self {
+            PayloadBytes::Flat(v) => Some(v),
+            PayloadBytes::Raw { .. } => None,
+        }
+    }
+
+    /// The payload in one new buffer (for comparisons: a sender sends a raw frame from where
+    /// its content lies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            PayloadBytes::Flat(v) => v.clone(),
+            PayloadBytes::Raw { content, frame } => {
+                let mut out = Vec::with_capacity(self.len());
+                out.extend_from_slice(frame.header());
+                for (header, range) in frame.blocks() {
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(&content[range]);
+                }
+                out
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for PayloadBytes {
+    fn from(v: Vec<u8>) -> PayloadBytes {
+        PayloadBytes::Flat(v)
+    }
+}
+
+impl PartialEq for PayloadBytes {
+    fn eq(&self, other: &PayloadBytes) -> bool {
+        match (self.flat(), other.flat()) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.len() == other.len() && self.to_vec() == other.to_vec(),
+        }
+    }
+}
+
+impl fmt::Debug for PayloadBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PayloadBytes::Flat(v) => write!(f, "Flat({} bytes)", v.len()),
+            PayloadBytes::Raw { frame, .. } => write!(f, "Raw({} bytes)", frame.payload_len()),
+        }
+    }
 }
 
 /// Where a key's payload stands.
@@ -270,7 +348,14 @@ impl PayloadMemo {
         if e.cells.contains_key(&key) {
             return false;
         }
-        self.fill_locked(&mut e, key, &Arc::new(Payload { format, bytes }));
+        self.fill_locked(
+            &mut e,
+            key,
+            &Arc::new(Payload {
+                format,
+                bytes: bytes.into(),
+            }),
+        );
         self.offered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
@@ -313,7 +398,7 @@ mod tests {
     fn payload(n: usize) -> Payload {
         Payload {
             format: DeltaFormat::Full,
-            bytes: vec![1; n],
+            bytes: vec![1; n].into(),
         }
     }
 
@@ -440,7 +525,7 @@ mod tests {
         let never = || async { Err::<Payload, _>("must not encode") };
         let full = memo.get_or_encode(Key::Full(c), never).await.unwrap();
         assert_eq!(
-            (full.format, full.bytes.clone()),
+            (full.format, full.bytes.to_vec()),
             (DeltaFormat::Full, vec![7; 10])
         );
         let zref = memo
@@ -453,7 +538,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(zref.bytes, vec![8; 4]);
+        assert_eq!(zref.bytes.to_vec(), vec![8; 4]);
         assert_eq!(
             memo.stats(),
             MemoStats {

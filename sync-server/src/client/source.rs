@@ -16,13 +16,14 @@ use std::sync::Arc;
 
 use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
-use sync_core::delta::{self, Basis, DeltaError};
+use sync_core::delta::{self, Basis, DeltaError, DeltaFormat, RawFrame};
 use sync_core::manifest::{EntryKind, Hash, Manifest};
 use sync_core::proto::client::{Method, SendFile};
 use sync_core::wire::FileHeader;
 use sync_core::RelPath;
 
-use super::cache::Cache;
+use super::cache::{Cache, MAX_CACHED_FILE};
+use super::memo::PayloadBytes;
 pub use crate::file_bytes::Content;
 
 /// Files above this size are hashed on several threads.
@@ -58,7 +59,7 @@ pub enum SourceError {
 #[derive(Debug)]
 pub struct EncodedFile {
     pub header: FileHeader,
-    pub payload: Vec<u8>,
+    pub payload: PayloadBytes,
     /// The file's plain (`Full`) payload, when it was made and lost to a smaller delta
     /// ([`delta::encode_sparing_full`]): what the cache keeps of the file.
     pub spare_full: Option<Vec<u8>>,
@@ -260,7 +261,10 @@ impl SourceTree {
             }
             _ => None,
         };
-        Ok(Loaded { content, basis })
+        Ok(Loaded {
+            content: Arc::new(content),
+            basis,
+        })
     }
 
     /// Encodes `loaded`, the file of `f`, through `encoder`: one encoder serves file after file
@@ -272,6 +276,19 @@ impl SourceTree {
         encoder: &mut delta::Encoder<'b>,
     ) -> Result<EncodedFile, SourceError> {
         let content = &loaded.content;
+        if let (Method::Full, Some(frame)) = (&f.method, raw_shared(content)) {
+            let header = f
+                .header(DeltaFormat::Full, frame.payload_len())
+                .expect("a Full payload fits a file sent in full");
+            return Ok(EncodedFile {
+                header,
+                payload: PayloadBytes::Raw {
+                    content: Arc::clone(content),
+                    frame,
+                },
+                spare_full: None,
+            });
+        }
         let basis = match (&f.method, &loaded.basis) {
             (Method::ZstdRef { .. }, Some(bytes)) => Basis::Bytes(bytes),
             (Method::Rsync { signature, .. }, _) => Basis::Signature(signature),
@@ -297,16 +314,29 @@ impl SourceTree {
             .expect("delta::encode lowers only to Full, or to Rsync for a basis it was given");
         Ok(EncodedFile {
             header,
-            payload,
+            payload: payload.into(),
             spare_full,
         })
+    }
+}
+
+/// Files over this size that do not compress are sent from where they lie, as zstd Raw blocks
+/// ([`RawFrame`]), rather than copied into a payload first. Up to it, the payload is made in one
+/// buffer, as the cache keeps it ([`MAX_CACHED_FILE`]).
+const RAW_SHARED_FROM: u64 = MAX_CACHED_FILE;
+
+/// The raw layout of `content`'s `Full` payload, when it is sent from where it lies.
+fn raw_shared(content: &Content) -> Option<RawFrame> {
+    match content {
+        Content::Mapped(map) if map.len() as u64 > RAW_SHARED_FROM => RawFrame::of(map),
+        _ => None,
     }
 }
 
 /// A file read for sending, with the basis bytes its delta is encoded against, if any.
 #[derive(Debug)]
 pub struct Loaded {
-    content: Content,
+    content: Arc<Content>,
     basis: Option<Vec<u8>>,
 }
 
@@ -377,6 +407,61 @@ mod tests {
             size,
             hash,
             method: Method::Full,
+        }
+    }
+
+    #[test]
+    fn a_large_file_that_does_not_compress_is_sent_from_where_it_lies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let len = RAW_SHARED_FROM as usize + 12_345;
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let noise: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text = vec![b'a'; len];
+        std::fs::write(tmp.path().join("noise.bin"), &noise).unwrap();
+        std::fs::write(tmp.path().join("text.txt"), &text).unwrap();
+        let m = Manifest::from_unsorted(
+            vec![
+                Entry::file("noise.bin", len as u64, 0o644, Hash::of(&noise)).unwrap(),
+                Entry::file("text.txt", len as u64, 0o644, Hash::of(&text)).unwrap(),
+            ],
+            &Policy::default(),
+        )
+        .unwrap();
+        let t = SourceTree::open(tmp.path(), Arc::new(m)).unwrap();
+        for (path, content, raw) in [("noise.bin", &noise, true), ("text.txt", &text, false)] {
+            let enc = t
+                .encode(&send(path, len as u64, Hash::of(content)), None)
+                .unwrap();
+            assert_eq!(enc.header.format, DeltaFormat::Full, "{path}");
+            assert_eq!(enc.header.payload_len, enc.payload.len() as u64, "{path}");
+            assert_eq!(
+                matches!(enc.payload, PayloadBytes::Raw { .. }),
+                raw,
+                "{path}"
+            );
+            // The same bytes as a payload made in one buffer, and they decode to the file.
+            let mut flat = Vec::new();
+            delta::encode_full(content, &mut flat).unwrap();
+            assert!(enc.payload.to_vec() == flat, "{path}");
+            let mut out = Vec::new();
+            let expected = blake3::Hash::from_bytes(Hash::of(content).0);
+            delta::apply(
+                DeltaFormat::Full,
+                None,
+                &flat,
+                len as u64,
+                &expected,
+                &mut out,
+            )
+            .unwrap();
+            assert!(&out == content, "{path}");
         }
     }
 
