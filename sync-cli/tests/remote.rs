@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use harness::{php, s, write_tree, Daemon, DaemonOptions, Env, Tree};
+use harness::{noise, php, s, write_tree, Daemon, DaemonOptions, Env, Tree};
 
 fn release_a() -> Tree {
     let mut t: Tree = (0..60)
@@ -157,19 +157,6 @@ fn push_delta_push_releases_rollback_activate() {
     // A failure on the daemon's side is a failure here: an unknown release.
     let err = env.fails(&["activate", &target, "nope"], 1);
     assert!(err.contains("nope"), "{err}");
-}
-
-/// Incompressible bytes, the same for the same seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -414,15 +414,7 @@ mod tests {
     fn a_large_file_that_does_not_compress_is_sent_from_where_it_lies() {
         let tmp = tempfile::tempdir().unwrap();
         let len = RAW_SHARED_FROM as usize + 12_345;
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let noise: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = crate::client::tests::noise(5, len);
         let text = vec![b'a'; len];
         std::fs::write(tmp.path().join("noise.bin"), &noise).unwrap();
         std::fs::write(tmp.path().join("text.txt"), &text).unwrap();

@@ -420,7 +420,7 @@ fn release_b() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Bytes zstd cannot shrink, so their payload is as large as the file.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
+pub(super) fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
         .map(|_| {
