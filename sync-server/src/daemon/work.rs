@@ -63,7 +63,13 @@ fn precheck_current(app: &Arc<App>) -> Option<Precheck> {
     let thread = std::thread::Builder::new()
         .name("relsyncd-check".into())
         .spawn(move || {
-            super::content::intact_files(&app.root, &record).map_err(|e| error_chain(&e))
+            let t = std::time::Instant::now();
+            let intact = super::content::intact_files(&app.root, &record);
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "checked the current release's files"
+            );
+            intact.map_err(|e| error_chain(&e))
         })
         .ok()?;
     Some(Precheck { release, thread })
@@ -336,7 +342,12 @@ pub(super) fn compute_need(
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take()
                 .filter(|p| p.release == r.id);
+            let t = std::time::Instant::now();
             let joined = running.map(|p| p.thread.join());
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "waited for the current release's check"
+            );
             let intact = match joined {
                 Some(Ok(Ok(intact))) => intact,
                 other => {
