@@ -213,8 +213,10 @@ impl SourceTree {
         }
         // SAFETY: a large file is mapped read-only and private to this process. Another
         // process truncating the file while it is mapped would fault the reader, the same
-        // exposure the scan's windowed hashing accepts; every byte read is checked against the
-        // manifest hash below, so a concurrent edit cannot go out unnoticed.
+        // exposure the scan's windowed hashing accepts; every byte is checked against the
+        // manifest hash below, so a concurrent edit cannot go out unnoticed. (A file sent from
+        // its mapping, `PayloadBytes::Raw`, is read again as it goes out: an edit after this
+        // check reaches relsyncd, whose hash check of every file it receives refuses it.)
         let content = unsafe { Content::load(&file, size) }.map_err(io("read"))?;
         if content.len() as u64 != size {
             return Err(SourceError::Changed {
